@@ -1,0 +1,144 @@
+//! `/v1/audit`: the audit trail, for auditors and admins.
+
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::{ApiError, Problem};
+use super::extract::{ApiQuery, Caller};
+use super::keys::{decode_cursor, encode_cursor, page_limit};
+use crate::audit::{AuditRecord, ChainBreak, GENESIS_HASH, verify_chain};
+use crate::store::{AuditFilter, PageRequest};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_events)).routes(routes!(verify))
+}
+
+fn require_auditor(principal: &crate::auth::Principal) -> Result<(), ApiError> {
+    if principal.sees_everything() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("the audit trail is for auditors and admins".to_owned()))
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Only events by this actor (a token subject, or `anonymous`).
+    pub actor: Option<String>,
+    /// Only this action, e.g. `key.issued`.
+    pub action: Option<String>,
+    pub scope: Option<String>,
+    pub key_id: Option<Uuid>,
+    /// Events at or after this time (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Events before this time (RFC 3339).
+    pub to: Option<DateTime<Utc>>,
+    pub cursor: Option<String>,
+    /// Page size, 1-200 (default 50).
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    pub items: Vec<AuditRecord>,
+    pub next_cursor: Option<String>,
+}
+
+/// Query audit events, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "A page of events", body = AuditPage),
+        (status = 400, description = "Bad filter or cursor", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the auditor or admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_events(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> Result<axum::Json<AuditPage>, ApiError> {
+    require_auditor(&principal)?;
+    let limit = page_limit(q.limit)?;
+    let before_seq = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let filter =
+        AuditFilter { actor: q.actor, action: q.action, scope: q.scope, key_id: q.key_id, from: q.from, to: q.to };
+    let items = state.keys.store().list_audit(&filter, PageRequest { before_seq, limit }).await?;
+    let next_cursor = (items.len() == limit as usize).then(|| items.last().map(|e| encode_cursor(e.seq))).flatten();
+    Ok(axum::Json(AuditPage { items, next_cursor }))
+}
+
+/// The result of walking the hash chain.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VerifyReport {
+    /// True when every event links to the one before it and matches its hash.
+    pub ok: bool,
+    /// How many events were checked.
+    pub events_checked: u64,
+    /// The hash of the last event checked (the chain's head when `ok`).
+    pub head_hash: String,
+    /// The first broken link, when there is one.
+    pub first_break: Option<ChainBreak>,
+}
+
+/// Verify the audit trail's hash chain.
+#[utoipa::path(
+    get,
+    path = "/v1/audit/verify",
+    tag = "audit",
+    responses(
+        (status = 200, description = "The verification report (look at `ok`)", body = VerifyReport),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the auditor or admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn verify(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+) -> Result<axum::Json<VerifyReport>, ApiError> {
+    require_auditor(&principal)?;
+    const BATCH: u32 = 1000;
+    let mut head = GENESIS_HASH.to_owned();
+    let mut after = 0;
+    let mut checked = 0u64;
+    loop {
+        let batch = state.keys.store().audit_chain(after, BATCH).await?;
+        let Some(last) = batch.last() else { break };
+        after = last.seq;
+        match verify_chain(head.clone(), &batch) {
+            Ok(h) => {
+                head = h;
+                checked += batch.len() as u64;
+            }
+            Err(brk) => {
+                checked += batch.iter().take_while(|e| e.seq < brk.seq).count() as u64;
+                return Ok(axum::Json(VerifyReport {
+                    ok: false,
+                    events_checked: checked,
+                    head_hash: head,
+                    first_break: Some(brk),
+                }));
+            }
+        }
+        if batch.len() < BATCH as usize {
+            break;
+        }
+    }
+    Ok(axum::Json(VerifyReport { ok: true, events_checked: checked, head_hash: head, first_break: None }))
+}

@@ -1,0 +1,122 @@
+//! Extractors whose failures come back in the same problem shape as every other error.
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::auth::Principal;
+
+/// `Json<T>` whose rejections are problem responses.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => {
+            ApiError::UnsupportedMediaType("send the body as JSON with Content-Type: application/json".to_owned())
+        }
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::BadRequest(format!("the body is not valid JSON: {}", e.body_text()))
+        }
+        JsonRejection::JsonDataError(e) => {
+            ApiError::BadRequest(format!("the body does not fit the schema: {}", e.body_text()))
+        }
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(0),
+        other => ApiError::BadRequest(other.body_text()),
+    }
+}
+
+/// `Query<T>` whose rejections are problem responses.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                Err(ApiError::BadRequest(format!("bad query string: {}", e.body_text())))
+            }
+            Err(other) => Err(ApiError::BadRequest(other.body_text())),
+        }
+    }
+}
+
+/// Where the request came from, for the audit trail.
+pub struct Ctx(pub RequestContext);
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(context_of(parts)))
+    }
+}
+
+fn context_of(parts: &Parts) -> RequestContext {
+    let header = |name: &str, max: usize| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().filter(|c| !c.is_control()).take(max).collect::<String>())
+    };
+    RequestContext {
+        request_id: header("x-request-id", 128),
+        client_addr: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip().to_string()),
+        user_agent: header("user-agent", 256),
+    }
+}
+
+/// The authenticated caller. A missing or bad token is a 401, audited.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(principal) = parts.extensions.get::<Principal>() {
+            return Ok(Self(principal.clone()));
+        }
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+        match state.auth.authenticate(header).await {
+            Ok(principal) => {
+                parts.extensions.insert(principal.clone());
+                Ok(Self(principal))
+            }
+            Err(e) => {
+                let ctx = context_of(parts);
+                let event =
+                    NewAuditEvent::new(state.keys.now(), "anonymous", Action::AuthDenied, Outcome::Denied, &ctx)
+                        .detail(json!({
+                            "reason": e.to_string(),
+                            // The route template, not the raw path: a path could carry anything.
+                            "route": parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str),
+                        }));
+                if let Err(store_err) = state.keys.audit(event).await {
+                    tracing::error!(error = %store_err, "could not audit an authentication failure");
+                }
+                Err(ApiError::Unauthenticated(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! `/v1/keys`: issue, list, read, revoke and identify keys.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, ApiQuery, Caller, Ctx};
+use crate::issuance::IssueRequest;
+use crate::policy::{ExpiryClamp, ExpiryRequest, Purpose, parse_ttl};
+use crate::store::{KeyFilter, KeyRecord, KeyState, PageRequest};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(issue_key, list_keys))
+        .routes(routes!(get_key, revoke_key))
+        .routes(routes!(identify_key))
+}
+
+/// A request for a key. Give `expires_at` or `ttl`, or neither for the scope's default.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"scope": "payments-deploy", "purpose": "deploy pipeline for payments-api", "ttl": "7d"}))]
+pub struct IssueKeyBody {
+    /// The scope's name, as listed by `GET /v1/scopes`.
+    pub scope: String,
+    /// Why the key is needed: 1-200 printable characters, shown in Octopus next to the key.
+    pub purpose: String,
+    /// When the key expires (RFC 3339). Not in the past, not beyond the scope's maximum.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<String>,
+    /// How long the key lives, such as `"12h"` or `"7d"`; an alternative to `expires_at`.
+    pub ttl: Option<String>,
+}
+
+/// keybroker's record of an issued key. `api_key` is present only in the issuing response.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "5b0e2d8c-3f4a-4c1e-9d57-8a0e6b1c2d3f",
+    "scope": "payments-deploy",
+    "requester": "alice@example.com",
+    "purpose": "deploy pipeline for payments-api",
+    "state": "active",
+    "octopus_user_id": "Users-42",
+    "octopus_key_id": "apikeys-I6D74k9rh7eyoqXDlqJCvlsVgU",
+    "key_hint": "API-ABCD",
+    "created_at": "2026-11-23T10:00:00Z",
+    "expires_at": "2026-11-30T10:00:00Z",
+    "revoked_at": null,
+    "api_key": "API-ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+}))]
+pub struct KeyView {
+    pub id: Uuid,
+    pub scope: String,
+    pub requester: String,
+    pub purpose: String,
+    pub state: KeyState,
+    pub octopus_user_id: String,
+    pub octopus_key_id: Option<String>,
+    /// The first 8 characters of the key, as Octopus shows them.
+    pub key_hint: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// The secret: returned once, in the issuing response, and stored nowhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Set when the scope's default lifetime was shortened to fit Octopus's limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expiry_clamped_by: Option<ExpiryClamp>,
+}
+
+impl KeyView {
+    pub fn of(record: KeyRecord, now: DateTime<Utc>) -> Self {
+        Self {
+            state: record.effective_state(now),
+            id: record.id,
+            scope: record.scope,
+            requester: record.requester,
+            purpose: record.purpose,
+            octopus_user_id: record.octopus_user_id,
+            octopus_key_id: record.octopus_key_id,
+            key_hint: record.key_hint,
+            created_at: record.created_at,
+            expires_at: record.expires_at,
+            revoked_at: record.revoked_at,
+            api_key: None,
+            expiry_clamped_by: None,
+        }
+    }
+}
+
+/// Issue a key.
+///
+/// Checks the policy, creates the key in Octopus with an explicit expiry and returns the secret
+/// in `api_key`, once. keybroker keeps only a keyed hash of it.
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    tag = "keys",
+    request_body = IssueKeyBody,
+    responses(
+        (status = 201, description = "Issued; the secret is in `api_key`, shown only this once", body = KeyView,
+         headers(("Location" = String, description = "The record's URL"), ("Cache-Control" = String, description = "no-store"))),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The caller's teams may not use this scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown scope", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Expiry or limit violates the policy, or Octopus refused", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "Octopus failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database, audit trail or Octopus credential unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Octopus timed out", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn issue_key(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Ctx(ctx): Ctx,
+    ApiJson(body): ApiJson<IssueKeyBody>,
+) -> Result<Response, ApiError> {
+    let purpose = Purpose::parse(&body.purpose).map_err(ApiError::BadRequest)?;
+    let expiry = match (body.expires_at.as_deref(), body.ttl.as_deref()) {
+        (Some(_), Some(_)) => return Err(ApiError::BadRequest("give expires_at or ttl, not both".to_owned())),
+        (Some(at), None) => ExpiryRequest::At(
+            DateTime::parse_from_rfc3339(at.trim())
+                .map_err(|_| {
+                    ApiError::BadRequest(format!("expires_at `{}` is not an RFC 3339 time", at.escape_debug()))
+                })?
+                .with_timezone(&Utc),
+        ),
+        (None, Some(ttl)) => ExpiryRequest::Ttl(parse_ttl(ttl).map_err(ApiError::BadRequest)?),
+        (None, None) => ExpiryRequest::Default,
+    };
+    let request = IssueRequest { scope: body.scope, purpose, expiry };
+
+    // The protocol runs in its own task: a caller that hangs up or times out must not cut it
+    // off between the Octopus call and the record that owns its result.
+    let keys = state.keys.clone();
+    let issued = tokio::spawn(async move { keys.issue(&principal, request, &ctx).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("issuance task failed: {e}")))??;
+
+    let now = state.keys.now();
+    let mut view = KeyView::of(issued.record, now);
+    view.api_key = Some(issued.secret.expose_secret().to_owned());
+    view.expiry_clamped_by = issued.clamped;
+    let mut headers = HeaderMap::new();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/keys/{}", view.id)) {
+        headers.insert(header::LOCATION, location);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    Ok((StatusCode::CREATED, headers, axum::Json(view)).into_response())
+}
+
+/// Filters and paging for `GET /v1/keys`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListKeysQuery {
+    /// Only this scope.
+    pub scope: Option<String>,
+    /// Only this state (`pending`, `active`, `revoked`, `expired`, `failed`).
+    pub state: Option<String>,
+    /// Only this requester (auditors and admins; others only see their own keys).
+    pub requester: Option<String>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Page size, 1-200 (default 50).
+    pub limit: Option<u32>,
+}
+
+/// A page of key records, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyPage {
+    pub items: Vec<KeyView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+pub(super) fn encode_cursor(seq: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))
+}
+
+pub(super) fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.strip_prefix("seq:").and_then(|n| n.parse::<i64>().ok()))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ApiError::BadRequest("cursor is not one keybroker handed out".to_owned()))
+}
+
+pub(super) fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(50),
+        Some(n @ 1..=200) => Ok(n),
+        Some(_) => Err(ApiError::BadRequest("limit must be between 1 and 200".to_owned())),
+    }
+}
+
+/// List key records.
+///
+/// Requesters see their own keys; auditors and admins see everyone's.
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    tag = "keys",
+    params(ListKeysQuery),
+    responses(
+        (status = 200, description = "A page of key records", body = KeyPage),
+        (status = 400, description = "Bad filter or cursor", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Filtering by another requester needs the auditor or admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_keys(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    ApiQuery(query): ApiQuery<ListKeysQuery>,
+) -> Result<axum::Json<KeyPage>, ApiError> {
+    let requester = if principal.sees_everything() {
+        query.requester
+    } else {
+        match query.requester {
+            Some(r) if r != principal.subject => {
+                return Err(ApiError::Forbidden("only auditors and admins may list other requesters' keys".to_owned()));
+            }
+            _ => Some(principal.subject.clone()),
+        }
+    };
+    let state_filter = query
+        .state
+        .as_deref()
+        .map(|s| {
+            KeyState::parse(s).ok_or_else(|| ApiError::BadRequest(format!("unknown state `{}`", s.escape_debug())))
+        })
+        .transpose()?;
+    let limit = page_limit(query.limit)?;
+    let before_seq = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let now = state.keys.now();
+    let filter = KeyFilter { requester, scope: query.scope, state: state_filter, now: Some(now) };
+    let records = state.keys.store().list_keys(&filter, PageRequest { before_seq, limit }).await?;
+    let next_cursor = (records.len() == limit as usize).then(|| records.last().map(|r| encode_cursor(r.seq))).flatten();
+    Ok(axum::Json(KeyPage { items: records.into_iter().map(|r| KeyView::of(r, now)).collect(), next_cursor }))
+}
+
+fn parse_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text)
+        .map_err(|_| ApiError::BadRequest(format!("`{}` is not a key record id (a UUID)", text.escape_debug())))
+}
+
+/// Read one key record.
+///
+/// Its owner, auditors and admins may read it.
+#[utoipa::path(
+    get,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    params(("id" = Uuid, Path, description = "The key record's id")),
+    responses(
+        (status = 200, description = "The record", body = KeyView),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such record visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_key(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<KeyView>, ApiError> {
+    let id = parse_id(&id)?;
+    let record = state.keys.store().get_key(id).await?;
+    match record {
+        Some(r) if r.requester == principal.subject || principal.sees_everything() => {
+            Ok(axum::Json(KeyView::of(r, state.keys.now())))
+        }
+        _ => Err(ApiError::NotFound("no such key record".to_owned())),
+    }
+}
+
+/// Revoke a key.
+///
+/// Deletes the key in Octopus and marks the record revoked. Its owner and admins may; revoking
+/// an already revoked key answers 200 with the record.
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    params(("id" = Uuid, Path, description = "The key record's id")),
+    responses(
+        (status = 200, description = "Revoked (now or before)", body = KeyView),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Auditors may read but not revoke others' keys", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such record visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The key is still being issued, or was never issued", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "Octopus failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database or Octopus credential unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Octopus timed out", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<axum::Json<KeyView>, ApiError> {
+    let id = parse_id(&id)?;
+    let keys = state.keys.clone();
+    let record = tokio::spawn(async move { keys.revoke(&principal, id, &ctx).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("revocation task failed: {e}")))??;
+    Ok(axum::Json(KeyView::of(record, state.keys.now())))
+}
+
+/// A leaked secret to identify.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifyBody {
+    /// The full secret, as found (e.g. `API-...`).
+    pub api_key: String,
+}
+
+/// Identify a leaked key.
+///
+/// Auditors and admins: given a secret found somewhere it should not be, return the record it
+/// belongs to (matched by keyed hash; keybroker never stores secrets).
+#[utoipa::path(
+    post,
+    path = "/v1/keys/identify",
+    tag = "keys",
+    request_body = IdentifyBody,
+    responses(
+        (status = 200, description = "The record the secret belongs to", body = KeyView),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the auditor or admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No key issued by keybroker has this secret", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn identify_key(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    ApiJson(body): ApiJson<IdentifyBody>,
+) -> Result<axum::Json<KeyView>, ApiError> {
+    if !principal.sees_everything() {
+        return Err(ApiError::Forbidden("identifying keys needs the auditor or admin role".to_owned()));
+    }
+    let secret = body.api_key.trim();
+    if secret.is_empty() || secret.len() > 256 {
+        return Err(ApiError::BadRequest("api_key must hold the secret to identify".to_owned()));
+    }
+    match state.keys.identify(secret).await? {
+        Some(record) => Ok(axum::Json(KeyView::of(record, state.keys.now()))),
+        None => Err(ApiError::NotFound("no key issued by keybroker has this secret".to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_forgeries_are_refused() {
+        assert_eq!(decode_cursor(&encode_cursor(42)).unwrap(), 42);
+        assert!(decode_cursor("nope").is_err());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("seq:-1")).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! The HTTP API: one module per resource, each with its own router and OpenAPI annotations,
+//! assembled here with the cross-cutting layers (request ids, access log, problem bodies, CORS,
+//! body limit, timeout).
+
+pub mod audit;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod keys;
+pub mod scopes;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::auth::Authenticator;
+use crate::config::ServerConfig;
+use crate::issuance::KeyService;
+use error::{REQUEST_ID, problem_response};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub keys: Arc<KeyService>,
+    pub auth: Arc<Authenticator>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keybroker",
+        description = "Brokers the issuance of scoped, expiring Octopus Deploy API keys. \
+                       Callers authenticate with a Bearer JWT; errors are RFC 9457 problem documents.",
+        license(name = "Apache-2.0")
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "keys", description = "Issue, list, read, revoke and identify Octopus API keys"),
+        (name = "scopes", description = "What the caller may request, and who they are"),
+        (name = "audit", description = "The hash-chained audit trail (auditors and admins)"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut http = Http::new(HttpAuthScheme::Bearer);
+        http.bearer_format = Some("JWT".to_owned());
+        components.add_security_scheme("bearer", SecurityScheme::Http(http));
+    }
+}
+
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(keys::router())
+        .merge(scopes::router())
+        .merge(audit::router())
+        .merge(health::router())
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, mut api) = api_routes().split_for_parts();
+    api.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    api
+}
+
+/// The OpenAPI document as pretty JSON (what `keybroker openapi` prints and
+/// `openapi/keybroker.json` holds).
+pub fn openapi_json() -> String {
+    openapi().to_pretty_json().unwrap_or_default()
+}
+
+/// The complete application router.
+pub fn router(state: AppState, server: &ServerConfig) -> Router {
+    let (routes, _) = api_routes().split_for_parts();
+    let spec = openapi_json();
+    let x_request_id = HeaderName::from_static("x-request-id");
+
+    let routes = routes
+        .route(
+            "/openapi.json",
+            get(move || {
+                let spec = spec.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], spec) }
+            }),
+        )
+        .fallback(|| async {
+            problem_response(StatusCode::NOT_FOUND, "not-found", "Not found", "no such route".to_owned())
+        })
+        .method_not_allowed_fallback(|| async {
+            problem_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this route does not support that method".to_owned(),
+            )
+        })
+        .with_state(state);
+
+    // Router::layer wraps every route (and the fallback) separately, so the route template is
+    // known to the access log. Later calls wrap earlier ones: the request id is set first.
+    routes
+        .layer(axum::extract::DefaultBodyLimit::max(server.request_body_limit_bytes))
+        .layer(RequestBodyLimitLayer::new(server.request_body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, server.request_timeout))
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            problem_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "keybroker failed to handle the request".to_owned(),
+            )
+        }))
+        .layer(cors(server))
+        .layer(middleware::from_fn(problem_bodies))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<Body>| {
+                    let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                    let route = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("");
+                    tracing::info_span!("request", method = %req.method(), route, request_id)
+                })
+                .on_request(())
+                .on_response(|res: &Response, latency: std::time::Duration, _span: &tracing::Span| {
+                    tracing::info!(status = res.status().as_u16(), latency_ms = latency.as_millis() as u64, "handled");
+                }),
+        )
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+}
+
+fn cors(server: &ServerConfig) -> CorsLayer {
+    let origins: Vec<HeaderValue> =
+        server.cors_allowed_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([header::LOCATION, HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
+/// Runs the request with its id in scope (so problem bodies carry it) and turns any error that
+/// is not yet a problem document (413 from the body limit, 408 from the timeout, extractor
+/// rejections) into one, keeping headers such as `Allow` and `WWW-Authenticate`.
+async fn problem_bodies(req: Request, next: Next) -> Response {
+    let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    REQUEST_ID
+        .scope(request_id, async move {
+            let response = next.run(req).await;
+            let status = response.status();
+            let is_problem = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+            if !(status.is_client_error() || status.is_server_error()) || is_problem {
+                return response;
+            }
+            let (parts, _) = response.into_parts();
+            let (kind, title, detail) = match status {
+                StatusCode::PAYLOAD_TOO_LARGE => {
+                    ("payload-too-large", "Request body too large", "the request body exceeds the configured limit")
+                }
+                StatusCode::REQUEST_TIMEOUT => {
+                    ("timeout", "Request timed out", "keybroker did not finish the request in time")
+                }
+                StatusCode::METHOD_NOT_ALLOWED => {
+                    ("method-not-allowed", "Method not allowed", "this route does not support that method")
+                }
+                StatusCode::NOT_FOUND => ("not-found", "Not found", "no such resource"),
+                s if s.is_client_error() => {
+                    ("invalid-request", "Invalid request", "the request could not be understood")
+                }
+                _ => ("internal", "Internal error", "keybroker failed to handle the request"),
+            };
+            let mut problem = problem_response(status, kind, title, detail.to_owned());
+            for name in [header::ALLOW, header::WWW_AUTHENTICATE, header::RETRY_AFTER] {
+                if let Some(v) = parts.headers.get(&name) {
+                    problem.headers_mut().insert(name, v.clone());
+                }
+            }
+            for (name, value) in parts.headers.iter().filter(|(n, _)| n.as_str().starts_with("access-control-")) {
+                problem.headers_mut().insert(name.clone(), value.clone());
+            }
+            problem.into_response()
+        })
+        .await
+}

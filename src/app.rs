@@ -1,0 +1,138 @@
+//! Wiring: from a validated [`Config`] to a running service.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::auth::Authenticator;
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::issuance::KeyService;
+use crate::octopus::OctopusClient;
+use crate::store::{self, Store};
+
+/// How often Octopus's key limits (server maximum, broker key expiry) are re-read.
+const UPSTREAM_REFRESH: Duration = Duration::from_secs(300);
+
+/// Everything a running keybroker holds.
+pub struct App {
+    pub state: AppState,
+    pub config: Config,
+}
+
+impl App {
+    /// Connects the store (applying migrations), builds the Octopus client and the
+    /// authenticator, and reads Octopus's key limits (a failure there is logged; `/readyz`
+    /// reports it and the limits are retried in the background).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with(config, Arc::new(SystemClock), None).await
+    }
+
+    /// Like [`App::build`], with a chosen clock and, optionally, a store (tests use both).
+    pub async fn build_with(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        store: Option<Arc<dyn Store>>,
+    ) -> anyhow::Result<Self> {
+        let store = match store {
+            Some(store) => store,
+            None => {
+                let store = store::connect(config.database.url.expose_secret())
+                    .await
+                    .context("cannot open the database (database.url)")?;
+                store.migrate().await.context("cannot apply the database migrations")?;
+                store
+            }
+        };
+        let octopus = OctopusClient::new(&config.octopus).context("cannot build the Octopus HTTP client")?;
+        let http = reqwest::Client::builder().build().context("cannot build the HTTP client for JWKS")?;
+        let auth = Authenticator::new(&config.auth, http).map_err(|e| anyhow::anyhow!(e))?;
+        let keys =
+            Arc::new(KeyService::new(store, octopus, clock, config.policy.clone(), config.audit.hmac_secret.clone()));
+        match keys.refresh_upstream_limits().await {
+            Ok(limits) => tracing::info!(
+                server_max_days = ?limits.server_max_days,
+                broker_key_expires = ?limits.broker_key_expires,
+                "read Octopus's API key limits"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not read Octopus's API key limits; will retry"),
+        }
+        let policy = keys.policy();
+        for scope in policy.scopes() {
+            if let Err(e) = keys.scope_account(scope).await {
+                tracing::warn!(scope = %scope.name, error = %e, "scope is not usable");
+            }
+        }
+        let loaded = NewAuditEvent::new(
+            keys.now(),
+            "keybroker",
+            Action::ConfigLoaded,
+            Outcome::Success,
+            &RequestContext::default(),
+        )
+        .detail(json!({
+            "scopes": policy.scopes().iter().map(|s| s.name.to_string()).collect::<Vec<_>>(),
+            "octopus_url": config.octopus.url.as_str(),
+        }));
+        keys.audit(loaded).await.context("cannot write the audit trail")?;
+        let state = AppState { keys, auth: Arc::new(auth) };
+        Ok(Self { state, config })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone(), &self.config.server)
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then lets in-flight requests finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let keys = self.state.keys.clone();
+        let refresher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(UPSTREAM_REFRESH);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = keys.refresh_upstream_limits().await {
+                    tracing::warn!(error = %e, "could not refresh Octopus's API key limits");
+                }
+            }
+        });
+        let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
+        let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        refresher.abort();
+        result.context("the HTTP server failed")
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

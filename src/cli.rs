@@ -1,0 +1,161 @@
+//! The command line: `serve`, `dev`, `check-config`, `migrate`, `openapi`, `octopus-sim`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+use crate::app::{App, shutdown_signal};
+use crate::config::Config;
+use crate::telemetry::{self, LogFormat};
+
+/// keybroker: scoped, expiring Octopus Deploy API keys behind one audited door.
+#[derive(Debug, Parser)]
+#[command(name = "keybroker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (secrets come from files or the environment, never from arguments).
+    Serve {
+        #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
+        config: PathBuf,
+    },
+    /// Run everything locally: an Octopus simulator, a temporary SQLite database, a demo policy
+    /// and keybroker; prints tokens and curl commands to try it.
+    Dev {
+        /// Port for keybroker (an ephemeral one is used if it is taken).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Validate a configuration file and check every scope's Octopus account, then exit.
+    CheckConfig {
+        #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
+        config: PathBuf,
+    },
+    /// Apply the database migrations, then exit.
+    Migrate {
+        #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
+        config: PathBuf,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Run the Octopus Server simulator alone.
+    OctopusSim {
+        #[arg(long, default_value_t = 8065)]
+        port: u16,
+        /// A seed file (TOML or JSON); the demo seed when absent.
+        #[arg(long)]
+        seed: Option<PathBuf>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        println!("{}", crate::api::openapi_json());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { config } => {
+            telemetry::init(LogFormat::from_env(LogFormat::Json));
+            let config = Config::load(&config)?;
+            let listen = config.server.listen;
+            let app = App::build(config).await?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
+            tracing::info!(%listen, "keybroker serving");
+            app.serve(listener, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev { port } => {
+            telemetry::init(LogFormat::from_env(LogFormat::Pretty));
+            crate::dev::run(port).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => check_config(&config).await,
+        Command::Migrate { config } => {
+            telemetry::init(LogFormat::from_env(LogFormat::Pretty));
+            let config = Config::load(&config)?;
+            let store = crate::store::connect(config.database.url.expose_secret())
+                .await
+                .context("cannot open the database (database.url)")?;
+            store.migrate().await.context("cannot apply the database migrations")?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::OctopusSim { port, seed } => {
+            telemetry::init(LogFormat::from_env(LogFormat::Pretty));
+            crate::octopus_sim::run_standalone(port, seed.as_deref()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Openapi => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Validates the file, then asks Octopus about the credential and every scope's account.
+async fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    println!("{}: configuration is valid ({} scopes)", path.display(), config.policy.scopes().len());
+    let octopus = crate::octopus::OctopusClient::new(&config.octopus)?;
+    let mut problems = 0;
+    match octopus.current_user().await {
+        Ok(me) => {
+            println!("ok    Octopus at {} accepts the credential (signed in as {})", config.octopus.url, me.username)
+        }
+        Err(e) => {
+            println!("FAIL  Octopus at {}: {e}", config.octopus.url);
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    for scope in config.policy.scopes() {
+        match octopus.find_user(&scope.octopus_user).await {
+            Ok(Some(user)) if user.is_service && user.is_active => {
+                println!(
+                    "ok    scope {}: {} is {} (an active service account)",
+                    scope.name, scope.octopus_user, user.id
+                );
+            }
+            Ok(Some(user)) if !user.is_service => {
+                problems += 1;
+                println!("FAIL  scope {}: {} ({}) is not a service account", scope.name, scope.octopus_user, user.id);
+            }
+            Ok(Some(user)) => {
+                problems += 1;
+                println!("FAIL  scope {}: {} ({}) is disabled", scope.name, scope.octopus_user, user.id);
+            }
+            Ok(None) => {
+                problems += 1;
+                println!("FAIL  scope {}: no Octopus user is named {}", scope.name, scope.octopus_user);
+            }
+            Err(e) => {
+                problems += 1;
+                println!("FAIL  scope {}: {e}", scope.name);
+            }
+        }
+    }
+    Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,707 @@
+//! Configuration: one TOML file, overridable from `KEYBROKER_<SECTION>__<KEY>` variables.
+//!
+//! Loading happens in two steps. [`RawConfig`] is exactly the file's shape (unknown fields are
+//! errors); [`Config::load`] then validates it, reads the secret files and builds the typed
+//! settings the service runs on. Every error names the offending key.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::{Figment, Source};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+
+use crate::policy::{Policy, Scope, ScopeName};
+
+/// A configuration problem; the message names the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    pub(crate) fn new(message: String) -> Self {
+        Self(message)
+    }
+
+    fn at(key: impl AsRef<str>, problem: impl AsRef<str>) -> Self {
+        Self(format!("{}: {}", key.as_ref(), problem.as_ref()))
+    }
+}
+
+/// A duration written the human way in the config file: `"30s"`, `"2m"`, `"7d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text).map(HumanDuration).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `"30s"`, `"15m"`, `"12h"`, `"7d"`, `"2w"` and combinations such as `"1d 12h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err("a duration is required, such as \"30s\", \"15m\" or \"7d\"".to_owned());
+    }
+    humantime::parse_duration(trimmed)
+        .map_err(|e| format!("`{trimmed}` is not a duration ({e}); write e.g. \"30s\", \"15m\" or \"7d\""))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file's shape.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    database: RawDatabase,
+    octopus: Option<RawOctopus>,
+    auth: Option<RawAuth>,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    scopes: Vec<RawScope>,
+    #[serde(default)]
+    jobs: RawJobs,
+    #[serde(default)]
+    webhooks: Vec<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default)]
+    cors_allowed_origins: Vec<String>,
+    #[serde(default = "default_body_limit")]
+    request_body_limit_bytes: usize,
+    #[serde(default = "default_request_timeout")]
+    request_timeout: HumanDuration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            cors_allowed_origins: Vec::new(),
+            request_body_limit_bytes: default_body_limit(),
+            request_timeout: default_request_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+fn default_body_limit() -> usize {
+    65_536
+}
+fn default_request_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    #[serde(default = "default_database_url")]
+    url: String,
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        Self { url: default_database_url() }
+    }
+}
+
+fn default_database_url() -> String {
+    "sqlite://keybroker.db".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOctopus {
+    url: Option<String>,
+    api_key_file: Option<PathBuf>,
+    api_key: Option<SecretString>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    password: Option<SecretString>,
+    #[serde(default = "default_octopus_timeout")]
+    timeout: HumanDuration,
+}
+
+fn default_octopus_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    issuer: Option<String>,
+    audience: Option<String>,
+    #[serde(default)]
+    algorithms: Vec<String>,
+    jwks_url: Option<String>,
+    #[serde(default)]
+    public_key_files: Vec<PathBuf>,
+    hs256_secret_file: Option<PathBuf>,
+    hs256_secret: Option<SecretString>,
+    #[serde(default = "default_teams_claim")]
+    teams_claim: String,
+    #[serde(default)]
+    admin_teams: Vec<String>,
+    #[serde(default)]
+    auditor_teams: Vec<String>,
+    #[serde(default = "default_leeway")]
+    leeway: HumanDuration,
+}
+
+fn default_teams_claim() -> String {
+    "groups".to_owned()
+}
+fn default_leeway() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    hmac_secret_file: Option<PathBuf>,
+    hmac_secret: Option<SecretString>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScope {
+    name: String,
+    #[serde(default)]
+    description: String,
+    octopus_user: String,
+    teams: Vec<String>,
+    default_ttl: HumanDuration,
+    max_ttl: HumanDuration,
+    #[serde(default = "default_max_active")]
+    max_active_keys_per_requester: u32,
+}
+
+fn default_max_active() -> u32 {
+    3
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJobs {
+    #[serde(default = "default_reconcile_interval")]
+    reconcile_interval: HumanDuration,
+    #[serde(default = "default_pending_grace")]
+    pending_grace: HumanDuration,
+    #[serde(default = "default_expiry_sweep_interval")]
+    expiry_sweep_interval: HumanDuration,
+}
+
+impl Default for RawJobs {
+    fn default() -> Self {
+        Self {
+            reconcile_interval: default_reconcile_interval(),
+            pending_grace: default_pending_grace(),
+            expiry_sweep_interval: default_expiry_sweep_interval(),
+        }
+    }
+}
+
+fn default_reconcile_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_pending_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
+fn default_expiry_sweep_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    #[serde(default)]
+    events: Vec<String>,
+    secret_file: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated settings.
+
+/// The whole, validated configuration. Secrets are already read and held in `secrecy` types.
+#[derive(Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub octopus: OctopusConfig,
+    pub auth: AuthConfig,
+    pub audit: AuditConfig,
+    pub policy: Policy,
+    pub jobs: JobsConfig,
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub cors_allowed_origins: Vec<String>,
+    pub request_body_limit_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `sqlite://...` or `postgres://...`. May hold a password, so it is never logged whole.
+    pub url: SecretString,
+}
+
+/// How keybroker authenticates to Octopus.
+#[derive(Debug, Clone)]
+pub enum OctopusCredential {
+    ApiKey(SecretString),
+    /// The login flow: `POST /api/users/login`, then the session cookie and CSRF header.
+    Login {
+        username: String,
+        password: SecretString,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct OctopusConfig {
+    pub url: Url,
+    pub credential: OctopusCredential,
+    pub timeout: Duration,
+}
+
+/// JWT algorithms keybroker accepts; anything else (including `none`) is refused at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+    Es256,
+    EdDsa,
+}
+
+impl JwtAlgorithm {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "HS256" => Some(Self::Hs256),
+            "RS256" => Some(Self::Rs256),
+            "ES256" => Some(Self::Es256),
+            "EdDSA" => Some(Self::EdDsa),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hs256 => "HS256",
+            Self::Rs256 => "RS256",
+            Self::Es256 => "ES256",
+            Self::EdDsa => "EdDSA",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub algorithms: BTreeSet<JwtAlgorithm>,
+    pub jwks_url: Option<Url>,
+    /// PEM public keys, read at start.
+    pub public_keys: Vec<(PathBuf, Vec<u8>)>,
+    pub hs256_secret: Option<SecretString>,
+    pub teams_claim: String,
+    pub admin_teams: BTreeSet<String>,
+    pub auditor_teams: BTreeSet<String>,
+    pub leeway: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Keys the HMAC of issued secrets (for `/v1/keys/identify`).
+    pub hmac_secret: SecretString,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    pub reconcile_interval: Duration,
+    pub pending_grace: Duration,
+    pub expiry_sweep_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: Url,
+    pub events: Vec<String>,
+    pub secret: Option<SecretString>,
+}
+
+const WEBHOOK_EVENTS: &[&str] = &["key.issued", "key.expiring", "key.expired", "key.revoked"];
+
+/// Shortest HMAC and HS256 secret accepted: 32 bytes, the output size of SHA-256.
+const MIN_SECRET_BYTES: usize = 32;
+
+impl Config {
+    /// Loads `path`, applies `KEYBROKER_<SECTION>__<KEY>` overrides from the environment,
+    /// validates everything and reads the secret files.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError(format!(
+                "config file {} not found (pass --config PATH; keybroker.example.toml is a commented start)",
+                path.display()
+            )));
+        }
+        let figment = Figment::new().merge(Toml::file(path)).merge(
+            // Only `SECTION__KEY` names: single-level names such as KEYBROKER_LOG_FORMAT
+            // belong to the process, not to the file's shape.
+            Env::prefixed("KEYBROKER_").filter(|key| key.as_str().contains("__")).split("__"),
+        );
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::from_figment(&figment, base)
+    }
+
+    /// Validates a configuration given as TOML text, without environment overrides
+    /// (tests and dev mode).
+    pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        Self::from_figment(&Figment::new().merge(Toml::string(text)), base_dir)
+    }
+
+    fn from_figment(figment: &Figment, base_dir: &Path) -> Result<Self, ConfigError> {
+        for key in ["octopus.api_key", "octopus.password", "auth.hs256_secret", "audit.hmac_secret"] {
+            let inline = figment.find_metadata(key).is_some_and(|m| matches!(m.source, Some(Source::File(_))));
+            if inline {
+                return Err(ConfigError::at(
+                    key,
+                    format!(
+                        "secrets may not be written in the config file; use {key}_file or the \
+                         environment variable KEYBROKER_{}",
+                        key.to_uppercase().replace('.', "__")
+                    ),
+                ));
+            }
+        }
+        let raw: RawConfig = figment.extract().map_err(|e| ConfigError(figment_message(&e)))?;
+        Self::validate(raw, base_dir)
+    }
+
+    fn validate(raw: RawConfig, base: &Path) -> Result<Self, ConfigError> {
+        let server = ServerConfig {
+            listen: raw.server.listen.parse().map_err(|_| {
+                ConfigError::at(
+                    "server.listen",
+                    format!("`{}` is not an address such as 127.0.0.1:8080", raw.server.listen),
+                )
+            })?,
+            cors_allowed_origins: validate_origins(raw.server.cors_allowed_origins)?,
+            request_body_limit_bytes: match raw.server.request_body_limit_bytes {
+                0 => return Err(ConfigError::at("server.request_body_limit_bytes", "must be greater than 0")),
+                n => n,
+            },
+            request_timeout: nonzero("server.request_timeout", raw.server.request_timeout)?,
+        };
+
+        let db_url = raw.database.url.trim().to_owned();
+        if !(db_url.starts_with("sqlite:") || db_url.starts_with("postgres://") || db_url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::at(
+                "database.url",
+                "must start with sqlite:// (embedded) or postgres:// (several replicas)",
+            ));
+        }
+        let database = DatabaseConfig { url: SecretString::from(db_url) };
+
+        let octopus = validate_octopus(raw.octopus, base)?;
+        let auth = validate_auth(raw.auth, base)?;
+
+        let hmac_secret =
+            read_secret("audit.hmac_secret", raw.audit.hmac_secret_file.as_deref(), raw.audit.hmac_secret, base)?
+                .ok_or_else(|| {
+                    ConfigError::at(
+                        "audit.hmac_secret_file",
+                        "required (or KEYBROKER_AUDIT__HMAC_SECRET): it keys the hash kept of every issued key",
+                    )
+                })?;
+        if hmac_secret.expose_secret().len() < MIN_SECRET_BYTES {
+            return Err(ConfigError::at(
+                "audit.hmac_secret_file",
+                format!("the secret must be at least {MIN_SECRET_BYTES} bytes long"),
+            ));
+        }
+
+        let policy = validate_scopes(raw.scopes)?;
+
+        let jobs = JobsConfig {
+            reconcile_interval: nonzero("jobs.reconcile_interval", raw.jobs.reconcile_interval)?,
+            pending_grace: nonzero("jobs.pending_grace", raw.jobs.pending_grace)?,
+            expiry_sweep_interval: nonzero("jobs.expiry_sweep_interval", raw.jobs.expiry_sweep_interval)?,
+        };
+
+        let mut webhooks = Vec::new();
+        for (i, hook) in raw.webhooks.into_iter().enumerate() {
+            let key = format!("webhooks[{i}]");
+            let url = parse_http_url(&format!("{key}.url"), &hook.url)?;
+            for event in &hook.events {
+                if !WEBHOOK_EVENTS.contains(&event.as_str()) {
+                    return Err(ConfigError::at(
+                        format!("{key}.events"),
+                        format!("unknown event `{event}`; known: {}", WEBHOOK_EVENTS.join(", ")),
+                    ));
+                }
+            }
+            let secret = read_secret(&format!("{key}.secret"), hook.secret_file.as_deref(), None, base)?;
+            webhooks.push(WebhookConfig { url, events: hook.events, secret });
+        }
+
+        Ok(Self { server, database, octopus, auth, audit: AuditConfig { hmac_secret }, policy, jobs, webhooks })
+    }
+}
+
+fn validate_octopus(raw: Option<RawOctopus>, base: &Path) -> Result<OctopusConfig, ConfigError> {
+    let raw = raw.ok_or_else(|| {
+        ConfigError::at("octopus", "section missing: keybroker needs the Octopus Server URL and its credential")
+    })?;
+    let url_text = raw.url.ok_or_else(|| ConfigError::at("octopus.url", "required"))?;
+    let url = parse_http_url("octopus.url", &url_text)?;
+    let api_key = read_secret("octopus.api_key", raw.api_key_file.as_deref(), raw.api_key, base)?;
+    let password = read_secret("octopus.password", raw.password_file.as_deref(), raw.password, base)?;
+    let credential = match (api_key, raw.username, password) {
+        (Some(key), None, None) => {
+            if !crate::octopus::looks_like_api_key(key.expose_secret()) {
+                return Err(ConfigError::at(
+                    "octopus.api_key_file",
+                    "does not hold an Octopus API key (API- followed by upper-case letters and digits)",
+                ));
+            }
+            OctopusCredential::ApiKey(key)
+        }
+        (None, Some(username), Some(password)) if !username.trim().is_empty() => {
+            OctopusCredential::Login { username: username.trim().to_owned(), password }
+        }
+        (None, Some(_), None) => {
+            return Err(ConfigError::at("octopus.password_file", "required when octopus.username is set"));
+        }
+        (None, None, _) => {
+            return Err(ConfigError::at(
+                "octopus.api_key_file",
+                "required (or KEYBROKER_OCTOPUS__API_KEY, or octopus.username with octopus.password_file)",
+            ));
+        }
+        _ => {
+            return Err(ConfigError::at("octopus", "give either an API key or a username and password, not both"));
+        }
+    };
+    Ok(OctopusConfig { url, credential, timeout: nonzero("octopus.timeout", raw.timeout)? })
+}
+
+fn validate_auth(raw: Option<RawAuth>, base: &Path) -> Result<AuthConfig, ConfigError> {
+    let raw = raw.ok_or_else(|| {
+        ConfigError::at("auth", "section missing: keybroker needs to know how to verify callers' tokens")
+    })?;
+    let issuer = non_blank("auth.issuer", raw.issuer)?;
+    let audience = non_blank("auth.audience", raw.audience)?;
+    if raw.algorithms.is_empty() {
+        return Err(ConfigError::at("auth.algorithms", "list at least one of HS256, RS256, ES256, EdDSA"));
+    }
+    let mut algorithms = BTreeSet::new();
+    for name in &raw.algorithms {
+        let alg = JwtAlgorithm::parse(name).ok_or_else(|| {
+            ConfigError::at("auth.algorithms", format!("`{name}` is not supported; use HS256, RS256, ES256 or EdDSA"))
+        })?;
+        algorithms.insert(alg);
+    }
+    let hs256_secret = read_secret("auth.hs256_secret", raw.hs256_secret_file.as_deref(), raw.hs256_secret, base)?;
+    let jwks_url = raw.jwks_url.as_deref().map(|u| parse_http_url("auth.jwks_url", u)).transpose()?;
+    let mut public_keys = Vec::new();
+    for (i, file) in raw.public_key_files.iter().enumerate() {
+        let path = base.join(file);
+        let pem = std::fs::read(&path).map_err(|e| {
+            ConfigError::at(format!("auth.public_key_files[{i}]"), format!("cannot read {}: {e}", path.display()))
+        })?;
+        public_keys.push((path, pem));
+    }
+
+    let has_asymmetric = algorithms.iter().any(|a| *a != JwtAlgorithm::Hs256);
+    if algorithms.contains(&JwtAlgorithm::Hs256) {
+        match &hs256_secret {
+            None => {
+                return Err(ConfigError::at(
+                    "auth.hs256_secret_file",
+                    "required when auth.algorithms contains HS256 (or KEYBROKER_AUTH__HS256_SECRET)",
+                ));
+            }
+            Some(s) if s.expose_secret().len() < MIN_SECRET_BYTES => {
+                return Err(ConfigError::at(
+                    "auth.hs256_secret_file",
+                    format!("the secret must be at least {MIN_SECRET_BYTES} bytes long"),
+                ));
+            }
+            Some(_) => {}
+        }
+    } else if hs256_secret.is_some() {
+        return Err(ConfigError::at("auth.hs256_secret_file", "set, but HS256 is not in auth.algorithms"));
+    }
+    if has_asymmetric && jwks_url.is_none() && public_keys.is_empty() {
+        return Err(ConfigError::at(
+            "auth.jwks_url",
+            "RS256, ES256 and EdDSA need auth.jwks_url or auth.public_key_files",
+        ));
+    }
+    if !has_asymmetric && (jwks_url.is_some() || !public_keys.is_empty()) {
+        return Err(ConfigError::at(
+            "auth.algorithms",
+            "auth.jwks_url or auth.public_key_files is set, but no asymmetric algorithm (RS256, ES256, EdDSA) is allowed",
+        ));
+    }
+    let teams_claim = raw.teams_claim.trim().to_owned();
+    if teams_claim.is_empty() {
+        return Err(ConfigError::at("auth.teams_claim", "must not be empty"));
+    }
+    Ok(AuthConfig {
+        issuer,
+        audience,
+        algorithms,
+        jwks_url,
+        public_keys,
+        hs256_secret,
+        teams_claim,
+        admin_teams: raw.admin_teams.into_iter().collect(),
+        auditor_teams: raw.auditor_teams.into_iter().collect(),
+        leeway: raw.leeway.0,
+    })
+}
+
+fn validate_scopes(raw: Vec<RawScope>) -> Result<Policy, ConfigError> {
+    let mut names = HashSet::new();
+    let mut scopes = Vec::with_capacity(raw.len());
+    for (i, s) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("scopes[{i}].{field}");
+        let name = ScopeName::parse(&s.name).map_err(|e| ConfigError::at(key("name"), e))?;
+        if !names.insert(name.clone()) {
+            return Err(ConfigError::at(key("name"), format!("duplicate scope name `{name}`")));
+        }
+        let octopus_user = s.octopus_user.trim().to_owned();
+        if octopus_user.is_empty() {
+            return Err(ConfigError::at(key("octopus_user"), "must name an Octopus service account"));
+        }
+        let teams: BTreeSet<String> = s.teams.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
+        if teams.is_empty() {
+            return Err(ConfigError::at(key("teams"), "must list at least one team"));
+        }
+        let default_ttl = nonzero(&key("default_ttl"), s.default_ttl)?;
+        let max_ttl = nonzero(&key("max_ttl"), s.max_ttl)?;
+        if default_ttl > max_ttl {
+            return Err(ConfigError::at(key("default_ttl"), "must not exceed max_ttl"));
+        }
+        if s.max_active_keys_per_requester == 0 {
+            return Err(ConfigError::at(key("max_active_keys_per_requester"), "must be at least 1"));
+        }
+        let ttl = |d: Duration, field: &str| {
+            chrono::Duration::from_std(d).map_err(|_| ConfigError::at(key(field), "is too long"))
+        };
+        scopes.push(Scope {
+            name,
+            description: s.description.trim().to_owned(),
+            octopus_user,
+            teams,
+            default_ttl: ttl(default_ttl, "default_ttl")?,
+            max_ttl: ttl(max_ttl, "max_ttl")?,
+            max_active_keys_per_requester: s.max_active_keys_per_requester,
+        });
+    }
+    Ok(Policy::new(scopes))
+}
+
+fn validate_origins(origins: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for (i, origin) in origins.iter().enumerate() {
+        let ok = Url::parse(origin)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.path() == "/" && !origin.ends_with('/'))
+            .is_some();
+        if !ok {
+            return Err(ConfigError::at(
+                format!("server.cors_allowed_origins[{i}]"),
+                format!("`{origin}` is not an origin such as https://portal.example.com"),
+            ));
+        }
+    }
+    Ok(origins)
+}
+
+fn non_blank(key: &str, value: Option<String>) -> Result<String, ConfigError> {
+    match value {
+        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+        _ => Err(ConfigError::at(key, "required")),
+    }
+}
+
+fn nonzero(key: &str, d: HumanDuration) -> Result<Duration, ConfigError> {
+    if d.0.is_zero() { Err(ConfigError::at(key, "must be longer than zero")) } else { Ok(d.0) }
+}
+
+fn parse_http_url(key: &str, text: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(text.trim()).map_err(|e| ConfigError::at(key, format!("`{text}` is not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::at(key, "must be an http:// or https:// URL"));
+    }
+    Ok(url)
+}
+
+/// A secret comes from `<name>_file` or from the environment (already merged by figment);
+/// never both, so nobody wonders which one is in force.
+fn read_secret(
+    name: &str,
+    file: Option<&Path>,
+    from_env: Option<SecretString>,
+    base: &Path,
+) -> Result<Option<SecretString>, ConfigError> {
+    match (file, from_env) {
+        (Some(_), Some(_)) => Err(ConfigError::at(
+            format!("{name}_file"),
+            format!("both the file and KEYBROKER_{} are set; keep one", name.to_uppercase().replace('.', "__")),
+        )),
+        (Some(file), None) => {
+            let path = base.join(file);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::at(format!("{name}_file"), format!("cannot read {}: {e}", path.display())))?;
+            let trimmed = text.trim();
+            if trimmed.is_empty() {
+                return Err(ConfigError::at(format!("{name}_file"), format!("{} is empty", path.display())));
+            }
+            Ok(Some(SecretString::from(trimmed.to_owned())))
+        }
+        (None, Some(secret)) => {
+            let trimmed = secret.expose_secret().trim();
+            if trimmed.is_empty() {
+                return Err(ConfigError::at(name, "is empty"));
+            }
+            Ok(Some(SecretString::from(trimmed.to_owned())))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Figment's messages name the key but also say "for key default.x"; keep it short.
+fn figment_message(e: &figment::Error) -> String {
+    let mut out = Vec::new();
+    for err in e.clone() {
+        let path = err.path.join(".");
+        let kind = err.kind.to_string();
+        let source = err.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
+        out.push(if path.is_empty() { format!("{kind} ({source})") } else { format!("{path}: {kind} ({source})") });
+    }
+    out.join("; ")
+}

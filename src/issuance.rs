@@ -1,0 +1,392 @@
+//! The issuance protocol (SPEC "Issuance must be crash-safe and audit must be fail-closed") and
+//! revocation: the domain service that ties policy, storage and Octopus together.
+//!
+//! 1. policy check; one transaction writes the record `pending` and the "requested" event
+//!    (if that fails, Octopus is never called);
+//! 2. the key is created in Octopus with an explicit expiry;
+//! 3. one transaction marks the record `active` and writes the "issued" event; if that fails
+//!    the new Octopus key is revoked at once.
+//!
+//! A pending record left behind by a crash between 1 and 3 is found by its purpose marker and
+//! cleaned up by the reconciler.
+
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use sha2::Sha256;
+use uuid::Uuid;
+
+use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::auth::Principal;
+use crate::clock::Clock;
+use crate::octopus::{OctopusClient, OctopusError, OctopusUser, Revoked, key_hint};
+use crate::policy::{
+    self, ExpiryClamp, ExpiryRequest, Policy, PolicyError, Purpose, Scope, UpstreamLimits, octopus_purpose,
+    purpose_marker,
+};
+use crate::store::{Activation, KeyRecord, KeyState, NewKey, Store, StoreError};
+
+/// What a caller asked for.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    pub scope: String,
+    pub purpose: Purpose,
+    pub expiry: ExpiryRequest,
+}
+
+/// A newly issued key: the record and the secret, which exists nowhere else.
+pub struct Issued {
+    pub record: KeyRecord,
+    pub secret: SecretString,
+    pub clamped: Option<ExpiryClamp>,
+}
+
+/// Why an issuance or revocation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("key record not found")]
+    NotFound,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The scope's Octopus account is missing, inactive or not a service account.
+    #[error("{0}")]
+    ScopeMisconfigured(String),
+    #[error("the audit trail could not be written, so nothing was done")]
+    Store(#[source] StoreError),
+    #[error(transparent)]
+    Octopus(#[from] OctopusError),
+}
+
+/// Issues and revokes keys.
+pub struct KeyService {
+    store: Arc<dyn Store>,
+    octopus: Arc<OctopusClient>,
+    clock: Arc<dyn Clock>,
+    policy: RwLock<Arc<Policy>>,
+    upstream: RwLock<UpstreamLimits>,
+    hmac_secret: SecretString,
+}
+
+impl KeyService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        octopus: Arc<OctopusClient>,
+        clock: Arc<dyn Clock>,
+        policy: Policy,
+        hmac_secret: SecretString,
+    ) -> Self {
+        Self {
+            store,
+            octopus,
+            clock,
+            policy: RwLock::new(Arc::new(policy)),
+            upstream: RwLock::new(UpstreamLimits::default()),
+            hmac_secret,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn octopus(&self) -> &Arc<OctopusClient> {
+        &self.octopus
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().map(|p| Arc::clone(&p)).unwrap_or_default()
+    }
+
+    pub fn upstream_limits(&self) -> UpstreamLimits {
+        self.upstream.read().map(|u| *u).unwrap_or_default()
+    }
+
+    /// Reads Octopus's key limits: the server maximum and the broker key's own expiry.
+    pub async fn refresh_upstream_limits(&self) -> Result<UpstreamLimits, OctopusError> {
+        let settings = self.octopus.key_settings().await?;
+        let broker_key_expires = self.octopus.broker_key_expiry().await?;
+        let limits = UpstreamLimits { server_max_days: settings.max_expiry_days, broker_key_expires };
+        if let Ok(mut current) = self.upstream.write() {
+            *current = limits;
+        }
+        Ok(limits)
+    }
+
+    /// The keyed hash kept instead of a secret.
+    pub fn secret_hmac(&self, secret: &str) -> String {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.hmac_secret.expose_secret().as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(secret.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Writes an event outside any key change (denials, configuration). Errors are returned so
+    /// callers decide whether to fail closed.
+    pub async fn audit(&self, event: NewAuditEvent) -> Result<(), StoreError> {
+        self.store.append_audit(&event).await
+    }
+
+    async fn deny(&self, principal: &Principal, ctx: &RequestContext, scope: &str, err: PolicyError) -> ServiceError {
+        let event = NewAuditEvent::new(self.now(), &principal.subject, Action::PolicyDenied, Outcome::Denied, ctx)
+            .scope(scope)
+            .detail(json!({ "reason": err.to_string() }));
+        if let Err(e) = self.store.append_audit(&event).await {
+            // Fail closed: nothing was done anyway, but say the trail is down.
+            tracing::error!(error = %e, "could not audit a policy denial");
+            return ServiceError::Store(e);
+        }
+        ServiceError::Policy(err)
+    }
+
+    /// The Octopus account behind a scope, checked to be an active service account.
+    pub async fn scope_account(&self, scope: &Scope) -> Result<OctopusUser, ServiceError> {
+        let user = self.octopus.find_user(&scope.octopus_user).await?.ok_or_else(|| {
+            ServiceError::ScopeMisconfigured(format!(
+                "scope `{}` names the Octopus user `{}`, which does not exist",
+                scope.name, scope.octopus_user
+            ))
+        })?;
+        if !user.is_service {
+            return Err(ServiceError::ScopeMisconfigured(format!(
+                "scope `{}` names `{}` ({}), which is not an Octopus service account",
+                scope.name, user.username, user.id
+            )));
+        }
+        if !user.is_active {
+            return Err(ServiceError::ScopeMisconfigured(format!(
+                "scope `{}` names `{}` ({}), which is disabled in Octopus",
+                scope.name, user.username, user.id
+            )));
+        }
+        Ok(user)
+    }
+
+    /// Issues a key (see the module documentation for the protocol).
+    #[tracing::instrument(skip_all, fields(scope = %request.scope, requester = %principal.subject, key_id))]
+    pub async fn issue(
+        &self,
+        principal: &Principal,
+        request: IssueRequest,
+        ctx: &RequestContext,
+    ) -> Result<Issued, ServiceError> {
+        let policy = self.policy();
+        let scope = match policy.authorize(principal, &request.scope) {
+            Ok(scope) => scope,
+            Err(e) => return Err(self.deny(principal, ctx, &request.scope, e).await),
+        };
+        let now = self.now();
+        let expiry = match policy::resolve_expiry(request.expiry, scope, now, self.upstream_limits()) {
+            Ok(expiry) => expiry,
+            Err(e) => return Err(self.deny(principal, ctx, &request.scope, e).await),
+        };
+        let account = self.scope_account(scope).await?;
+
+        // Step 1: the pending record and the "requested" event, or nothing at all.
+        let id = Uuid::new_v4();
+        tracing::Span::current().record("key_id", tracing::field::display(id));
+        let new_key = NewKey {
+            id,
+            scope: scope.name.to_string(),
+            requester: principal.subject.clone(),
+            purpose: request.purpose.as_str().to_owned(),
+            octopus_user_id: account.id.clone(),
+            created_at: now,
+            expires_at: expiry.expires_at,
+            max_active: scope.max_active_keys_per_requester,
+        };
+        let requested = self.event(principal, Action::KeyRequested, Outcome::Success, ctx, scope, id).detail(json!({
+            "purpose": request.purpose.as_str(),
+            "expires_at": expiry.expires_at,
+            "octopus_user_id": account.id,
+            "clamped": expiry.clamped,
+        }));
+        match self.store.insert_pending(&new_key, &requested, now).await {
+            Ok(()) => {}
+            Err(StoreError::LimitReached { .. }) => {
+                let err = PolicyError::TooManyActiveKeys {
+                    scope: scope.name.clone(),
+                    limit: scope.max_active_keys_per_requester,
+                };
+                return Err(self.deny(principal, ctx, &request.scope, err).await);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the pending record; Octopus not called");
+                return Err(ServiceError::Store(e));
+            }
+        }
+
+        // Step 2: Octopus.
+        let octopus_purpose = octopus_purpose(id, &principal.subject, &request.purpose);
+        let created = match self.octopus.create_api_key(&account.id, &octopus_purpose, expiry.expires_at).await {
+            Ok(created) => created,
+            Err(e) => {
+                self.fail_pending(principal, ctx, scope, id, &account.id, &e).await;
+                return Err(ServiceError::Octopus(e));
+            }
+        };
+
+        // Step 3: active record and "issued" event; otherwise the key must not survive.
+        let expires_at = created.expires.unwrap_or(expiry.expires_at);
+        let activation = Activation {
+            id,
+            octopus_key_id: created.id.clone(),
+            key_hint: key_hint(created.secret.expose_secret()),
+            secret_hmac: self.secret_hmac(created.secret.expose_secret()),
+            expires_at,
+        };
+        let issued_event = self
+            .event(principal, Action::KeyIssued, Outcome::Success, ctx, scope, id)
+            .octopus_key(Some(&created.id))
+            .detail(json!({ "expires_at": expires_at, "key_hint": activation.key_hint }));
+        match self.store.activate(&activation, &issued_event).await {
+            Ok(record) => {
+                tracing::info!(octopus_key_id = %created.id, "issued key");
+                Ok(Issued { record, secret: created.secret, clamped: expiry.clamped })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, octopus_key_id = %created.id, "could not record the issued key; revoking it");
+                match self.octopus.delete_api_key(&account.id, &created.id).await {
+                    Ok(_) => {
+                        let failed = self
+                            .event(principal, Action::KeyIssueFailed, Outcome::Failure, ctx, scope, id)
+                            .octopus_key(Some(&created.id))
+                            .detail(json!({ "reason": "the issued key could not be recorded; it was revoked" }));
+                        // If the store is still down, the record stays pending and the
+                        // reconciler finishes the job.
+                        let _ = self.store.mark_failed(id, &failed).await;
+                    }
+                    Err(revoke_err) => {
+                        tracing::error!(error = %revoke_err, "could not revoke the unrecorded key; the reconciler will");
+                    }
+                }
+                Err(ServiceError::Store(e))
+            }
+        }
+    }
+
+    /// After a failed create: when the outcome is unknown (timeout, lost answer), look for a key
+    /// carrying our marker and revoke it; then mark the record failed. If any of that fails the
+    /// record stays pending for the reconciler.
+    async fn fail_pending(
+        &self,
+        principal: &Principal,
+        ctx: &RequestContext,
+        scope: &Scope,
+        id: Uuid,
+        octopus_user_id: &str,
+        error: &OctopusError,
+    ) {
+        let mut detail = json!({ "reason": error.to_string() });
+        if error.outcome_unknown() {
+            match self.revoke_by_marker(octopus_user_id, id).await {
+                Ok(found) => detail["revoked_orphans"] = json!(found),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for an orphan key; leaving the record pending");
+                    return;
+                }
+            }
+        }
+        let event = self.event(principal, Action::KeyIssueFailed, Outcome::Failure, ctx, scope, id).detail(detail);
+        if let Err(e) = self.store.mark_failed(id, &event).await {
+            tracing::error!(error = %e, "could not mark the record failed; the reconciler will");
+        }
+    }
+
+    /// Revokes every key of the user whose purpose carries this record's marker. Returns their ids.
+    pub async fn revoke_by_marker(&self, octopus_user_id: &str, id: Uuid) -> Result<Vec<String>, OctopusError> {
+        let marker = purpose_marker(id);
+        let keys = self.octopus.list_api_keys(octopus_user_id, Some(&marker)).await?;
+        let mut revoked = Vec::new();
+        // The server may ignore partialPurpose; only an exact prefix match counts.
+        for key in keys.iter().filter(|k| k.purpose == marker || k.purpose.starts_with(&format!("{marker} "))) {
+            self.octopus.delete_api_key(octopus_user_id, &key.id).await?;
+            revoked.push(key.id.clone());
+        }
+        Ok(revoked)
+    }
+
+    /// Revokes a key in Octopus and marks it revoked. Owners and admins may; revoking a revoked
+    /// key returns it unchanged.
+    #[tracing::instrument(skip_all, fields(key_id = %id, actor = %principal.subject))]
+    pub async fn revoke(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+        ctx: &RequestContext,
+    ) -> Result<KeyRecord, ServiceError> {
+        let record = self.store.get_key(id).await.map_err(ServiceError::Store)?.ok_or(ServiceError::NotFound)?;
+        let owner = record.requester == principal.subject;
+        if !owner && !principal.is_admin() {
+            if principal.is_auditor() {
+                return Err(ServiceError::Forbidden("only the key's owner or an admin may revoke it".to_owned()));
+            }
+            return Err(ServiceError::NotFound);
+        }
+        match record.state {
+            KeyState::Revoked => return Ok(record),
+            KeyState::Pending => {
+                return Err(ServiceError::Conflict("the key is still being issued; try again in a moment".to_owned()));
+            }
+            KeyState::Failed => return Err(ServiceError::Conflict("the key was never issued".to_owned())),
+            KeyState::Active | KeyState::Expired => {}
+        }
+        let Some(octopus_key_id) = record.octopus_key_id.clone() else {
+            return Err(ServiceError::Conflict("the record has no Octopus key".to_owned()));
+        };
+        let scope_name = record.scope.clone();
+        let outcome = match self.octopus.delete_api_key(&record.octopus_user_id, &octopus_key_id).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let event =
+                    NewAuditEvent::new(self.now(), &principal.subject, Action::KeyRevokeFailed, Outcome::Failure, ctx)
+                        .scope(&scope_name)
+                        .key(id)
+                        .octopus_key(Some(&octopus_key_id))
+                        .detail(json!({ "reason": e.to_string() }));
+                if let Err(store_err) = self.store.append_audit(&event).await {
+                    tracing::error!(error = %store_err, "could not audit a failed revocation");
+                }
+                return Err(ServiceError::Octopus(e));
+            }
+        };
+        let now = self.now();
+        let event = NewAuditEvent::new(now, &principal.subject, Action::KeyRevoked, Outcome::Success, ctx)
+            .scope(&scope_name)
+            .key(id)
+            .octopus_key(Some(&octopus_key_id))
+            .detail(json!({
+                "octopus": match outcome { Revoked::Deleted => "deleted", Revoked::AlreadyGone => "already_gone" },
+                "by_owner": owner,
+            }));
+        self.store.mark_revoked(id, now, &event).await.map_err(ServiceError::Store)
+    }
+
+    /// The record a leaked secret belongs to, via its keyed hash.
+    pub async fn identify(&self, secret: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.store.find_by_secret_hmac(&self.secret_hmac(secret)).await
+    }
+
+    fn event(
+        &self,
+        principal: &Principal,
+        action: Action,
+        outcome: Outcome,
+        ctx: &RequestContext,
+        scope: &Scope,
+        id: Uuid,
+    ) -> NewAuditEvent {
+        NewAuditEvent::new(self.now(), &principal.subject, action, outcome, ctx).scope(scope.name.as_str()).key(id)
+    }
+}

@@ -1,0 +1,19 @@
+//! keybroker: brokers the issuance of scoped, expiring Octopus Deploy API keys.
+//!
+//! Start at [`issuance`] for the path of one key, [`api`] for the HTTP surface and
+//! `ARCHITECTURE.md` for the map.
+
+pub mod api;
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod dev;
+pub mod issuance;
+pub mod octopus;
+pub mod octopus_sim;
+pub mod policy;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,557 @@
+//! The Octopus client: one privileged credential, user resolution by username, and the API-key
+//! calls keybroker makes (octopus-api.md is the reference for every shape and status used here).
+
+mod model;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::config::{OctopusConfig, OctopusCredential};
+use model::{
+    ApiKeyCreatedResource, ApiKeyResource, AuthenticationResource, CreateApiKey, ErrorBody, LoginCommand, Page,
+    UserResource,
+};
+
+/// True for strings shaped like an Octopus API key: `API-` and upper-case letters and digits.
+/// The length is not fixed by any source (octopus-api.md §5.5), so accept a generous range.
+pub fn looks_like_api_key(text: &str) -> bool {
+    text.strip_prefix("API-").is_some_and(|rest| {
+        (16..=64).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    })
+}
+
+/// The first 8 characters of a key (`API-ABCD`), which Octopus shows as its hint.
+pub fn key_hint(secret: &str) -> String {
+    secret.chars().take(8).collect()
+}
+
+/// An Octopus user as keybroker needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OctopusUser {
+    pub id: String,
+    pub username: String,
+    pub display_name: String,
+    pub is_active: bool,
+    pub is_service: bool,
+}
+
+/// A key as listed by Octopus (never with its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub user_id: Option<String>,
+    pub purpose: String,
+    pub created: Option<DateTime<Utc>>,
+    pub expires: Option<DateTime<Utc>>,
+    pub hint: Option<String>,
+}
+
+/// A freshly created key, with the secret Octopus shows this once.
+pub struct CreatedKey {
+    pub id: String,
+    pub secret: SecretString,
+    pub expires: Option<DateTime<Utc>>,
+    pub created: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKey").field("id", &self.id).field("expires", &self.expires).finish_non_exhaustive()
+    }
+}
+
+/// The server's API-key settings from `GET /api/authentication` (absent before 2025.4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerKeySettings {
+    pub default_expiry_days: Option<u32>,
+    pub max_expiry_days: Option<u32>,
+    pub user_api_keys_enabled: Option<bool>,
+}
+
+/// What the outcome of a revocation was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    Deleted,
+    /// Octopus answered 404: the key was already gone, which is what we wanted.
+    AlreadyGone,
+}
+
+/// An Octopus failure, sorted by whose fault it is (SPEC "Octopus integration").
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OctopusError {
+    /// A 4xx that the request itself caused: shown to the caller (422).
+    #[error("Octopus refused the request: {message}")]
+    Rejected { status: u16, message: String },
+    #[error("Octopus says: {message}")]
+    NotFound { message: String },
+    /// 401/403: keybroker's own credential is missing, expired or lacks a permission (503).
+    #[error("keybroker's Octopus credential was refused ({status}): {message}")]
+    Credential { status: u16, message: String },
+    #[error("Octopus is rate limiting keybroker")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("Octopus did not answer in time")]
+    Timeout,
+    /// Connection failures, 5xx, and answers keybroker cannot read (502).
+    #[error("Octopus failed: {detail}")]
+    Unavailable { detail: String },
+}
+
+impl OctopusError {
+    /// For a key creation: whether Octopus may have made the key even though we got no answer.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Self::Timeout | Self::Unavailable { .. })
+    }
+}
+
+/// Username lookups found more than one account.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("more than one Octopus user is named `{0}`")]
+pub struct AmbiguousUser(pub String);
+
+#[derive(Clone)]
+struct Session {
+    cookie: String,
+    csrf: String,
+}
+
+/// The Octopus client. Cheap to share behind an `Arc`.
+pub struct OctopusClient {
+    http: reqwest::Client,
+    base: Url,
+    credential: OctopusCredential,
+    session: Mutex<Option<Session>>,
+    users: RwLock<HashMap<String, OctopusUser>>,
+    retries: u32,
+}
+
+impl std::fmt::Debug for OctopusClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OctopusClient").field("base", &self.base.as_str()).finish_non_exhaustive()
+    }
+}
+
+/// Page size for user and key listings; Octopus's default is 30 and it documents no maximum.
+const PAGE_SIZE: usize = 100;
+/// A bound on paging, so a misbehaving server cannot keep us looping.
+const MAX_PAGES: usize = 1000;
+
+impl OctopusClient {
+    pub fn new(config: &OctopusConfig) -> Result<Arc<Self>, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .timeout(config.timeout)
+            .user_agent(concat!("keybroker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let mut base = config.url.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        Ok(Arc::new(Self {
+            http,
+            base,
+            credential: config.credential.clone(),
+            session: Mutex::new(None),
+            users: RwLock::new(HashMap::new()),
+            retries: 3,
+        }))
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    /// `GET /api/authentication`: the server's default and maximum key lifetimes.
+    pub async fn key_settings(&self) -> Result<ServerKeySettings, OctopusError> {
+        let res: AuthenticationResource = self.get_json("api/authentication", &[]).await?;
+        Ok(ServerKeySettings {
+            default_expiry_days: res.api_key_default_expiry_days,
+            max_expiry_days: res.api_key_max_expiry_days,
+            user_api_keys_enabled: res.user_api_keys_enabled,
+        })
+    }
+
+    /// `GET /api/users/me`: the cheapest check that the credential works.
+    pub async fn current_user(&self) -> Result<OctopusUser, OctopusError> {
+        let me: UserResource = self.get_json("api/users/me", &[]).await?;
+        Ok(user_from(me))
+    }
+
+    /// The broker credential's own expiry: its user's keys, matched by hint. `None` when the
+    /// credential is a login session or the key never expires. When several keys share the
+    /// hint, the earliest expiry wins (the safe side).
+    pub async fn broker_key_expiry(&self) -> Result<Option<DateTime<Utc>>, OctopusError> {
+        let OctopusCredential::ApiKey(key) = &self.credential else { return Ok(None) };
+        let hint = key_hint(key.expose_secret());
+        let me = self.current_user().await?;
+        let keys = self.list_api_keys(&me.id, None).await?;
+        Ok(keys.iter().filter(|k| k.hint.as_deref() == Some(hint.as_str())).filter_map(|k| k.expires).min())
+    }
+
+    /// Resolves a username to its user, from the cache when possible. Octopus's `filter` is a
+    /// substring match on username, display name and e-mail, so every page is read and only an
+    /// exact username match counts (case-insensitive, as Octopus treats usernames, but an exact
+    /// case match wins).
+    pub async fn find_user(&self, username: &str) -> Result<Option<OctopusUser>, OctopusError> {
+        if let Some(user) = self.cached_user(username) {
+            return Ok(Some(user));
+        }
+        let found = self.lookup_user(username).await?;
+        if let Some(user) = &found {
+            if let Ok(mut cache) = self.users.write() {
+                cache.insert(username.to_owned(), user.clone());
+            }
+        }
+        Ok(found)
+    }
+
+    fn cached_user(&self, username: &str) -> Option<OctopusUser> {
+        self.users.read().ok().and_then(|cache| cache.get(username).cloned())
+    }
+
+    /// Forgets a cached user (after Octopus said it no longer exists).
+    pub fn forget_user(&self, username: &str) {
+        if let Ok(mut cache) = self.users.write() {
+            cache.remove(username);
+        }
+    }
+
+    async fn lookup_user(&self, username: &str) -> Result<Option<OctopusUser>, OctopusError> {
+        let mut exact = None;
+        let mut folded = Vec::new();
+        let lower = username.to_lowercase();
+        let mut skip = 0usize;
+        for _ in 0..MAX_PAGES {
+            let page: Page<UserResource> = self
+                .get_json(
+                    "api/users",
+                    &[("filter", username.to_owned()), ("skip", skip.to_string()), ("take", PAGE_SIZE.to_string())],
+                )
+                .await?;
+            let count = page.items.len();
+            let more = page.has_next();
+            for user in page.items {
+                if user.username == username {
+                    exact = Some(user_from(user));
+                } else if user.username.to_lowercase() == lower {
+                    folded.push(user_from(user));
+                }
+            }
+            skip += count;
+            let total_reached = page.total_results.is_some_and(|t| skip as u64 >= t);
+            if exact.is_some() || count == 0 || !more || total_reached {
+                break;
+            }
+        }
+        if exact.is_some() {
+            return Ok(exact);
+        }
+        match folded.len() {
+            0 => Ok(None),
+            1 => Ok(folded.pop()),
+            _ => Err(OctopusError::Rejected { status: 409, message: AmbiguousUser(username.to_owned()).to_string() }),
+        }
+    }
+
+    /// `POST /api/users/{id}/apikeys` with an explicit `Expires`. Never retried: a retry after a
+    /// lost answer could make a second key.
+    pub async fn create_api_key(
+        &self,
+        user_id: &str,
+        purpose: &str,
+        expires: DateTime<Utc>,
+    ) -> Result<CreatedKey, OctopusError> {
+        let path = format!("api/users/{}/apikeys", seg(user_id));
+        let body = CreateApiKey { purpose, expires: format_octopus_time(expires), user_id };
+        let response = self.send_once(Method::POST, &path, &[], Some(&body)).await?;
+        let created: ApiKeyCreatedResource = read_json(response).await?;
+        if !looks_like_api_key(&created.api_key) {
+            return Err(OctopusError::Unavailable {
+                detail: format!("Octopus created key {} but its secret has an unexpected form", created.id),
+            });
+        }
+        Ok(CreatedKey {
+            id: created.id,
+            secret: SecretString::from(created.api_key),
+            expires: created.expires.map(|t| t.with_timezone(&Utc)),
+            created: created.created.map(|t| t.with_timezone(&Utc)),
+        })
+    }
+
+    /// Every key of a user, optionally filtered by `partialPurpose` (the server may ignore it, so
+    /// callers check the purpose themselves too).
+    pub async fn list_api_keys(
+        &self,
+        user_id: &str,
+        partial_purpose: Option<&str>,
+    ) -> Result<Vec<ApiKeyInfo>, OctopusError> {
+        let path = format!("api/users/{}/apikeys", seg(user_id));
+        let mut out = Vec::new();
+        let mut skip = 0usize;
+        for _ in 0..MAX_PAGES {
+            let mut query = vec![("skip", skip.to_string()), ("take", PAGE_SIZE.to_string())];
+            if let Some(p) = partial_purpose {
+                query.push(("partialPurpose", p.to_owned()));
+            }
+            let page: Page<ApiKeyResource> = self.get_json(&path, &query).await?;
+            let count = page.items.len();
+            let more = page.has_next();
+            out.extend(page.items.into_iter().map(key_from));
+            skip += count;
+            if count == 0 || !more {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `GET /api/users/{id}/apikeys/{keyId}`; `None` when Octopus answers 404.
+    pub async fn get_api_key(&self, user_id: &str, key_id: &str) -> Result<Option<ApiKeyInfo>, OctopusError> {
+        let path = format!("api/users/{}/apikeys/{}", seg(user_id), seg(key_id));
+        match self.get_json::<ApiKeyResource>(&path, &[]).await {
+            Ok(key) => Ok(Some(key_from(key))),
+            Err(OctopusError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `DELETE /api/users/{id}/apikeys/{keyId}`; a 404 means it was already gone.
+    pub async fn delete_api_key(&self, user_id: &str, key_id: &str) -> Result<Revoked, OctopusError> {
+        let path = format!("api/users/{}/apikeys/{}", seg(user_id), seg(key_id));
+        match self.send_idempotent(Method::DELETE, &path, &[]).await {
+            Ok(_) => Ok(Revoked::Deleted),
+            Err(OctopusError::NotFound { .. }) => Ok(Revoked::AlreadyGone),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> Result<T, OctopusError> {
+        let response = self.send_idempotent(Method::GET, path, query).await?;
+        read_json(response).await
+    }
+
+    /// GET and DELETE: retried with exponential backoff and jitter on 429, 5xx and connection
+    /// failures.
+    async fn send_idempotent(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Response, OctopusError> {
+        let mut attempt = 0;
+        loop {
+            let result = self.send_once::<()>(method.clone(), path, query, None).await;
+            let retry_after = match &result {
+                Err(OctopusError::RateLimited { retry_after }) => Some(retry_after.unwrap_or(Duration::from_secs(1))),
+                Err(OctopusError::Unavailable { .. } | OctopusError::Timeout) => Some(Duration::ZERO),
+                _ => None,
+            };
+            match retry_after {
+                Some(hint) if attempt < self.retries => {
+                    attempt += 1;
+                    let backoff = Duration::from_millis(100 * 2u64.pow(attempt));
+                    let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..100));
+                    // Honour Retry-After, but never sleep long inside someone's request.
+                    let wait = hint.max(backoff + jitter).min(Duration::from_secs(5));
+                    tracing::debug!(%method, path, attempt, ?wait, "retrying Octopus call");
+                    tokio::time::sleep(wait).await;
+                }
+                _ => return result,
+            }
+        }
+    }
+
+    /// One request with the credential; with the login flow, a lapsed session (401) is renewed
+    /// once and the request repeated, which is safe because Octopus did not process it.
+    async fn send_once<B: serde::Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&B>,
+    ) -> Result<Response, OctopusError> {
+        let url = self.base.join(path).map_err(|e| OctopusError::Unavailable { detail: e.to_string() })?;
+        let mut relogged = false;
+        loop {
+            let mut request = self.http.request(method.clone(), url.clone()).query(query);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let request = self.authenticate(request, relogged).await?;
+            let started = std::time::Instant::now();
+            let response = request.send().await.map_err(transport_error)?;
+            let status = response.status();
+            tracing::debug!(%method, path, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "octopus call");
+            if status.is_success() {
+                return Ok(response);
+            }
+            if status == StatusCode::UNAUTHORIZED
+                && !relogged
+                && matches!(self.credential, OctopusCredential::Login { .. })
+            {
+                relogged = true;
+                *self.session.lock().await = None;
+                continue;
+            }
+            return Err(error_from(response).await);
+        }
+    }
+
+    async fn authenticate(&self, request: RequestBuilder, fresh: bool) -> Result<RequestBuilder, OctopusError> {
+        match &self.credential {
+            OctopusCredential::ApiKey(key) => Ok(request.header("X-Octopus-ApiKey", key.expose_secret())),
+            OctopusCredential::Login { username, password } => {
+                let mut session = self.session.lock().await;
+                if session.is_none() || fresh {
+                    *session = Some(self.login(username, password).await?);
+                }
+                let Some(s) = session.as_ref() else {
+                    return Err(OctopusError::Unavailable { detail: "no Octopus session".to_owned() });
+                };
+                Ok(request.header(reqwest::header::COOKIE, &s.cookie).header("X-Octopus-Csrf-Token", &s.csrf))
+            }
+        }
+    }
+
+    /// The login flow (octopus-api.md §2): the cookies' names carry a suffix, so they are found
+    /// by prefix, and the CSRF cookie's value goes back as a header on every request.
+    async fn login(&self, username: &str, password: &SecretString) -> Result<Session, OctopusError> {
+        let url = self.base.join("api/users/login").map_err(|e| OctopusError::Unavailable { detail: e.to_string() })?;
+        let body = LoginCommand { username, password: password.expose_secret(), remember_me: false };
+        let response = self.http.post(url).json(&body).send().await.map_err(transport_error)?;
+        if !response.status().is_success() {
+            return Err(match error_from(response).await {
+                OctopusError::Rejected { status, message } => OctopusError::Credential { status, message },
+                other => other,
+            });
+        }
+        let mut identification = None;
+        let mut csrf = None;
+        for value in response.headers().get_all(reqwest::header::SET_COOKIE) {
+            let Ok(text) = value.to_str() else { continue };
+            let pair = text.split(';').next().unwrap_or_default().trim();
+            let Some((name, value)) = pair.split_once('=') else { continue };
+            if name.starts_with("OctopusIdentificationToken") {
+                identification = Some(pair.to_owned());
+            } else if name.starts_with("Octopus-Csrf-Token") {
+                csrf = Some((pair.to_owned(), value.to_owned()));
+            }
+        }
+        match (identification, csrf) {
+            (Some(id_cookie), Some((csrf_cookie, csrf_value))) => {
+                tracing::info!("logged in to Octopus");
+                Ok(Session { cookie: format!("{id_cookie}; {csrf_cookie}"), csrf: csrf_value })
+            }
+            _ => Err(OctopusError::Unavailable {
+                detail: "Octopus accepted the login but set no session cookies".to_owned(),
+            }),
+        }
+    }
+}
+
+/// Octopus's time format: `2026-11-23T12:00:25.000+00:00` (octopus-api.md §1).
+pub fn format_octopus_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()
+}
+
+/// Percent-encodes one path segment; ids are opaque (octopus-api.md §1).
+fn seg(id: &str) -> String {
+    url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>().replace('+', "%20")
+}
+
+fn user_from(u: UserResource) -> OctopusUser {
+    OctopusUser {
+        display_name: u.display_name.unwrap_or_else(|| u.username.clone()),
+        id: u.id,
+        username: u.username,
+        is_active: u.is_active.unwrap_or(true),
+        is_service: u.is_service.unwrap_or(false),
+    }
+}
+
+fn key_from(k: ApiKeyResource) -> ApiKeyInfo {
+    ApiKeyInfo {
+        id: k.id,
+        user_id: k.user_id,
+        purpose: k.purpose.unwrap_or_default(),
+        created: k.created.map(|t| t.with_timezone(&Utc)),
+        expires: k.expires.map(|t| t.with_timezone(&Utc)),
+        hint: k.api_key.hint,
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> OctopusError {
+    if e.is_timeout() {
+        OctopusError::Timeout
+    } else {
+        // reqwest's message names the URL but never headers, so no credential leaks here.
+        OctopusError::Unavailable { detail: e.without_url().to_string() }
+    }
+}
+
+async fn read_json<T: DeserializeOwned>(response: Response) -> Result<T, OctopusError> {
+    let bytes = response.bytes().await.map_err(transport_error)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| OctopusError::Unavailable { detail: format!("unexpected answer from Octopus: {e}") })
+}
+
+async fn error_from(response: Response) -> OctopusError {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let text = response.text().await.unwrap_or_default();
+    let body: ErrorBody = serde_json::from_str(&text).unwrap_or_default();
+    let mut message = body.error_message.unwrap_or_else(|| text.chars().take(300).collect());
+    if let Some(errors) = body.errors.filter(|e| !e.is_empty()) {
+        let details = errors.join("; ");
+        if !message.contains(&details) {
+            message = format!("{message} {details}").trim().to_owned();
+        }
+    }
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_owned();
+    }
+    match status.as_u16() {
+        401 | 403 => OctopusError::Credential { status: status.as_u16(), message },
+        404 => OctopusError::NotFound { message },
+        429 => OctopusError::RateLimited { retry_after },
+        s @ 400..=499 => OctopusError::Rejected { status: s, message },
+        s => OctopusError::Unavailable { detail: format!("HTTP {s}: {message}") },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_are_recognised_by_shape() {
+        assert!(looks_like_api_key("API-JRIXL3O2GQBKWJE2FI1TKRFTGU"));
+        assert!(!looks_like_api_key("API-lowercase0000000000000"));
+        assert!(!looks_like_api_key("APIX-JRIXL3O2GQBKWJE2FI1TKRFTGU"));
+        assert!(!looks_like_api_key("API-"));
+    }
+
+    #[test]
+    fn octopus_times_have_milliseconds_and_an_offset() {
+        let t = DateTime::parse_from_rfc3339("2026-11-30T10:00:00Z").unwrap().with_timezone(&Utc);
+        assert_eq!(format_octopus_time(t), "2026-11-30T10:00:00.000+00:00");
+    }
+
+    #[test]
+    fn the_hint_is_the_first_eight_characters() {
+        assert_eq!(key_hint("API-ABCDEFGHIJ"), "API-ABCD");
+    }
+}

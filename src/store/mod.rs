@@ -1,0 +1,187 @@
+//! Storage: a narrow, domain-level trait with one implementation per backend, chosen from the
+//! database URL. HTTP code never sees `sqlx::Error`.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::audit::{AuditRecord, NewAuditEvent};
+pub use sqlite::SqliteStore;
+
+/// The life of a key record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Written before Octopus is called; becomes active, or failed.
+    Pending,
+    Active,
+    Revoked,
+    Expired,
+    Failed,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => Self::Pending,
+            "active" => Self::Active,
+            "revoked" => Self::Revoked,
+            "expired" => Self::Expired,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// keybroker's record of one issued key. The secret is never here, only its keyed hash, which
+/// stays inside the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub seq: i64,
+    pub id: Uuid,
+    pub scope: String,
+    pub requester: String,
+    pub purpose: String,
+    pub state: KeyState,
+    pub octopus_user_id: String,
+    pub octopus_key_id: Option<String>,
+    pub key_hint: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl KeyRecord {
+    /// The state as callers should see it at `now`: an active key past its expiry is expired,
+    /// even before the sweep has marked it.
+    pub fn effective_state(&self, now: DateTime<Utc>) -> KeyState {
+        if self.state == KeyState::Active && self.expires_at <= now { KeyState::Expired } else { self.state }
+    }
+}
+
+/// A record to write as `pending`, before Octopus is called.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: Uuid,
+    pub scope: String,
+    pub requester: String,
+    pub purpose: String,
+    pub octopus_user_id: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// The scope's per-requester limit, checked atomically with the insert.
+    pub max_active: u32,
+}
+
+/// What Octopus returned, recorded when the key becomes active.
+#[derive(Debug, Clone)]
+pub struct Activation {
+    pub id: Uuid,
+    pub octopus_key_id: String,
+    pub key_hint: String,
+    /// HMAC-SHA256 of the secret, hex; never the secret.
+    pub secret_hmac: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Filters for listing key records; `None` means any.
+#[derive(Debug, Clone, Default)]
+pub struct KeyFilter {
+    pub requester: Option<String>,
+    pub scope: Option<String>,
+    /// Matched against the state callers see at `now` (see [`KeyRecord::effective_state`]).
+    pub state: Option<KeyState>,
+    pub now: Option<DateTime<Utc>>,
+}
+
+/// Filters for querying the audit trail.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub scope: Option<String>,
+    pub key_id: Option<Uuid>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// Keyset pagination: newest first, items strictly older than `before_seq`.
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest {
+    pub before_seq: Option<i64>,
+    pub limit: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the caller already holds {active} active keys in this scope")]
+    LimitReached { active: u64 },
+    #[error("key record {0} not found")]
+    NotFound(Uuid),
+    #[error("key record {id} is {actual}, not {expected}")]
+    WrongState { id: Uuid, expected: &'static str, actual: &'static str },
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The storage contract both backends implement.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies the migrations.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Checks the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// In one transaction: checks the requester's limit (active or pending, unexpired keys in
+    /// the scope), writes the record as `pending` and appends `event`.
+    async fn insert_pending(&self, key: &NewKey, event: &NewAuditEvent, now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// In one transaction: a pending record becomes active, and `event` is appended.
+    async fn activate(&self, activation: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError>;
+
+    /// In one transaction: a pending record becomes failed, and `event` is appended.
+    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError>;
+
+    /// In one transaction: an active (or expired) record becomes revoked, and `event` is
+    /// appended. Revoking a revoked record is a no-op that returns it.
+    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError>;
+
+    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
+
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// The record whose secret has this keyed hash.
+    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError>;
+
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError>;
+
+    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Events in chain order (oldest first), strictly after `after_seq`, at most `limit`.
+    async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+/// Opens the store named by the database URL.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::Unavailable("only sqlite:// database URLs are supported by this build so far".to_owned()))
+    }
+}

@@ -1,0 +1,355 @@
+//! The embedded SQLite store: WAL, a busy timeout, and write transactions that take the write
+//! lock up front (`BEGIN IMMEDIATE`), so concurrent issuance never sees "database is locked".
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use uuid::Uuid;
+
+use super::{Activation, AuditFilter, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Store, StoreError};
+use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// Times are stored as fixed-width UTC text, so that text order is time order.
+const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
+
+fn fmt_time(t: DateTime<Utc>) -> String {
+    t.format(TIME_FORMAT).to_string()
+}
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
+    NaiveDateTime::parse_from_str(text, TIME_FORMAT)
+        .map(|t| t.and_utc())
+        .map_err(|e| StoreError::Unavailable(format!("unreadable time `{text}` in the database: {e}")))
+}
+
+fn db_err(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("bad SQLite URL: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(db_err)?;
+        Ok(Self { pool })
+    }
+
+    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+    }
+}
+
+async fn append_in(tx: &mut Transaction<'static, Sqlite>, event: &NewAuditEvent) -> Result<(), StoreError> {
+    let prev: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
+    let hash = event.chain_hash(&prev);
+    sqlx::query(
+        "INSERT INTO audit_events (id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
+         request_id, client_addr, user_agent, detail, prev_hash, hash) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(event.id.to_string())
+    .bind(fmt_time(store_precision(event.occurred_at)))
+    .bind(&event.actor)
+    .bind(event.action.as_str())
+    .bind(event.outcome.as_str())
+    .bind(&event.scope)
+    .bind(event.key_id.map(|k| k.to_string()))
+    .bind(&event.octopus_key_id)
+    .bind(&event.context.request_id)
+    .bind(&event.context.client_addr)
+    .bind(&event.context.user_agent)
+    .bind(event.detail.to_string())
+    .bind(prev)
+    .bind(hash)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
+                           created_at, expires_at, revoked_at";
+
+fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    let state: String = row.try_get("state").map_err(db_err)?;
+    let revoked_at: Option<String> = row.try_get("revoked_at").map_err(db_err)?;
+    Ok(KeyRecord {
+        seq: row.try_get("seq").map_err(db_err)?,
+        id: Uuid::parse_str(&id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+        scope: row.try_get("scope").map_err(db_err)?,
+        requester: row.try_get("requester").map_err(db_err)?,
+        purpose: row.try_get("purpose").map_err(db_err)?,
+        state: KeyState::parse(&state).ok_or_else(|| StoreError::Unavailable(format!("unknown state {state}")))?,
+        octopus_user_id: row.try_get("octopus_user_id").map_err(db_err)?,
+        octopus_key_id: row.try_get("octopus_key_id").map_err(db_err)?,
+        key_hint: row.try_get("key_hint").map_err(db_err)?,
+        created_at: parse_time(&row.try_get::<String, _>("created_at").map_err(db_err)?)?,
+        expires_at: parse_time(&row.try_get::<String, _>("expires_at").map_err(db_err)?)?,
+        revoked_at: revoked_at.as_deref().map(parse_time).transpose()?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    let key_id: Option<String> = row.try_get("key_id").map_err(db_err)?;
+    let detail: String = row.try_get("detail").map_err(db_err)?;
+    Ok(AuditRecord {
+        seq: row.try_get("seq").map_err(db_err)?,
+        id: Uuid::parse_str(&id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+        occurred_at: parse_time(&row.try_get::<String, _>("occurred_at").map_err(db_err)?)?,
+        actor: row.try_get("actor").map_err(db_err)?,
+        action: row.try_get("action").map_err(db_err)?,
+        outcome: row.try_get("outcome").map_err(db_err)?,
+        scope: row.try_get("scope").map_err(db_err)?,
+        key_id: key_id
+            .as_deref()
+            .map(Uuid::parse_str)
+            .transpose()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+        octopus_key_id: row.try_get("octopus_key_id").map_err(db_err)?,
+        request_id: row.try_get("request_id").map_err(db_err)?,
+        client_addr: row.try_get("client_addr").map_err(db_err)?,
+        user_agent: row.try_get("user_agent").map_err(db_err)?,
+        detail: serde_json::from_str(&detail).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+        prev_hash: row.try_get("prev_hash").map_err(db_err)?,
+        hash: row.try_get("hash").map_err(db_err)?,
+    })
+}
+
+async fn key_in(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> Result<KeyRecord, StoreError> {
+    let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err)?
+        .ok_or(StoreError::NotFound(id))?;
+    key_from_row(&row)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
+    }
+
+    async fn insert_pending(&self, key: &NewKey, event: &NewAuditEvent, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM key_records WHERE requester = ? AND scope = ? \
+             AND state IN ('pending', 'active') AND expires_at > ?",
+        )
+        .bind(&key.requester)
+        .bind(&key.scope)
+        .bind(fmt_time(now))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let active = u64::try_from(active).unwrap_or_default();
+        if active >= u64::from(key.max_active) {
+            return Err(StoreError::LimitReached { active });
+        }
+        sqlx::query(
+            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, updated_at) \
+             VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+        )
+        .bind(key.id.to_string())
+        .bind(&key.scope)
+        .bind(&key.requester)
+        .bind(&key.purpose)
+        .bind(&key.octopus_user_id)
+        .bind(fmt_time(key.created_at))
+        .bind(fmt_time(key.expires_at))
+        .bind(fmt_time(key.created_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        append_in(&mut tx, event).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let current = key_in(&mut tx, a.id).await?;
+        if current.state != KeyState::Pending {
+            return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
+        }
+        sqlx::query(
+            "UPDATE key_records SET state = 'active', octopus_key_id = ?, key_hint = ?, secret_hmac = ?, \
+             expires_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&a.octopus_key_id)
+        .bind(&a.key_hint)
+        .bind(&a.secret_hmac)
+        .bind(fmt_time(a.expires_at))
+        .bind(fmt_time(event.occurred_at))
+        .bind(a.id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        append_in(&mut tx, event).await?;
+        let record = key_in(&mut tx, a.id).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(record)
+    }
+
+    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        let current = key_in(&mut tx, id).await?;
+        if current.state != KeyState::Pending {
+            return Err(StoreError::WrongState { id, expected: "pending", actual: current.state.as_str() });
+        }
+        sqlx::query("UPDATE key_records SET state = 'failed', updated_at = ? WHERE id = ?")
+            .bind(fmt_time(event.occurred_at))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        append_in(&mut tx, event).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let current = key_in(&mut tx, id).await?;
+        match current.state {
+            KeyState::Revoked => return Ok(current),
+            KeyState::Active | KeyState::Expired => {}
+            other => return Err(StoreError::WrongState { id, expected: "active", actual: other.as_str() }),
+        }
+        sqlx::query("UPDATE key_records SET state = 'revoked', revoked_at = ?, updated_at = ? WHERE id = ?")
+            .bind(fmt_time(at))
+            .bind(fmt_time(at))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        append_in(&mut tx, event).await?;
+        let record = key_in(&mut tx, id).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(record)
+    }
+
+    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(format!("SELECT {KEY_COLUMNS} FROM key_records WHERE 1 = 1"));
+        if let Some(r) = &filter.requester {
+            qb.push(" AND requester = ").push_bind(r.clone());
+        }
+        if let Some(s) = &filter.scope {
+            qb.push(" AND scope = ").push_bind(s.clone());
+        }
+        match (filter.state, filter.now) {
+            (Some(KeyState::Active), Some(now)) => {
+                qb.push(" AND state = 'active' AND expires_at > ").push_bind(fmt_time(now));
+            }
+            (Some(KeyState::Expired), Some(now)) => {
+                qb.push(" AND (state = 'expired' OR (state = 'active' AND expires_at <= ")
+                    .push_bind(fmt_time(now))
+                    .push("))");
+            }
+            (Some(s), _) => {
+                qb.push(" AND state = ").push_bind(s.as_str());
+            }
+            (None, _) => {}
+        }
+        if let Some(before) = page.before_seq {
+            qb.push(" AND seq < ").push_bind(before);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = ?"))
+            .bind(hmac)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        append_in(&mut tx, event).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new("SELECT * FROM audit_events WHERE 1 = 1");
+        if let Some(a) = &filter.actor {
+            qb.push(" AND actor = ").push_bind(a.clone());
+        }
+        if let Some(a) = &filter.action {
+            qb.push(" AND action = ").push_bind(a.clone());
+        }
+        if let Some(s) = &filter.scope {
+            qb.push(" AND scope = ").push_bind(s.clone());
+        }
+        if let Some(k) = filter.key_id {
+            qb.push(" AND key_id = ").push_bind(k.to_string());
+        }
+        if let Some(from) = filter.from {
+            qb.push(" AND occurred_at >= ").push_bind(fmt_time(from));
+        }
+        if let Some(to) = filter.to {
+            qb.push(" AND occurred_at < ").push_bind(fmt_time(to));
+        }
+        if let Some(before) = page.before_seq {
+            qb.push(" AND seq < ").push_bind(before);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM audit_events WHERE seq > ? ORDER BY seq ASC LIMIT ?")
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+}

@@ -1,0 +1,30 @@
+//! Logging: JSON lines in production, readable text in dev. `RUST_LOG` filters as usual.
+
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+impl LogFormat {
+    /// `KEYBROKER_LOG_FORMAT=json|pretty`, else the command's default.
+    pub fn from_env(default: Self) -> Self {
+        match std::env::var("KEYBROKER_LOG_FORMAT").ok().as_deref() {
+            Some("json") => Self::Json,
+            Some("pretty" | "text") => Self::Pretty,
+            _ => default,
+        }
+    }
+}
+
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
