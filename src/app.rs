@@ -66,7 +66,7 @@ impl App {
         }
         let policy = keys.policy();
         for scope in policy.scopes() {
-            if let Err(e) = keys.scope_account(scope).await {
+            if let Err(e) = keys.scope_account(scope, false).await {
                 tracing::warn!(scope = %scope.name, error = %e, "scope is not usable");
             }
         }

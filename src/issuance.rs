@@ -150,8 +150,12 @@ impl KeyService {
         ServiceError::Policy(err)
     }
 
-    /// The Octopus account behind a scope, checked to be an active service account.
-    pub async fn scope_account(&self, scope: &Scope) -> Result<OctopusUser, ServiceError> {
+    /// The Octopus account behind a scope, checked to be an active service account. The
+    /// username-to-id resolution is cached; `fresh` asks Octopus again (readiness checks).
+    pub async fn scope_account(&self, scope: &Scope, fresh: bool) -> Result<OctopusUser, ServiceError> {
+        if fresh {
+            self.octopus.forget_user(&scope.octopus_user);
+        }
         let user = self.octopus.find_user(&scope.octopus_user).await?.ok_or_else(|| {
             ServiceError::ScopeMisconfigured(format!(
                 "scope `{}` names the Octopus user `{}`, which does not exist",
@@ -191,7 +195,7 @@ impl KeyService {
             Ok(expiry) => expiry,
             Err(e) => return Err(self.deny(principal, ctx, &request.scope, e).await),
         };
-        let account = self.scope_account(scope).await?;
+        let account = self.scope_account(scope, false).await?;
 
         // Step 1: the pending record and the "requested" event, or nothing at all.
         let id = Uuid::new_v4();
@@ -232,6 +236,10 @@ impl KeyService {
         let created = match self.octopus.create_api_key(&account.id, &octopus_purpose, expiry.expires_at).await {
             Ok(created) => created,
             Err(e) => {
+                if matches!(e, OctopusError::NotFound { .. }) {
+                    // The account was deleted (and maybe re-created with another id).
+                    self.octopus.forget_user(&scope.octopus_user);
+                }
                 self.fail_pending(principal, ctx, scope, id, &account.id, &e).await;
                 return Err(ServiceError::Octopus(e));
             }

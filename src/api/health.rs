@@ -89,7 +89,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Re
         }
         let policy = state.keys.policy();
         for scope in policy.scopes() {
-            let result = tokio::time::timeout(CHECK_TIMEOUT, state.keys.scope_account(scope)).await;
+            let result = tokio::time::timeout(CHECK_TIMEOUT, state.keys.scope_account(scope, true)).await;
             checks.push(match result {
                 Ok(Ok(user)) => Check { name: format!("scope:{}", scope.name), ok: true, detail: Some(user.id) },
                 Ok(Err(e)) => Check { name: format!("scope:{}", scope.name), ok: false, detail: Some(e.to_string()) },

@@ -174,11 +174,11 @@ async fn problem_bodies(req: Request, next: Next) -> Response {
         .scope(request_id, async move {
             let response = next.run(req).await;
             let status = response.status();
-            let is_problem = response
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-            if !(status.is_client_error() || status.is_server_error()) || is_problem {
+            // JSON bodies (problems, the readiness report) are already meant for the caller.
+            let is_json = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+                v.as_bytes().starts_with(b"application/problem+json") || v.as_bytes().starts_with(b"application/json")
+            });
+            if !(status.is_client_error() || status.is_server_error()) || is_json {
                 return response;
             }
             let (parts, _) = response.into_parts();

@@ -141,8 +141,9 @@ pub struct SeedApiKey {
     /// Free text, shown in key lists.
     #[serde(default = "default_seed_purpose")]
     pub purpose: String,
-    /// Absolute expiry (RFC 3339 string, also in TOML: `expires = "2027-01-01T00:00:00Z"`).
-    #[serde(default)]
+    /// Absolute expiry: an RFC 3339 string, or in TOML also a bare offset date-time
+    /// (`expires = 2027-01-01T00:00:00Z`).
+    #[serde(default, deserialize_with = "date_time")]
     pub expires: Option<DateTime<Utc>>,
     /// Expiry relative to the simulator's start; negative values seed an expired key.
     #[serde(default)]
@@ -430,4 +431,24 @@ fn days_or_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error
             Err(serde::de::Error::custom(format!("expected a number of days or \"none\", found \"{w}\"")))
         }
     }
+}
+
+/// An RFC 3339 date-time with an offset, given as a string or as a TOML date-time.
+fn date_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        String(String),
+        Toml(toml::value::Datetime),
+    }
+    let text = match Option::<Text>::deserialize(d)? {
+        None => return Ok(None),
+        Some(Text::String(s)) => s,
+        Some(Text::Toml(t)) => t.to_string(),
+    };
+    DateTime::parse_from_rfc3339(text.trim()).map(|at| Some(at.with_timezone(&Utc))).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "expected a date-time with an offset such as 2027-01-01T00:00:00Z, found \"{text}\" ({e})"
+        ))
+    })
 }

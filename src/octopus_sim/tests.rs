@@ -427,8 +427,6 @@ async fn deleting_a_key_answers_empty_then_404_and_the_key_stops_working() {
     assert_eq!(h.get("/api/users/me", secret).await.0, StatusCode::OK);
 
     // The key id under another user's path is a mismatch, not a delete.
-    let wrong = format!("/api/users/{}/apikeys/{}", h.id("svc-web-deploy-none").len(), created["Id"].as_str().unwrap());
-    let _ = wrong; // placeholder removed below
     let alice_path = format!("/api/users/{}/apikeys/{}", h.id("alice"), created["Id"].as_str().unwrap());
     let (status, answer) = h.delete(&alice_path, BROKER_KEY).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -460,7 +458,8 @@ async fn deleting_a_key_answers_empty_then_404_and_the_key_stops_working() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(answer, json!({}));
-    assert_eq!(h.sim.request_count("DELETE /api/users/{id}/apikeys/{keyId}"), 3);
+    // Three real DELETEs above plus this override.
+    assert_eq!(h.sim.request_count("DELETE /api/users/{id}/apikeys/{keyId}"), 4);
     let (status, _) = h.post(&other_path, BROKER_KEY, json!({})).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 
@@ -872,4 +871,17 @@ async fn the_demo_seed_gives_the_broker_a_working_key() {
     assert!(url.starts_with("http://127.0.0.1:") && !url.ends_with('/'));
     h.server.shutdown().await;
     assert!(reqwest::get(format!("{url}/api")).await.is_err());
+}
+
+#[test]
+fn seed_key_expiry_may_be_a_string_or_a_toml_date_time() {
+    let key =
+        |expires: &str| format!("[[api_keys]]\nusername = \"a\"\nsecret = \"{BROKER_KEY}\"\nexpires = {expires}\n");
+    let expected = DateTime::parse_from_rfc3339("2027-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+    for text in ["2027-01-01T00:00:00Z", "\"2027-01-01T02:00:00+02:00\""] {
+        let seed = Seed::from_toml(&key(text)).unwrap();
+        assert_eq!(seed.api_keys[0].expires, Some(expected), "{text}");
+    }
+    assert!(Seed::from_toml(&key("2027-01-01T00:00:00")).is_err(), "no offset");
+    assert!(Seed::from_toml(&key("\"soon\"")).is_err());
 }

@@ -1,0 +1,167 @@
+//! The test harness: a keybroker and an Octopus simulator, both on ephemeral ports.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use keybroker::api::AppState;
+use keybroker::app::App;
+use keybroker::config::Config;
+use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
+use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, RunningSimulator, Seed, Simulator};
+use keybroker::store::Store;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789abcdef";
+pub const HMAC_SECRET: &str = "test-hmac-secret-0123456789abcdef0123456789abcdef";
+
+/// Options for [`TestApp::spawn_with`].
+pub struct TestOptions {
+    pub seed: Seed,
+    /// Edits the demo configuration text before it is loaded.
+    pub edit_config: Box<dyn FnOnce(String) -> String + Send>,
+    /// A store to use instead of the SQLite file (fault-injecting wrappers).
+    pub store: Option<Arc<dyn Store>>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        Self { seed: Seed::demo(), edit_config: Box::new(|c| c), store: None }
+    }
+}
+
+pub struct TestApp {
+    pub url: String,
+    pub sim: Simulator,
+    pub sim_url: String,
+    pub state: AppState,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    _running_sim: RunningSimulator,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(TestOptions::default()).await
+    }
+
+    pub async fn spawn_with(options: TestOptions) -> Self {
+        let sim = Simulator::new(options.seed).expect("seed");
+        let running = sim.spawn(([127, 0, 0, 1], 0).into()).await.expect("simulator");
+        let sim_url = running.url();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
+        std::fs::write(dir.path().join("jwt-hs256"), JWT_SECRET).unwrap();
+        std::fs::write(dir.path().join("audit-hmac"), HMAC_SECRET).unwrap();
+        let text = demo_config_toml(&sim_url, "127.0.0.1:0", &dir.path().join("keybroker.db"));
+        let text = (options.edit_config)(text);
+        let path = dir.path().join("keybroker.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).expect("config");
+        let app = App::build_with(config, Arc::new(keybroker::clock::SystemClock), options.store).await.expect("app");
+        let state = app.state.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel();
+        let server = tokio::spawn(app.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            url,
+            sim,
+            sim_url,
+            state,
+            dir,
+            http: reqwest::Client::new(),
+            _running_sim: running,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("keybroker.db")
+    }
+
+    pub fn token(&self, subject: &str, groups: &[&str]) -> String {
+        mint_token(JWT_SECRET, DEV_ISSUER, DEV_AUDIENCE, subject, subject, groups, chrono::Duration::hours(1)).unwrap()
+    }
+
+    /// alice, team payments.
+    pub fn alice(&self) -> String {
+        self.token("alice@example.com", &["payments"])
+    }
+
+    /// bob, team web.
+    pub fn bob(&self) -> String {
+        self.token("bob@example.com", &["web"])
+    }
+
+    pub fn auditor(&self) -> String {
+        self.token("sam@example.com", &["security"])
+    }
+
+    pub fn admin(&self) -> String {
+        self.token("root@example.com", &["platform-admins"])
+    }
+
+    pub async fn issue(&self, token: &str, body: Value) -> reqwest::Response {
+        self.http.post(format!("{}/v1/keys", self.url)).bearer_auth(token).json(&body).send().await.unwrap()
+    }
+
+    /// Issues a key and returns the JSON answer, asserting a 201.
+    pub async fn issue_ok(&self, token: &str, body: Value) -> Value {
+        let res = self.issue(token, body).await;
+        let status = res.status();
+        let json: Value = res.json().await.unwrap();
+        assert_eq!(status, 201, "issuance failed: {json}");
+        json
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http.get(format!("{}{path}", self.url)).bearer_auth(token).send().await.unwrap()
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http.delete(format!("{}{path}", self.url)).bearer_auth(token).send().await.unwrap()
+    }
+
+    /// Calls the simulator with an Octopus API key, as a pipeline would.
+    pub async fn octopus_me(&self, api_key: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}/api/users/me", self.sim_url))
+            .header("X-Octopus-ApiKey", api_key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Every audit event, oldest first.
+    pub async fn audit_events(&self) -> Vec<keybroker::audit::AuditRecord> {
+        self.state.keys.store().audit_chain(0, 100_000).await.unwrap()
+    }
+
+    /// Keys in the simulator that carry a keybroker marker.
+    pub fn keybroker_keys_in_octopus(&self) -> Vec<keybroker::octopus_sim::SimApiKey> {
+        self.sim.api_keys().into_iter().filter(|k| k.purpose.starts_with("keybroker:")).collect()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Black-box tests: the real app on port 0, its own SQLite database and the Octopus simulator,
+//! spoken to over HTTP. One test binary, so the crate is linked once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod auth;
+mod bad_input;
+mod helpers;
+mod keys;
+mod secrets;
