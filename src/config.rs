@@ -382,7 +382,10 @@ impl Config {
 
     fn from_figment(figment: &Figment, base_dir: &Path) -> Result<Self, ConfigError> {
         for key in ["octopus.api_key", "octopus.password", "auth.hs256_secret", "audit.hmac_secret"] {
-            let inline = figment.find_metadata(key).is_some_and(|m| matches!(m.source, Some(Source::File(_))));
+            // TOML text, whether from the file or a string, is "the file"; the environment is not.
+            let inline = figment
+                .find_metadata(key)
+                .is_some_and(|m| matches!(m.source, Some(Source::File(_))) || m.name.starts_with("TOML"));
             if inline {
                 return Err(ConfigError::at(
                     key,
@@ -704,4 +707,175 @@ fn figment_message(e: &figment::Error) -> String {
         out.push(if path.is_empty() { format!("{kind} ({source})") } else { format!("{path}: {kind} ({source})") });
     }
     out.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BROKER_KEY: &str = "API-KEYBROKERDEVBROKERKEY00001";
+
+    /// A folder with the secret files the sample configuration names.
+    fn secrets_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("octopus-api-key"), BROKER_KEY).unwrap();
+        std::fs::write(dir.path().join("jwt"), "j".repeat(40)).unwrap();
+        std::fs::write(dir.path().join("hmac"), "h".repeat(40)).unwrap();
+        dir
+    }
+
+    fn sample() -> String {
+        r#"
+[octopus]
+url = "https://octopus.example.com"
+api_key_file = "octopus-api-key"
+
+[auth]
+issuer = "https://idp.example.com/"
+audience = "keybroker"
+algorithms = ["HS256"]
+hs256_secret_file = "jwt"
+
+[audit]
+hmac_secret_file = "hmac"
+
+[[scopes]]
+name = "payments-deploy"
+octopus_user = "svc-payments-deploy"
+teams = ["payments"]
+default_ttl = "7d"
+max_ttl = "30d"
+"#
+        .to_owned()
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = secrets_dir();
+        Config::from_toml_str(text, dir.path())
+    }
+
+    fn error(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_sample_loads_with_defaults() {
+        let config = load(&sample()).unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.server.request_body_limit_bytes, 65_536);
+        assert_eq!(config.octopus.timeout, Duration::from_secs(10));
+        assert_eq!(config.auth.teams_claim, "groups");
+        let scope = config.policy.get("payments-deploy").unwrap();
+        assert_eq!(scope.default_ttl, chrono::Duration::days(7));
+        assert_eq!(scope.max_active_keys_per_requester, 3);
+        assert!(
+            matches!(config.octopus.credential, OctopusCredential::ApiKey(ref k) if k.expose_secret() == BROKER_KEY)
+        );
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid_once_its_secret_files_exist() {
+        let example = include_str!("../keybroker.example.toml")
+            .replace("/run/secrets/octopus-api-key", "octopus-api-key")
+            .replace("/run/secrets/keybroker-hmac", "hmac");
+        let config = load(&example).unwrap();
+        assert_eq!(config.policy.scopes().len(), 1);
+        assert!(config.auth.jwks_url.is_some());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let text = sample().replace("[auth]", "[auth]\nissuerr = \"x\"");
+        assert!(error(&text).contains("issuerr"), "{}", error(&text));
+        let text = format!("{}\n[surprise]\nx = 1\n", sample());
+        assert!(error(&text).contains("surprise"));
+    }
+
+    #[test]
+    fn bad_durations_name_the_key() {
+        let text = sample().replace("max_ttl = \"30d\"", "max_ttl = \"a month\"");
+        let e = error(&text);
+        assert!(e.contains("max_ttl") && e.contains("not a duration"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_scope_names_are_refused() {
+        let scope = sample().split("[[scopes]]").nth(1).unwrap().to_owned();
+        let text = format!("{}[[scopes]]{scope}", sample());
+        let e = error(&text);
+        assert!(e.contains("scopes[1].name") && e.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn empty_team_lists_are_refused() {
+        let e = error(&sample().replace("teams = [\"payments\"]", "teams = []"));
+        assert!(e.contains("scopes[0].teams"), "{e}");
+    }
+
+    #[test]
+    fn a_default_ttl_beyond_the_maximum_is_refused() {
+        let e = error(&sample().replace("default_ttl = \"7d\"", "default_ttl = \"60d\""));
+        assert!(e.contains("scopes[0].default_ttl"), "{e}");
+    }
+
+    #[test]
+    fn algorithms_are_pinned_and_need_their_keys() {
+        let e = error(&sample().replace("algorithms = [\"HS256\"]", "algorithms = [\"none\"]"));
+        assert!(e.contains("auth.algorithms") && e.contains("none"), "{e}");
+        let e = error(&sample().replace("algorithms = [\"HS256\"]", "algorithms = [\"HS256\", \"RS256\"]"));
+        assert!(e.contains("auth.jwks_url"), "{e}");
+        let e = error(&sample().replace("hs256_secret_file = \"jwt\"", ""));
+        assert!(e.contains("auth.hs256_secret_file"), "{e}");
+    }
+
+    #[test]
+    fn secrets_may_not_be_inline_in_the_file() {
+        let text = sample().replace("api_key_file = \"octopus-api-key\"", &format!("api_key = \"{BROKER_KEY}\""));
+        let e = error(&text);
+        assert!(e.contains("octopus.api_key") && e.contains("KEYBROKER_OCTOPUS__API_KEY"), "{e}");
+        assert!(!e.contains(BROKER_KEY), "the error must not echo the secret");
+    }
+
+    #[test]
+    fn a_missing_secret_file_names_the_key() {
+        let e = error(&sample().replace("hmac_secret_file = \"hmac\"", "hmac_secret_file = \"nope\""));
+        assert!(e.contains("audit.hmac_secret_file") && e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn short_hmac_secrets_are_refused() {
+        let dir = secrets_dir();
+        std::fs::write(dir.path().join("hmac"), "short").unwrap();
+        let e = Config::from_toml_str(&sample(), dir.path()).unwrap_err().to_string();
+        assert!(e.contains("at least 32 bytes"), "{e}");
+    }
+
+    #[test]
+    fn the_login_flow_needs_a_password() {
+        let text = sample().replace("api_key_file = \"octopus-api-key\"", "username = \"broker\"");
+        assert!(error(&text).contains("octopus.password_file"));
+    }
+
+    #[test]
+    fn database_urls_must_name_a_supported_backend() {
+        let e = error(&format!("[database]\nurl = \"mysql://x\"\n{}", sample()));
+        assert!(e.contains("database.url"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_win_over_the_file() {
+        let dir = secrets_dir();
+        let path = dir.path().join("keybroker.toml");
+        // The key comes from the environment, so the file names no key file.
+        std::fs::write(&path, sample().replace("api_key_file = \"octopus-api-key\"", "")).unwrap();
+        let figment = Figment::new()
+            .merge(Toml::file(&path))
+            .merge(figment::providers::Serialized::default("server.listen", "0.0.0.0:9999"))
+            .merge(figment::providers::Serialized::default("octopus.api_key", "API-FROMTHEENVIRONMENT00000001"));
+        let config = Config::from_figment(&figment, dir.path()).map_err(|e| e.to_string()).unwrap();
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:9999");
+        assert!(
+            matches!(config.octopus.credential, OctopusCredential::ApiKey(ref k) if k.expose_secret() == "API-FROMTHEENVIRONMENT00000001")
+        );
+    }
 }

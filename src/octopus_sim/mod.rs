@@ -50,16 +50,20 @@ pub struct Simulator {
 /// A stored API key as tests see it: everything but the secret, which the simulator never keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SimApiKey {
+    /// `apikeys-...`.
     pub id: String,
+    /// `Users-N` of the owner.
     pub user_id: String,
     pub username: String,
     pub purpose: String,
     pub created: DateTime<Utc>,
+    /// `None` for a key that never expires.
     pub expires: Option<DateTime<Utc>>,
     /// The first 8 characters of the key, e.g. `API-ABCD`.
     pub hint: String,
     /// `User` or `AiAgent`.
     pub actor_type: String,
+    /// When the key last authenticated a request.
     pub last_used: Option<DateTime<Utc>>,
 }
 
@@ -123,6 +127,7 @@ impl Simulator {
         self.shared.lock().counters.clone()
     }
 
+    /// Sets every counter back to zero.
     pub fn reset_counters(&self) {
         self.shared.lock().counters.clear();
     }
@@ -132,6 +137,7 @@ impl Simulator {
         self.shared.lock().faults.push(faults::ActiveFault::new(fault));
     }
 
+    /// Removes every fault, used up or not.
     pub fn clear_faults(&self) {
         self.shared.lock().faults.clear();
     }

@@ -211,9 +211,21 @@ impl Seed {
         }
     }
 
-    /// Parses a TOML seed (the error text is the parser's, with line and column).
+    /// Parses a TOML seed. The error gives the line and column but not the parser's quote of the
+    /// offending line, which could be a `secret = ...` or `password = ...` line.
     pub fn from_toml(text: &str) -> Result<Seed, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let message = e.message().trim_end();
+            match e.span() {
+                Some(span) => {
+                    let before = text.get(..span.start).unwrap_or_default();
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {column}: {message}")
+                }
+                None => message.to_owned(),
+            }
+        })
     }
 
     /// Parses a JSON seed.
