@@ -107,9 +107,15 @@ impl App {
                 }
             }
         });
+        let reconciler = crate::jobs::spawn_reconciler(
+            self.state.keys.clone(),
+            self.config.jobs.reconcile_interval,
+            self.config.jobs.pending_grace,
+        );
         let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
         let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
         refresher.abort();
+        reconciler.abort();
         result.context("the HTTP server failed")
     }
 }

@@ -453,6 +453,14 @@ impl Config {
             expiry_sweep_interval: nonzero("jobs.expiry_sweep_interval", raw.jobs.expiry_sweep_interval)?,
         };
 
+        // A pending record younger than an Octopus call could still be in flight.
+        if jobs.pending_grace <= octopus.timeout * 2 {
+            return Err(ConfigError::at(
+                "jobs.pending_grace",
+                format!("must be longer than twice octopus.timeout ({:?})", octopus.timeout),
+            ));
+        }
+
         let mut webhooks = Vec::new();
         for (i, hook) in raw.webhooks.into_iter().enumerate() {
             let key = format!("webhooks[{i}]");

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod issuance;
+pub mod jobs;
 pub mod octopus;
 pub mod octopus_sim;
 pub mod policy;

@@ -166,6 +166,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError>;
 
+    /// Pending records created before `cutoff`, oldest first: orphan candidates for the
+    /// reconciler.
+    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
+
     /// The record whose secret has this keyed hash.
     async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError>;
 

@@ -300,6 +300,18 @@ impl Store for SqliteStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < ? ORDER BY seq ASC LIMIT ?"
+        ))
+        .bind(fmt_time(cutoff))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
     async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = ?"))
             .bind(hmac)

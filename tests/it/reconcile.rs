@@ -1,0 +1,191 @@
+//! Crash safety: store failures around the Octopus call, and the reconciler that cleans up
+//! issuances a crash left pending.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keybroker::audit::{AuditRecord, NewAuditEvent};
+use keybroker::octopus_sim::DEMO_BROKER_API_KEY;
+use keybroker::store::{
+    Activation, AuditFilter, KeyFilter, KeyRecord, NewKey, PageRequest, SqliteStore, Store, StoreError,
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, TestOptions};
+
+/// A store that fails on demand, around a real SQLite store.
+struct FlakyStore {
+    inner: Arc<dyn Store>,
+    fail_pending: AtomicBool,
+    fail_activate: AtomicBool,
+}
+
+fn down() -> StoreError {
+    StoreError::Unavailable("injected failure".to_owned())
+}
+
+#[async_trait]
+impl Store for FlakyStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.inner.migrate().await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn insert_pending(&self, key: &NewKey, event: &NewAuditEvent, now: DateTime<Utc>) -> Result<(), StoreError> {
+        if self.fail_pending.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.insert_pending(key, event, now).await
+    }
+    async fn activate(&self, activation: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        if self.fail_activate.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.activate(activation, event).await
+    }
+    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
+        self.inner.mark_failed(id, event).await
+    }
+    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        self.inner.mark_revoked(id, at, event).await
+    }
+    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get_key(id).await
+    }
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.list_keys(filter, page).await
+    }
+    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.pending_before(cutoff, limit).await
+    }
+    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.find_by_secret_hmac(hmac).await
+    }
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
+        self.inner.append_audit(event).await
+    }
+    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
+        self.inner.list_audit(filter, page).await
+    }
+    async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        self.inner.audit_chain(after_seq, limit).await
+    }
+}
+
+async fn flaky_app() -> (TestApp, Arc<FlakyStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("flaky.db").display());
+    let inner: Arc<dyn Store> = Arc::new(SqliteStore::connect(&url).await.unwrap());
+    inner.migrate().await.unwrap();
+    let flaky =
+        Arc::new(FlakyStore { inner, fail_pending: AtomicBool::new(false), fail_activate: AtomicBool::new(false) });
+    let store: Arc<dyn Store> = flaky.clone();
+    let app = TestApp::spawn_with(TestOptions { store: Some(store), ..Default::default() }).await;
+    // Keep the folder alive as long as the test.
+    std::mem::forget(dir);
+    (app, flaky)
+}
+
+#[tokio::test]
+async fn a_store_failure_before_the_octopus_call_creates_nothing() {
+    let (app, flaky) = flaky_app().await;
+    flaky.fail_pending.store(true, Ordering::SeqCst);
+    let res = app.issue(&app.alice(), json!({"scope": "payments-deploy", "purpose": "p"})).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(app.sim.request_count("POST /api/users/{id}/apikeys"), 0);
+    assert!(app.keybroker_keys_in_octopus().is_empty());
+}
+
+#[tokio::test]
+async fn a_store_failure_after_the_octopus_call_revokes_the_new_key() {
+    let (app, flaky) = flaky_app().await;
+    flaky.fail_activate.store(true, Ordering::SeqCst);
+    let res = app.issue(&app.alice(), json!({"scope": "payments-deploy", "purpose": "p"})).await;
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert!(body.get("api_key").is_none());
+    assert_eq!(app.sim.request_count("POST /api/users/{id}/apikeys"), 1);
+    assert!(app.keybroker_keys_in_octopus().is_empty(), "the unrecorded key must be revoked at once");
+    let failed: Value = app.get("/v1/keys?state=failed", &app.alice()).await.json().await.unwrap();
+    assert_eq!(failed["items"].as_array().unwrap().len(), 1);
+}
+
+/// What a crash between "pending" and "active" leaves: a pending record and an Octopus key that
+/// carries its marker.
+async fn leave_an_orphan(app: &TestApp) -> (Uuid, String) {
+    let id = Uuid::new_v4();
+    let user_id = app.sim.user_id("svc-payments-deploy").unwrap();
+    let now = Utc::now() - chrono::Duration::minutes(10);
+    let new_key = NewKey {
+        id,
+        scope: "payments-deploy".to_owned(),
+        requester: "alice@example.com".to_owned(),
+        purpose: "crashed".to_owned(),
+        octopus_user_id: user_id.clone(),
+        created_at: now,
+        expires_at: now + chrono::Duration::days(1),
+        max_active: 3,
+    };
+    let event = NewAuditEvent::new(
+        now,
+        "alice@example.com",
+        keybroker::audit::Action::KeyRequested,
+        keybroker::audit::Outcome::Success,
+        &Default::default(),
+    )
+    .key(id);
+    app.state.keys.store().insert_pending(&new_key, &event, now).await.unwrap();
+    let expires = (Utc::now() + chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%S.000+00:00").to_string();
+    let res = app
+        .http
+        .post(format!("{}/api/users/{user_id}/apikeys", app.sim_url))
+        .header("X-Octopus-ApiKey", DEMO_BROKER_API_KEY)
+        .json(&json!({"Purpose": format!("keybroker:{id} alice@example.com: crashed"), "Expires": expires}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let created: Value = res.json().await.unwrap();
+    (id, created["Id"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn the_reconciler_revokes_orphans_of_a_crash_and_fails_their_records() {
+    let app = TestApp::spawn().await;
+    let (id, octopus_key) = leave_an_orphan(&app).await;
+    // A key of another record with a similar marker prefix must survive.
+    let keeper = app.issue_ok(&app.alice(), json!({"scope": "payments-deploy", "purpose": "keep me"})).await;
+    assert_eq!(app.keybroker_keys_in_octopus().len(), 2);
+
+    let report = keybroker::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await;
+    assert_eq!(report.failed, 1);
+    assert_eq!(report.revoked_keys, 1);
+    let left = app.keybroker_keys_in_octopus();
+    assert_eq!(left.len(), 1);
+    assert_ne!(left[0].id, octopus_key);
+    assert_eq!(left[0].id, keeper["octopus_key_id"].as_str().unwrap());
+    let record = app.state.keys.store().get_key(id).await.unwrap().unwrap();
+    assert_eq!(record.state, keybroker::store::KeyState::Failed);
+    let event = app.audit_events().await.into_iter().find(|e| e.action == "key.reconciled").unwrap();
+    assert_eq!(event.detail["revoked_octopus_keys"], json!([octopus_key]));
+
+    // A second pass finds nothing to do.
+    let again = keybroker::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await;
+    assert_eq!(again, keybroker::jobs::ReconcileReport::default());
+}
+
+#[tokio::test]
+async fn the_reconciler_leaves_young_pending_records_alone() {
+    let app = TestApp::spawn().await;
+    let (id, _) = leave_an_orphan(&app).await;
+    let report = keybroker::jobs::reconcile_once(&app.state.keys, Duration::from_secs(3600)).await;
+    assert_eq!(report.failed, 0);
+    assert_eq!(app.keybroker_keys_in_octopus().len(), 1);
+    let record = app.state.keys.store().get_key(id).await.unwrap().unwrap();
+    assert_eq!(record.state, keybroker::store::KeyState::Pending);
+}
