@@ -6,5 +6,6 @@ mod auth;
 mod bad_input;
 mod helpers;
 mod keys;
+mod openapi;
 mod reconcile;
 mod secrets;

@@ -77,7 +77,7 @@ impl Store for FlakyStore {
     }
 }
 
-async fn flaky_app() -> (TestApp, Arc<FlakyStore>) {
+async fn flaky_app() -> (TestApp, Arc<FlakyStore>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("flaky.db").display());
     let inner: Arc<dyn Store> = Arc::new(SqliteStore::connect(&url).await.unwrap());
@@ -86,14 +86,12 @@ async fn flaky_app() -> (TestApp, Arc<FlakyStore>) {
         Arc::new(FlakyStore { inner, fail_pending: AtomicBool::new(false), fail_activate: AtomicBool::new(false) });
     let store: Arc<dyn Store> = flaky.clone();
     let app = TestApp::spawn_with(TestOptions { store: Some(store), ..Default::default() }).await;
-    // Keep the folder alive as long as the test.
-    std::mem::forget(dir);
-    (app, flaky)
+    (app, flaky, dir)
 }
 
 #[tokio::test]
 async fn a_store_failure_before_the_octopus_call_creates_nothing() {
-    let (app, flaky) = flaky_app().await;
+    let (app, flaky, _dir) = flaky_app().await;
     flaky.fail_pending.store(true, Ordering::SeqCst);
     let res = app.issue(&app.alice(), json!({"scope": "payments-deploy", "purpose": "p"})).await;
     assert_eq!(res.status(), 503);
@@ -103,7 +101,7 @@ async fn a_store_failure_before_the_octopus_call_creates_nothing() {
 
 #[tokio::test]
 async fn a_store_failure_after_the_octopus_call_revokes_the_new_key() {
-    let (app, flaky) = flaky_app().await;
+    let (app, flaky, _dir) = flaky_app().await;
     flaky.fail_activate.store(true, Ordering::SeqCst);
     let res = app.issue(&app.alice(), json!({"scope": "payments-deploy", "purpose": "p"})).await;
     assert_eq!(res.status(), 503);
