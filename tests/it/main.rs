@@ -4,8 +4,10 @@
 
 mod auth;
 mod bad_input;
+mod cli;
 mod helpers;
 mod keys;
+mod octopus_client;
 mod openapi;
 mod reconcile;
 mod secrets;

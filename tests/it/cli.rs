@@ -1,0 +1,94 @@
+//! The command line as an operator uses it: `check-config`, `migrate`, `openapi`.
+
+use std::process::Command;
+
+use keybroker::dev::demo_config_toml;
+use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
+
+use crate::helpers::{HMAC_SECRET, JWT_SECRET};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
+
+fn write_config(dir: &std::path::Path, octopus_url: &str, edit: impl FnOnce(String) -> String) -> std::path::PathBuf {
+    std::fs::write(dir.join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
+    std::fs::write(dir.join("jwt-hs256"), JWT_SECRET).unwrap();
+    std::fs::write(dir.join("audit-hmac"), HMAC_SECRET).unwrap();
+    let path = dir.join("keybroker.toml");
+    std::fs::write(&path, edit(demo_config_toml(octopus_url, "127.0.0.1:0", &dir.join("keybroker.db")))).unwrap();
+    path
+}
+
+/// Runs the binary without the caller's KEYBROKER_* environment.
+fn keybroker(args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KEYBROKER_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.output().unwrap()
+}
+
+#[tokio::test]
+async fn check_config_accepts_a_good_file_and_checks_every_scope_account() {
+    let sim = Simulator::new(Seed::demo()).unwrap().spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &sim.url(), |c| c);
+    let out = tokio::task::spawn_blocking(move || keybroker(&["check-config", "--config", path.to_str().unwrap()]))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ok    scope payments-deploy"), "{stdout}");
+    assert!(stdout.contains("ok    scope web-deploy"), "{stdout}");
+    assert!(!stdout.contains(DEMO_BROKER_API_KEY));
+}
+
+#[tokio::test]
+async fn check_config_reports_scopes_whose_account_is_unusable() {
+    let sim = Simulator::new(Seed::demo()).unwrap().spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &sim.url(), |c| {
+        c.replace("octopus_user = \"svc-web-deploy\"", "octopus_user = \"alice\"")
+            .replace("octopus_user = \"svc-readonly-reporting\"", "octopus_user = \"svc-retired\"")
+            .replace("octopus_user = \"svc-payments-deploy\"", "octopus_user = \"svc-nobody\"")
+    });
+    let out = tokio::task::spawn_blocking(move || keybroker(&["check-config", "--config", path.to_str().unwrap()]))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("FAIL  scope web-deploy: alice") && stdout.contains("not a service account"), "{stdout}");
+    assert!(stdout.contains("FAIL  scope reporting-readonly") && stdout.contains("disabled"), "{stdout}");
+    assert!(stdout.contains("FAIL  scope payments-deploy: no Octopus user is named svc-nobody"), "{stdout}");
+}
+
+#[test]
+fn check_config_names_the_offending_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path =
+        write_config(dir.path(), "http://127.0.0.1:9", |c| c.replace("max_ttl = \"30d\"", "max_ttl = \"30 parsecs\""));
+    let out = keybroker(&["check-config", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_ttl") && stderr.contains("not a duration"), "{stderr}");
+
+    let out = keybroker(&["check-config", "--config", dir.path().join("missing.toml").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
+
+#[test]
+fn migrate_creates_the_database_and_openapi_prints_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "http://127.0.0.1:9", |c| c);
+    let out = keybroker(&["migrate", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.path().join("keybroker.db").exists());
+
+    let out = keybroker(&["openapi"]);
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(doc["paths"]["/v1/keys"].is_object());
+}
