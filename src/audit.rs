@@ -170,7 +170,26 @@ struct Canonical<'a> {
     request_id: Option<&'a str>,
     client_addr: Option<&'a str>,
     user_agent: Option<&'a str>,
-    detail: &'a serde_json::Value,
+    detail: String,
+}
+
+/// JSON with object keys sorted at every level, whatever order the value was built or stored
+/// in (PostgreSQL's jsonb reorders keys; serde_json may preserve insertion order).
+fn canonical_json(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical_json(&map[k.as_str()])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(items) => format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
 }
 
 /// Truncates to the microsecond precision the stores keep, so hashes computed before writing
@@ -208,10 +227,9 @@ fn canonical_hash(
         request_id,
         client_addr,
         user_agent,
-        detail,
+        detail: canonical_json(detail),
     };
-    // serde_json writes struct fields in declaration order and, without the preserve_order
-    // feature, object keys sorted, so this encoding is stable.
+    // serde_json writes struct fields in declaration order; `detail` is canonical on its own.
     let encoded = serde_json::to_vec(&canonical).unwrap_or_default();
     let mut hasher = Sha256::new();
     hasher.update(prev_hash.as_bytes());
@@ -338,6 +356,14 @@ mod tests {
                 r
             })
             .collect()
+    }
+
+    #[test]
+    fn the_canonical_encoding_ignores_key_order() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"b":1,"a":{"y":[1,{"d":2,"c":3}],"x":null}}"#).unwrap();
+        let b: serde_json::Value = serde_json::from_str(r#"{"a":{"x":null,"y":[1,{"c":3,"d":2}]},"b":1}"#).unwrap();
+        assert_eq!(canonical_json(&a), canonical_json(&b));
+        assert_eq!(canonical_json(&a), r#"{"a":{"x":null,"y":[1,{"c":3,"d":2}]},"b":1}"#);
     }
 
     #[test]

@@ -58,8 +58,10 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("{0}")]
     UpstreamRejected(String),
-    #[error("the request body is larger than {0} bytes")]
-    PayloadTooLarge(usize),
+    /// The limit is not named: a body read in chunks only learns it went over, not by how much,
+    /// and the limit belongs to the server's configuration, not to the error.
+    #[error("the request body exceeds the configured limit")]
+    PayloadTooLarge,
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("too many requests")]
@@ -89,7 +91,7 @@ impl ApiError {
             UpstreamRejected(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "octopus-rejected", "Octopus refused the request")
             }
-            PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Request body too large"),
+            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Request body too large"),
             UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type")
             }

@@ -1,6 +1,7 @@
 //! Storage: a narrow, domain-level trait with one implementation per backend, chosen from the
 //! database URL. HTTP code never sees `sqlx::Error`.
 
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::audit::{AuditRecord, NewAuditEvent};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// The life of a key record.

@@ -165,3 +165,77 @@ impl Drop for TestApp {
         }
     }
 }
+
+/// A PostgreSQL schema of its own for one test, dropped when the guard goes.
+pub struct PgSchema {
+    url: String,
+    pub schema: String,
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let schema = self.schema.clone();
+        // Drop runs outside async code: use a thread with its own small runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                if let Ok(pool) = sqlx::PgPool::connect(&url).await {
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&pool).await;
+                    pool.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The PostgreSQL URL for tests, if any. With `CI` set, PostgreSQL tests may not be skipped.
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("KEYBROKER_TEST_POSTGRES_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CI is set but KEYBROKER_TEST_POSTGRES_URL is not: the PostgreSQL tests must run in CI")
+        }
+        _ => None,
+    }
+}
+
+/// A migrated PostgreSQL store in a fresh schema, or `None` when no test database is configured.
+pub async fn postgres_store() -> Option<(Arc<dyn Store>, PgSchema)> {
+    let url = postgres_url()?;
+    let schema = format!("kb_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&url).await.expect("KEYBROKER_TEST_POSTGRES_URL must be reachable");
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
+    admin.close().await;
+    let guard = PgSchema { url: url.clone(), schema: schema.clone() };
+    let store = keybroker::store::PgStore::connect_in_schema(&url, Some(&schema)).await.unwrap();
+    store.migrate().await.unwrap();
+    Some((Arc::new(store), guard))
+}
+
+/// A migrated SQLite store in a temporary folder.
+pub async fn sqlite_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let store = keybroker::store::SqliteStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    (Arc::new(store), dir)
+}
+
+/// Keeps a backend's resources alive for a test.
+#[allow(dead_code)]
+pub enum BackendGuard {
+    Sqlite(tempfile::TempDir),
+    Postgres(PgSchema),
+}
+
+/// Every backend the storage contract runs against: SQLite always, PostgreSQL when configured.
+pub async fn backends() -> Vec<(&'static str, Arc<dyn Store>, BackendGuard)> {
+    let (sqlite, dir) = sqlite_store().await;
+    let mut out = vec![("sqlite", sqlite, BackendGuard::Sqlite(dir))];
+    if let Some((pg, guard)) = postgres_store().await {
+        out.push(("postgres", pg, BackendGuard::Postgres(guard)));
+    }
+    out
+}

@@ -11,3 +11,4 @@ mod octopus_client;
 mod openapi;
 mod reconcile;
 mod secrets;
+mod storage;

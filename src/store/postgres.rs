@@ -1,0 +1,357 @@
+//! The PostgreSQL store, for several replicas. Concurrency rules:
+//! - the per-requester limit is checked under a transaction-scoped advisory lock on
+//!   (requester, scope), so simultaneous requests of one requester cannot overshoot it;
+//! - audit appends take one transaction-scoped advisory lock for the chain, so the chain never
+//!   forks. Lock order is always limit lock, then chain lock, so no deadlock is possible.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{Activation, AuditFilter, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Store, StoreError};
+use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
+
+/// Advisory lock namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
+const LIMIT_LOCK: i32 = 0x6b62_0001;
+const CHAIN_LOCK: i32 = 0x6b62_0002;
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+fn db_err(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl PgStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_in_schema(url, None).await
+    }
+
+    /// Connects with `search_path` set to `schema` (tests give each run its own schema).
+    pub async fn connect_in_schema(url: &str, schema: Option<&str>) -> Result<Self, StoreError> {
+        let mut options =
+            PgConnectOptions::from_str(url).map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {e}")))?;
+        if let Some(schema) = schema {
+            options = options.options([("search_path", schema)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(db_err)?;
+        Ok(Self { pool })
+    }
+
+    async fn write_tx(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(db_err)
+    }
+}
+
+async fn append_in(tx: &mut Transaction<'static, Postgres>, event: &NewAuditEvent) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(CHAIN_LOCK).execute(&mut **tx).await.map_err(db_err)?;
+    let prev: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
+    let hash = event.chain_hash(&prev);
+    sqlx::query(
+        "INSERT INTO audit_events (id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
+         request_id, client_addr, user_agent, detail, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(event.id)
+    .bind(store_precision(event.occurred_at))
+    .bind(&event.actor)
+    .bind(event.action.as_str())
+    .bind(event.outcome.as_str())
+    .bind(&event.scope)
+    .bind(event.key_id)
+    .bind(&event.octopus_key_id)
+    .bind(&event.context.request_id)
+    .bind(&event.context.client_addr)
+    .bind(&event.context.user_agent)
+    .bind(sqlx::types::Json(&event.detail))
+    .bind(prev)
+    .bind(hash)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
+                           created_at, expires_at, revoked_at";
+
+fn key_from_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
+    let state: String = row.try_get("state").map_err(db_err)?;
+    Ok(KeyRecord {
+        seq: row.try_get("seq").map_err(db_err)?,
+        id: row.try_get("id").map_err(db_err)?,
+        scope: row.try_get("scope").map_err(db_err)?,
+        requester: row.try_get("requester").map_err(db_err)?,
+        purpose: row.try_get("purpose").map_err(db_err)?,
+        state: KeyState::parse(&state).ok_or_else(|| StoreError::Unavailable(format!("unknown state {state}")))?,
+        octopus_user_id: row.try_get("octopus_user_id").map_err(db_err)?,
+        octopus_key_id: row.try_get("octopus_key_id").map_err(db_err)?,
+        key_hint: row.try_get("key_hint").map_err(db_err)?,
+        created_at: row.try_get("created_at").map_err(db_err)?,
+        expires_at: row.try_get("expires_at").map_err(db_err)?,
+        revoked_at: row.try_get("revoked_at").map_err(db_err)?,
+    })
+}
+
+fn audit_from_row(row: &PgRow) -> Result<AuditRecord, StoreError> {
+    let detail: sqlx::types::Json<serde_json::Value> = row.try_get("detail").map_err(db_err)?;
+    Ok(AuditRecord {
+        seq: row.try_get("seq").map_err(db_err)?,
+        id: row.try_get("id").map_err(db_err)?,
+        occurred_at: row.try_get("occurred_at").map_err(db_err)?,
+        actor: row.try_get("actor").map_err(db_err)?,
+        action: row.try_get("action").map_err(db_err)?,
+        outcome: row.try_get("outcome").map_err(db_err)?,
+        scope: row.try_get("scope").map_err(db_err)?,
+        key_id: row.try_get("key_id").map_err(db_err)?,
+        octopus_key_id: row.try_get("octopus_key_id").map_err(db_err)?,
+        request_id: row.try_get("request_id").map_err(db_err)?,
+        client_addr: row.try_get("client_addr").map_err(db_err)?,
+        user_agent: row.try_get("user_agent").map_err(db_err)?,
+        detail: detail.0,
+        prev_hash: row.try_get("prev_hash").map_err(db_err)?,
+        hash: row.try_get("hash").map_err(db_err)?,
+    })
+}
+
+async fn key_in(tx: &mut Transaction<'static, Postgres>, id: Uuid) -> Result<KeyRecord, StoreError> {
+    let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err)?
+        .ok_or(StoreError::NotFound(id))?;
+    key_from_row(&row)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
+    }
+
+    async fn insert_pending(&self, key: &NewKey, event: &NewAuditEvent, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .bind(LIMIT_LOCK)
+            .bind(format!("{}\u{1f}{}", key.requester, key.scope))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM key_records WHERE requester = $1 AND scope = $2 \
+             AND state IN ('pending', 'active') AND expires_at > $3",
+        )
+        .bind(&key.requester)
+        .bind(&key.scope)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let active = u64::try_from(active).unwrap_or_default();
+        if active >= u64::from(key.max_active) {
+            return Err(StoreError::LimitReached { active });
+        }
+        sqlx::query(
+            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $6)",
+        )
+        .bind(key.id)
+        .bind(&key.scope)
+        .bind(&key.requester)
+        .bind(&key.purpose)
+        .bind(&key.octopus_user_id)
+        .bind(store_precision(key.created_at))
+        .bind(store_precision(key.expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        append_in(&mut tx, event).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let current = key_in(&mut tx, a.id).await?;
+        if current.state != KeyState::Pending {
+            return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
+        }
+        sqlx::query(
+            "UPDATE key_records SET state = 'active', octopus_key_id = $1, key_hint = $2, secret_hmac = $3, \
+             expires_at = $4, updated_at = $5 WHERE id = $6",
+        )
+        .bind(&a.octopus_key_id)
+        .bind(&a.key_hint)
+        .bind(&a.secret_hmac)
+        .bind(store_precision(a.expires_at))
+        .bind(store_precision(event.occurred_at))
+        .bind(a.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        append_in(&mut tx, event).await?;
+        let record = key_in(&mut tx, a.id).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(record)
+    }
+
+    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        let current = key_in(&mut tx, id).await?;
+        if current.state != KeyState::Pending {
+            return Err(StoreError::WrongState { id, expected: "pending", actual: current.state.as_str() });
+        }
+        sqlx::query("UPDATE key_records SET state = 'failed', updated_at = $1 WHERE id = $2")
+            .bind(store_precision(event.occurred_at))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        append_in(&mut tx, event).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let current = key_in(&mut tx, id).await?;
+        match current.state {
+            KeyState::Revoked => return Ok(current),
+            KeyState::Active | KeyState::Expired => {}
+            other => return Err(StoreError::WrongState { id, expected: "active", actual: other.as_str() }),
+        }
+        sqlx::query("UPDATE key_records SET state = 'revoked', revoked_at = $1, updated_at = $1 WHERE id = $2")
+            .bind(store_precision(at))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        append_in(&mut tx, event).await?;
+        let record = key_in(&mut tx, id).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(record)
+    }
+
+    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut qb = sqlx::QueryBuilder::<Postgres>::new(format!("SELECT {KEY_COLUMNS} FROM key_records WHERE TRUE"));
+        if let Some(r) = &filter.requester {
+            qb.push(" AND requester = ").push_bind(r.clone());
+        }
+        if let Some(s) = &filter.scope {
+            qb.push(" AND scope = ").push_bind(s.clone());
+        }
+        match (filter.state, filter.now) {
+            (Some(KeyState::Active), Some(now)) => {
+                qb.push(" AND state = 'active' AND expires_at > ").push_bind(now);
+            }
+            (Some(KeyState::Expired), Some(now)) => {
+                qb.push(" AND (state = 'expired' OR (state = 'active' AND expires_at <= ").push_bind(now).push("))");
+            }
+            (Some(s), _) => {
+                qb.push(" AND state = ").push_bind(s.as_str());
+            }
+            (None, _) => {}
+        }
+        if let Some(before) = page.before_seq {
+            qb.push(" AND seq < ").push_bind(before);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < $1 ORDER BY seq ASC LIMIT $2"
+        ))
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = $1"))
+            .bind(hmac)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        append_in(&mut tx, event).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut qb = sqlx::QueryBuilder::<Postgres>::new("SELECT * FROM audit_events WHERE TRUE");
+        if let Some(a) = &filter.actor {
+            qb.push(" AND actor = ").push_bind(a.clone());
+        }
+        if let Some(a) = &filter.action {
+            qb.push(" AND action = ").push_bind(a.clone());
+        }
+        if let Some(s) = &filter.scope {
+            qb.push(" AND scope = ").push_bind(s.clone());
+        }
+        if let Some(k) = filter.key_id {
+            qb.push(" AND key_id = ").push_bind(k);
+        }
+        if let Some(from) = filter.from {
+            qb.push(" AND occurred_at >= ").push_bind(from);
+        }
+        if let Some(to) = filter.to {
+            qb.push(" AND occurred_at < ").push_bind(to);
+        }
+        if let Some(before) = page.before_seq {
+            qb.push(" AND seq < ").push_bind(before);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM audit_events WHERE seq > $1 ORDER BY seq ASC LIMIT $2")
+            .bind(after_seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+}

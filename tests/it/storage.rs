@@ -1,0 +1,275 @@
+//! The storage contract: every test runs against SQLite and, when
+//! `KEYBROKER_TEST_POSTGRES_URL` is set (always in CI), against PostgreSQL in a fresh schema.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use keybroker::audit::{Action, GENESIS_HASH, NewAuditEvent, Outcome, RequestContext, verify_chain};
+use keybroker::store::{
+    Activation, AuditFilter, KeyFilter, KeyState, NewKey, PageRequest, Store, StoreError,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::backends;
+
+fn new_key(requester: &str, scope: &str, now: DateTime<Utc>, max_active: u32) -> NewKey {
+    NewKey {
+        id: Uuid::new_v4(),
+        scope: scope.to_owned(),
+        requester: requester.to_owned(),
+        purpose: "contract".to_owned(),
+        octopus_user_id: "Users-2".to_owned(),
+        created_at: now,
+        expires_at: now + Duration::days(1),
+        max_active,
+    }
+}
+
+fn event(actor: &str, action: Action, id: Option<Uuid>) -> NewAuditEvent {
+    let mut e = NewAuditEvent::new(Utc::now(), actor, action, Outcome::Success, &RequestContext {
+        request_id: Some("req-1".to_owned()),
+        client_addr: Some("127.0.0.1".to_owned()),
+        user_agent: Some("contract-test".to_owned()),
+    })
+    .scope("payments-deploy")
+    .detail(json!({"z": 1, "a": {"nested": [1, 2, "three"]}, "note": "ünïcode"}));
+    if let Some(id) = id {
+        e = e.key(id);
+    }
+    e
+}
+
+fn activation(id: Uuid, n: u32) -> Activation {
+    Activation {
+        id,
+        octopus_key_id: format!("apikeys-{n:026}"),
+        key_hint: "API-ABCD".to_owned(),
+        secret_hmac: format!("{n:064x}"),
+        expires_at: Utc::now() + Duration::days(1),
+    }
+}
+
+async fn verify(store: &Arc<dyn Store>) -> usize {
+    let chain = store.audit_chain(0, 100_000).await.unwrap();
+    verify_chain(GENESIS_HASH.to_owned(), &chain).unwrap();
+    chain.len()
+}
+
+#[tokio::test]
+async fn a_record_goes_from_pending_to_active_to_revoked() {
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let key = new_key("alice", "payments-deploy", now, 3);
+        store.insert_pending(&key, &event("alice", Action::KeyRequested, Some(key.id)), now).await.unwrap();
+        let pending = store.get_key(key.id).await.unwrap().unwrap();
+        assert_eq!(pending.state, KeyState::Pending, "{name}");
+        assert_eq!(pending.octopus_key_id, None, "{name}");
+
+        let active = store.activate(&activation(key.id, 1), &event("alice", Action::KeyIssued, Some(key.id))).await.unwrap();
+        assert_eq!(active.state, KeyState::Active, "{name}");
+        assert_eq!(active.octopus_key_id.as_deref(), Some("apikeys-00000000000000000000000001"), "{name}");
+        assert_eq!(active.key_hint.as_deref(), Some("API-ABCD"), "{name}");
+
+        // Activating twice, or failing an active record, is refused.
+        let again = store.activate(&activation(key.id, 2), &event("alice", Action::KeyIssued, Some(key.id))).await;
+        assert!(matches!(again, Err(StoreError::WrongState { .. })), "{name}");
+        let fail = store.mark_failed(key.id, &event("alice", Action::KeyIssueFailed, Some(key.id))).await;
+        assert!(matches!(fail, Err(StoreError::WrongState { .. })), "{name}");
+
+        let at = Utc::now();
+        let revoked = store.mark_revoked(key.id, at, &event("alice", Action::KeyRevoked, Some(key.id))).await.unwrap();
+        assert_eq!(revoked.state, KeyState::Revoked, "{name}");
+        assert!(revoked.revoked_at.is_some(), "{name}");
+        // Revoking again changes nothing and writes no event.
+        let events = verify(&store).await;
+        let twice = store.mark_revoked(key.id, Utc::now(), &event("alice", Action::KeyRevoked, Some(key.id))).await.unwrap();
+        assert_eq!(twice.revoked_at, revoked.revoked_at, "{name}");
+        assert_eq!(verify(&store).await, events, "{name}");
+        assert_eq!(events, 3, "{name}");
+
+        assert!(store.get_key(Uuid::new_v4()).await.unwrap().is_none(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn the_active_limit_counts_pending_and_active_unexpired_keys() {
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let a = new_key("alice", "s", now, 2);
+        store.insert_pending(&a, &event("alice", Action::KeyRequested, Some(a.id)), now).await.unwrap();
+        let b = new_key("alice", "s", now, 2);
+        store.insert_pending(&b, &event("alice", Action::KeyRequested, Some(b.id)), now).await.unwrap();
+        let c = new_key("alice", "s", now, 2);
+        let third = store.insert_pending(&c, &event("alice", Action::KeyRequested, Some(c.id)), now).await;
+        assert!(matches!(third, Err(StoreError::LimitReached { active: 2 })), "{name}");
+        assert!(store.get_key(c.id).await.unwrap().is_none(), "{name}: a refused insert must write nothing");
+
+        // Other requesters and scopes have their own count.
+        let other = new_key("bob", "s", now, 2);
+        store.insert_pending(&other, &event("bob", Action::KeyRequested, Some(other.id)), now).await.unwrap();
+        let other_scope = new_key("alice", "t", now, 2);
+        store.insert_pending(&other_scope, &event("alice", Action::KeyRequested, None), now).await.unwrap();
+
+        // A failed record frees its slot; so does time passing beyond an expiry.
+        store.mark_failed(a.id, &event("alice", Action::KeyIssueFailed, Some(a.id))).await.unwrap();
+        let d = new_key("alice", "s", now, 2);
+        store.insert_pending(&d, &event("alice", Action::KeyRequested, Some(d.id)), now).await.unwrap();
+        let later = now + Duration::days(2);
+        let e = new_key("alice", "s", later, 2);
+        store.insert_pending(&e, &event("alice", Action::KeyRequested, Some(e.id)), later).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn listing_filters_by_requester_scope_and_effective_state_and_pages_by_cursor() {
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let mut ids = Vec::new();
+        for (i, (requester, scope)) in [("alice", "s"), ("alice", "t"), ("bob", "s"), ("alice", "s")].into_iter().enumerate() {
+            let mut key = new_key(requester, scope, now, 10);
+            if i == 3 {
+                key.expires_at = now + Duration::seconds(5);
+            }
+            store.insert_pending(&key, &event(requester, Action::KeyRequested, Some(key.id)), now).await.unwrap();
+            let mut act = activation(key.id, i as u32);
+            act.expires_at = key.expires_at;
+            store.activate(&act, &event(requester, Action::KeyIssued, Some(key.id))).await.unwrap();
+            ids.push(key.id);
+        }
+        let page = PageRequest { before_seq: None, limit: 50 };
+        let all = store.list_keys(&KeyFilter::default(), page).await.unwrap();
+        assert_eq!(all.iter().map(|k| k.id).collect::<Vec<_>>(), ids.iter().rev().copied().collect::<Vec<_>>(), "{name}");
+        let alice = KeyFilter { requester: Some("alice".to_owned()), ..Default::default() };
+        assert_eq!(store.list_keys(&alice, page).await.unwrap().len(), 3, "{name}");
+        let alice_s = KeyFilter { requester: Some("alice".to_owned()), scope: Some("s".to_owned()), ..Default::default() };
+        assert_eq!(store.list_keys(&alice_s, page).await.unwrap().len(), 2, "{name}");
+
+        // Ten seconds later the short-lived key counts as expired, though no sweep ran.
+        let later = Some(now + Duration::seconds(10));
+        let active = KeyFilter { state: Some(KeyState::Active), now: later, ..Default::default() };
+        assert_eq!(store.list_keys(&active, page).await.unwrap().len(), 3, "{name}");
+        let expired = KeyFilter { state: Some(KeyState::Expired), now: later, ..Default::default() };
+        let expired = store.list_keys(&expired, page).await.unwrap();
+        assert_eq!(expired.iter().map(|k| k.id).collect::<Vec<_>>(), vec![ids[3]], "{name}");
+
+        // Pages of one, newest first, see every record once.
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store.list_keys(&KeyFilter::default(), PageRequest { before_seq: before, limit: 1 }).await.unwrap();
+            let Some(last) = page.last() else { break };
+            before = Some(last.seq);
+            seen.push(last.id);
+        }
+        assert_eq!(seen.len(), 4, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_secret_is_found_by_its_keyed_hash_only() {
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let key = new_key("alice", "s", now, 3);
+        store.insert_pending(&key, &event("alice", Action::KeyRequested, Some(key.id)), now).await.unwrap();
+        store.activate(&activation(key.id, 42), &event("alice", Action::KeyIssued, Some(key.id))).await.unwrap();
+        let found = store.find_by_secret_hmac(&format!("{:064x}", 42)).await.unwrap().unwrap();
+        assert_eq!(found.id, key.id, "{name}");
+        assert!(store.find_by_secret_hmac(&format!("{:064x}", 43)).await.unwrap().is_none(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn pending_records_older_than_a_cutoff_are_listed_for_the_reconciler() {
+    for (name, store, _guard) in backends().await {
+        let old = Utc::now() - Duration::minutes(10);
+        let young = Utc::now();
+        let a = new_key("alice", "s", old, 5);
+        store.insert_pending(&a, &event("alice", Action::KeyRequested, Some(a.id)), old).await.unwrap();
+        let b = new_key("alice", "s", young, 5);
+        store.insert_pending(&b, &event("alice", Action::KeyRequested, Some(b.id)), young).await.unwrap();
+        let c = new_key("alice", "s", old, 5);
+        store.insert_pending(&c, &event("alice", Action::KeyRequested, Some(c.id)), old).await.unwrap();
+        store.activate(&activation(c.id, 7), &event("alice", Action::KeyIssued, Some(c.id))).await.unwrap();
+        let cutoff = Utc::now() - Duration::minutes(2);
+        let pending = store.pending_before(cutoff, 10).await.unwrap();
+        assert_eq!(pending.iter().map(|k| k.id).collect::<Vec<_>>(), vec![a.id], "{name}");
+    }
+}
+
+#[tokio::test]
+async fn audit_events_round_trip_filter_and_chain() {
+    for (name, store, _guard) in backends().await {
+        let first = event("alice", Action::KeyRequested, None);
+        store.append_audit(&first).await.unwrap();
+        let mut second = event("bob", Action::PolicyDenied, None);
+        second.outcome = Outcome::Denied;
+        second.occurred_at = Utc::now() + Duration::seconds(1);
+        store.append_audit(&second).await.unwrap();
+        store.append_audit(&event("alice", Action::KeyIssued, Some(Uuid::new_v4()))).await.unwrap();
+
+        let chain = store.audit_chain(0, 10).await.unwrap();
+        assert_eq!(chain.len(), 3, "{name}");
+        assert_eq!(chain[0].prev_hash, GENESIS_HASH, "{name}");
+        assert_eq!(chain[1].prev_hash, chain[0].hash, "{name}");
+        assert_eq!(chain[0].id, first.id, "{name}");
+        assert_eq!(chain[0].detail, first.detail, "{name}");
+        assert_eq!(chain[0].request_id.as_deref(), Some("req-1"), "{name}");
+        verify_chain(GENESIS_HASH.to_owned(), &chain).unwrap();
+
+        let page = PageRequest { before_seq: None, limit: 10 };
+        let by_actor = store.list_audit(&AuditFilter { actor: Some("alice".to_owned()), ..Default::default() }, page).await.unwrap();
+        assert_eq!(by_actor.len(), 2, "{name}");
+        let by_action =
+            store.list_audit(&AuditFilter { action: Some("policy.denied".to_owned()), ..Default::default() }, page).await.unwrap();
+        assert_eq!(by_action.len(), 1, "{name}");
+        assert_eq!(by_action[0].outcome, "denied", "{name}");
+        let in_range = AuditFilter { from: Some(second.occurred_at), to: Some(second.occurred_at + Duration::milliseconds(1)), ..Default::default() };
+        assert_eq!(store.list_audit(&in_range, page).await.unwrap().len(), 1, "{name}");
+        let newest_first = store.list_audit(&AuditFilter::default(), PageRequest { before_seq: None, limit: 2 }).await.unwrap();
+        assert_eq!(newest_first.len(), 2, "{name}");
+        assert!(newest_first[0].seq > newest_first[1].seq, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_appends_never_fork_the_chain() {
+    for (name, store, _guard) in backends().await {
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.append_audit(&event(&format!("actor-{i}"), Action::KeyRequested, None)).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(verify(&store).await, 50, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_requests_of_one_requester_respect_the_limit() {
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let key = new_key("alice", "s", now, 3);
+                    store.insert_pending(&key, &event("alice", Action::KeyRequested, Some(key.id)), now).await
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(()) => ok += 1,
+                Err(StoreError::LimitReached { .. }) => {}
+                Err(e) => panic!("{name}: unexpected {e}"),
+            }
+        }
+        assert_eq!(ok, 3, "{name}");
+        assert_eq!(verify(&store).await, 3, "{name}");
+    }
+}
