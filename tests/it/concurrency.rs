@@ -1,0 +1,105 @@
+//! Issuance under concurrency, and the core path on PostgreSQL, through the real HTTP API.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{BackendGuard, TestApp, TestOptions, postgres_store};
+
+/// The app on SQLite (its default file) and, when configured, on PostgreSQL.
+async fn apps() -> Vec<(&'static str, TestApp, Option<BackendGuard>)> {
+    let mut out = vec![("sqlite", TestApp::spawn().await, None)];
+    if let Some((store, guard)) = postgres_store().await {
+        let app = TestApp::spawn_with(TestOptions { store: Some(store), ..Default::default() }).await;
+        out.push(("postgres", app, Some(BackendGuard::Postgres(guard))));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_hundred_simultaneous_issuances_from_a_hundred_requesters_all_succeed() {
+    for (name, app, _guard) in apps().await {
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let token = app.token(&format!("user{i:03}@example.com"), &["payments"]);
+                let http = app.http.clone();
+                let url = format!("{}/v1/keys", app.url);
+                tokio::spawn(async move {
+                    let res = http
+                        .post(url)
+                        .bearer_auth(token)
+                        .json(&json!({"scope": "payments-deploy", "purpose": format!("load {i}")}))
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = res.status().as_u16();
+                    (status, res.json::<Value>().await.unwrap())
+                })
+            })
+            .collect();
+        let mut octopus_ids = HashSet::new();
+        for task in tasks {
+            let (status, body) = task.await.unwrap();
+            assert_eq!(status, 201, "{name}: {body}");
+            octopus_ids.insert(body["octopus_key_id"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(octopus_ids.len(), 100, "{name}");
+        assert_eq!(app.keybroker_keys_in_octopus().len(), 100, "{name}");
+        let events = app.audit_events().await;
+        assert_eq!(events.iter().filter(|e| e.action == "key.issued").count(), 100, "{name}");
+        assert_eq!(events.iter().filter(|e| e.action == "key.requested").count(), 100, "{name}");
+        let verify: Value = app.get("/v1/audit/verify", &app.auditor()).await.json().await.unwrap();
+        assert_eq!(verify["ok"], true, "{name}: {verify}");
+    }
+}
+
+#[tokio::test]
+async fn ten_simultaneous_requests_of_one_requester_yield_exactly_the_limit() {
+    for (name, app, _guard) in apps().await {
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let token = app.alice();
+                let http = app.http.clone();
+                let url = format!("{}/v1/keys", app.url);
+                tokio::spawn(async move {
+                    http.post(url)
+                        .bearer_auth(token)
+                        .json(&json!({"scope": "payments-deploy", "purpose": format!("race {i}")}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for task in tasks {
+            statuses.push(task.await.unwrap());
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 3, "{name}: {statuses:?}");
+        assert_eq!(statuses.iter().filter(|s| **s == 422).count(), 7, "{name}: {statuses:?}");
+        assert_eq!(app.keybroker_keys_in_octopus().len(), 3, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn issue_list_revoke_and_audit_work_the_same_on_every_backend() {
+    for (name, app, _guard) in apps().await {
+        let body = app.issue_ok(&app.alice(), json!({"scope": "payments-deploy", "purpose": name})).await;
+        let secret = body["api_key"].as_str().unwrap();
+        assert_eq!(app.octopus_me(secret).await.status(), 200, "{name}");
+        let list: Value = app.get("/v1/keys", &app.alice()).await.json().await.unwrap();
+        assert_eq!(list["items"][0]["id"], body["id"], "{name}");
+        assert_eq!(list["items"][0]["expires_at"], body["expires_at"], "{name}");
+        let path = format!("/v1/keys/{}", body["id"].as_str().unwrap());
+        let revoked: Value = app.delete(&path, &app.alice()).await.json().await.unwrap();
+        assert_eq!(revoked["state"], "revoked", "{name}");
+        assert_eq!(app.octopus_me(secret).await.status(), 401, "{name}");
+        let audit: Value = app.get("/v1/audit?action=key.revoked", &app.auditor()).await.json().await.unwrap();
+        assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{name}");
+        let verify: Value = app.get("/v1/audit/verify", &app.auditor()).await.json().await.unwrap();
+        assert_eq!(verify["ok"], true, "{name}");
+        assert_eq!(verify["events_checked"], 4, "{name}: config, requested, issued, revoked");
+    }
+}
