@@ -104,6 +104,17 @@ impl ApiError {
     }
 }
 
+/// Client error details may quote the caller's input (a path segment, a query value, a field
+/// name); past this many characters the quote is cut, so that a 60 KB id gets a short answer.
+const MAX_DETAIL_CHARS: usize = 300;
+
+fn clip(detail: String) -> String {
+    match detail.char_indices().nth(MAX_DETAIL_CHARS) {
+        Some((cut, _)) => format!("{}…", &detail[..cut]),
+        None => detail,
+    }
+}
+
 /// Builds a problem response; used for errors raised outside handlers too.
 pub fn problem_response(status: StatusCode, kind: &str, title: &str, detail: String) -> Response {
     let request_id = REQUEST_ID.try_with(Clone::clone).ok();
@@ -135,7 +146,7 @@ impl IntoResponse for ApiError {
                 tracing::warn!(%detail, "unavailable");
                 detail.clone()
             }
-            other => other.to_string(),
+            other => clip(other.to_string()),
         };
         let mut response = problem_response(status, kind, title, detail);
         match &self {

@@ -130,7 +130,8 @@ async fn check_problem(res: reqwest::Response, status: u16) -> Result<Value, Str
     // A clear message quotes bad input at most in part, however much of it was sent.
     let detail_chars = body["detail"].as_str().map_or(0, |d| d.chars().count());
     if detail_chars > MAX_DETAIL_CHARS {
-        return Err(format!("a detail of {detail_chars} characters: {:.200}", body["detail"]));
+        let start: String = body["detail"].as_str().unwrap_or_default().chars().take(120).collect();
+        return Err(format!("a detail of {detail_chars} characters: {start}..."));
     }
     if request_id.is_none() || body["request_id"].as_str() != request_id.as_deref() {
         return Err(format!("request_id {} does not match x-request-id {request_id:?}", body["request_id"]));

@@ -6,6 +6,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod concurrency;
+mod database;
 mod helpers;
 mod keys;
 mod octopus_client;

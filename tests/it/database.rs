@@ -1,0 +1,156 @@
+//! The database as an operator meets it: unreachable at start, failing migrations, outages while
+//! serving.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::helpers::{TestApp, TestOptions, postgres_url};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
+
+fn config_with_db(dir: &std::path::Path, db_url: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("octopus-api-key"), keybroker::octopus_sim::DEMO_BROKER_API_KEY).unwrap();
+    std::fs::write(dir.join("jwt-hs256"), crate::helpers::JWT_SECRET).unwrap();
+    std::fs::write(dir.join("audit-hmac"), crate::helpers::HMAC_SECRET).unwrap();
+    let text = keybroker::dev::demo_config_toml("http://127.0.0.1:9", "127.0.0.1:0", &dir.join("unused.db"));
+    let text = text.replace(&format!("url = \"sqlite://{}\"", dir.join("unused.db").display()), &format!("url = \"{db_url}\""));
+    let path = dir.join("keybroker.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KEYBROKER_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn serve_stops_with_a_clear_message_when_the_database_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 9 (discard) here.
+    let path = config_with_db(dir.path(), "postgres://keybroker@127.0.0.1:9/keybroker");
+    let out = run(&["serve", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot open the database (database.url)"), "{stderr}");
+}
+
+#[test]
+fn a_failing_migration_stops_migrate_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tampered.db");
+    let path = config_with_db(dir.path(), &format!("sqlite://{}", db.display()));
+    let out = run(&["migrate", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Someone edits an applied migration's record: sqlx refuses to go on.
+    let status = Command::new("sqlite3").arg(&db).arg("UPDATE _sqlx_migrations SET checksum = X'00'").status();
+    if !matches!(status, Ok(s) if s.success()) {
+        // No sqlite3 CLI: tamper through sqlx instead.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+            sqlx::query("UPDATE _sqlx_migrations SET checksum = X'00'").execute(&pool).await.unwrap();
+            pool.close().await;
+        });
+    }
+    for command in ["migrate", "serve"] {
+        let out = run(&[command, "--config", path.to_str().unwrap()]);
+        assert!(!out.status.success(), "{command} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot apply the database migrations"), "{command}: {stderr}");
+    }
+}
+
+/// A TCP proxy in front of PostgreSQL that can be cut and restored.
+struct Proxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+}
+
+async fn proxy_to(upstream: SocketAddr) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = Arc::new(AtomicBool::new(true));
+    let flag = up.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if !flag.load(Ordering::SeqCst) {
+                continue; // dropped: the connection is refused in effect
+            }
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = TcpStream::connect(upstream).await else { return };
+                let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                let watch = async {
+                    while flag.load(Ordering::SeqCst) {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                };
+                tokio::select! { _ = copy => {}, () = watch => {} }
+            });
+        }
+    });
+    Proxy { addr, up }
+}
+
+#[tokio::test]
+async fn readiness_follows_the_database_through_an_outage() {
+    let Some(url) = postgres_url() else { return };
+    let parsed = url::Url::parse(&url).unwrap();
+    let upstream: SocketAddr = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap_or(5432)).parse().unwrap();
+    let proxy = proxy_to(upstream).await;
+    let mut via_proxy = parsed.clone();
+    via_proxy.set_port(Some(proxy.addr.port())).unwrap();
+
+    let schema = format!("kb_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
+    let store = keybroker::store::PgStore::connect_in_schema(via_proxy.as_str(), Some(&schema)).await.unwrap();
+    keybroker::store::Store::migrate(&store).await.unwrap();
+    let app = TestApp::spawn_with(TestOptions { store: Some(Arc::new(store)), ..Default::default() }).await;
+
+    let ready = |app: &TestApp| {
+        let http = app.http.clone();
+        let url = format!("{}/readyz", app.url);
+        async move { http.get(url).send().await.unwrap() }
+    };
+    assert_eq!(ready(&app).await.status(), 200);
+
+    proxy.up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let res = ready(&app).await;
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    let db = body["checks"].as_array().unwrap().iter().find(|c| c["name"] == "database").unwrap().clone();
+    assert_eq!(db["ok"], false, "{body}");
+    // Issuance fails closed and creates nothing in Octopus.
+    let res = app.issue(&app.alice(), serde_json::json!({"scope": "payments-deploy", "purpose": "outage"})).await;
+    assert_eq!(res.status(), 503);
+    assert!(app.keybroker_keys_in_octopus().is_empty());
+
+    proxy.up.store(true, Ordering::SeqCst);
+    let mut recovered = false;
+    for _ in 0..50 {
+        if ready(&app).await.status() == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "/readyz did not recover after the database came back");
+    app.issue_ok(&app.alice(), serde_json::json!({"scope": "payments-deploy", "purpose": "after outage"})).await;
+
+    drop(app);
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await.unwrap();
+}
