@@ -119,6 +119,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 /// Validates the file, then asks Octopus about the credential and every scope's account.
 async fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
+    // Builds the token verifier too: PEM keys must parse and match the pinned algorithms.
+    crate::auth::Authenticator::new(&config.auth, reqwest::Client::new())?;
     println!("{}: configuration is valid ({} scopes)", path.display(), config.policy.scopes().len());
     let octopus = crate::octopus::OctopusClient::new(&config.octopus)?;
     let mut problems = 0;

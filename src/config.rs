@@ -577,6 +577,9 @@ fn validate_auth(raw: Option<RawAuth>, base: &Path) -> Result<AuthConfig, Config
             "auth.jwks_url or auth.public_key_files is set, but no asymmetric algorithm (RS256, ES256, EdDSA) is allowed",
         ));
     }
+    if raw.leeway.0 > Duration::from_secs(300) {
+        return Err(ConfigError::at("auth.leeway", "must be at most 5m: tokens are meant to be short-lived"));
+    }
     let teams_claim = raw.teams_claim.trim().to_owned();
     if teams_claim.is_empty() {
         return Err(ConfigError::at("auth.teams_claim", "must not be empty"));

@@ -75,7 +75,9 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileRepo
 /// Runs the reconciler every `interval` until the returned handle is aborted.
 pub fn spawn_reconciler(keys: Arc<KeyService>, interval: Duration, grace: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
+        // The first pass waits one interval: a record that is pending at start-up is at least
+        // that much older by then, and tests that stage records are not raced.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

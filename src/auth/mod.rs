@@ -5,6 +5,7 @@ mod jwks;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use secrecy::ExposeSecret;
@@ -92,6 +93,11 @@ pub enum AuthError {
     MissingClaim(String),
 }
 
+/// The most clock skew `auth.leeway` may forgive. A large leeway quietly extends every token's
+/// life, and one beyond the Unix epoch's age underflows jsonwebtoken's `now - leeway`: a panic,
+/// hence a 500, on every request.
+const MAX_LEEWAY: Duration = Duration::from_secs(5 * 60);
+
 /// Verifies Bearer tokens according to the `[auth]` configuration.
 pub struct Authenticator {
     issuer: String,
@@ -118,6 +124,13 @@ impl std::fmt::Debug for Authenticator {
 
 impl Authenticator {
     pub fn new(config: &AuthConfig, http: reqwest::Client) -> Result<Self, ConfigError> {
+        if config.leeway > MAX_LEEWAY {
+            return Err(ConfigError::new(format!(
+                "auth.leeway: {} is more clock skew than keybroker forgives; use at most {}",
+                humantime::format_duration(config.leeway),
+                humantime::format_duration(MAX_LEEWAY)
+            )));
+        }
         let hs256 = config.hs256_secret.as_ref().map(|s| DecodingKey::from_secret(s.expose_secret().as_bytes()));
         let mut pem_keys = Vec::new();
         for (path, pem) in &config.public_keys {
@@ -314,6 +327,33 @@ mod tests {
         assert_eq!(teams_from(claims, "one"), BTreeSet::from(["solo".to_owned()]));
         assert_eq!(teams_from(claims, "realm_access.roles"), BTreeSet::from(["x".to_owned()]));
         assert!(teams_from(claims, "missing").is_empty());
+    }
+
+    fn auth_config(leeway: Duration) -> AuthConfig {
+        AuthConfig {
+            issuer: "https://issuer.example/".to_owned(),
+            audience: "keybroker".to_owned(),
+            algorithms: BTreeSet::from([JwtAlgorithm::Hs256]),
+            jwks_url: None,
+            public_keys: Vec::new(),
+            hs256_secret: Some("0123456789abcdef0123456789abcdef".to_owned().into()),
+            teams_claim: "groups".to_owned(),
+            admin_teams: BTreeSet::new(),
+            auditor_teams: BTreeSet::new(),
+            leeway,
+        }
+    }
+
+    #[test]
+    fn a_leeway_beyond_five_minutes_is_refused_at_start() {
+        assert!(Authenticator::new(&auth_config(MAX_LEEWAY), reqwest::Client::new()).is_ok());
+        let err = Authenticator::new(&auth_config(MAX_LEEWAY + Duration::from_secs(1)), reqwest::Client::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("auth.leeway: "), "{err}");
+        // Large enough to underflow `now - leeway` if it were let through.
+        let err = Authenticator::new(&auth_config(Duration::from_secs(100 * 365 * 86_400)), reqwest::Client::new());
+        assert!(err.is_err());
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl PgStore {
         }
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(15))
             .connect_with(options)
             .await
             .map_err(db_err)?;

@@ -18,7 +18,8 @@ fn config_with_db(dir: &std::path::Path, db_url: &str) -> std::path::PathBuf {
     std::fs::write(dir.join("jwt-hs256"), crate::helpers::JWT_SECRET).unwrap();
     std::fs::write(dir.join("audit-hmac"), crate::helpers::HMAC_SECRET).unwrap();
     let text = keybroker::dev::demo_config_toml("http://127.0.0.1:9", "127.0.0.1:0", &dir.join("unused.db"));
-    let text = text.replace(&format!("url = \"sqlite://{}\"", dir.join("unused.db").display()), &format!("url = \"{db_url}\""));
+    let text = text
+        .replace(&format!("url = \"sqlite://{}\"", dir.join("unused.db").display()), &format!("url = \"{db_url}\""));
     let path = dir.join("keybroker.toml");
     std::fs::write(&path, text).unwrap();
     path
@@ -108,7 +109,8 @@ async fn proxy_to(upstream: SocketAddr) -> Proxy {
 async fn readiness_follows_the_database_through_an_outage() {
     let Some(url) = postgres_url() else { return };
     let parsed = url::Url::parse(&url).unwrap();
-    let upstream: SocketAddr = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap_or(5432)).parse().unwrap();
+    let upstream: SocketAddr =
+        format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap_or(5432)).parse().unwrap();
     let proxy = proxy_to(upstream).await;
     let mut via_proxy = parsed.clone();
     via_proxy.set_port(Some(proxy.addr.port())).unwrap();

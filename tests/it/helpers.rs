@@ -56,6 +56,9 @@ impl TestApp {
         std::fs::write(dir.path().join("jwt-hs256"), JWT_SECRET).unwrap();
         std::fs::write(dir.path().join("audit-hmac"), HMAC_SECRET).unwrap();
         let text = demo_config_toml(&sim_url, "127.0.0.1:0", &dir.path().join("keybroker.db"));
+        // The app's own reconciler would race tests that stage pending records; tests run
+        // `jobs::reconcile_once` themselves.
+        let text = text.replace("[auth]", "[jobs]\nreconcile_interval = \"1h\"\n\n[auth]");
         let text = (options.edit_config)(text);
         let path = dir.path().join("keybroker.toml");
         std::fs::write(&path, text).unwrap();

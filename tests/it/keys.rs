@@ -498,3 +498,26 @@ async fn the_audit_trail_records_the_issuance_and_verifies() {
     assert_eq!(verify["ok"], true);
     assert!(verify["events_checked"].as_u64().unwrap() >= 3);
 }
+
+#[tokio::test]
+async fn shutting_down_lets_an_issuance_in_flight_finish() {
+    let app = TestApp::spawn().await;
+    app.sim.inject(
+        Fault::on(Method::POST, "/api/users/{id}/apikeys", FaultKind::Latency(Duration::from_millis(500))).times(1),
+    );
+    let http = app.http.clone();
+    let url = format!("{}/v1/keys", app.url);
+    let token = app.alice();
+    let in_flight = tokio::spawn(async move {
+        http.post(url).bearer_auth(token).json(&json!({"scope": "payments-deploy", "purpose": "slow"})).send().await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let sim = app.sim.clone();
+    let url = app.url.clone();
+    app.stop().await;
+    let res = in_flight.await.unwrap().unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(sim.api_keys().iter().filter(|k| k.purpose.starts_with("keybroker:")).count(), 1);
+    // And the server no longer accepts connections.
+    assert!(reqwest::get(format!("{url}/healthz")).await.is_err());
+}

@@ -5,9 +5,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use keybroker::audit::{Action, GENESIS_HASH, NewAuditEvent, Outcome, RequestContext, verify_chain};
-use keybroker::store::{
-    Activation, AuditFilter, KeyFilter, KeyState, NewKey, PageRequest, Store, StoreError,
-};
+use keybroker::store::{Activation, AuditFilter, KeyFilter, KeyState, NewKey, PageRequest, Store, StoreError};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -27,11 +25,17 @@ fn new_key(requester: &str, scope: &str, now: DateTime<Utc>, max_active: u32) ->
 }
 
 fn event(actor: &str, action: Action, id: Option<Uuid>) -> NewAuditEvent {
-    let mut e = NewAuditEvent::new(Utc::now(), actor, action, Outcome::Success, &RequestContext {
-        request_id: Some("req-1".to_owned()),
-        client_addr: Some("127.0.0.1".to_owned()),
-        user_agent: Some("contract-test".to_owned()),
-    })
+    let mut e = NewAuditEvent::new(
+        Utc::now(),
+        actor,
+        action,
+        Outcome::Success,
+        &RequestContext {
+            request_id: Some("req-1".to_owned()),
+            client_addr: Some("127.0.0.1".to_owned()),
+            user_agent: Some("contract-test".to_owned()),
+        },
+    )
     .scope("payments-deploy")
     .detail(json!({"z": 1, "a": {"nested": [1, 2, "three"]}, "note": "ünïcode"}));
     if let Some(id) = id {
@@ -66,7 +70,8 @@ async fn a_record_goes_from_pending_to_active_to_revoked() {
         assert_eq!(pending.state, KeyState::Pending, "{name}");
         assert_eq!(pending.octopus_key_id, None, "{name}");
 
-        let active = store.activate(&activation(key.id, 1), &event("alice", Action::KeyIssued, Some(key.id))).await.unwrap();
+        let active =
+            store.activate(&activation(key.id, 1), &event("alice", Action::KeyIssued, Some(key.id))).await.unwrap();
         assert_eq!(active.state, KeyState::Active, "{name}");
         assert_eq!(active.octopus_key_id.as_deref(), Some("apikeys-00000000000000000000000001"), "{name}");
         assert_eq!(active.key_hint.as_deref(), Some("API-ABCD"), "{name}");
@@ -83,7 +88,8 @@ async fn a_record_goes_from_pending_to_active_to_revoked() {
         assert!(revoked.revoked_at.is_some(), "{name}");
         // Revoking again changes nothing and writes no event.
         let events = verify(&store).await;
-        let twice = store.mark_revoked(key.id, Utc::now(), &event("alice", Action::KeyRevoked, Some(key.id))).await.unwrap();
+        let twice =
+            store.mark_revoked(key.id, Utc::now(), &event("alice", Action::KeyRevoked, Some(key.id))).await.unwrap();
         assert_eq!(twice.revoked_at, revoked.revoked_at, "{name}");
         assert_eq!(verify(&store).await, events, "{name}");
         assert_eq!(events, 3, "{name}");
@@ -126,7 +132,9 @@ async fn listing_filters_by_requester_scope_and_effective_state_and_pages_by_cur
     for (name, store, _guard) in backends().await {
         let now = Utc::now();
         let mut ids = Vec::new();
-        for (i, (requester, scope)) in [("alice", "s"), ("alice", "t"), ("bob", "s"), ("alice", "s")].into_iter().enumerate() {
+        for (i, (requester, scope)) in
+            [("alice", "s"), ("alice", "t"), ("bob", "s"), ("alice", "s")].into_iter().enumerate()
+        {
             let mut key = new_key(requester, scope, now, 10);
             if i == 3 {
                 key.expires_at = now + Duration::seconds(5);
@@ -139,10 +147,15 @@ async fn listing_filters_by_requester_scope_and_effective_state_and_pages_by_cur
         }
         let page = PageRequest { before_seq: None, limit: 50 };
         let all = store.list_keys(&KeyFilter::default(), page).await.unwrap();
-        assert_eq!(all.iter().map(|k| k.id).collect::<Vec<_>>(), ids.iter().rev().copied().collect::<Vec<_>>(), "{name}");
+        assert_eq!(
+            all.iter().map(|k| k.id).collect::<Vec<_>>(),
+            ids.iter().rev().copied().collect::<Vec<_>>(),
+            "{name}"
+        );
         let alice = KeyFilter { requester: Some("alice".to_owned()), ..Default::default() };
         assert_eq!(store.list_keys(&alice, page).await.unwrap().len(), 3, "{name}");
-        let alice_s = KeyFilter { requester: Some("alice".to_owned()), scope: Some("s".to_owned()), ..Default::default() };
+        let alice_s =
+            KeyFilter { requester: Some("alice".to_owned()), scope: Some("s".to_owned()), ..Default::default() };
         assert_eq!(store.list_keys(&alice_s, page).await.unwrap().len(), 2, "{name}");
 
         // Ten seconds later the short-lived key counts as expired, though no sweep ran.
@@ -157,7 +170,8 @@ async fn listing_filters_by_requester_scope_and_effective_state_and_pages_by_cur
         let mut seen = Vec::new();
         let mut before = None;
         loop {
-            let page = store.list_keys(&KeyFilter::default(), PageRequest { before_seq: before, limit: 1 }).await.unwrap();
+            let page =
+                store.list_keys(&KeyFilter::default(), PageRequest { before_seq: before, limit: 1 }).await.unwrap();
             let Some(last) = page.last() else { break };
             before = Some(last.seq);
             seen.push(last.id);
@@ -218,15 +232,25 @@ async fn audit_events_round_trip_filter_and_chain() {
         verify_chain(GENESIS_HASH.to_owned(), &chain).unwrap();
 
         let page = PageRequest { before_seq: None, limit: 10 };
-        let by_actor = store.list_audit(&AuditFilter { actor: Some("alice".to_owned()), ..Default::default() }, page).await.unwrap();
+        let by_actor = store
+            .list_audit(&AuditFilter { actor: Some("alice".to_owned()), ..Default::default() }, page)
+            .await
+            .unwrap();
         assert_eq!(by_actor.len(), 2, "{name}");
-        let by_action =
-            store.list_audit(&AuditFilter { action: Some("policy.denied".to_owned()), ..Default::default() }, page).await.unwrap();
+        let by_action = store
+            .list_audit(&AuditFilter { action: Some("policy.denied".to_owned()), ..Default::default() }, page)
+            .await
+            .unwrap();
         assert_eq!(by_action.len(), 1, "{name}");
         assert_eq!(by_action[0].outcome, "denied", "{name}");
-        let in_range = AuditFilter { from: Some(second.occurred_at), to: Some(second.occurred_at + Duration::milliseconds(1)), ..Default::default() };
+        let in_range = AuditFilter {
+            from: Some(second.occurred_at),
+            to: Some(second.occurred_at + Duration::milliseconds(1)),
+            ..Default::default()
+        };
         assert_eq!(store.list_audit(&in_range, page).await.unwrap().len(), 1, "{name}");
-        let newest_first = store.list_audit(&AuditFilter::default(), PageRequest { before_seq: None, limit: 2 }).await.unwrap();
+        let newest_first =
+            store.list_audit(&AuditFilter::default(), PageRequest { before_seq: None, limit: 2 }).await.unwrap();
         assert_eq!(newest_first.len(), 2, "{name}");
         assert!(newest_first[0].seq > newest_first[1].seq, "{name}");
     }
@@ -238,7 +262,9 @@ async fn concurrent_appends_never_fork_the_chain() {
         let tasks: Vec<_> = (0..50)
             .map(|i| {
                 let store = store.clone();
-                tokio::spawn(async move { store.append_audit(&event(&format!("actor-{i}"), Action::KeyRequested, None)).await })
+                tokio::spawn(async move {
+                    store.append_audit(&event(&format!("actor-{i}"), Action::KeyRequested, None)).await
+                })
             })
             .collect();
         for t in tasks {
