@@ -44,6 +44,12 @@ impl<'de> Deserialize<'de> for HumanDuration {
 }
 
 /// Parses `"30s"`, `"15m"`, `"12h"`, `"7d"`, `"2w"` and combinations such as `"1d 12h"`.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(keybroker::config::parse_duration("1d 12h"), Ok(Duration::from_secs(36 * 3600)));
+/// assert!(keybroker::config::parse_duration("soon").is_err());
+/// ```
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     if trimmed.is_empty() {

@@ -93,7 +93,7 @@ async fn observe(State(shared): State<AppState>, request: Request, next: Next) -
     if let Some(node) = &shared.node_header {
         response.headers_mut().insert(HeaderName::from_static("octopus-node"), node.clone());
     }
-    tracing::info!(
+    tracing::debug!(
         %method,
         route = route.as_deref().unwrap_or(&path),
         status = response.status().as_u16(),
