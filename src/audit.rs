@@ -175,7 +175,7 @@ struct Canonical<'a> {
 
 /// JSON with object keys sorted at every level, whatever order the value was built or stored
 /// in (PostgreSQL's jsonb reorders keys; serde_json may preserve insertion order).
-fn canonical_json(value: &serde_json::Value) -> String {
+pub fn canonical_json(value: &serde_json::Value) -> String {
     use serde_json::Value;
     match value {
         Value::Object(map) => {

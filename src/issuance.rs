@@ -27,7 +27,7 @@ use crate::policy::{
     self, ExpiryClamp, ExpiryRequest, Policy, PolicyError, Purpose, Scope, UpstreamLimits, octopus_purpose,
     purpose_marker,
 };
-use crate::store::{Activation, KeyRecord, KeyState, NewKey, Store, StoreError};
+use crate::store::{Activation, Idempotency, KeyRecord, KeyState, NewKey, Pending, Store, StoreError};
 
 /// What a caller asked for.
 #[derive(Debug, Clone)]
@@ -35,6 +35,16 @@ pub struct IssueRequest {
     pub scope: String,
     pub purpose: Purpose,
     pub expiry: ExpiryRequest,
+    /// The caller's `Idempotency-Key` with a hash of the request body.
+    pub idempotency: Option<Idempotency>,
+}
+
+/// What an issuance request led to.
+pub enum IssueOutcome {
+    Issued(Issued),
+    /// A retry with an `Idempotency-Key` already used for the same request: the first
+    /// request's record, without the secret.
+    Replayed(KeyRecord),
 }
 
 /// A newly issued key: the record and the secret, which exists nowhere else.
@@ -55,6 +65,8 @@ pub enum ServiceError {
     Forbidden(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("this Idempotency-Key was used with a different request body; use a new key for a new request")]
+    IdempotencyMismatch,
     /// The scope's Octopus account is missing, inactive or not a service account.
     #[error("{0}")]
     ScopeMisconfigured(String),
@@ -184,7 +196,7 @@ impl KeyService {
         principal: &Principal,
         request: IssueRequest,
         ctx: &RequestContext,
-    ) -> Result<Issued, ServiceError> {
+    ) -> Result<IssueOutcome, ServiceError> {
         let policy = self.policy();
         let scope = match policy.authorize(principal, &request.scope) {
             Ok(scope) => scope,
@@ -209,6 +221,7 @@ impl KeyService {
             created_at: now,
             expires_at: expiry.expires_at,
             max_active: scope.max_active_keys_per_requester,
+            idempotency: request.idempotency.clone(),
         };
         let requested = self.event(principal, Action::KeyRequested, Outcome::Success, ctx, scope, id).detail(json!({
             "purpose": request.purpose.as_str(),
@@ -217,7 +230,9 @@ impl KeyService {
             "clamped": expiry.clamped,
         }));
         match self.store.insert_pending(&new_key, &requested, now).await {
-            Ok(()) => {}
+            Ok(Pending::Inserted) => {}
+            Ok(Pending::Existing { same_request: false, .. }) => return Err(ServiceError::IdempotencyMismatch),
+            Ok(Pending::Existing { record, same_request: true }) => return self.replay(record).await,
             Err(StoreError::LimitReached { .. }) => {
                 let err = PolicyError::TooManyActiveKeys {
                     scope: scope.name.clone(),
@@ -261,7 +276,7 @@ impl KeyService {
         match self.store.activate(&activation, &issued_event).await {
             Ok(record) => {
                 tracing::info!(octopus_key_id = %created.id, "issued key");
-                Ok(Issued { record, secret: created.secret, clamped: expiry.clamped })
+                Ok(IssueOutcome::Issued(Issued { record, secret: created.secret, clamped: expiry.clamped }))
             }
             Err(e) => {
                 tracing::error!(error = %e, octopus_key_id = %created.id, "could not record the issued key; revoking it");
@@ -281,6 +296,32 @@ impl KeyService {
                 }
                 Err(ServiceError::Store(e))
             }
+        }
+    }
+
+    /// A retry of a request that already has a record. While the first request is still in
+    /// flight, wait a little for it to finish, so that racing retries get the same answer.
+    async fn replay(&self, mut record: KeyRecord) -> Result<IssueOutcome, ServiceError> {
+        for _ in 0..100 {
+            if record.state != KeyState::Pending {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            match self.store.get_key(record.id).await {
+                Ok(Some(current)) => record = current,
+                Ok(None) => break,
+                Err(e) => return Err(ServiceError::Store(e)),
+            }
+        }
+        match record.state {
+            KeyState::Pending => Err(ServiceError::Conflict(
+                "the first request with this Idempotency-Key is still in progress; retry later".to_owned(),
+            )),
+            KeyState::Failed => Err(ServiceError::Conflict(format!(
+                "the first request with this Idempotency-Key failed (record {}); use a new key to try again",
+                record.id
+            ))),
+            _ => Ok(IssueOutcome::Replayed(record)),
         }
     }
 

@@ -211,6 +211,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound => ApiError::NotFound("no such key record".to_owned()),
             ServiceError::Forbidden(m) => ApiError::Forbidden(m),
             ServiceError::Conflict(m) => ApiError::Conflict(m),
+            e @ ServiceError::IdempotencyMismatch => ApiError::Unprocessable(e.to_string()),
             ServiceError::ScopeMisconfigured(m) => {
                 ApiError::Unavailable(format!("the scope is misconfigured; an operator must fix it: {m}"))
             }

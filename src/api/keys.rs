@@ -1,7 +1,7 @@
 //! `/v1/keys`: issue, list, read, revoke and identify keys.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,9 +16,9 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiQuery, Caller, Ctx};
-use crate::issuance::IssueRequest;
+use crate::issuance::{IssueOutcome, IssueRequest};
 use crate::policy::{ExpiryClamp, ExpiryRequest, Purpose, parse_ttl};
-use crate::store::{KeyFilter, KeyRecord, KeyState, PageRequest};
+use crate::store::{Idempotency, KeyFilter, KeyRecord, KeyState, PageRequest};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -109,9 +109,16 @@ impl KeyView {
     path = "/v1/keys",
     tag = "keys",
     request_body = IssueKeyBody,
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+         description = "1-255 printable ASCII characters. A retry with the same key and body within 24 h returns the first request's record (200, without the secret) and never creates a second Octopus key; the same key with another body is 422."),
+    ),
     responses(
         (status = 201, description = "Issued; the secret is in `api_key`, shown only this once", body = KeyView,
          headers(("Location" = String, description = "The record's URL"), ("Cache-Control" = String, description = "no-store"))),
+        (status = 200, description = "A retry with the same Idempotency-Key and body: the first request's record, without the secret", body = KeyView,
+         headers(("Idempotent-Replayed" = String, description = "true"))),
+        (status = 409, description = "The first request with this Idempotency-Key is still in progress, or failed", body = Problem, content_type = "application/problem+json"),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The caller's teams may not use this scope", body = Problem, content_type = "application/problem+json"),
@@ -129,8 +136,10 @@ pub async fn issue_key(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Ctx(ctx): Ctx,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<IssueKeyBody>,
 ) -> Result<Response, ApiError> {
+    let idempotency = idempotency_of(&headers, &body)?;
     let purpose = Purpose::parse(&body.purpose).map_err(ApiError::BadRequest)?;
     let expiry = match (body.expires_at.as_deref(), body.ttl.as_deref()) {
         (Some(_), Some(_)) => return Err(ApiError::BadRequest("give expires_at or ttl, not both".to_owned())),
@@ -144,16 +153,29 @@ pub async fn issue_key(
         (None, Some(ttl)) => ExpiryRequest::Ttl(parse_ttl(ttl).map_err(ApiError::BadRequest)?),
         (None, None) => ExpiryRequest::Default,
     };
-    let request = IssueRequest { scope: body.scope, purpose, expiry };
+    let request = IssueRequest { scope: body.scope, purpose, expiry, idempotency };
 
     // The protocol runs in its own task: a caller that hangs up or times out must not cut it
     // off between the Octopus call and the record that owns its result.
     let keys = state.keys.clone();
-    let issued = tokio::spawn(async move { keys.issue(&principal, request, &ctx).await })
+    let outcome = tokio::spawn(async move { keys.issue(&principal, request, &ctx).await })
         .await
         .map_err(|e| ApiError::Internal(format!("issuance task failed: {e}")))??;
 
     let now = state.keys.now();
+    let issued = match outcome {
+        IssueOutcome::Issued(issued) => issued,
+        IssueOutcome::Replayed(record) => {
+            let view = KeyView::of(record, now);
+            let mut headers = HeaderMap::new();
+            if let Ok(location) = HeaderValue::from_str(&format!("/v1/keys/{}", view.id)) {
+                headers.insert(header::LOCATION, location);
+            }
+            headers.insert(HeaderName::from_static("idempotent-replayed"), HeaderValue::from_static("true"));
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return Ok((StatusCode::OK, headers, axum::Json(view)).into_response());
+        }
+    };
     let mut view = KeyView::of(issued.record, now);
     view.api_key = Some(issued.secret.expose_secret().to_owned());
     view.expiry_clamped_by = issued.clamped;
@@ -164,6 +186,30 @@ pub async fn issue_key(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     Ok((StatusCode::CREATED, headers, axum::Json(view)).into_response())
+}
+
+/// The `Idempotency-Key` header, if any, with a hash of the request it came with: 1-255
+/// printable ASCII characters.
+fn idempotency_of(headers: &HeaderMap, body: &IssueKeyBody) -> Result<Option<Idempotency>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest("send one Idempotency-Key header, not several".to_owned()));
+    }
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        .ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1-255 printable ASCII characters".to_owned()))?;
+    let canonical = crate::audit::canonical_json(&serde_json::json!({
+        "scope": body.scope,
+        "purpose": body.purpose,
+        "expires_at": body.expires_at,
+        "ttl": body.ttl,
+    }));
+    let request_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes()));
+    Ok(Some(Idempotency { key: key.to_owned(), request_hash }))
 }
 
 /// Filters and paging for `GET /v1/keys`.

@@ -88,6 +88,28 @@ pub struct NewKey {
     pub expires_at: DateTime<Utc>,
     /// The scope's per-requester limit, checked atomically with the insert.
     pub max_active: u32,
+    /// The caller's `Idempotency-Key` and a hash of the request it came with.
+    pub idempotency: Option<Idempotency>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    pub request_hash: String,
+}
+
+/// How long an `Idempotency-Key` is remembered.
+pub const IDEMPOTENCY_WINDOW: chrono::Duration = chrono::Duration::hours(24);
+
+/// The outcome of [`Store::insert_pending`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    Inserted,
+    /// The requester used this `Idempotency-Key` within the window: nothing was written.
+    Existing {
+        record: KeyRecord,
+        same_request: bool,
+    },
 }
 
 /// What Octopus returned, recorded when the key becomes active.
@@ -150,9 +172,16 @@ pub trait Store: Send + Sync + 'static {
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// In one transaction: checks the requester's limit (active or pending, unexpired keys in
-    /// the scope), writes the record as `pending` and appends `event`.
-    async fn insert_pending(&self, key: &NewKey, event: &NewAuditEvent, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// In one transaction: looks up the requester's `Idempotency-Key` (a use within
+    /// [`IDEMPOTENCY_WINDOW`] returns that record and writes nothing), checks the requester's
+    /// limit (active or pending, unexpired keys in the scope), writes the record as `pending` and
+    /// appends `event`.
+    async fn insert_pending(
+        &self,
+        key: &NewKey,
+        event: &NewAuditEvent,
+        now: DateTime<Utc>,
+    ) -> Result<Pending, StoreError>;
 
     /// In one transaction: a pending record becomes active, and `event` is appended.
     async fn activate(&self, activation: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError>;

@@ -1,6 +1,7 @@
 //! The PostgreSQL store, for several replicas. Concurrency rules:
-//! - the per-requester limit is checked under a transaction-scoped advisory lock on
-//!   (requester, scope), so simultaneous requests of one requester cannot overshoot it;
+//! - the per-requester limit and the `Idempotency-Key` are checked under a transaction-scoped
+//!   advisory lock on the requester, so simultaneous requests of one requester cannot overshoot
+//!   the limit or issue twice;
 //! - audit appends take one transaction-scoped advisory lock for the chain, so the chain never
 //!   forks. Lock order is always limit lock, then chain lock, so no deadlock is possible.
 
@@ -13,7 +14,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::{Activation, AuditFilter, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Store, StoreError};
+use super::{
+    Activation, AuditFilter, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Pending, Store,
+    StoreError,
+};
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 
 /// Advisory lock namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
@@ -152,14 +156,44 @@ impl Store for PgStore {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
     }
 
-    async fn insert_pending(&self, key: &NewKey, event: &NewAuditEvent, now: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn insert_pending(
+        &self,
+        key: &NewKey,
+        event: &NewAuditEvent,
+        now: DateTime<Utc>,
+    ) -> Result<Pending, StoreError> {
         let mut tx = self.write_tx().await?;
+        // One lock per requester covers both the limit and the idempotency key.
         sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
             .bind(LIMIT_LOCK)
-            .bind(format!("{}\u{1f}{}", key.requester, key.scope))
+            .bind(&key.requester)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+        if let Some(idem) = &key.idempotency {
+            let row = sqlx::query(&format!(
+                "SELECT {KEY_COLUMNS}, request_hash FROM key_records WHERE requester = $1 AND idempotency_key = $2"
+            ))
+            .bind(&key.requester)
+            .bind(&idem.key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            if let Some(row) = row {
+                let record = key_from_row(&row)?;
+                if record.created_at > now - IDEMPOTENCY_WINDOW {
+                    let hash: Option<String> = row.try_get("request_hash").map_err(db_err)?;
+                    let same_request = hash.as_deref() == Some(idem.request_hash.as_str());
+                    return Ok(Pending::Existing { record, same_request });
+                }
+                // Remembered long enough: the key may be used afresh.
+                sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = $1")
+                    .bind(record.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            }
+        }
         let active: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM key_records WHERE requester = $1 AND scope = $2 \
              AND state IN ('pending', 'active') AND expires_at > $3",
@@ -175,8 +209,8 @@ impl Store for PgStore {
             return Err(StoreError::LimitReached { active });
         }
         sqlx::query(
-            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, updated_at) \
-             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $6)",
+            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
+             updated_at, idempotency_key, request_hash) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $6, $8, $9)",
         )
         .bind(key.id)
         .bind(&key.scope)
@@ -185,11 +219,14 @@ impl Store for PgStore {
         .bind(&key.octopus_user_id)
         .bind(store_precision(key.created_at))
         .bind(store_precision(key.expires_at))
+        .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
+        .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
         append_in(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(db_err)?;
+        Ok(Pending::Inserted)
     }
 
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {

@@ -12,7 +12,10 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
-use super::{Activation, AuditFilter, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Store, StoreError};
+use super::{
+    Activation, AuditFilter, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Pending, Store,
+    StoreError,
+};
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 
 pub struct SqliteStore {
@@ -164,8 +167,37 @@ impl Store for SqliteStore {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
     }
 
-    async fn insert_pending(&self, key: &NewKey, event: &NewAuditEvent, now: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn insert_pending(
+        &self,
+        key: &NewKey,
+        event: &NewAuditEvent,
+        now: DateTime<Utc>,
+    ) -> Result<Pending, StoreError> {
         let mut tx = self.write_tx().await?;
+        if let Some(idem) = &key.idempotency {
+            let row = sqlx::query(&format!(
+                "SELECT {KEY_COLUMNS}, request_hash FROM key_records WHERE requester = ? AND idempotency_key = ?"
+            ))
+            .bind(&key.requester)
+            .bind(&idem.key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            if let Some(row) = row {
+                let record = key_from_row(&row)?;
+                if record.created_at > now - IDEMPOTENCY_WINDOW {
+                    let hash: Option<String> = row.try_get("request_hash").map_err(db_err)?;
+                    let same_request = hash.as_deref() == Some(idem.request_hash.as_str());
+                    return Ok(Pending::Existing { record, same_request });
+                }
+                // Remembered long enough: the key may be used afresh.
+                sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = ?")
+                    .bind(record.id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            }
+        }
         let active: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM key_records WHERE requester = ? AND scope = ? \
              AND state IN ('pending', 'active') AND expires_at > ?",
@@ -181,8 +213,8 @@ impl Store for SqliteStore {
             return Err(StoreError::LimitReached { active });
         }
         sqlx::query(
-            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, updated_at) \
-             VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
+             updated_at, idempotency_key, request_hash) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
         )
         .bind(key.id.to_string())
         .bind(&key.scope)
@@ -192,11 +224,14 @@ impl Store for SqliteStore {
         .bind(fmt_time(key.created_at))
         .bind(fmt_time(key.expires_at))
         .bind(fmt_time(key.created_at))
+        .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
+        .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
         append_in(&mut tx, event).await?;
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(db_err)?;
+        Ok(Pending::Inserted)
     }
 
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {

@@ -8,6 +8,7 @@ mod cli;
 mod concurrency;
 mod database;
 mod helpers;
+mod idempotency;
 mod keys;
 mod octopus_client;
 mod openapi;

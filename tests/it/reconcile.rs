@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use keybroker::audit::{AuditRecord, NewAuditEvent};
 use keybroker::octopus_sim::DEMO_BROKER_API_KEY;
 use keybroker::store::{
-    Activation, AuditFilter, KeyFilter, KeyRecord, NewKey, PageRequest, SqliteStore, Store, StoreError,
+    Activation, AuditFilter, KeyFilter, KeyRecord, NewKey, PageRequest, Pending, SqliteStore, Store, StoreError,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -36,7 +36,12 @@ impl Store for FlakyStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
-    async fn insert_pending(&self, key: &NewKey, event: &NewAuditEvent, now: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn insert_pending(
+        &self,
+        key: &NewKey,
+        event: &NewAuditEvent,
+        now: DateTime<Utc>,
+    ) -> Result<Pending, StoreError> {
         if self.fail_pending.load(Ordering::SeqCst) {
             return Err(down());
         }
@@ -128,6 +133,7 @@ async fn leave_an_orphan(app: &TestApp) -> (Uuid, String) {
         created_at: now,
         expires_at: now + chrono::Duration::days(1),
         max_active: 3,
+        idempotency: None,
     };
     let event = NewAuditEvent::new(
         now,

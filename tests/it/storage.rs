@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use keybroker::audit::{Action, GENESIS_HASH, NewAuditEvent, Outcome, RequestContext, verify_chain};
-use keybroker::store::{Activation, AuditFilter, KeyFilter, KeyState, NewKey, PageRequest, Store, StoreError};
+use keybroker::store::{
+    Activation, AuditFilter, Idempotency, KeyFilter, KeyState, NewKey, PageRequest, Pending, Store, StoreError,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -21,6 +23,7 @@ fn new_key(requester: &str, scope: &str, now: DateTime<Utc>, max_active: u32) ->
         created_at: now,
         expires_at: now + Duration::days(1),
         max_active,
+        idempotency: None,
     }
 }
 
@@ -290,12 +293,61 @@ async fn concurrent_requests_of_one_requester_respect_the_limit() {
         let mut ok = 0;
         for t in tasks {
             match t.await.unwrap() {
-                Ok(()) => ok += 1,
+                Ok(Pending::Inserted) => ok += 1,
                 Err(StoreError::LimitReached { .. }) => {}
+                Ok(other) => panic!("{name}: unexpected {other:?}"),
                 Err(e) => panic!("{name}: unexpected {e}"),
             }
         }
         assert_eq!(ok, 3, "{name}");
         assert_eq!(verify(&store).await, 3, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_first_record_within_the_window() {
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let idem = |hash: &str| Some(Idempotency { key: "retry-1".to_owned(), request_hash: hash.to_owned() });
+        let mut first = new_key("alice", "s", now, 5);
+        first.idempotency = idem("h1");
+        let ev = event("alice", Action::KeyRequested, Some(first.id));
+        assert_eq!(store.insert_pending(&first, &ev, now).await.unwrap(), Pending::Inserted, "{name}");
+
+        let mut retry = new_key("alice", "s", now, 5);
+        retry.idempotency = idem("h1");
+        match store.insert_pending(&retry, &event("alice", Action::KeyRequested, Some(retry.id)), now).await.unwrap() {
+            Pending::Existing { record, same_request } => {
+                assert_eq!(record.id, first.id, "{name}");
+                assert!(same_request, "{name}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+        assert!(store.get_key(retry.id).await.unwrap().is_none(), "{name}: a replay writes nothing");
+
+        let mut other_body = new_key("alice", "s", now, 5);
+        other_body.idempotency = idem("h2");
+        let outcome =
+            store.insert_pending(&other_body, &event("alice", Action::KeyRequested, None), now).await.unwrap();
+        assert!(matches!(outcome, Pending::Existing { same_request: false, .. }), "{name}");
+
+        // Another requester has its own keys.
+        let mut bobs = new_key("bob", "s", now, 5);
+        bobs.idempotency = idem("h1");
+        assert_eq!(
+            store.insert_pending(&bobs, &event("bob", Action::KeyRequested, None), now).await.unwrap(),
+            Pending::Inserted,
+            "{name}"
+        );
+
+        // After the window the key may be used afresh.
+        let later = now + Duration::hours(25);
+        let mut fresh = new_key("alice", "s", later, 5);
+        fresh.idempotency = idem("h1");
+        assert_eq!(
+            store.insert_pending(&fresh, &event("alice", Action::KeyRequested, None), later).await.unwrap(),
+            Pending::Inserted,
+            "{name}"
+        );
     }
 }
