@@ -232,7 +232,7 @@ impl KeyService {
         match self.store.insert_pending(&new_key, &requested, now).await {
             Ok(Pending::Inserted) => {}
             Ok(Pending::Existing { same_request: false, .. }) => return Err(ServiceError::IdempotencyMismatch),
-            Ok(Pending::Existing { record, same_request: true }) => return self.replay(record).await,
+            Ok(Pending::Existing { record, same_request: true }) => return self.replay(*record).await,
             Err(StoreError::LimitReached { .. }) => {
                 let err = PolicyError::TooManyActiveKeys {
                     scope: scope.name.clone(),

@@ -184,7 +184,7 @@ impl Store for PgStore {
                 if record.created_at > now - IDEMPOTENCY_WINDOW {
                     let hash: Option<String> = row.try_get("request_hash").map_err(db_err)?;
                     let same_request = hash.as_deref() == Some(idem.request_hash.as_str());
-                    return Ok(Pending::Existing { record, same_request });
+                    return Ok(Pending::Existing { record: Box::new(record), same_request });
                 }
                 // Remembered long enough: the key may be used afresh.
                 sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = $1")
