@@ -107,7 +107,7 @@ pub enum Pending {
     Inserted,
     /// The requester used this `Idempotency-Key` within the window: nothing was written.
     Existing {
-        record: KeyRecord,
+        record: Box<KeyRecord>,
         same_request: bool,
     },
 }
