@@ -102,6 +102,12 @@ async fn a_store_failure_before_the_octopus_call_creates_nothing() {
     assert_eq!(res.status(), 503);
     assert_eq!(app.sim.request_count("POST /api/users/{id}/apikeys"), 0);
     assert!(app.keybroker_keys_in_octopus().is_empty());
+    assert_chain_verifies(&app).await;
+}
+
+async fn assert_chain_verifies(app: &TestApp) {
+    let verify: Value = app.get("/v1/audit/verify", &app.auditor()).await.json().await.unwrap();
+    assert_eq!(verify["ok"], true, "{verify}");
 }
 
 #[tokio::test]
@@ -116,6 +122,7 @@ async fn a_store_failure_after_the_octopus_call_revokes_the_new_key() {
     assert!(app.keybroker_keys_in_octopus().is_empty(), "the unrecorded key must be revoked at once");
     let failed: Value = app.get("/v1/keys?state=failed", &app.alice()).await.json().await.unwrap();
     assert_eq!(failed["items"].as_array().unwrap().len(), 1);
+    assert_chain_verifies(&app).await;
 }
 
 /// What a crash between "pending" and "active" leaves: a pending record and an Octopus key that
