@@ -15,6 +15,7 @@ use crate::auth::Authenticator;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::issuance::KeyService;
+use crate::metrics::Metrics;
 use crate::octopus::OctopusClient;
 use crate::store::{self, Store};
 
@@ -51,11 +52,19 @@ impl App {
                 store
             }
         };
-        let octopus = OctopusClient::new(&config.octopus).context("cannot build the Octopus HTTP client")?;
+        let metrics = Metrics::new();
+        let octopus = OctopusClient::with_metrics(&config.octopus, metrics.clone())
+            .context("cannot build the Octopus HTTP client")?;
         let http = reqwest::Client::builder().build().context("cannot build the HTTP client for JWKS")?;
         let auth = Authenticator::new(&config.auth, http).map_err(|e| anyhow::anyhow!(e))?;
-        let keys =
-            Arc::new(KeyService::new(store, octopus, clock, config.policy.clone(), config.audit.hmac_secret.clone()));
+        let keys = Arc::new(KeyService::new(
+            store,
+            octopus,
+            clock,
+            config.policy.clone(),
+            config.audit.hmac_secret.clone(),
+            metrics,
+        ));
         match keys.refresh_upstream_limits().await {
             Ok(limits) => tracing::info!(
                 server_max_days = ?limits.server_max_days,

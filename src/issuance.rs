@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::auth::Principal;
 use crate::clock::Clock;
+use crate::metrics::Metrics;
 use crate::octopus::{OctopusClient, OctopusError, OctopusUser, Revoked, key_hint};
 use crate::policy::{
     self, ExpiryClamp, ExpiryRequest, Policy, PolicyError, Purpose, Scope, UpstreamLimits, octopus_purpose,
@@ -84,6 +85,7 @@ pub struct KeyService {
     policy: RwLock<Arc<Policy>>,
     upstream: RwLock<UpstreamLimits>,
     hmac_secret: SecretString,
+    metrics: Arc<Metrics>,
 }
 
 impl KeyService {
@@ -93,8 +95,10 @@ impl KeyService {
         clock: Arc<dyn Clock>,
         policy: Policy,
         hmac_secret: SecretString,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics,
             store,
             octopus,
             clock,
@@ -110,6 +114,17 @@ impl KeyService {
 
     pub fn octopus(&self) -> &Arc<OctopusClient> {
         &self.octopus
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Counts a failed write of the audit trail (every such failure refuses the action).
+    fn audit_failed(&self, e: &StoreError) {
+        if !matches!(e, StoreError::LimitReached { .. }) {
+            self.metrics.audit_append_failures.inc();
+        }
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -147,7 +162,11 @@ impl KeyService {
     /// Writes an event outside any key change (denials, configuration). Errors are returned so
     /// callers decide whether to fail closed.
     pub async fn audit(&self, event: NewAuditEvent) -> Result<(), StoreError> {
-        self.store.append_audit(&event).await
+        let result = self.store.append_audit(&event).await;
+        if let Err(e) = &result {
+            self.audit_failed(e);
+        }
+        result
     }
 
     async fn deny(&self, principal: &Principal, ctx: &RequestContext, scope: &str, err: PolicyError) -> ServiceError {
@@ -155,6 +174,7 @@ impl KeyService {
             .scope(scope)
             .detail(json!({ "reason": err.to_string() }));
         if let Err(e) = self.store.append_audit(&event).await {
+            self.audit_failed(&e);
             // Fail closed: nothing was done anyway, but say the trail is down.
             tracing::error!(error = %e, "could not audit a policy denial");
             return ServiceError::Store(e);
@@ -190,8 +210,33 @@ impl KeyService {
     }
 
     /// Issues a key (see the module documentation for the protocol).
-    #[tracing::instrument(skip_all, fields(scope = %request.scope, requester = %principal.subject, key_id))]
     pub async fn issue(
+        &self,
+        principal: &Principal,
+        request: IssueRequest,
+        ctx: &RequestContext,
+    ) -> Result<IssueOutcome, ServiceError> {
+        let scope_label = self.scope_label(&request.scope);
+        let result = self.issue_inner(principal, request, ctx).await;
+        let outcome = match &result {
+            Ok(IssueOutcome::Issued(_)) => "issued",
+            Ok(IssueOutcome::Replayed(_)) => "replayed",
+            Err(ServiceError::Policy(_)) => "denied",
+            Err(ServiceError::IdempotencyMismatch | ServiceError::Conflict(_)) => "invalid",
+            Err(_) => "failed",
+        };
+        self.metrics.issuance(&scope_label, outcome);
+        result
+    }
+
+    /// A metrics label for a requested scope: its name if it exists, else `unknown` (callers
+    /// choose the text, so it must not become a label as is).
+    pub fn scope_label(&self, scope: &str) -> String {
+        if self.policy().get(scope).is_some() { scope.to_owned() } else { "unknown".to_owned() }
+    }
+
+    #[tracing::instrument(skip_all, fields(scope = %request.scope, requester = %principal.subject, key_id))]
+    async fn issue_inner(
         &self,
         principal: &Principal,
         request: IssueRequest,
@@ -241,6 +286,7 @@ impl KeyService {
                 return Err(self.deny(principal, ctx, &request.scope, err).await);
             }
             Err(e) => {
+                self.audit_failed(&e);
                 tracing::error!(error = %e, "could not write the pending record; Octopus not called");
                 return Err(ServiceError::Store(e));
             }
@@ -279,6 +325,7 @@ impl KeyService {
                 Ok(IssueOutcome::Issued(Issued { record, secret: created.secret, clamped: expiry.clamped }))
             }
             Err(e) => {
+                self.audit_failed(&e);
                 tracing::error!(error = %e, octopus_key_id = %created.id, "could not record the issued key; revoking it");
                 match self.octopus.delete_api_key(&account.id, &created.id).await {
                     Ok(_) => {

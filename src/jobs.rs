@@ -62,6 +62,7 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileRepo
                 tracing::info!(key_id = %record.id, revoked = revoked.len(), "reconciled an unfinished issuance");
                 report.failed += 1;
                 report.revoked_keys += revoked.len();
+                keys.metrics().reconciled.inc();
             }
             Err(e) => {
                 tracing::warn!(key_id = %record.id, error = %e, "reconciler cannot mark the record failed; will retry");

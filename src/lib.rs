@@ -13,6 +13,7 @@ pub mod config;
 pub mod dev;
 pub mod issuance;
 pub mod jobs;
+pub mod metrics;
 pub mod octopus;
 pub mod octopus_sim;
 pub mod policy;

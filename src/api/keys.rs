@@ -139,21 +139,10 @@ pub async fn issue_key(
     headers: HeaderMap,
     ApiJson(body): ApiJson<IssueKeyBody>,
 ) -> Result<Response, ApiError> {
-    let idempotency = idempotency_of(&headers, &body)?;
-    let purpose = Purpose::parse(&body.purpose).map_err(ApiError::BadRequest)?;
-    let expiry = match (body.expires_at.as_deref(), body.ttl.as_deref()) {
-        (Some(_), Some(_)) => return Err(ApiError::BadRequest("give expires_at or ttl, not both".to_owned())),
-        (Some(at), None) => ExpiryRequest::At(
-            DateTime::parse_from_rfc3339(at.trim())
-                .map_err(|_| {
-                    ApiError::BadRequest(format!("expires_at `{}` is not an RFC 3339 time", at.escape_debug()))
-                })?
-                .with_timezone(&Utc),
-        ),
-        (None, Some(ttl)) => ExpiryRequest::Ttl(parse_ttl(ttl).map_err(ApiError::BadRequest)?),
-        (None, None) => ExpiryRequest::Default,
-    };
-    let request = IssueRequest { scope: body.scope, purpose, expiry, idempotency };
+    let scope_label = state.keys.scope_label(&body.scope);
+    let request = parse_issue_request(&headers, body).inspect_err(|_| {
+        state.keys.metrics().issuance(&scope_label, "invalid");
+    })?;
 
     // The protocol runs in its own task: a caller that hangs up or times out must not cut it
     // off between the Octopus call and the record that owns its result.
@@ -186,6 +175,25 @@ pub async fn issue_key(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     Ok((StatusCode::CREATED, headers, axum::Json(view)).into_response())
+}
+
+/// Validates an issuance request at the edge.
+fn parse_issue_request(headers: &HeaderMap, body: IssueKeyBody) -> Result<IssueRequest, ApiError> {
+    let idempotency = idempotency_of(headers, &body)?;
+    let purpose = Purpose::parse(&body.purpose).map_err(ApiError::BadRequest)?;
+    let expiry = match (body.expires_at.as_deref(), body.ttl.as_deref()) {
+        (Some(_), Some(_)) => return Err(ApiError::BadRequest("give expires_at or ttl, not both".to_owned())),
+        (Some(at), None) => ExpiryRequest::At(
+            DateTime::parse_from_rfc3339(at.trim())
+                .map_err(|_| {
+                    ApiError::BadRequest(format!("expires_at `{}` is not an RFC 3339 time", at.escape_debug()))
+                })?
+                .with_timezone(&Utc),
+        ),
+        (None, Some(ttl)) => ExpiryRequest::Ttl(parse_ttl(ttl).map_err(ApiError::BadRequest)?),
+        (None, None) => ExpiryRequest::Default,
+    };
+    Ok(IssueRequest { scope: body.scope, purpose, expiry, idempotency })
 }
 
 /// The `Idempotency-Key` header, if any, with a hash of the request it came with: 1-255

@@ -7,17 +7,18 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod keys;
+pub mod meta;
 pub mod scopes;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::State;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -31,7 +32,9 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::auth::Authenticator;
 use crate::config::ServerConfig;
 use crate::issuance::KeyService;
+use crate::metrics::Metrics;
 use error::{REQUEST_ID, problem_response};
+use utoipa_swagger_ui::SwaggerUi;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -54,6 +57,7 @@ pub struct AppState {
         (name = "scopes", description = "What the caller may request, and who they are"),
         (name = "audit", description = "The hash-chained audit trail (auditors and admins)"),
         (name = "health", description = "Liveness and readiness"),
+        (name = "meta", description = "Metrics and this document; Swagger UI is at /docs"),
     )
 )]
 struct ApiDoc;
@@ -75,6 +79,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(scopes::router())
         .merge(audit::router())
         .merge(health::router())
+        .merge(meta::router())
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.
@@ -93,17 +98,15 @@ pub fn openapi_json() -> String {
 /// The complete application router.
 pub fn router(state: AppState, server: &ServerConfig) -> Router {
     let (routes, _) = api_routes().split_for_parts();
-    let spec = openapi_json();
     let x_request_id = HeaderName::from_static("x-request-id");
+    let metrics = state.keys.metrics().clone();
 
+    // Swagger UI's files are compiled into the binary (utoipa-swagger-ui's `vendored`), and it
+    // reads the same /openapi.json as every other client.
+    let swagger: Router<AppState> =
+        SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")).into();
     let routes = routes
-        .route(
-            "/openapi.json",
-            get(move || {
-                let spec = spec.clone();
-                async move { ([(header::CONTENT_TYPE, "application/json")], spec) }
-            }),
-        )
+        .merge(swagger)
         .fallback(|| async {
             problem_response(StatusCode::NOT_FOUND, "not-found", "Not found", "no such route".to_owned())
         })
@@ -133,6 +136,7 @@ pub fn router(state: AppState, server: &ServerConfig) -> Router {
         }))
         .layer(cors(server))
         .layer(middleware::from_fn(problem_bodies))
+        .layer(middleware::from_fn_with_state(metrics, http_metrics))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request<Body>| {
@@ -163,6 +167,16 @@ fn cors(server: &ServerConfig) -> CorsLayer {
         ])
         .expose_headers([header::LOCATION, HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
         .max_age(std::time::Duration::from_secs(600))
+}
+
+/// Counts the request and its latency by method, route template and status.
+async fn http_metrics(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
+    let response = next.run(req).await;
+    metrics.observe_http(&method, &route, response.status().as_u16(), started.elapsed());
+    response
 }
 
 /// Runs the request with its id in scope (so problem bodies carry it) and turns any error that

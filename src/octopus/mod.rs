@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use crate::config::{OctopusConfig, OctopusCredential};
+use crate::metrics::Metrics;
 use model::{
     ApiKeyCreatedResource, ApiKeyResource, AuthenticationResource, CreateApiKey, ErrorBody, LoginCommand, Page,
     UserResource,
@@ -137,6 +138,7 @@ pub struct OctopusClient {
     session: Mutex<Option<Session>>,
     users: RwLock<HashMap<String, OctopusUser>>,
     retries: u32,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for OctopusClient {
@@ -152,6 +154,11 @@ const MAX_PAGES: usize = 1000;
 
 impl OctopusClient {
     pub fn new(config: &OctopusConfig) -> Result<Arc<Self>, reqwest::Error> {
+        Self::with_metrics(config, Metrics::new())
+    }
+
+    /// Like [`OctopusClient::new`], recording call latency and outcomes in `metrics`.
+    pub fn with_metrics(config: &OctopusConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .timeout(config.timeout)
@@ -168,6 +175,7 @@ impl OctopusClient {
             session: Mutex::new(None),
             users: RwLock::new(HashMap::new()),
             retries: 3,
+            metrics,
         }))
     }
 
@@ -177,7 +185,7 @@ impl OctopusClient {
 
     /// `GET /api/authentication`: the server's default and maximum key lifetimes.
     pub async fn key_settings(&self) -> Result<ServerKeySettings, OctopusError> {
-        let res: AuthenticationResource = self.get_json("api/authentication", &[]).await?;
+        let res: AuthenticationResource = self.get_json("get_authentication", "api/authentication", &[]).await?;
         Ok(ServerKeySettings {
             default_expiry_days: res.api_key_default_expiry_days,
             max_expiry_days: res.api_key_max_expiry_days,
@@ -187,7 +195,7 @@ impl OctopusClient {
 
     /// `GET /api/users/me`: the cheapest check that the credential works.
     pub async fn current_user(&self) -> Result<OctopusUser, OctopusError> {
-        let me: UserResource = self.get_json("api/users/me", &[]).await?;
+        let me: UserResource = self.get_json("get_current_user", "api/users/me", &[]).await?;
         Ok(user_from(me))
     }
 
@@ -238,6 +246,7 @@ impl OctopusClient {
         for _ in 0..MAX_PAGES {
             let page: Page<UserResource> = self
                 .get_json(
+                    "find_user",
                     "api/users",
                     &[("filter", username.to_owned()), ("skip", skip.to_string()), ("take", PAGE_SIZE.to_string())],
                 )
@@ -277,7 +286,7 @@ impl OctopusClient {
     ) -> Result<CreatedKey, OctopusError> {
         let path = format!("api/users/{}/apikeys", seg(user_id));
         let body = CreateApiKey { purpose, expires: format_octopus_time(expires), user_id };
-        let response = self.send_once(Method::POST, &path, &[], Some(&body)).await?;
+        let response = self.send_once("create_api_key", Method::POST, &path, &[], Some(&body)).await?;
         let created: ApiKeyCreatedResource = read_json(response).await?;
         if !looks_like_api_key(&created.api_key) {
             return Err(OctopusError::Unavailable {
@@ -307,7 +316,7 @@ impl OctopusClient {
             if let Some(p) = partial_purpose {
                 query.push(("partialPurpose", p.to_owned()));
             }
-            let page: Page<ApiKeyResource> = self.get_json(&path, &query).await?;
+            let page: Page<ApiKeyResource> = self.get_json("list_api_keys", &path, &query).await?;
             let count = page.items.len();
             let more = page.has_next();
             out.extend(page.items.into_iter().map(key_from));
@@ -322,7 +331,7 @@ impl OctopusClient {
     /// `GET /api/users/{id}/apikeys/{keyId}`; `None` when Octopus answers 404.
     pub async fn get_api_key(&self, user_id: &str, key_id: &str) -> Result<Option<ApiKeyInfo>, OctopusError> {
         let path = format!("api/users/{}/apikeys/{}", seg(user_id), seg(key_id));
-        match self.get_json::<ApiKeyResource>(&path, &[]).await {
+        match self.get_json::<ApiKeyResource>("get_api_key", &path, &[]).await {
             Ok(key) => Ok(Some(key_from(key))),
             Err(OctopusError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
@@ -332,15 +341,20 @@ impl OctopusClient {
     /// `DELETE /api/users/{id}/apikeys/{keyId}`; a 404 means it was already gone.
     pub async fn delete_api_key(&self, user_id: &str, key_id: &str) -> Result<Revoked, OctopusError> {
         let path = format!("api/users/{}/apikeys/{}", seg(user_id), seg(key_id));
-        match self.send_idempotent(Method::DELETE, &path, &[]).await {
+        match self.send_idempotent("delete_api_key", Method::DELETE, &path, &[]).await {
             Ok(_) => Ok(Revoked::Deleted),
             Err(OctopusError::NotFound { .. }) => Ok(Revoked::AlreadyGone),
             Err(e) => Err(e),
         }
     }
 
-    async fn get_json<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> Result<T, OctopusError> {
-        let response = self.send_idempotent(Method::GET, path, query).await?;
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, OctopusError> {
+        let response = self.send_idempotent(op, Method::GET, path, query).await?;
         read_json(response).await
     }
 
@@ -348,13 +362,14 @@ impl OctopusClient {
     /// failures.
     async fn send_idempotent(
         &self,
+        op: &'static str,
         method: Method,
         path: &str,
         query: &[(&str, String)],
     ) -> Result<Response, OctopusError> {
         let mut attempt = 0;
         loop {
-            let result = self.send_once::<()>(method.clone(), path, query, None).await;
+            let result = self.send_once::<()>(op, method.clone(), path, query, None).await;
             let retry_after = match &result {
                 Err(OctopusError::RateLimited { retry_after }) => Some(retry_after.unwrap_or(Duration::from_secs(1))),
                 Err(OctopusError::Unavailable { .. } | OctopusError::Timeout) => Some(Duration::ZERO),
@@ -379,6 +394,7 @@ impl OctopusClient {
     /// once and the request repeated, which is safe because Octopus did not process it.
     async fn send_once<B: serde::Serialize>(
         &self,
+        op: &'static str,
         method: Method,
         path: &str,
         query: &[(&str, String)],
@@ -393,21 +409,32 @@ impl OctopusClient {
             }
             let request = self.authenticate(request, relogged).await?;
             let started = std::time::Instant::now();
-            let response = request.send().await.map_err(transport_error)?;
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) => {
+                    let err = transport_error(e);
+                    self.metrics.observe_octopus(op, outcome_label(&err), started.elapsed());
+                    return Err(err);
+                }
+            };
             let status = response.status();
-            tracing::debug!(%method, path, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "octopus call");
+            tracing::debug!(op, %method, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "octopus call");
             if status.is_success() {
+                self.metrics.observe_octopus(op, "ok", started.elapsed());
                 return Ok(response);
             }
             if status == StatusCode::UNAUTHORIZED
                 && !relogged
                 && matches!(self.credential, OctopusCredential::Login { .. })
             {
+                self.metrics.observe_octopus(op, "session_expired", started.elapsed());
                 relogged = true;
                 *self.session.lock().await = None;
                 continue;
             }
-            return Err(error_from(response).await);
+            let err = error_from(response).await;
+            self.metrics.observe_octopus(op, outcome_label(&err), started.elapsed());
+            return Err(err);
         }
     }
 
@@ -460,6 +487,17 @@ impl OctopusClient {
                 detail: "Octopus accepted the login but set no session cookies".to_owned(),
             }),
         }
+    }
+}
+
+fn outcome_label(e: &OctopusError) -> &'static str {
+    match e {
+        OctopusError::Rejected { .. } => "rejected",
+        OctopusError::NotFound { .. } => "not_found",
+        OctopusError::Credential { .. } => "credential",
+        OctopusError::RateLimited { .. } => "rate_limited",
+        OctopusError::Timeout => "timeout",
+        OctopusError::Unavailable { .. } => "unavailable",
     }
 }
 

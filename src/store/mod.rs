@@ -201,6 +201,9 @@ pub trait Store: Send + Sync + 'static {
     /// reconciler.
     async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
 
+    /// Active, unexpired records per scope at `now` (for the `active_keys` gauge).
+    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError>;
+
     /// The record whose secret has this keyed hash.
     async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError>;
 

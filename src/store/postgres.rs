@@ -339,6 +339,17 @@ impl Store for PgStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > $1 GROUP BY scope ORDER BY scope",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
+    }
+
     async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = $1"))
             .bind(hmac)

@@ -6,6 +6,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod concurrency;
+mod contract;
 mod crash;
 mod database;
 mod helpers;

@@ -68,6 +68,9 @@ impl Store for FlakyStore {
     async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner.pending_before(cutoff, limit).await
     }
+    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.active_counts(now).await
+    }
     async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.find_by_secret_hmac(hmac).await
     }

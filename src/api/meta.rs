@@ -1,0 +1,48 @@
+//! `/metrics` and `/openapi.json`: the service describing itself.
+
+use std::sync::OnceLock;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(metrics)).routes(routes!(openapi_document))
+}
+
+/// Prometheus metrics.
+///
+/// Requests and latency by route and status, issuance outcomes by scope, Octopus call latency
+/// and outcomes by operation, active keys by scope, audit append failures.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "meta",
+    responses((status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain"))
+)]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    match state.keys.store().active_counts(state.keys.now()).await {
+        Ok(counts) => state.keys.metrics().set_active_keys(&counts),
+        Err(e) => tracing::warn!(error = %e, "cannot count active keys for /metrics"),
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.keys.metrics().render(),
+    )
+}
+
+/// This OpenAPI document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object, content_type = "application/json"))
+)]
+pub async fn openapi_document() -> impl IntoResponse {
+    static SPEC: OnceLock<String> = OnceLock::new();
+    ([(header::CONTENT_TYPE, "application/json")], SPEC.get_or_init(super::openapi_json).clone())
+}
