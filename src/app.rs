@@ -125,6 +125,8 @@ impl App {
         let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
         refresher.abort();
         reconciler.abort();
+        self.state.keys.store().close().await;
+        tracing::info!("stopped: requests finished, jobs stopped, database closed");
         result.context("the HTTP server failed")
     }
 }

@@ -45,6 +45,25 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Print an HS256 token for this configuration's [auth] (bots, docker compose, trials).
+    MintToken {
+        #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
+        config: PathBuf,
+        /// The token's subject (recorded as the requester).
+        #[arg(long)]
+        sub: String,
+        /// A team (repeatable), written to the configured teams claim.
+        #[arg(long = "team")]
+        teams: Vec<String>,
+        /// Lifetime, such as "1h".
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Exit 0 when URL answers 2xx (a container health check for images without curl).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
     /// Run the Octopus Server simulator alone.
     OctopusSim {
         #[arg(long, default_value_t = 8065)]
@@ -111,6 +130,40 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             telemetry::init(LogFormat::from_env(LogFormat::Pretty));
             crate::octopus_sim::run_standalone(port, seed.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::MintToken { config, sub, teams, ttl } => {
+            let config = Config::load(&config)?;
+            let secret = config.auth.hs256_secret.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("auth.hs256_secret_file is not set: tokens come from your identity provider")
+            })?;
+            let ttl = crate::policy::parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
+            let now = chrono::Utc::now().timestamp();
+            let mut claims = serde_json::json!({
+                "iss": config.auth.issuer, "aud": config.auth.audience, "sub": sub, "name": sub,
+                "iat": now, "nbf": now - 5, "exp": now + ttl.num_seconds(),
+            });
+            claims[config.auth.teams_claim.as_str()] = serde_json::json!(teams);
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret.expose_secret().as_bytes()),
+            )?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck { url } => {
+            let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?;
+            match client.get(&url).send().await {
+                Ok(res) if res.status().is_success() => Ok(ExitCode::SUCCESS),
+                Ok(res) => {
+                    eprintln!("{url} answered {}", res.status());
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("{url}: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::Openapi => Ok(ExitCode::SUCCESS),
     }

@@ -115,18 +115,14 @@ fn default_request_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDatabase {
-    #[serde(default = "default_database_url")]
-    url: String,
+    url: Option<String>,
+    /// A file holding the URL, for URLs that carry a password.
+    url_file: Option<PathBuf>,
 }
 
-impl Default for RawDatabase {
-    fn default() -> Self {
-        Self { url: default_database_url() }
-    }
-}
 
 fn default_database_url() -> String {
     "sqlite://keybroker.db".to_owned()
@@ -380,6 +376,22 @@ impl Config {
         Self::from_figment(&figment, base)
     }
 
+    /// Checks only the shape of a configuration (TOML text plus `KEYBROKER_<SECTION>__<KEY>`
+    /// pairs): every key known and of the right type. Secret files are not read. The deployment
+    /// tests use it on the compose file's environment.
+    pub fn check_shape(text: &str, env: &[(String, String)]) -> Result<(), ConfigError> {
+        let mut figment = Figment::new().merge(Toml::string(text));
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("KEYBROKER_").filter(|r| r.contains("__")) else { continue };
+            let key = rest.to_lowercase().replace("__", ".");
+            // The environment provider parses values the same way.
+            let parsed: figment::value::Value =
+                value.parse().unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+            figment = figment.merge(figment::providers::Serialized::default(&key, parsed));
+        }
+        figment.extract::<RawConfig>().map(|_| ()).map_err(|e| ConfigError(figment_message(&e)))
+    }
+
     /// Validates a configuration given as TOML text, without environment overrides
     /// (tests and dev mode).
     pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
@@ -423,7 +435,23 @@ impl Config {
             request_timeout: nonzero("server.request_timeout", raw.server.request_timeout)?,
         };
 
-        let db_url = raw.database.url.trim().to_owned();
+        let db_url = match (raw.database.url, raw.database.url_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::at(
+                    "database.url_file",
+                    "both database.url and database.url_file are set; keep one",
+                ));
+            }
+            (Some(url), None) => url.trim().to_owned(),
+            (None, Some(file)) => {
+                let path = base.join(file);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| ConfigError::at("database.url_file", format!("cannot read {}: {e}", path.display())))?
+                    .trim()
+                    .to_owned()
+            }
+            (None, None) => default_database_url(),
+        };
         if !(db_url.starts_with("sqlite:") || db_url.starts_with("postgres://") || db_url.starts_with("postgresql://"))
         {
             return Err(ConfigError::at(

@@ -172,6 +172,9 @@ pub trait Store: Send + Sync + 'static {
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Closes the connection pool (at shutdown, after the last request).
+    async fn close(&self) {}
+
     /// In one transaction: looks up the requester's `Idempotency-Key` (a use within
     /// [`IDEMPOTENCY_WINDOW`] returns that record and writes nothing), checks the requester's
     /// limit (active or pending, unexpired keys in the scope), writes the record as `pending` and

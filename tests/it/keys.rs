@@ -514,10 +514,12 @@ async fn shutting_down_lets_an_issuance_in_flight_finish() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     let sim = app.sim.clone();
     let url = app.url.clone();
+    let store = app.state.keys.store().clone();
     app.stop().await;
     let res = in_flight.await.unwrap().unwrap();
     assert_eq!(res.status(), 201);
     assert_eq!(sim.api_keys().iter().filter(|k| k.purpose.starts_with("keybroker:")).count(), 1);
-    // And the server no longer accepts connections.
+    // And the server no longer accepts connections, and its database pool is closed.
     assert!(reqwest::get(format!("{url}/healthz")).await.is_err());
+    assert!(store.ping().await.is_err());
 }

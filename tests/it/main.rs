@@ -9,6 +9,7 @@ mod concurrency;
 mod contract;
 mod crash;
 mod database;
+mod deploy;
 mod helpers;
 mod idempotency;
 mod keys;

@@ -36,6 +36,9 @@ impl Store for FlakyStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
+    async fn close(&self) {
+        self.inner.close().await;
+    }
     async fn insert_pending(
         &self,
         key: &NewKey,
