@@ -123,7 +123,6 @@ struct RawDatabase {
     url_file: Option<PathBuf>,
 }
 
-
 fn default_database_url() -> String {
     "sqlite://keybroker.db".to_owned()
 }

@@ -33,8 +33,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[schema(example = json!({"scope": "payments-deploy", "purpose": "deploy pipeline for payments-api", "ttl": "7d"}))]
 pub struct IssueKeyBody {
     /// The scope's name, as listed by `GET /v1/scopes`.
+    #[schema(min_length = 1, max_length = 64)]
     pub scope: String,
     /// Why the key is needed: 1-200 printable characters, shown in Octopus next to the key.
+    #[schema(min_length = 1, max_length = 200)]
     pub purpose: String,
     /// When the key expires (RFC 3339). Not in the past, not beyond the scope's maximum.
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -110,7 +112,7 @@ impl KeyView {
     tag = "keys",
     request_body = IssueKeyBody,
     params(
-        ("Idempotency-Key" = Option<String>, Header,
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[ -~]*[!-~][ -~]*$",
          description = "1-255 printable ASCII characters. A retry with the same key and body within 24 h returns the first request's record (200, without the secret) and never creates a second Octopus key; the same key with another body is 422."),
     ),
     responses(
@@ -227,13 +229,15 @@ fn idempotency_of(headers: &HeaderMap, body: &IssueKeyBody) -> Result<Option<Ide
 pub struct ListKeysQuery {
     /// Only this scope.
     pub scope: Option<String>,
-    /// Only this state (`pending`, `active`, `revoked`, `expired`, `failed`).
-    pub state: Option<String>,
+    /// Only this state.
+    pub state: Option<KeyState>,
     /// Only this requester (auditors and admins; others only see their own keys).
     pub requester: Option<String>,
     /// The `next_cursor` of the previous page.
+    #[param(min_length = 1)]
     pub cursor: Option<String>,
     /// Page size, 1-200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
 }
 
@@ -299,13 +303,7 @@ pub async fn list_keys(
             _ => Some(principal.subject.clone()),
         }
     };
-    let state_filter = query
-        .state
-        .as_deref()
-        .map(|s| {
-            KeyState::parse(s).ok_or_else(|| ApiError::BadRequest(format!("unknown state `{}`", s.escape_debug())))
-        })
-        .transpose()?;
+    let state_filter = query.state;
     let limit = page_limit(query.limit)?;
     let before_seq = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let now = state.keys.now();
@@ -393,6 +391,7 @@ pub async fn revoke_key(
 #[serde(deny_unknown_fields)]
 pub struct IdentifyBody {
     /// The full secret, as found (e.g. `API-...`).
+    #[schema(min_length = 1, max_length = 256)]
     pub api_key: String,
 }
 
@@ -411,6 +410,8 @@ pub struct IdentifyBody {
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the auditor or admin role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No key issued by keybroker has this secret", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
