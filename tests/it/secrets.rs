@@ -339,3 +339,32 @@ fn assert_logs_clean(logs: &Mutex<Vec<u8>>, id: &str, secret: &str, tokens: &[&s
         assert!(!text.contains(&value), "the logs hold {what}");
     }
 }
+
+#[tokio::test]
+async fn every_request_gets_one_access_log_line_with_its_request_id_and_route() {
+    let logs = capture_logs();
+    let app = TestApp::spawn().await;
+    let request_id = format!("trace-{}", uuid::Uuid::new_v4());
+    let res = app
+        .http
+        .get(format!("{}/v1/keys/{}", app.url, uuid::Uuid::new_v4()))
+        .bearer_auth(app.alice())
+        .header("x-request-id", &request_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["x-request-id"], request_id.as_str(), "the caller's request id is echoed");
+    let text = logs_text(&logs);
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| l.contains(&request_id))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "handled" || l["fields"]["message"] == "handled")
+        .collect();
+    assert_eq!(lines.len(), 1, "one access-log line per request: {text}");
+    let line = lines[0].to_string();
+    assert!(line.contains("/v1/keys/{id}"), "the route template is logged: {line}");
+    assert!(line.contains("404"), "the status is logged: {line}");
+    assert!(!line.contains(&app.alice()[..40]), "no token in the access log");
+}
