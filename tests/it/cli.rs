@@ -1,13 +1,9 @@
 //! The command line as an operator uses it: `check-config`, `migrate`, `openapi`.
 
-use std::process::Command;
-
 use keybroker::dev::demo_config_toml;
 use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
 
-use crate::helpers::{HMAC_SECRET, JWT_SECRET};
-
-const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
+use crate::helpers::{HMAC_SECRET, JWT_SECRET, keybroker_command};
 
 fn write_config(dir: &std::path::Path, octopus_url: &str, edit: impl FnOnce(String) -> String) -> std::path::PathBuf {
     std::fs::write(dir.join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
@@ -18,16 +14,8 @@ fn write_config(dir: &std::path::Path, octopus_url: &str, edit: impl FnOnce(Stri
     path
 }
 
-/// Runs the binary without the caller's KEYBROKER_* environment.
 fn keybroker(args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KEYBROKER_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.output().unwrap()
+    keybroker_command(args).output().unwrap()
 }
 
 #[tokio::test]

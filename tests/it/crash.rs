@@ -1,7 +1,7 @@
 //! A real `kill -9` of `keybroker serve` between the Octopus call and the record that owns its
 //! result, then a restart: the reconciler must revoke the orphan and the audit chain must verify.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
@@ -12,21 +12,16 @@ use sqlx::Connection;
 
 use crate::helpers::{HMAC_SECRET, JWT_SECRET};
 
-const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn serve(config: &std::path::Path) -> Child {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--config", config.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KEYBROKER_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.spawn().unwrap()
+    crate::helpers::keybroker_command(&["serve", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 async fn wait_healthy(http: &reqwest::Client, url: &str) {

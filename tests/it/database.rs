@@ -11,8 +11,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::helpers::{TestApp, TestOptions, postgres_url};
 
-const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
-
 fn config_with_db(dir: &std::path::Path, db_url: &str) -> std::path::PathBuf {
     std::fs::write(dir.join("octopus-api-key"), keybroker::octopus_sim::DEMO_BROKER_API_KEY).unwrap();
     std::fs::write(dir.join("jwt-hs256"), crate::helpers::JWT_SECRET).unwrap();
@@ -26,14 +24,7 @@ fn config_with_db(dir: &std::path::Path, db_url: &str) -> std::path::PathBuf {
 }
 
 fn run(args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("KEYBROKER_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.output().unwrap()
+    crate::helpers::keybroker_command(args).output().unwrap()
 }
 
 #[test]

@@ -242,3 +242,15 @@ pub async fn backends() -> Vec<(&'static str, Arc<dyn Store>, BackendGuard)> {
     }
     out
 }
+
+/// The `keybroker` binary with `args`, without the test runner's KEYBROKER_* environment.
+pub fn keybroker_command(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"));
+    cmd.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KEYBROKER_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
