@@ -486,6 +486,14 @@ impl Config {
             expiry_sweep_interval: nonzero("jobs.expiry_sweep_interval", raw.jobs.expiry_sweep_interval)?,
         };
 
+        // A request must outlive the Octopus call it waits for, or callers would time out while
+        // their key is being made.
+        if server.request_timeout <= octopus.timeout * 2 {
+            return Err(ConfigError::at(
+                "server.request_timeout",
+                format!("must be longer than twice octopus.timeout ({:?})", octopus.timeout),
+            ));
+        }
         // A pending record younger than an Octopus call could still be in flight.
         if jobs.pending_grace <= octopus.timeout * 2 {
             return Err(ConfigError::at(
@@ -898,6 +906,13 @@ max_ttl = "30d"
     fn the_login_flow_needs_a_password() {
         let text = sample().replace("api_key_file = \"octopus-api-key\"", "username = \"broker\"");
         assert!(error(&text).contains("octopus.password_file"));
+    }
+
+    #[test]
+    fn a_request_timeout_shorter_than_the_octopus_calls_is_refused() {
+        let text = sample().replace("[octopus]", "[server]\nrequest_timeout = \"15s\"\n\n[octopus]");
+        let e = error(&text);
+        assert!(e.contains("server.request_timeout"), "{e}");
     }
 
     #[test]

@@ -77,15 +77,30 @@ impl JwksCache {
         }
     }
 
-    async fn fetch(&self) -> Result<JwkSet, reqwest::Error> {
-        self.http
+    /// Fetches the document and keeps the keys jsonwebtoken understands: identity providers
+    /// publish encryption keys and algorithms it does not know next to the signing keys, and one
+    /// such key must not make the whole set unreadable.
+    async fn fetch(&self) -> Result<JwkSet, String> {
+        let document: serde_json::Value = self
+            .http
             .get(self.url.clone())
             .timeout(Duration::from_secs(5))
             .send()
-            .await?
-            .error_for_status()?
-            .json::<JwkSet>()
             .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let keys = document
+            .get("keys")
+            .and_then(serde_json::Value::as_array)
+            .ok_or_else(|| "the document has no \"keys\" array".to_owned())?
+            .iter()
+            .filter(|k| k.get("use").and_then(serde_json::Value::as_str).is_none_or(|u| u == "sig"))
+            .filter_map(|k| serde_json::from_value(k.clone()).ok())
+            .collect();
+        Ok(JwkSet { keys })
     }
 }
 

@@ -539,3 +539,25 @@ async fn a_rotated_in_key_is_not_fetched_again_within_the_refresh_interval() {
     // Meanwhile the cached k1 keeps working.
     me(&app, &rs256(Some("k1"), RSA_PRIVATE, &claims("alice@example.com", &[]))).await;
 }
+
+#[tokio::test]
+async fn keys_the_verifier_cannot_use_do_not_spoil_the_rest_of_the_jwks() {
+    let mut document: Value = serde_json::from_str(JWKS_K1).unwrap();
+    let keys = document["keys"].as_array_mut().unwrap();
+    let signing = keys[0].clone();
+    let mut encryption = signing.clone();
+    encryption["kid"] = json!("enc-1");
+    encryption["use"] = json!("enc");
+    encryption["alg"] = json!("RSA-OAEP-256");
+    keys.insert(0, encryption);
+    keys.insert(0, json!({"kty": "unknown-type", "kid": "odd"}));
+    let mut strange_alg = signing;
+    strange_alg["kid"] = json!("odd-alg");
+    strange_alg["alg"] = json!("PS999");
+    keys.push(strange_alg);
+    let leaked: &'static str = Box::leak(document.to_string().into_boxed_str());
+    let jwks = JwksServer::start(leaked).await;
+    let app = jwks_app(&jwks).await;
+    let token = rs256(Some("k1"), RSA_PRIVATE, &claims("alice@example.com", &["payments"]));
+    assert_eq!(me(&app, &token).await["subject"], "alice@example.com");
+}

@@ -259,3 +259,39 @@ async fn metrics_report_requests_issuances_octopus_calls_and_active_keys() {
     assert_eq!(metric(&text, r#"keybroker_active_keys{scope="payments-deploy"}"#), None);
     assert_eq!(metric(&text, r#"keybroker_octopus_calls_total{operation="delete_api_key",outcome="ok"}"#), Some(1.0));
 }
+
+#[tokio::test]
+async fn portals_on_the_allow_list_may_call_the_api_from_a_browser() {
+    let app = TestApp::spawn().await;
+    // The demo configuration allows http://localhost:3000.
+    let preflight = |origin: &'static str| {
+        app.http
+            .request(reqwest::Method::OPTIONS, format!("{}/v1/keys", app.url))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header("Access-Control-Request-Headers", "authorization, content-type, idempotency-key")
+            .send()
+    };
+    let allowed = preflight("http://localhost:3000").await.unwrap();
+    assert!(allowed.status().is_success());
+    assert_eq!(allowed.headers()["access-control-allow-origin"], "http://localhost:3000");
+    let methods = allowed.headers()["access-control-allow-methods"].to_str().unwrap().to_owned();
+    assert!(methods.contains("POST") && methods.contains("DELETE"), "{methods}");
+    let headers = allowed.headers()["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+    assert!(headers.contains("authorization") && headers.contains("idempotency-key"), "{headers}");
+
+    let denied = preflight("https://evil.example.com").await.unwrap();
+    assert!(denied.headers().get("access-control-allow-origin").is_none());
+
+    let res = app
+        .http
+        .get(format!("{}/v1/me", app.url))
+        .bearer_auth(app.alice())
+        .header("Origin", "http://localhost:3000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["access-control-allow-origin"], "http://localhost:3000");
+    let exposed = res.headers()["access-control-expose-headers"].to_str().unwrap().to_lowercase();
+    assert!(exposed.contains("location") && exposed.contains("x-request-id"), "{exposed}");
+}
