@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
@@ -18,9 +17,6 @@ use crate::issuance::KeyService;
 use crate::metrics::Metrics;
 use crate::octopus::OctopusClient;
 use crate::store::{self, Store};
-
-/// How often Octopus's key limits (server maximum, broker key expiry) are re-read.
-const UPSTREAM_REFRESH: Duration = Duration::from_secs(300);
 
 /// Everything a running keybroker holds.
 pub struct App {
@@ -91,8 +87,15 @@ impl App {
             "octopus_url": config.octopus.url.as_str(),
         }));
         keys.audit(loaded).await.context("cannot write the audit trail")?;
-        let state = AppState { keys, auth: Arc::new(auth) };
+        let state = AppState { keys, auth: Arc::new(auth), reloader: None };
         Ok(Self { state, config })
+    }
+
+    /// Remembers where the configuration came from, so it can be reloaded (SIGHUP,
+    /// `POST /v1/admin/reload`).
+    pub fn with_config_path(mut self, path: &std::path::Path) -> Self {
+        self.state.reloader = Some(Arc::new(crate::reload::Reloader::new(path)));
+        self
     }
 
     pub fn router(&self) -> axum::Router {
@@ -105,30 +108,35 @@ impl App {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let keys = self.state.keys.clone();
-        let refresher = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(UPSTREAM_REFRESH);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                if let Err(e) = keys.refresh_upstream_limits().await {
-                    tracing::warn!(error = %e, "could not refresh Octopus's API key limits");
-                }
-            }
-        });
-        let reconciler = crate::jobs::spawn_reconciler(
-            self.state.keys.clone(),
-            self.config.jobs.reconcile_interval,
-            self.config.jobs.pending_grace,
-        );
+        let mut jobs = crate::jobs::spawn_all(self.state.keys.clone(), &self.config.jobs, self.config.webhooks.clone());
+        if let Some(reloader) = self.state.reloader.clone() {
+            jobs.push(spawn_sighup_reload(self.state.keys.clone(), reloader));
+        }
         let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
         let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-        refresher.abort();
-        reconciler.abort();
+        for job in jobs {
+            job.abort();
+        }
         self.state.keys.store().close().await;
         tracing::info!("stopped: requests finished, jobs stopped, database closed");
         result.context("the HTTP server failed")
     }
+}
+
+/// Reloads the policy on SIGHUP.
+fn spawn_sighup_reload(keys: Arc<KeyService>, reloader: Arc<crate::reload::Reloader>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the policy");
+                let _ = reloader.reload(&keys, "keybroker (SIGHUP)", &RequestContext::default()).await;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (keys, reloader);
+    })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -32,6 +32,16 @@ pub enum Action {
     PolicyDenied,
     #[serde(rename = "config.loaded")]
     ConfigLoaded,
+    #[serde(rename = "config.reloaded")]
+    ConfigReloaded,
+    #[serde(rename = "config.reload_refused")]
+    ConfigReloadRefused,
+    #[serde(rename = "webhook.delivery")]
+    WebhookDelivery,
+    #[serde(rename = "drift.unmanaged")]
+    DriftUnmanaged,
+    #[serde(rename = "credential.expiring")]
+    CredentialExpiring,
 }
 
 impl Action {
@@ -47,6 +57,11 @@ impl Action {
             Self::AuthDenied => "auth.denied",
             Self::PolicyDenied => "policy.denied",
             Self::ConfigLoaded => "config.loaded",
+            Self::ConfigReloaded => "config.reloaded",
+            Self::ConfigReloadRefused => "config.reload_refused",
+            Self::WebhookDelivery => "webhook.delivery",
+            Self::DriftUnmanaged => "drift.unmanaged",
+            Self::CredentialExpiring => "credential.expiring",
         }
     }
 }

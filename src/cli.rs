@@ -100,9 +100,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { config } => {
             telemetry::init(LogFormat::from_env(LogFormat::Json));
-            let config = Config::load(&config)?;
+            let path = config;
+            let config = Config::load(&path)?;
             let listen = config.server.listen;
-            let app = App::build(config).await?;
+            let app = App::build(config).await?.with_config_path(&path);
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;

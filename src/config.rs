@@ -79,6 +79,26 @@ struct RawConfig {
     jobs: RawJobs,
     #[serde(default)]
     webhooks: Vec<RawWebhook>,
+    #[serde(default)]
+    lifecycle: RawLifecycle,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLifecycle {
+    #[serde(default)]
+    on_scope_removed: ScopeRemoval,
+}
+
+/// What a policy reload does to the active keys of a scope it removes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeRemoval {
+    /// They stay valid until they expire (or are revoked one by one).
+    #[default]
+    Keep,
+    /// They are revoked at once, each audited.
+    Revoke,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +227,12 @@ struct RawJobs {
     pending_grace: HumanDuration,
     #[serde(default = "default_expiry_sweep_interval")]
     expiry_sweep_interval: HumanDuration,
+    #[serde(default = "default_webhook_interval")]
+    webhook_interval: HumanDuration,
+    #[serde(default = "default_expiry_sweep_interval")]
+    drift_interval: HumanDuration,
+    #[serde(default = "default_expiry_sweep_interval")]
+    credential_check_interval: HumanDuration,
 }
 
 impl Default for RawJobs {
@@ -215,8 +241,15 @@ impl Default for RawJobs {
             reconcile_interval: default_reconcile_interval(),
             pending_grace: default_pending_grace(),
             expiry_sweep_interval: default_expiry_sweep_interval(),
+            webhook_interval: default_webhook_interval(),
+            drift_interval: default_expiry_sweep_interval(),
+            credential_check_interval: default_expiry_sweep_interval(),
         }
     }
+}
+
+fn default_webhook_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 
 fn default_reconcile_interval() -> HumanDuration {
@@ -252,6 +285,7 @@ pub struct Config {
     pub policy: Policy,
     pub jobs: JobsConfig,
     pub webhooks: Vec<WebhookConfig>,
+    pub on_scope_removed: ScopeRemoval,
 }
 
 #[derive(Debug, Clone)]
@@ -342,6 +376,9 @@ pub struct JobsConfig {
     pub reconcile_interval: Duration,
     pub pending_grace: Duration,
     pub expiry_sweep_interval: Duration,
+    pub webhook_interval: Duration,
+    pub drift_interval: Duration,
+    pub credential_check_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -484,6 +521,9 @@ impl Config {
             reconcile_interval: nonzero("jobs.reconcile_interval", raw.jobs.reconcile_interval)?,
             pending_grace: nonzero("jobs.pending_grace", raw.jobs.pending_grace)?,
             expiry_sweep_interval: nonzero("jobs.expiry_sweep_interval", raw.jobs.expiry_sweep_interval)?,
+            webhook_interval: nonzero("jobs.webhook_interval", raw.jobs.webhook_interval)?,
+            drift_interval: nonzero("jobs.drift_interval", raw.jobs.drift_interval)?,
+            credential_check_interval: nonzero("jobs.credential_check_interval", raw.jobs.credential_check_interval)?,
         };
 
         // A request must outlive the Octopus call it waits for, or callers would time out while
@@ -518,7 +558,17 @@ impl Config {
             webhooks.push(WebhookConfig { url, events: hook.events, secret });
         }
 
-        Ok(Self { server, database, octopus, auth, audit: AuditConfig { hmac_secret }, policy, jobs, webhooks })
+        Ok(Self {
+            server,
+            database,
+            octopus,
+            auth,
+            audit: AuditConfig { hmac_secret },
+            policy,
+            jobs,
+            webhooks,
+            on_scope_removed: raw.lifecycle.on_scope_removed,
+        })
     }
 }
 

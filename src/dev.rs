@@ -134,7 +134,7 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
         demo_config_toml(&octopus_url, &listen.to_string(), &dir.path().join("keybroker.db")),
     )?;
     let config = Config::load(&config_path)?;
-    let app = App::build(config).await?;
+    let app = App::build(config).await?.with_config_path(&config_path);
 
     let ttl = chrono::Duration::hours(12);
     let requester =

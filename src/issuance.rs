@@ -267,6 +267,7 @@ impl KeyService {
             expires_at: expiry.expires_at,
             max_active: scope.max_active_keys_per_requester,
             idempotency: request.idempotency.clone(),
+            requester_teams: principal.teams.iter().cloned().collect(),
         };
         let requested = self.event(principal, Action::KeyRequested, Outcome::Success, ctx, scope, id).detail(json!({
             "purpose": request.purpose.as_str(),
@@ -467,6 +468,37 @@ impl KeyService {
                 "by_owner": owner,
             }));
         self.store.mark_revoked(id, now, &event).await.map_err(ServiceError::Store)
+    }
+
+    /// keybroker acting on its own (jobs, retries): an admin named `keybroker`.
+    pub fn system_principal() -> Principal {
+        Principal {
+            subject: "keybroker".to_owned(),
+            display_name: "keybroker".to_owned(),
+            teams: std::collections::BTreeSet::new(),
+            roles: [crate::auth::Role::Requester, crate::auth::Role::Admin].into(),
+        }
+    }
+
+    /// Marks a record whose key must go (offboarding, a removed scope), then revokes it. If the
+    /// revocation fails the mark stays and the reconciler retries it.
+    pub async fn revoke_requested(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+        ctx: &RequestContext,
+    ) -> Result<KeyRecord, ServiceError> {
+        self.store.request_revocation(id, self.now()).await.map_err(ServiceError::Store)?;
+        self.revoke(principal, id, ctx).await
+    }
+
+    /// Replaces the policy (a reload). Returns the previous one.
+    pub fn replace_policy(&self, policy: Policy) -> Arc<Policy> {
+        let new = Arc::new(policy);
+        match self.policy.write() {
+            Ok(mut current) => std::mem::replace(&mut *current, new),
+            Err(_) => new,
+        }
     }
 
     /// The record a leaked secret belongs to, via its keyed hash.

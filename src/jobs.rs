@@ -1,13 +1,24 @@
-//! Background jobs. The reconciler finishes issuances that a crash or a lost Octopus answer
-//! left `pending`: it revokes any Octopus key carrying the record's marker (nobody received its
-//! secret) and marks the record `failed`.
+//! Background jobs: each runs on an interval, and under a lease in the database so that with
+//! several replicas only one runs it at a time. Every run is counted in the metrics (last run,
+//! duration, outcome).
+//!
+//! - `reconcile`: finishes issuances that a crash or a lost Octopus answer left `pending` (their
+//!   Octopus key, found by its marker, is revoked; the record fails), and retries revocations
+//!   that were asked for but failed;
+//! - `expiry-sweep`: active records past their expiry become `expired`, each audited;
+//! - `webhooks`: writes due notices to the outbox and delivers them;
+//! - `drift`: compares active records with Octopus (see [`crate::drift`]);
+//! - `credential`: re-reads Octopus's limits and the broker credential's expiry (every replica).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::config::{JobsConfig, WebhookConfig};
 use crate::issuance::KeyService;
 
 /// What one reconciliation pass did.
@@ -19,11 +30,13 @@ pub struct ReconcileReport {
     pub revoked_keys: usize,
     /// Records left pending because Octopus or the database failed; retried next pass.
     pub deferred: usize,
+    /// Revocations asked for earlier (offboarding, removed scopes) that succeeded this time.
+    pub revocations_retried: usize,
 }
 
 const BATCH: u32 = 100;
 
-/// One pass over pending records older than `grace`.
+/// One pass over pending records older than `grace`, and over revocations still to do.
 pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileReport {
     let mut report = ReconcileReport::default();
     let cutoff = keys.now() - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::minutes(2));
@@ -70,22 +83,176 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileRepo
             }
         }
     }
+    match keys.store().revocations_to_retry(BATCH).await {
+        Ok(records) => {
+            let system = KeyService::system_principal();
+            for record in records {
+                match keys.revoke(&system, record.id, &RequestContext::default()).await {
+                    Ok(_) => report.revocations_retried += 1,
+                    Err(e) => tracing::warn!(key_id = %record.id, error = %e, "revocation still failing; will retry"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reconciler cannot read revocations to retry"),
+    }
     report
 }
 
-/// Runs the reconciler every `interval` until the returned handle is aborted.
-pub fn spawn_reconciler(keys: Arc<KeyService>, interval: Duration, grace: Duration) -> tokio::task::JoinHandle<()> {
+/// Marks active records past their expiry as expired, one audit event each. Returns how many.
+pub async fn expire_once(keys: &KeyService) -> Result<usize, String> {
+    let now = keys.now();
+    let due = keys.store().due_for_expiry(now, 500).await.map_err(|e| e.to_string())?;
+    let mut expired = 0;
+    for record in due {
+        let event =
+            NewAuditEvent::new(now, "keybroker", Action::KeyExpired, Outcome::Success, &RequestContext::default())
+                .scope(&record.scope)
+                .key(record.id)
+                .octopus_key(record.octopus_key_id.as_deref())
+                .detail(json!({ "expires_at": record.expires_at, "requester": record.requester }));
+        if keys.store().mark_expired(record.id, &event).await.map_err(|e| e.to_string())? {
+            expired += 1;
+        }
+    }
+    Ok(expired)
+}
+
+/// Watches keybroker's own credential: re-reads Octopus's limits, exports the expiry, and audits
+/// a warning once per threshold (20 and 10 days) per process.
+pub async fn watch_credential(keys: &KeyService, warned: &std::sync::Mutex<Vec<i64>>) -> Result<(), String> {
+    let limits = keys.refresh_upstream_limits().await.map_err(|e| e.to_string())?;
+    let Some(expires) = limits.broker_key_expires else {
+        keys.metrics().credential_expiry.set(0);
+        return Ok(());
+    };
+    keys.metrics().credential_expiry.set(expires.timestamp());
+    let left = expires - keys.now();
+    for days in crate::webhooks::WARNING_DAYS {
+        if left <= chrono::Duration::days(days) {
+            let first = warned
+                .lock()
+                .map(|mut w| {
+                    !w.contains(&days) && {
+                        w.push(days);
+                        true
+                    }
+                })
+                .unwrap_or(false);
+            if first {
+                tracing::warn!(%expires, "keybroker's Octopus credential expires within {days} days");
+                let event = NewAuditEvent::new(
+                    keys.now(),
+                    "keybroker",
+                    Action::CredentialExpiring,
+                    Outcome::Failure,
+                    &RequestContext::default(),
+                )
+                .detail(json!({ "expires_at": expires, "threshold_days": days }));
+                keys.audit(event).await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+type JobFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
+/// Runs `run` every `interval`; when `leased`, only while holding the job's lease.
+fn spawn_job(
+    keys: Arc<KeyService>,
+    name: &'static str,
+    interval: Duration,
+    leased: bool,
+    holder: String,
+    run: impl Fn(Arc<KeyService>) -> JobFuture + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        // The first pass waits one interval: a record that is pending at start-up is at least
-        // that much older by then, and tests that stage records are not raced.
+        // The first pass waits one interval: a record pending at start-up is at least that much
+        // older by then, and tests that stage records are not raced.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ttl = chrono::Duration::from_std(interval * 3).unwrap_or(chrono::Duration::minutes(5));
         loop {
             tick.tick().await;
-            let report = reconcile_once(&keys, grace).await;
-            if report != ReconcileReport::default() {
-                tracing::info!(?report, "reconciliation pass");
+            let started = std::time::Instant::now();
+            let at = keys.now();
+            if leased {
+                match keys.store().try_lease(name, &holder, at, ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        keys.metrics().job_ran(name, "skipped", at, started.elapsed());
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = name, error = %e, "cannot take the job lease");
+                        keys.metrics().job_ran(name, "error", at, started.elapsed());
+                        continue;
+                    }
+                }
+            }
+            match run(keys.clone()).await {
+                Ok(summary) => {
+                    if !summary.is_empty() {
+                        tracing::info!(job = name, %summary, "job ran");
+                    }
+                    keys.metrics().job_ran(name, "ok", at, started.elapsed());
+                }
+                Err(e) => {
+                    tracing::warn!(job = name, error = %e, "job failed");
+                    keys.metrics().job_ran(name, "error", at, started.elapsed());
+                }
             }
         }
     })
+}
+
+/// Starts every background job. Abort the handles to stop them.
+pub fn spawn_all(
+    keys: Arc<KeyService>,
+    jobs: &JobsConfig,
+    webhooks: Vec<WebhookConfig>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let grace = jobs.pending_grace;
+    let webhooks = Arc::new(webhooks);
+    let http = reqwest::Client::new();
+    let warned = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let drift = Arc::new(crate::drift::DriftState::default());
+    vec![
+        spawn_job(keys.clone(), "reconcile", jobs.reconcile_interval, true, holder.clone(), move |keys| {
+            Box::pin(async move {
+                let r = reconcile_once(&keys, grace).await;
+                Ok(if r == ReconcileReport::default() { String::new() } else { format!("{r:?}") })
+            })
+        }),
+        spawn_job(keys.clone(), "expiry-sweep", jobs.expiry_sweep_interval, true, holder.clone(), |keys| {
+            Box::pin(async move {
+                let n = expire_once(&keys).await?;
+                Ok(if n == 0 { String::new() } else { format!("{n} keys expired") })
+            })
+        }),
+        spawn_job(keys.clone(), "webhooks", jobs.webhook_interval, true, holder.clone(), move |keys| {
+            let (webhooks, http) = (webhooks.clone(), http.clone());
+            Box::pin(async move {
+                let queued = crate::webhooks::enqueue_notices(&keys, &webhooks).await?;
+                let report = crate::webhooks::deliver_due(&keys, &webhooks, &http).await;
+                Ok(if queued == 0 && report == Default::default() {
+                    String::new()
+                } else {
+                    format!("{queued} queued, {report:?}")
+                })
+            })
+        }),
+        spawn_job(keys.clone(), "drift", jobs.drift_interval, true, holder.clone(), move |keys| {
+            let drift = drift.clone();
+            Box::pin(async move {
+                let report = crate::drift::scan(&keys, &drift).await?;
+                Ok(if report.is_quiet() { String::new() } else { format!("{report:?}") })
+            })
+        }),
+        spawn_job(keys, "credential", jobs.credential_check_interval, false, holder, move |keys| {
+            let warned = warned.clone();
+            Box::pin(async move { watch_credential(&keys, &warned).await.map(|()| String::new()) })
+        }),
+    ]
 }

@@ -49,6 +49,25 @@ pub struct ScopeLabels {
     pub scope: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    pub event: String,
+    /// `delivered`, `retry`, `gave_up`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub job: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobOutcomeLabels {
+    pub job: String,
+    /// `ok`, `error`, `skipped` (another replica holds the lease).
+    pub outcome: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -66,6 +85,12 @@ pub struct Metrics {
     pub active_keys: Family<ScopeLabels, Gauge>,
     pub audit_append_failures: Counter,
     pub reconciled: Counter,
+    pub webhook_deliveries: Family<WebhookLabels, Counter>,
+    pub job_runs: Family<JobOutcomeLabels, Counter>,
+    pub job_last_run: Family<JobLabels, Gauge>,
+    pub job_duration_ms: Family<JobLabels, Gauge>,
+    pub unmanaged_keys: Gauge,
+    pub credential_expiry: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,6 +110,34 @@ impl Metrics {
         let active_keys = Family::<ScopeLabels, Gauge>::default();
         let audit_append_failures = Counter::default();
         let reconciled = Counter::default();
+        let webhook_deliveries = Family::<WebhookLabels, Counter>::default();
+        let job_runs = Family::<JobOutcomeLabels, Counter>::default();
+        let job_last_run = Family::<JobLabels, Gauge>::default();
+        let job_duration_ms = Family::<JobLabels, Gauge>::default();
+        let unmanaged_keys = Gauge::default();
+        let credential_expiry = Gauge::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by event and outcome",
+            webhook_deliveries.clone(),
+        );
+        registry.register("job_runs", "Background job runs by job and outcome", job_runs.clone());
+        registry.register("job_last_run_timestamp_seconds", "When each job last ran (Unix time)", job_last_run.clone());
+        registry.register(
+            "job_last_duration_milliseconds",
+            "How long each job's last run took",
+            job_duration_ms.clone(),
+        );
+        registry.register(
+            "unmanaged_octopus_keys",
+            "Octopus keys carrying a keybroker marker without an active record (last drift scan)",
+            unmanaged_keys.clone(),
+        );
+        registry.register(
+            "octopus_credential_expiry_timestamp_seconds",
+            "When keybroker's own Octopus API key expires (Unix time; 0 when unknown or never)",
+            credential_expiry.clone(),
+        );
         registry.register("http_requests", "HTTP requests by method, route and status", http_requests.clone());
         registry.register("http_request_duration_seconds", "HTTP request latency by route", http_duration.clone());
         registry.register("issuances", "Issuance requests by scope and outcome", issuances.clone());
@@ -115,6 +168,12 @@ impl Metrics {
             active_keys,
             audit_append_failures,
             reconciled,
+            webhook_deliveries,
+            job_runs,
+            job_last_run,
+            job_duration_ms,
+            unmanaged_keys,
+            credential_expiry,
         })
     }
 
@@ -137,6 +196,21 @@ impl Metrics {
 
     pub fn issuance(&self, scope: &str, outcome: &str) {
         self.issuances.get_or_create(&IssuanceLabels { scope: scope.to_owned(), outcome: outcome.to_owned() }).inc();
+    }
+
+    pub fn webhook(&self, event: &str, outcome: &str) {
+        self.webhook_deliveries
+            .get_or_create(&WebhookLabels { event: event.to_owned(), outcome: outcome.to_owned() })
+            .inc();
+    }
+
+    pub fn job_ran(&self, job: &str, outcome: &str, at: chrono::DateTime<chrono::Utc>, took: Duration) {
+        self.job_runs.get_or_create(&JobOutcomeLabels { job: job.to_owned(), outcome: outcome.to_owned() }).inc();
+        if outcome != "skipped" {
+            let labels = JobLabels { job: job.to_owned() };
+            self.job_last_run.get_or_create(&labels).set(at.timestamp());
+            self.job_duration_ms.get_or_create(&labels).set(i64::try_from(took.as_millis()).unwrap_or(i64::MAX));
+        }
     }
 
     /// Replaces the active-key gauges with fresh counts.

@@ -233,6 +233,8 @@ pub struct ListKeysQuery {
     pub state: Option<KeyState>,
     /// Only this requester (auditors and admins; others only see their own keys).
     pub requester: Option<String>,
+    /// Only keys whose requester was in this team when the key was issued.
+    pub team: Option<String>,
     /// The `next_cursor` of the previous page.
     #[param(min_length = 1)]
     pub cursor: Option<String>,
@@ -307,7 +309,7 @@ pub async fn list_keys(
     let limit = page_limit(query.limit)?;
     let before_seq = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let now = state.keys.now();
-    let filter = KeyFilter { requester, scope: query.scope, state: state_filter, now: Some(now) };
+    let filter = KeyFilter { requester, scope: query.scope, state: state_filter, now: Some(now), team: query.team };
     let records = state.keys.store().list_keys(&filter, PageRequest { before_seq, limit }).await?;
     let next_cursor = (records.len() == limit as usize).then(|| records.last().map(|r| encode_cursor(r.seq))).flatten();
     Ok(axum::Json(KeyPage { items: records.into_iter().map(|r| KeyView::of(r, now)).collect(), next_cursor }))

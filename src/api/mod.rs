@@ -2,6 +2,7 @@
 //! assembled here with the cross-cutting layers (request ids, access log, problem bodies, CORS,
 //! body limit, timeout).
 
+pub mod admin;
 pub mod audit;
 pub mod error;
 pub mod extract;
@@ -41,6 +42,8 @@ use utoipa_swagger_ui::SwaggerUi;
 pub struct AppState {
     pub keys: Arc<KeyService>,
     pub auth: Arc<Authenticator>,
+    /// Set when the app was started from a configuration file (reloads read it again).
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 #[derive(OpenApi)]
@@ -52,12 +55,14 @@ pub struct AppState {
         license(name = "Apache-2.0")
     ),
     modifiers(&BearerAuth),
+    components(schemas(crate::webhooks::WebhookPayload, crate::webhooks::WebhookKey)),
     tags(
         (name = "keys", description = "Issue, list, read, revoke and identify Octopus API keys"),
         (name = "scopes", description = "What the caller may request, and who they are"),
         (name = "audit", description = "The hash-chained audit trail (auditors and admins)"),
         (name = "health", description = "Liveness and readiness"),
         (name = "meta", description = "Metrics and this document; Swagger UI is at /docs"),
+        (name = "admin", description = "Offboarding, unmanaged keys and policy reloads (admins)"),
     )
 )]
 struct ApiDoc;
@@ -80,6 +85,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(audit::router())
         .merge(health::router())
         .merge(meta::router())
+        .merge(admin::router())
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.

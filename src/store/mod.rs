@@ -90,6 +90,8 @@ pub struct NewKey {
     pub max_active: u32,
     /// The caller's `Idempotency-Key` and a hash of the request it came with.
     pub idempotency: Option<Idempotency>,
+    /// The requester's teams at issuance (offboarding can revoke by team).
+    pub requester_teams: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +133,8 @@ pub struct KeyFilter {
     /// Matched against the state callers see at `now` (see [`KeyRecord::effective_state`]).
     pub state: Option<KeyState>,
     pub now: Option<DateTime<Utc>>,
+    /// Only keys whose requester was in this team when the key was issued.
+    pub team: Option<String>,
 }
 
 /// Filters for querying the audit trail.
@@ -204,6 +208,47 @@ pub trait Store: Send + Sync + 'static {
     /// reconciler.
     async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
 
+    /// Active records whose expiry has passed at `now`, oldest expiry first.
+    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// In one transaction: an active record becomes expired, and `event` is appended. Returns
+    /// false (and writes nothing) when it was no longer active.
+    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError>;
+
+    /// Records that a revocation was asked for, so a failed one is retried.
+    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Active records whose revocation was asked for but did not happen.
+    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Records that may need a webhook notice at `now`: created, revoked or expired within
+    /// `lookback`, or expiring within `horizon`.
+    async fn keys_for_notices(
+        &self,
+        now: DateTime<Utc>,
+        lookback: chrono::Duration,
+        horizon: chrono::Duration,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Adds a notice to the outbox unless the same (webhook, event, key, threshold) is there
+    /// already. Returns whether it was added.
+    async fn enqueue_delivery(&self, delivery: &NewDelivery) -> Result<bool, StoreError>;
+
+    /// Pending deliveries due at `now`.
+    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError>;
+
+    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError>;
+
+    /// Takes or renews the lease of a job for `holder` until `now + ttl`. False when another
+    /// holder's lease is still running.
+    async fn try_lease(
+        &self,
+        job: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Result<bool, StoreError>;
+
     /// Active, unexpired records per scope at `now` (for the `active_keys` gauge).
     async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError>;
 
@@ -216,6 +261,38 @@ pub trait Store: Send + Sync + 'static {
 
     /// Events in chain order (oldest first), strictly after `after_seq`, at most `limit`.
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+/// A webhook notice to deliver (the outbox row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDelivery {
+    pub webhook_url: String,
+    pub event: String,
+    pub key_id: Uuid,
+    /// `20d`/`10d` for `key.expiring`, empty otherwise.
+    pub threshold: String,
+    pub payload: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub id: i64,
+    pub webhook_url: String,
+    pub event: String,
+    pub key_id: Uuid,
+    pub threshold: String,
+    pub payload: serde_json::Value,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryResult {
+    Delivered { at: DateTime<Utc> },
+    Retry { next_attempt_at: DateTime<Utc>, error: String },
+    GaveUp { error: String },
 }
 
 /// Opens the store named by the database URL.

@@ -15,8 +15,8 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Activation, AuditFilter, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Pending, Store,
-    StoreError,
+    Activation, AuditFilter, Delivery, DeliveryResult, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord, KeyState, NewDelivery,
+    NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 
@@ -214,7 +214,8 @@ impl Store for PgStore {
         }
         sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
-             updated_at, idempotency_key, request_hash) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $6, $8, $9)",
+             updated_at, idempotency_key, request_hash, requester_teams) \
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $6, $8, $9, $10)",
         )
         .bind(key.id)
         .bind(&key.scope)
@@ -225,6 +226,7 @@ impl Store for PgStore {
         .bind(store_precision(key.expires_at))
         .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
         .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
+        .bind(sqlx::types::Json(&key.requester_teams))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -311,6 +313,9 @@ impl Store for PgStore {
         if let Some(s) = &filter.scope {
             qb.push(" AND scope = ").push_bind(s.clone());
         }
+        if let Some(team) = &filter.team {
+            qb.push(" AND requester_teams @> ").push_bind(sqlx::types::Json(vec![team.clone()]));
+        }
         match (filter.state, filter.now) {
             (Some(KeyState::Active), Some(now)) => {
                 qb.push(" AND state = 'active' AND expires_at > ").push_bind(now);
@@ -341,6 +346,168 @@ impl Store for PgStore {
         .await
         .map_err(db_err)?;
         rows.iter().map(key_from_row).collect()
+    }
+
+    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+        ))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let done =
+            sqlx::query("UPDATE key_records SET state = 'expired', updated_at = $1 WHERE id = $2 AND state = 'active'")
+                .bind(store_precision(event.occurred_at))
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected()
+                == 1;
+        if done {
+            append_in(&mut tx, event).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(done)
+    }
+
+    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, $1) WHERE id = $2")
+            .bind(store_precision(at))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
+             AND revoke_requested_at IS NOT NULL ORDER BY revoke_requested_at LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn keys_for_notices(
+        &self,
+        now: DateTime<Utc>,
+        lookback: chrono::Duration,
+        horizon: chrono::Duration,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'revoked', 'expired') \
+             AND (created_at > $1 OR revoked_at > $1 OR (expires_at > $1 AND expires_at <= $2)) ORDER BY seq"
+        ))
+        .bind(now - lookback)
+        .bind(now + horizon)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
+        let added = sqlx::query(
+            "INSERT INTO webhook_deliveries (webhook_url, event, key_id, threshold, payload, status, created_at, \
+             next_attempt_at) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6) \
+             ON CONFLICT (webhook_url, event, key_id, threshold) DO NOTHING",
+        )
+        .bind(&d.webhook_url)
+        .bind(&d.event)
+        .bind(d.key_id)
+        .bind(&d.threshold)
+        .bind(sqlx::types::Json(&d.payload))
+        .bind(store_precision(d.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        Ok(added)
+    }
+
+    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, webhook_url, event, key_id, threshold, payload, attempts, created_at FROM webhook_deliveries \
+             WHERE status = 'pending' AND next_attempt_at <= $1 ORDER BY id LIMIT $2",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                let payload: sqlx::types::Json<serde_json::Value> = row.try_get("payload").map_err(db_err)?;
+                Ok(Delivery {
+                    id: row.try_get("id").map_err(db_err)?,
+                    webhook_url: row.try_get("webhook_url").map_err(db_err)?,
+                    event: row.try_get("event").map_err(db_err)?,
+                    key_id: row.try_get("key_id").map_err(db_err)?,
+                    threshold: row.try_get("threshold").map_err(db_err)?,
+                    payload: payload.0,
+                    attempts: row.try_get("attempts").map_err(db_err)?,
+                    created_at: row.try_get("created_at").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
+        let query = match result {
+            DeliveryResult::Delivered { at } => sqlx::query(
+                "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = $1, \
+                 last_error = NULL WHERE id = $2",
+            )
+            .bind(store_precision(*at)),
+            DeliveryResult::Retry { next_attempt_at, error } => sqlx::query(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2 WHERE id = $3",
+            )
+            .bind(store_precision(*next_attempt_at))
+            .bind(error.clone()),
+            DeliveryResult::GaveUp { error } => sqlx::query(
+                "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, last_error = $1 WHERE id = $2",
+            )
+            .bind(error.clone()),
+        };
+        query.bind(id).execute(&self.pool).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn try_lease(
+        &self,
+        job: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Result<bool, StoreError> {
+        let taken = sqlx::query(
+            "INSERT INTO job_leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = $2, expires_at = $3 \
+             WHERE job_leases.holder = $2 OR job_leases.expires_at <= $4",
+        )
+        .bind(job)
+        .bind(holder)
+        .bind(store_precision(now + ttl))
+        .bind(store_precision(now))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        Ok(taken)
     }
 
     async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {

@@ -13,8 +13,8 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Activation, AuditFilter, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Pending, Store,
-    StoreError,
+    Activation, AuditFilter, Delivery, DeliveryResult, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord, KeyState, NewDelivery,
+    NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 
@@ -218,7 +218,7 @@ impl Store for SqliteStore {
         }
         sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
-             updated_at, idempotency_key, request_hash) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+             updated_at, idempotency_key, request_hash, requester_teams) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(key.id.to_string())
         .bind(&key.scope)
@@ -230,6 +230,7 @@ impl Store for SqliteStore {
         .bind(fmt_time(key.created_at))
         .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
         .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
+        .bind(serde_json::to_string(&key.requester_teams).unwrap_or_else(|_| "[]".to_owned()))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -317,6 +318,11 @@ impl Store for SqliteStore {
         if let Some(s) = &filter.scope {
             qb.push(" AND scope = ").push_bind(s.clone());
         }
+        if let Some(team) = &filter.team {
+            qb.push(" AND EXISTS (SELECT 1 FROM json_each(requester_teams) WHERE value = ")
+                .push_bind(team.clone())
+                .push(")");
+        }
         match (filter.state, filter.now) {
             (Some(KeyState::Active), Some(now)) => {
                 qb.push(" AND state = 'active' AND expires_at > ").push_bind(fmt_time(now));
@@ -349,6 +355,177 @@ impl Store for SqliteStore {
         .await
         .map_err(db_err)?;
         rows.iter().map(key_from_row).collect()
+    }
+
+    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= ? ORDER BY expires_at LIMIT ?"
+        ))
+        .bind(fmt_time(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let done =
+            sqlx::query("UPDATE key_records SET state = 'expired', updated_at = ? WHERE id = ? AND state = 'active'")
+                .bind(fmt_time(event.occurred_at))
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected()
+                == 1;
+        if done {
+            append_in(&mut tx, event).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(done)
+    }
+
+    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query("UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, ?) WHERE id = ?")
+            .bind(fmt_time(at))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
+             AND revoke_requested_at IS NOT NULL ORDER BY revoke_requested_at LIMIT ?"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn keys_for_notices(
+        &self,
+        now: DateTime<Utc>,
+        lookback: chrono::Duration,
+        horizon: chrono::Duration,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let since = fmt_time(now - lookback);
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'revoked', 'expired') \
+             AND (created_at > ?1 OR revoked_at > ?1 OR (expires_at > ?1 AND expires_at <= ?2)) ORDER BY seq"
+        ))
+        .bind(&since)
+        .bind(fmt_time(now + horizon))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let added = sqlx::query(
+            "INSERT INTO webhook_deliveries (webhook_url, event, key_id, threshold, payload, status, created_at, \
+             next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?) \
+             ON CONFLICT (webhook_url, event, key_id, threshold) DO NOTHING",
+        )
+        .bind(&d.webhook_url)
+        .bind(&d.event)
+        .bind(d.key_id.to_string())
+        .bind(&d.threshold)
+        .bind(d.payload.to_string())
+        .bind(fmt_time(d.created_at))
+        .bind(fmt_time(d.created_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        tx.commit().await.map_err(db_err)?;
+        Ok(added)
+    }
+
+    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, webhook_url, event, key_id, threshold, payload, attempts, created_at FROM webhook_deliveries \
+             WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+        )
+        .bind(fmt_time(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                let key_id: String = row.try_get("key_id").map_err(db_err)?;
+                let payload: String = row.try_get("payload").map_err(db_err)?;
+                Ok(Delivery {
+                    id: row.try_get("id").map_err(db_err)?,
+                    webhook_url: row.try_get("webhook_url").map_err(db_err)?,
+                    event: row.try_get("event").map_err(db_err)?,
+                    key_id: Uuid::parse_str(&key_id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                    threshold: row.try_get("threshold").map_err(db_err)?,
+                    payload: serde_json::from_str(&payload).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                    attempts: row.try_get("attempts").map_err(db_err)?,
+                    created_at: parse_time(&row.try_get::<String, _>("created_at").map_err(db_err)?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        let query = match result {
+            DeliveryResult::Delivered { at } => sqlx::query(
+                "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = ?, \
+                 last_error = NULL WHERE id = ?",
+            )
+            .bind(fmt_time(*at)),
+            DeliveryResult::Retry { next_attempt_at, error } => sqlx::query(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
+            )
+            .bind(fmt_time(*next_attempt_at))
+            .bind(error.clone()),
+            DeliveryResult::GaveUp { error } => sqlx::query(
+                "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, last_error = ? WHERE id = ?",
+            )
+            .bind(error.clone()),
+        };
+        query.bind(id).execute(&mut *tx).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn try_lease(
+        &self,
+        job: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let taken = sqlx::query(
+            "INSERT INTO job_leases (name, holder, expires_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (name) DO UPDATE SET holder = ?2, expires_at = ?3 \
+             WHERE job_leases.holder = ?2 OR job_leases.expires_at <= ?4",
+        )
+        .bind(job)
+        .bind(holder)
+        .bind(fmt_time(now + ttl))
+        .bind(fmt_time(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        tx.commit().await.map_err(db_err)?;
+        Ok(taken)
     }
 
     async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {

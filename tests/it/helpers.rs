@@ -22,11 +22,33 @@ pub struct TestOptions {
     pub edit_config: Box<dyn FnOnce(String) -> String + Send>,
     /// A store to use instead of the SQLite file (fault-injecting wrappers).
     pub store: Option<Arc<dyn Store>>,
+    /// A clock to use instead of the system's.
+    pub clock: Option<Arc<dyn keybroker::clock::Clock>>,
 }
 
 impl Default for TestOptions {
     fn default() -> Self {
-        Self { seed: Seed::demo(), edit_config: Box::new(|c| c), store: None }
+        Self { seed: Seed::demo(), edit_config: Box::new(|c| c), store: None, clock: None }
+    }
+}
+
+/// A clock that tests move by hand.
+pub struct ManualClock(std::sync::Mutex<chrono::DateTime<chrono::Utc>>);
+
+impl ManualClock {
+    pub fn starting_now() -> Arc<Self> {
+        Arc::new(Self(std::sync::Mutex::new(chrono::Utc::now())))
+    }
+
+    pub fn advance(&self, by: chrono::Duration) {
+        let mut now = self.0.lock().unwrap();
+        *now += by;
+    }
+}
+
+impl keybroker::clock::Clock for ManualClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        *self.0.lock().unwrap()
     }
 }
 
@@ -58,12 +80,17 @@ impl TestApp {
         let text = demo_config_toml(&sim_url, "127.0.0.1:0", &dir.path().join("keybroker.db"));
         // The app's own reconciler would race tests that stage pending records; tests run
         // `jobs::reconcile_once` themselves.
-        let text = text.replace("[auth]", "[jobs]\nreconcile_interval = \"1h\"\n\n[auth]");
+        let text = text.replace(
+            "[auth]",
+            "[jobs]\nreconcile_interval = \"1h\"\nexpiry_sweep_interval = \"1h\"\nwebhook_interval = \"1h\"\n\
+             drift_interval = \"1h\"\ncredential_check_interval = \"1h\"\n\n[auth]",
+        );
         let text = (options.edit_config)(text);
         let path = dir.path().join("keybroker.toml");
         std::fs::write(&path, text).unwrap();
         let config = Config::load(&path).expect("config");
-        let app = App::build_with(config, Arc::new(keybroker::clock::SystemClock), options.store).await.expect("app");
+        let clock = options.clock.unwrap_or_else(|| Arc::new(keybroker::clock::SystemClock));
+        let app = App::build_with(config, clock, options.store).await.expect("app").with_config_path(&path);
         let state = app.state.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -13,6 +13,7 @@ mod deploy;
 mod helpers;
 mod idempotency;
 mod keys;
+mod lifecycle;
 mod octopus_client;
 mod openapi;
 mod reconcile;

@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use keybroker::audit::{AuditRecord, NewAuditEvent};
 use keybroker::octopus_sim::DEMO_BROKER_API_KEY;
 use keybroker::store::{
-    Activation, AuditFilter, KeyFilter, KeyRecord, NewKey, PageRequest, Pending, SqliteStore, Store, StoreError,
+    Activation, AuditFilter, Delivery, DeliveryResult, KeyFilter, KeyRecord, NewDelivery, NewKey, PageRequest, Pending,
+    SqliteStore, Store, StoreError,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -73,6 +74,44 @@ impl Store for FlakyStore {
     }
     async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
         self.inner.active_counts(now).await
+    }
+    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.due_for_expiry(now, limit).await
+    }
+    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
+        self.inner.mark_expired(id, event).await
+    }
+    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.request_revocation(id, at).await
+    }
+    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.revocations_to_retry(limit).await
+    }
+    async fn keys_for_notices(
+        &self,
+        now: DateTime<Utc>,
+        lookback: chrono::Duration,
+        horizon: chrono::Duration,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.keys_for_notices(now, lookback, horizon).await
+    }
+    async fn enqueue_delivery(&self, delivery: &NewDelivery) -> Result<bool, StoreError> {
+        self.inner.enqueue_delivery(delivery).await
+    }
+    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        self.inner.due_deliveries(now, limit).await
+    }
+    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
+        self.inner.finish_delivery(id, result).await
+    }
+    async fn try_lease(
+        &self,
+        job: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.try_lease(job, holder, now, ttl).await
     }
     async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.find_by_secret_hmac(hmac).await
@@ -147,6 +186,7 @@ async fn leave_an_orphan(app: &TestApp) -> (Uuid, String) {
         expires_at: now + chrono::Duration::days(1),
         max_active: 3,
         idempotency: None,
+        requester_teams: vec!["payments".to_owned()],
     };
     let event = NewAuditEvent::new(
         now,

@@ -24,6 +24,7 @@ fn new_key(requester: &str, scope: &str, now: DateTime<Utc>, max_active: u32) ->
         expires_at: now + Duration::days(1),
         max_active,
         idempotency: None,
+        requester_teams: vec!["team-a".to_owned(), "team-b".to_owned()],
     }
 }
 
@@ -349,5 +350,54 @@ async fn an_idempotency_key_returns_the_first_record_within_the_window() {
             Pending::Inserted,
             "{name}"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_job_lease_has_one_holder_until_it_expires() {
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let ttl = Duration::seconds(30);
+        assert!(store.try_lease("sweep", "a", now, ttl).await.unwrap(), "{name}");
+        assert!(!store.try_lease("sweep", "b", now, ttl).await.unwrap(), "{name}: b must wait");
+        assert!(store.try_lease("sweep", "a", now + Duration::seconds(10), ttl).await.unwrap(), "{name}: a renews");
+        assert!(store.try_lease("other-job", "b", now, ttl).await.unwrap(), "{name}: leases are per job");
+        assert!(!store.try_lease("sweep", "b", now + Duration::seconds(30), ttl).await.unwrap(), "{name}");
+        assert!(
+            store.try_lease("sweep", "b", now + Duration::seconds(41), ttl).await.unwrap(),
+            "{name}: expired lease"
+        );
+        assert!(!store.try_lease("sweep", "a", now + Duration::seconds(42), ttl).await.unwrap(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn the_outbox_holds_each_notice_once_and_tracks_attempts() {
+    use keybroker::store::{DeliveryResult, NewDelivery};
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let notice = |threshold: &str| NewDelivery {
+            webhook_url: "http://127.0.0.1:9/hook".to_owned(),
+            event: "key.expiring".to_owned(),
+            key_id: Uuid::nil(),
+            threshold: threshold.to_owned(),
+            payload: json!({"event": "key.expiring", "n": 1}),
+            created_at: now,
+        };
+        assert!(store.enqueue_delivery(&notice("20d")).await.unwrap(), "{name}");
+        assert!(!store.enqueue_delivery(&notice("20d")).await.unwrap(), "{name}: once per threshold");
+        assert!(store.enqueue_delivery(&notice("10d")).await.unwrap(), "{name}");
+        let due = store.due_deliveries(now, 10).await.unwrap();
+        assert_eq!(due.len(), 2, "{name}");
+        assert_eq!(due[0].payload, json!({"event": "key.expiring", "n": 1}), "{name}");
+        let retry = DeliveryResult::Retry { next_attempt_at: now + Duration::minutes(1), error: "503".to_owned() };
+        store.finish_delivery(due[0].id, &retry).await.unwrap();
+        store.finish_delivery(due[1].id, &DeliveryResult::Delivered { at: now }).await.unwrap();
+        assert!(store.due_deliveries(now, 10).await.unwrap().is_empty(), "{name}");
+        let later = store.due_deliveries(now + Duration::minutes(2), 10).await.unwrap();
+        assert_eq!(later.len(), 1, "{name}");
+        assert_eq!(later[0].attempts, 1, "{name}");
+        store.finish_delivery(later[0].id, &DeliveryResult::GaveUp { error: "down".to_owned() }).await.unwrap();
+        assert!(store.due_deliveries(now + Duration::days(3), 10).await.unwrap().is_empty(), "{name}");
     }
 }

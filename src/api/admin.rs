@@ -1,0 +1,192 @@
+//! Admin operations: offboarding (revoke many keys at once), unmanaged keys found by the drift
+//! scan, and policy reloads.
+
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, Caller, Ctx};
+use crate::auth::Principal;
+use crate::drift::UnmanagedKey;
+use crate::reload::ReloadReport;
+use crate::store::{KeyFilter, KeyState, PageRequest};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(revoke_many)).routes(routes!(revoke_unmanaged)).routes(routes!(reload))
+}
+
+fn require_admin(principal: &Principal) -> Result<(), ApiError> {
+    if principal.is_admin() { Ok(()) } else { Err(ApiError::Forbidden("this needs the admin role".to_owned())) }
+}
+
+/// Which active keys to revoke; at least one filter, all given filters must match.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"requester": "alice@example.com"}))]
+pub struct RevokeManyBody {
+    /// Every active key of this requester (a token subject).
+    #[schema(min_length = 1)]
+    pub requester: Option<String>,
+    /// Every active key of this scope.
+    #[schema(min_length = 1)]
+    pub scope: Option<String>,
+    /// Every active key whose requester was in this team when it was issued.
+    #[schema(min_length = 1)]
+    pub team: Option<String>,
+}
+
+/// One key's outcome.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RevokeResult {
+    pub id: Uuid,
+    /// `revoked` or `failed` (a failed one is retried by the reconciler).
+    pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RevokeManyReport {
+    /// True when every matching key was revoked now.
+    pub complete: bool,
+    pub revoked: usize,
+    pub failed: usize,
+    pub results: Vec<RevokeResult>,
+}
+
+/// Offboard: revoke every active key of a requester, a scope or a team.
+///
+/// Each revocation is audited. A revocation that fails is reported here and retried by the
+/// reconciler until it succeeds.
+#[utoipa::path(
+    post,
+    path = "/v1/keys/revoke",
+    tag = "admin",
+    request_body = RevokeManyBody,
+    responses(
+        (status = 200, description = "Per-key outcomes (look at `complete`)", body = RevokeManyReport),
+        (status = 400, description = "No filter, or a malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn revoke_many(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Ctx(ctx): Ctx,
+    ApiJson(body): ApiJson<RevokeManyBody>,
+) -> Result<axum::Json<RevokeManyReport>, ApiError> {
+    require_admin(&principal)?;
+    let clean = |v: Option<String>| v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+    let (requester, scope, team) = (clean(body.requester), clean(body.scope), clean(body.team));
+    if requester.is_none() && scope.is_none() && team.is_none() {
+        return Err(ApiError::BadRequest("give at least one of requester, scope or team".to_owned()));
+    }
+    let keys = state.keys.clone();
+    let report = tokio::spawn(async move {
+        let filter = KeyFilter { requester, scope, team, state: Some(KeyState::Active), now: Some(keys.now()) };
+        let mut matching = Vec::new();
+        let mut before = None;
+        loop {
+            let page = keys.store().list_keys(&filter, PageRequest { before_seq: before, limit: 200 }).await?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.seq);
+            matching.extend(page.into_iter().map(|r| r.id));
+        }
+        let mut results = Vec::new();
+        for id in matching {
+            results.push(match keys.revoke_requested(&principal, id, &ctx).await {
+                Ok(_) => RevokeResult { id, outcome: "revoked".to_owned(), error: None },
+                Err(e) => RevokeResult { id, outcome: "failed".to_owned(), error: Some(e.to_string()) },
+            });
+        }
+        let failed = results.iter().filter(|r| r.outcome == "failed").count();
+        Ok::<_, crate::store::StoreError>(RevokeManyReport {
+            complete: failed == 0,
+            revoked: results.len() - failed,
+            failed,
+            results,
+        })
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("offboarding task failed: {e}")))??;
+    Ok(axum::Json(report))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UnmanagedReport {
+    pub revoked: Vec<UnmanagedKey>,
+}
+
+/// Delete the Octopus keys that carry a keybroker marker but have no active record.
+///
+/// The drift job only reports such keys (metric `keybroker_unmanaged_octopus_keys` and
+/// `drift.unmanaged` audit events); this deletes them, each audited.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/drift/revoke-unmanaged",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The keys deleted", body = UnmanagedReport),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "Octopus failed", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn revoke_unmanaged(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Ctx(ctx): Ctx,
+) -> Result<axum::Json<UnmanagedReport>, ApiError> {
+    require_admin(&principal)?;
+    let keys = state.keys.clone();
+    let revoked = tokio::spawn(async move { crate::drift::revoke_unmanaged(&keys, &principal.subject, &ctx).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("drift task failed: {e}")))?
+        .map_err(ApiError::BadGateway)?;
+    Ok(axum::Json(UnmanagedReport { revoked }))
+}
+
+/// Reload the policy from the configuration file.
+///
+/// The file is validated first: an invalid one is refused (422, audited) and the running
+/// policy stays. Only `[[scopes]]` and `[lifecycle]` change on reload. SIGHUP does the same.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/reload",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Reloaded", body = ReloadReport),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "This instance was not started from a configuration file", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The new configuration is invalid; nothing changed", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn reload(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Ctx(ctx): Ctx,
+) -> Result<axum::Json<ReloadReport>, ApiError> {
+    require_admin(&principal)?;
+    let Some(reloader) = state.reloader.clone() else {
+        return Err(ApiError::Conflict("this instance was not started from a configuration file".to_owned()));
+    };
+    let keys = state.keys.clone();
+    let report = tokio::spawn(async move { reloader.reload(&keys, &principal.subject, &ctx).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("reload task failed: {e}")))?
+        .map_err(|reason| ApiError::Unprocessable(format!("the configuration was not reloaded: {reason}")))?;
+    Ok(axum::Json(report))
+}

@@ -1,0 +1,326 @@
+//! Webhook notices: which notices a key needs (pure), the outbox they go through, and their
+//! delivery (signed, retried with backoff for a bounded time, every outcome audited).
+//!
+//! Notices are derived from the key records by a job and written to the `webhook_deliveries`
+//! outbox, whose unique (webhook, event, key, threshold) makes each notice happen once, across
+//! restarts and replicas. Deliveries never happen in a request's path, so a webhook that is down
+//! cannot slow an issuance.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use secrecy::ExposeSecret;
+use serde::Serialize;
+use serde_json::json;
+use sha2::Sha256;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::config::WebhookConfig;
+use crate::issuance::KeyService;
+use crate::store::{DeliveryResult, KeyRecord, KeyState, NewDelivery};
+
+/// Days before expiry at which `key.expiring` is sent (Octopus's own warning thresholds).
+pub const WARNING_DAYS: [i64; 2] = [20, 10];
+
+/// How far back issued, revoked and expired keys are still announced (a job that was down for
+/// less than this catches up).
+pub const LOOKBACK: chrono::Duration = chrono::Duration::days(2);
+
+/// A delivery is retried until it is this old, then given up.
+pub const GIVE_UP_AFTER: chrono::Duration = chrono::Duration::hours(24);
+
+/// The notices a key needs at `now`: (event, threshold). Pure, for unit tests.
+pub fn notices_for(record: &KeyRecord, now: DateTime<Utc>) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    if matches!(record.state, KeyState::Pending | KeyState::Failed) {
+        return out;
+    }
+    if record.created_at > now - LOOKBACK {
+        out.push(("key.issued", ""));
+    }
+    if record.state == KeyState::Revoked {
+        if record.revoked_at.is_some_and(|at| at > now - LOOKBACK) {
+            out.push(("key.revoked", ""));
+        }
+        return out;
+    }
+    let remaining = record.expires_at - now;
+    // A key that never lived longer than a threshold gets no warning for it: a 7-day key is
+    // not "expiring in 10 days" news on the day it is issued.
+    let lifetime = record.expires_at - record.created_at;
+    let warn = |days: i64| remaining <= chrono::Duration::days(days) && lifetime > chrono::Duration::days(days);
+    if remaining <= chrono::Duration::zero() {
+        if record.expires_at > now - LOOKBACK {
+            out.push(("key.expired", ""));
+        }
+    } else if warn(WARNING_DAYS[1]) {
+        out.push(("key.expiring", "10d"));
+    } else if warn(WARNING_DAYS[0]) {
+        out.push(("key.expiring", "20d"));
+    }
+    out
+}
+
+/// The body of every webhook delivery (a stable schema; the secret is never part of it).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WebhookPayload {
+    /// `key.issued`, `key.expiring`, `key.expired` or `key.revoked`.
+    pub event: String,
+    /// For `key.expiring`: the warning threshold in days (20 or 10).
+    pub threshold_days: Option<i64>,
+    /// When keybroker noticed the event.
+    pub occurred_at: DateTime<Utc>,
+    pub scope: String,
+    pub requester: String,
+    pub key: WebhookKey,
+}
+
+/// The key record in a webhook payload, without any secret.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WebhookKey {
+    pub id: Uuid,
+    pub purpose: String,
+    pub state: KeyState,
+    pub octopus_user_id: String,
+    pub octopus_key_id: Option<String>,
+    pub key_hint: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+fn payload(record: &KeyRecord, event: &str, threshold: &str, now: DateTime<Utc>) -> serde_json::Value {
+    let body = WebhookPayload {
+        event: event.to_owned(),
+        threshold_days: threshold.trim_end_matches('d').parse().ok(),
+        occurred_at: now,
+        scope: record.scope.clone(),
+        requester: record.requester.clone(),
+        key: WebhookKey {
+            id: record.id,
+            purpose: record.purpose.clone(),
+            state: record.effective_state(now),
+            octopus_user_id: record.octopus_user_id.clone(),
+            octopus_key_id: record.octopus_key_id.clone(),
+            key_hint: record.key_hint.clone(),
+            created_at: record.created_at,
+            expires_at: record.expires_at,
+            revoked_at: record.revoked_at,
+        },
+    };
+    serde_json::to_value(body).unwrap_or_default()
+}
+
+/// Writes the notices that are due into the outbox. Returns how many were new.
+pub async fn enqueue_notices(keys: &KeyService, webhooks: &[WebhookConfig]) -> Result<usize, String> {
+    if webhooks.is_empty() {
+        return Ok(0);
+    }
+    let now = keys.now();
+    let horizon = chrono::Duration::days(WARNING_DAYS[0]);
+    let records = keys.store().keys_for_notices(now, LOOKBACK, horizon).await.map_err(|e| e.to_string())?;
+    let mut added = 0;
+    for record in &records {
+        for (event, threshold) in notices_for(record, now) {
+            for hook in webhooks.iter().filter(|h| h.events.is_empty() || h.events.iter().any(|e| e == event)) {
+                let delivery = NewDelivery {
+                    webhook_url: hook.url.to_string(),
+                    event: event.to_owned(),
+                    key_id: record.id,
+                    threshold: threshold.to_owned(),
+                    payload: payload(record, event, threshold, now),
+                    created_at: now,
+                };
+                if keys.store().enqueue_delivery(&delivery).await.map_err(|e| e.to_string())? {
+                    added += 1;
+                }
+            }
+        }
+    }
+    Ok(added)
+}
+
+/// The value of the `X-Keybroker-Signature` header: `sha256=<hex HMAC of the body>`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// What a delivery pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryReport {
+    pub delivered: usize,
+    pub retried: usize,
+    pub gave_up: usize,
+}
+
+/// Delivers the due notices once each.
+pub async fn deliver_due(keys: &KeyService, webhooks: &[WebhookConfig], http: &reqwest::Client) -> DeliveryReport {
+    let mut report = DeliveryReport::default();
+    let now = keys.now();
+    let due = match keys.store().due_deliveries(now, 100).await {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the webhook outbox");
+            return report;
+        }
+    };
+    for delivery in due {
+        let hook = webhooks.iter().find(|h| h.url.as_str() == delivery.webhook_url);
+        let body = delivery.payload.to_string();
+        let attempt = match hook {
+            None => Err("the webhook is no longer configured".to_owned()),
+            Some(hook) => {
+                let mut request = http
+                    .post(hook.url.clone())
+                    .timeout(Duration::from_secs(5))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .header("X-Keybroker-Event", &delivery.event)
+                    .header("X-Keybroker-Delivery", delivery.id.to_string());
+                if let Some(secret) = &hook.secret {
+                    request =
+                        request.header("X-Keybroker-Signature", signature(secret.expose_secret(), body.as_bytes()));
+                }
+                match request.body(body).send().await {
+                    Ok(res) if res.status().is_success() => Ok(()),
+                    Ok(res) => Err(format!("answered {}", res.status())),
+                    Err(e) => Err(e.without_url().to_string()),
+                }
+            }
+        };
+        let now = keys.now();
+        let (result, outcome, label) = match attempt {
+            Ok(()) => (DeliveryResult::Delivered { at: now }, Outcome::Success, "delivered"),
+            Err(error) if hook.is_none() || now - delivery.created_at >= GIVE_UP_AFTER => {
+                (DeliveryResult::GaveUp { error }, Outcome::Failure, "gave_up")
+            }
+            Err(error) => {
+                let backoff = chrono::Duration::seconds(
+                    5 * 2i64.pow(u32::try_from(delivery.attempts.clamp(0, 10)).unwrap_or(10)),
+                )
+                .min(chrono::Duration::hours(1));
+                (DeliveryResult::Retry { next_attempt_at: now + backoff, error }, Outcome::Failure, "retry")
+            }
+        };
+        keys.metrics().webhook(&delivery.event, label);
+        match label {
+            "delivered" => report.delivered += 1,
+            "retry" => report.retried += 1,
+            _ => report.gave_up += 1,
+        }
+        let error = match &result {
+            DeliveryResult::Retry { error, .. } | DeliveryResult::GaveUp { error } => Some(error.clone()),
+            DeliveryResult::Delivered { .. } => None,
+        };
+        if let Err(e) = keys.store().finish_delivery(delivery.id, &result).await {
+            tracing::warn!(error = %e, delivery = delivery.id, "cannot record a webhook delivery");
+            continue;
+        }
+        let event = NewAuditEvent::new(now, "keybroker", Action::WebhookDelivery, outcome, &RequestContext::default())
+            .key(delivery.key_id)
+            .detail(json!({
+                "delivery_id": delivery.id,
+                "webhook": delivery.webhook_url,
+                "event": delivery.event,
+                "threshold": delivery.threshold,
+                "attempt": delivery.attempts + 1,
+                "result": label,
+                "error": error,
+            }));
+        if let Err(e) = keys.audit(event).await {
+            tracing::warn!(error = %e, "cannot audit a webhook delivery");
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(state: KeyState, created_days_ago: i64, expires_in_days: i64, now: DateTime<Utc>) -> KeyRecord {
+        KeyRecord {
+            seq: 1,
+            id: Uuid::new_v4(),
+            scope: "s".to_owned(),
+            requester: "alice".to_owned(),
+            purpose: "p".to_owned(),
+            state,
+            octopus_user_id: "Users-2".to_owned(),
+            octopus_key_id: Some("apikeys-x".to_owned()),
+            key_hint: Some("API-ABCD".to_owned()),
+            created_at: now - chrono::Duration::days(created_days_ago),
+            expires_at: now + chrono::Duration::days(expires_in_days),
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn a_key_twenty_five_days_from_expiry_gets_one_notice_per_threshold_as_time_passes() {
+        let start = Utc::now();
+        let key = record(KeyState::Active, 0, 25, start);
+        let mut seen = std::collections::BTreeSet::new();
+        for hour in 0..(27 * 24) {
+            let now = start + chrono::Duration::hours(hour);
+            for notice in notices_for(&key, now) {
+                seen.insert(notice);
+            }
+        }
+        let expected: std::collections::BTreeSet<_> =
+            [("key.issued", ""), ("key.expiring", "20d"), ("key.expiring", "10d"), ("key.expired", "")].into();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn short_lived_keys_get_no_warnings_they_never_outlived() {
+        let now = Utc::now();
+        let key = record(KeyState::Active, 0, 7, now);
+        let mut seen = std::collections::BTreeSet::new();
+        for hour in 0..(8 * 24) {
+            seen.extend(notices_for(&key, now + chrono::Duration::hours(hour)));
+        }
+        assert_eq!(seen, [("key.issued", ""), ("key.expired", "")].into());
+        let key = record(KeyState::Active, 0, 15, now);
+        let mut seen = std::collections::BTreeSet::new();
+        for hour in 0..(16 * 24) {
+            seen.extend(notices_for(&key, now + chrono::Duration::hours(hour)));
+        }
+        assert!(seen.contains(&("key.expiring", "10d")) && !seen.contains(&("key.expiring", "20d")));
+    }
+
+    #[test]
+    fn the_twenty_day_notice_starts_exactly_at_twenty_days() {
+        let now = Utc::now();
+        let mut key = record(KeyState::Active, 10, 0, now);
+        key.expires_at = now + chrono::Duration::days(20) + chrono::Duration::seconds(1);
+        assert!(notices_for(&key, now).is_empty());
+        key.expires_at = now + chrono::Duration::days(20);
+        assert_eq!(notices_for(&key, now), vec![("key.expiring", "20d")]);
+        key.expires_at = now + chrono::Duration::days(10);
+        assert_eq!(notices_for(&key, now), vec![("key.expiring", "10d")]);
+    }
+
+    #[test]
+    fn revoked_keys_are_announced_and_never_warned_about() {
+        let now = Utc::now();
+        let mut key = record(KeyState::Revoked, 10, 5, now);
+        key.revoked_at = Some(now - chrono::Duration::hours(1));
+        assert_eq!(notices_for(&key, now), vec![("key.revoked", "")]);
+        assert!(notices_for(&record(KeyState::Failed, 0, 5, now), now).is_empty());
+        assert!(notices_for(&record(KeyState::Pending, 0, 5, now), now).is_empty());
+    }
+
+    #[test]
+    fn signatures_are_hmac_sha256_of_the_body() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature("Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}
