@@ -166,3 +166,53 @@ async fn a_kill_between_create_and_activate_is_cleaned_up_after_restart() {
     assert_eq!(reconciled["items"].as_array().unwrap().len(), 1, "{reconciled}");
     assert_eq!(reconciled["items"][0]["detail"]["revoked_octopus_keys"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_policy_of_a_running_server() {
+    let sim = Simulator::new(Seed::demo()).unwrap();
+    let running = sim.spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
+    std::fs::write(dir.path().join("jwt-hs256"), JWT_SECRET).unwrap();
+    std::fs::write(dir.path().join("audit-hmac"), HMAC_SECRET).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let text = demo_config_toml(&running.url(), &listen, &dir.path().join("keybroker.db"));
+    let config = dir.path().join("keybroker.toml");
+    std::fs::write(&config, &text).unwrap();
+    let url = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    let mut server = serve(&config);
+    wait_healthy(&http, &url).await;
+    let admin = mint_token(
+        JWT_SECRET,
+        DEV_ISSUER,
+        DEV_AUDIENCE,
+        "root@example.com",
+        "Root",
+        &["platform-admins"],
+        chrono::Duration::hours(1),
+    )
+    .unwrap();
+    let scope_count = |http: reqwest::Client, url: String, admin: String| async move {
+        let body: Value =
+            http.get(format!("{url}/v1/scopes")).bearer_auth(admin).send().await.unwrap().json().await.unwrap();
+        body["items"].as_array().unwrap().len()
+    };
+    assert_eq!(scope_count(http.clone(), url.clone(), admin.clone()).await, 3);
+
+    let extra = "\n[[scopes]]\nname = \"data-export\"\noctopus_user = \"svc-readonly-reporting\"\nteams = [\"data\"]\ndefault_ttl = \"1h\"\nmax_ttl = \"1d\"\n";
+    std::fs::write(&config, format!("{text}{extra}")).unwrap();
+    let status = std::process::Command::new("kill").args(["-HUP", &server.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if scope_count(http.clone(), url.clone(), admin.clone()).await == 4 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(reloaded, "SIGHUP did not reload the policy");
+}
