@@ -4,6 +4,7 @@
 
 mod auth;
 mod bad_input;
+mod bench_smoke;
 mod cli;
 mod concurrency;
 mod contract;
