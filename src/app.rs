@@ -62,11 +62,14 @@ impl App {
             metrics,
         ));
         match keys.refresh_upstream_limits().await {
-            Ok(limits) => tracing::info!(
-                server_max_days = ?limits.server_max_days,
-                broker_key_expires = ?limits.broker_key_expires,
-                "read Octopus's API key limits"
-            ),
+            Ok(limits) => {
+                keys.metrics().credential_expiry.set(limits.broker_key_expires.map_or(0, |t| t.timestamp()));
+                tracing::info!(
+                    server_max_days = ?limits.server_max_days,
+                    broker_key_expires = ?limits.broker_key_expires,
+                    "read Octopus's API key limits"
+                );
+            }
             Err(e) => tracing::warn!(error = %e, "could not read Octopus's API key limits; will retry"),
         }
         let policy = keys.policy();

@@ -299,7 +299,9 @@ pub enum DeliveryResult {
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url).await?))
     } else {
-        Err(StoreError::Unavailable("only sqlite:// database URLs are supported by this build so far".to_owned()))
+        Err(StoreError::Unavailable("database.url must start with sqlite:// or postgres://".to_owned()))
     }
 }

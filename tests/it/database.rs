@@ -147,3 +147,26 @@ async fn readiness_follows_the_database_through_an_outage() {
     drop(app);
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_runs_against_a_postgres_url() {
+    let Some(url) = postgres_url() else { return };
+    let schema = format!("kb_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
+    let mut in_schema = url::Url::parse(&url).unwrap();
+    in_schema.query_pairs_mut().append_pair("options", &format!("-c search_path={schema}"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = config_with_db(dir.path(), in_schema.as_str());
+    let out = run(&["migrate", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = $1 AND table_name IN ('key_records', 'audit_events')",
+    )
+    .bind(&schema)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(tables, 2, "migrate must create the tables in PostgreSQL");
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await.unwrap();
+}
