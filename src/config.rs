@@ -804,7 +804,12 @@ fn figment_message(e: &figment::Error) -> String {
     let mut out = Vec::new();
     for err in e.clone() {
         let path = err.path.join(".");
-        let kind = err.kind.to_string();
+        // Never print the value itself: it may be a secret from the environment.
+        let kind = match &err.kind {
+            figment::error::Kind::InvalidType(_, expected) => format!("invalid type: expected {expected}"),
+            figment::error::Kind::InvalidValue(_, expected) => format!("invalid value: expected {expected}"),
+            other => other.to_string(),
+        };
         let source = err.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
         out.push(if path.is_empty() { format!("{kind} ({source})") } else { format!("{path}: {kind} ({source})") });
     }
@@ -936,6 +941,14 @@ max_ttl = "30d"
         let e = error(&text);
         assert!(e.contains("octopus.api_key") && e.contains("KEYBROKER_OCTOPUS__API_KEY"), "{e}");
         assert!(!e.contains(BROKER_KEY), "the error must not echo the secret");
+    }
+
+    #[test]
+    fn type_errors_never_echo_the_value() {
+        let text = sample().replace("hmac_secret_file = \"hmac\"", "hmac_secret_file = 987654321987");
+        let e = error(&text);
+        assert!(e.contains("audit.hmac_secret_file") && e.contains("invalid type"), "{e}");
+        assert!(!e.contains("987654321987"), "{e}");
     }
 
     #[test]

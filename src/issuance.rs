@@ -170,9 +170,12 @@ impl KeyService {
     }
 
     async fn deny(&self, principal: &Principal, ctx: &RequestContext, scope: &str, err: PolicyError) -> ServiceError {
-        let event = NewAuditEvent::new(self.now(), &principal.subject, Action::PolicyDenied, Outcome::Denied, ctx)
-            .scope(scope)
+        let mut event = NewAuditEvent::new(self.now(), &principal.subject, Action::PolicyDenied, Outcome::Denied, ctx)
             .detail(json!({ "reason": err.to_string() }));
+        // Only a scope that exists is recorded as such; any other text is in the reason, escaped.
+        if self.policy().get(scope).is_some() {
+            event = event.scope(scope);
+        }
         if let Err(e) = self.store.append_audit(&event).await {
             self.audit_failed(&e);
             // Fail closed: nothing was done anyway, but say the trail is down.
@@ -307,6 +310,20 @@ impl KeyService {
             }
         };
 
+        // A key Octopus made with another expiry than the one sent (an old server that ignores
+        // `Expires` makes keys that never expire) must not be handed out.
+        let honoured = created.expires.is_some_and(|at| (at - expiry.expires_at).num_seconds().abs() <= 60);
+        if !honoured {
+            let detail = format!(
+                "Octopus created the key with expiry {:?} instead of {}; it was revoked",
+                created.expires.map(|t| t.to_rfc3339()),
+                expiry.expires_at.to_rfc3339()
+            );
+            let _ = self.octopus.delete_api_key(&account.id, &created.id).await;
+            let error = OctopusError::Unavailable { detail };
+            self.fail_pending(principal, ctx, scope, id, &account.id, &error).await;
+            return Err(ServiceError::Octopus(error));
+        }
         // Step 3: active record and "issued" event; otherwise the key must not survive.
         let expires_at = created.expires.unwrap_or(expiry.expires_at);
         let activation = Activation {

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use super::extract::{ApiJson, Caller, Ctx};
+use super::extract::{ApiJson, Caller, Ctx, filter_value};
 use crate::auth::Principal;
 use crate::drift::UnmanagedKey;
 use crate::reload::ReloadReport;
@@ -86,8 +86,11 @@ pub async fn revoke_many(
     ApiJson(body): ApiJson<RevokeManyBody>,
 ) -> Result<axum::Json<RevokeManyReport>, ApiError> {
     require_admin(&principal)?;
-    let clean = |v: Option<String>| v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
-    let (requester, scope, team) = (clean(body.requester), clean(body.scope), clean(body.team));
+    let clean = |name: &str, v: Option<String>| {
+        filter_value(name, v).map(|v| v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()))
+    };
+    let (requester, scope, team) =
+        (clean("requester", body.requester)?, clean("scope", body.scope)?, clean("team", body.team)?);
     if requester.is_none() && scope.is_none() && team.is_none() {
         return Err(ApiError::BadRequest("give at least one of requester, scope or team".to_owned()));
     }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use super::extract::{ApiQuery, Caller};
+use super::extract::{ApiQuery, Caller, filter_value};
 use super::keys::{decode_cursor, encode_cursor, page_limit};
 use crate::audit::{AuditRecord, ChainBreak, GENESIS_HASH, verify_chain};
 use crate::store::{AuditFilter, PageRequest};
@@ -78,8 +78,14 @@ pub async fn list_events(
     require_auditor(&principal)?;
     let limit = page_limit(q.limit)?;
     let before_seq = q.cursor.as_deref().map(decode_cursor).transpose()?;
-    let filter =
-        AuditFilter { actor: q.actor, action: q.action, scope: q.scope, key_id: q.key_id, from: q.from, to: q.to };
+    let filter = AuditFilter {
+        actor: filter_value("actor", q.actor)?,
+        action: filter_value("action", q.action)?,
+        scope: filter_value("scope", q.scope)?,
+        key_id: q.key_id,
+        from: q.from,
+        to: q.to,
+    };
     let items = state.keys.store().list_audit(&filter, PageRequest { before_seq, limit }).await?;
     let next_cursor = (items.len() == limit as usize).then(|| items.last().map(|e| encode_cursor(e.seq))).flatten();
     Ok(axum::Json(AuditPage { items, next_cursor }))

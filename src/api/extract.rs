@@ -152,3 +152,14 @@ impl FromRequestParts<AppState> for Caller {
         }
     }
 }
+
+/// A free-text query filter (requester, scope, team, actor, action): at most 256 printable
+/// characters. Both databases then treat it alike (PostgreSQL refuses NUL in text).
+pub fn filter_value(name: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v) if v.len() > 256 || v.chars().any(char::is_control) => {
+            Err(ApiError::BadRequest(format!("{name} must be at most 256 printable characters")))
+        }
+        other => Ok(other),
+    }
+}

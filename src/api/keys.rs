@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use super::extract::{ApiJson, ApiQuery, Caller, Ctx};
+use super::extract::{ApiJson, ApiQuery, Caller, Ctx, filter_value};
 use crate::issuance::{IssueOutcome, IssueRequest};
 use crate::policy::{ExpiryClamp, ExpiryRequest, Purpose, parse_ttl};
 use crate::store::{Idempotency, KeyFilter, KeyRecord, KeyState, PageRequest};
@@ -295,6 +295,12 @@ pub async fn list_keys(
     Caller(principal): Caller,
     ApiQuery(query): ApiQuery<ListKeysQuery>,
 ) -> Result<axum::Json<KeyPage>, ApiError> {
+    let query = ListKeysQuery {
+        requester: filter_value("requester", query.requester)?,
+        scope: filter_value("scope", query.scope)?,
+        team: filter_value("team", query.team)?,
+        ..query
+    };
     let requester = if principal.sees_everything() {
         query.requester
     } else {

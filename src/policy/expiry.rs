@@ -72,7 +72,12 @@ pub fn resolve_expiry(
 
     let mut caps: Vec<(DateTime<Utc>, ExpiryClamp)> = Vec::new();
     if let Some(days) = upstream.server_max_days {
-        caps.push((now + Duration::days(i64::from(days)) - SERVER_MAX_SAFETY, ExpiryClamp::OctopusServerMaximum));
+        // Octopus chose this number; an absurd one must not overflow.
+        if let Some(cap) =
+            Duration::try_days(i64::from(days)).and_then(|d| now.checked_add_signed(d - SERVER_MAX_SAFETY))
+        {
+            caps.push((cap, ExpiryClamp::OctopusServerMaximum));
+        }
     }
     if let Some(broker) = upstream.broker_key_expires {
         caps.push((broker, ExpiryClamp::BrokerCredentialExpiry));

@@ -72,7 +72,11 @@ impl Policy {
 
     /// The team check of an issuance: the scope must exist and the caller must be allowed.
     pub fn authorize(&self, principal: &Principal, scope: &str) -> Result<&Scope, PolicyError> {
-        let found = self.get(scope).ok_or_else(|| PolicyError::UnknownScope(scope.to_owned()))?;
+        // The caller chose this text: keep it short and printable before it reaches a message,
+        // a log or the audit trail.
+        let found = self.get(scope).ok_or_else(|| {
+            PolicyError::UnknownScope(scope.chars().take(64).collect::<String>().escape_debug().to_string())
+        })?;
         if found.may_request(principal) { Ok(found) } else { Err(PolicyError::NotPermitted(found.name.clone())) }
     }
 }

@@ -103,3 +103,24 @@ async fn issue_list_revoke_and_audit_work_the_same_on_every_backend() {
         assert_eq!(verify["events_checked"], 4, "{name}: config, requested, issued, revoked");
     }
 }
+
+#[tokio::test]
+async fn control_characters_in_filters_and_scopes_are_client_errors_on_every_backend() {
+    for (name, app, _guard) in apps().await {
+        for path in
+            ["/v1/keys?scope=%00", "/v1/keys?team=a%00b", "/v1/audit?actor=%00", "/v1/audit?action=key.%01issued"]
+        {
+            let res = app.get(path, &app.auditor()).await;
+            assert_eq!(res.status(), 400, "{name}: {path}");
+        }
+        let res = app.issue(&app.alice(), serde_json::json!({"scope": "payments-deploy\u{0}", "purpose": "p"})).await;
+        assert_eq!(res.status(), 404, "{name}");
+        let res = app.issue(&app.alice(), serde_json::json!({"scope": "x".repeat(10_000), "purpose": "p"})).await;
+        assert_eq!(res.status(), 404, "{name}");
+        let verify: Value = app.get("/v1/audit/verify", &app.auditor()).await.json().await.unwrap();
+        assert_eq!(verify["ok"], true, "{name}");
+        let denial = app.audit_events().await.into_iter().rev().find(|e| e.action == "policy.denied").unwrap();
+        assert!(denial.scope.is_none(), "{name}: unknown scope text is not recorded as a scope");
+        assert!(denial.detail["reason"].as_str().unwrap().len() < 200, "{name}");
+    }
+}
