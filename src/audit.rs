@@ -26,6 +26,8 @@ pub enum Action {
     KeyExpired,
     #[serde(rename = "key.reconciled")]
     KeyReconciled,
+    #[serde(rename = "secret.identified")]
+    KeyIdentified,
     #[serde(rename = "auth.denied")]
     AuthDenied,
     #[serde(rename = "policy.denied")]
@@ -54,6 +56,7 @@ impl Action {
             Self::KeyRevokeFailed => "key.revoke_failed",
             Self::KeyExpired => "key.expired",
             Self::KeyReconciled => "key.reconciled",
+            Self::KeyIdentified => "secret.identified",
             Self::AuthDenied => "auth.denied",
             Self::PolicyDenied => "policy.denied",
             Self::ConfigLoaded => "config.loaded",

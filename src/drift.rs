@@ -40,11 +40,13 @@ pub struct DriftReport {
     /// Records marked revoked because their key is gone from Octopus.
     pub revoked_behind_back: Vec<Uuid>,
     pub unmanaged: Vec<UnmanagedKey>,
+    /// Keys of failed issuances that were still in Octopus, now revoked.
+    pub orphans_revoked: Vec<String>,
 }
 
 impl DriftReport {
     pub fn is_quiet(&self) -> bool {
-        self.revoked_behind_back.is_empty() && self.unmanaged.is_empty()
+        self.revoked_behind_back.is_empty() && self.unmanaged.is_empty() && self.orphans_revoked.is_empty()
     }
 }
 
@@ -114,6 +116,28 @@ pub async fn scan(keys: &KeyService, state: &DriftState) -> Result<DriftReport, 
                 matches!(r.state, KeyState::Active | KeyState::Pending | KeyState::Expired)
                     && r.octopus_key_id.as_deref().is_none_or(|id| id == key.id)
             });
+            // A failed record proves nobody received the key's secret (its issuance never
+            // completed): revoking it is the crash-safety rule, not an admin's decision.
+            if let Some(failed) = record.as_ref().filter(|r| r.state == KeyState::Failed) {
+                keys.octopus().delete_api_key(&user_id, &key.id).await.map_err(|e| e.to_string())?;
+                let event = NewAuditEvent::new(
+                    now,
+                    "keybroker",
+                    Action::KeyReconciled,
+                    Outcome::Failure,
+                    &RequestContext::default(),
+                )
+                .scope(&failed.scope)
+                .key(failed.id)
+                .octopus_key(Some(&key.id))
+                .detail(json!({
+                    "reason": "an Octopus key of a failed issuance was still present; it was revoked",
+                    "revoked_octopus_keys": [key.id],
+                }));
+                keys.audit(event).await.map_err(|e| e.to_string())?;
+                report.orphans_revoked.push(key.id.clone());
+                continue;
+            }
             if !managed {
                 report.unmanaged.push(UnmanagedKey {
                     scope: scope_name.clone(),

@@ -29,17 +29,20 @@ pub struct ReloadReport {
 }
 
 /// Where the configuration lives, for reloads.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Reloader {
     pub path: PathBuf,
+    /// One reload at a time (SIGHUP and the endpoint may race).
+    running: tokio::sync::Mutex<()>,
 }
 
 impl Reloader {
     pub fn new(path: &Path) -> Self {
-        Self { path: path.to_owned() }
+        Self { path: path.to_owned(), running: tokio::sync::Mutex::new(()) }
     }
 
     pub async fn reload(&self, keys: &KeyService, actor: &str, ctx: &RequestContext) -> Result<ReloadReport, String> {
+        let _one_at_a_time = self.running.lock().await;
         let config = match Config::load(&self.path) {
             Ok(config) => config,
             Err(e) => {
@@ -54,8 +57,7 @@ impl Reloader {
             }
         };
         let new_names: Vec<String> = config.policy.scopes().iter().map(|s| s.name.to_string()).collect();
-        let old = keys.replace_policy(config.policy);
-        let old_names: Vec<String> = old.scopes().iter().map(|s| s.name.to_string()).collect();
+        let old_names: Vec<String> = keys.policy().scopes().iter().map(|s| s.name.to_string()).collect();
         let added: Vec<String> = new_names.iter().filter(|n| !old_names.contains(n)).cloned().collect();
         let removed: Vec<String> = old_names.iter().filter(|n| !new_names.contains(n)).cloned().collect();
         let mut report = ReloadReport {
@@ -70,6 +72,11 @@ impl Reloader {
             revoked: 0,
             revocations_pending: 0,
         };
+        // Audit first: a reload the trail cannot record does not happen.
+        let event = NewAuditEvent::new(keys.now(), actor, Action::ConfigReloaded, Outcome::Success, ctx)
+            .detail(serde_json::to_value(&report).unwrap_or_default());
+        keys.audit(event).await.map_err(|e| format!("the audit trail is unavailable: {e}"))?;
+        keys.replace_policy(config.policy);
         if config.on_scope_removed == ScopeRemoval::Revoke {
             let system = KeyService::system_principal();
             for scope in &report.removed {
@@ -81,11 +88,15 @@ impl Reloader {
                 };
                 let mut before = None;
                 loop {
-                    let page = keys
-                        .store()
-                        .list_keys(&filter, PageRequest { before_seq: before, limit: 200 })
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let page =
+                        match keys.store().list_keys(&filter, PageRequest { before_seq: before, limit: 200 }).await {
+                            Ok(page) => page,
+                            Err(e) => {
+                                // The new policy is in force; what is left is retried by hand or on the next reload.
+                                tracing::warn!(error = %e, scope, "cannot list the removed scope's keys");
+                                break;
+                            }
+                        };
                     let Some(last) = page.last() else { break };
                     before = Some(last.seq);
                     for record in page {
@@ -100,10 +111,7 @@ impl Reloader {
                 }
             }
         }
-        tracing::info!(added = ?report.added, removed = ?report.removed, "policy reloaded");
-        let event = NewAuditEvent::new(keys.now(), actor, Action::ConfigReloaded, Outcome::Success, ctx)
-            .detail(serde_json::to_value(&report).unwrap_or_default());
-        keys.audit(event).await.map_err(|e| e.to_string())?;
+        tracing::info!(added = ?report.added, removed = ?report.removed, revoked = report.revoked, "policy reloaded");
         Ok(report)
     }
 }

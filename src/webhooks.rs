@@ -143,6 +143,14 @@ pub async fn enqueue_notices(keys: &KeyService, webhooks: &[WebhookConfig]) -> R
     Ok(added)
 }
 
+/// `https://chat.example.com/hooks/T0K3N` → `https://chat.example.com/…`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or("?")),
+        Err(_) => "(unparseable URL)".to_owned(),
+    }
+}
+
 /// The value of the `X-Keybroker-Signature` header: `sha256=<hex HMAC of the body>`.
 pub fn signature(secret: &str, body: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
@@ -225,7 +233,8 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[WebhookConfig], http: &r
             .key(delivery.key_id)
             .detail(json!({
                 "delivery_id": delivery.id,
-                "webhook": delivery.webhook_url,
+                // Webhook URLs often carry a token in their path: audit the host only.
+                "webhook": redact_url(&delivery.webhook_url),
                 "event": delivery.event,
                 "threshold": delivery.threshold,
                 "attempt": delivery.attempts + 1,

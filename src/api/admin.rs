@@ -44,7 +44,8 @@ pub struct RevokeManyBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RevokeResult {
     pub id: Uuid,
-    /// `revoked` or `failed` (a failed one is retried by the reconciler).
+    /// `revoked`, `failed` (retried by the reconciler) or `scheduled` (still being issued; the
+    /// reconciler revokes it once it is active).
     pub outcome: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -97,13 +98,11 @@ pub async fn revoke_many(
     let keys = state.keys.clone();
     let report = tokio::spawn(async move {
         let filter = KeyFilter { requester, scope, team, state: Some(KeyState::Active), now: Some(keys.now()) };
-        let mut matching = Vec::new();
-        let mut before = None;
-        loop {
-            let page = keys.store().list_keys(&filter, PageRequest { before_seq: before, limit: 200 }).await?;
-            let Some(last) = page.last() else { break };
-            before = Some(last.seq);
-            matching.extend(page.into_iter().map(|r| r.id));
+        let matching = all_ids(&keys, &filter).await?;
+        // Keys still being issued are marked too: the reconciler revokes them once active.
+        let in_flight = all_ids(&keys, &KeyFilter { state: Some(KeyState::Pending), ..filter }).await?;
+        for id in &in_flight {
+            keys.store().request_revocation(*id, keys.now()).await?;
         }
         let mut results = Vec::new();
         for id in matching {
@@ -113,16 +112,33 @@ pub async fn revoke_many(
             });
         }
         let failed = results.iter().filter(|r| r.outcome == "failed").count();
-        Ok::<_, crate::store::StoreError>(RevokeManyReport {
-            complete: failed == 0,
-            revoked: results.len() - failed,
-            failed,
-            results,
-        })
+        let revoked = results.len() - failed;
+        results.extend(in_flight.into_iter().map(|id| RevokeResult {
+            id,
+            outcome: "scheduled".to_owned(),
+            error: Some("still being issued; the reconciler revokes it once it is active".to_owned()),
+        }));
+        Ok::<_, crate::store::StoreError>(RevokeManyReport { complete: failed == 0, revoked, failed, results })
     })
     .await
     .map_err(|e| ApiError::Internal(format!("offboarding task failed: {e}")))??;
     Ok(axum::Json(report))
+}
+
+/// Every record id matching `filter`, newest first.
+async fn all_ids(
+    keys: &crate::issuance::KeyService,
+    filter: &KeyFilter,
+) -> Result<Vec<Uuid>, crate::store::StoreError> {
+    let mut ids = Vec::new();
+    let mut before = None;
+    loop {
+        let page = keys.store().list_keys(filter, PageRequest { before_seq: before, limit: 200 }).await?;
+        let Some(last) = page.last() else { break };
+        before = Some(last.seq);
+        ids.extend(page.into_iter().map(|r| r.id));
+    }
+    Ok(ids)
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiQuery, Caller, Ctx, filter_value};
+use crate::audit::{Action, NewAuditEvent, Outcome};
 use crate::issuance::{IssueOutcome, IssueRequest};
 use crate::policy::{ExpiryClamp, ExpiryRequest, Purpose, parse_ttl};
 use crate::store::{Idempotency, KeyFilter, KeyRecord, KeyState, PageRequest};
@@ -427,6 +428,7 @@ pub struct IdentifyBody {
 pub async fn identify_key(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    Ctx(ctx): Ctx,
     ApiJson(body): ApiJson<IdentifyBody>,
 ) -> Result<axum::Json<KeyView>, ApiError> {
     if !principal.sees_everything() {
@@ -436,7 +438,20 @@ pub async fn identify_key(
     if secret.is_empty() || secret.len() > 256 {
         return Err(ApiError::BadRequest("api_key must hold the secret to identify".to_owned()));
     }
-    match state.keys.identify(secret).await? {
+    let found = state.keys.identify(secret).await?;
+    // Who looked for a leaked key, and what they found, is itself worth an audit event.
+    let mut event = NewAuditEvent::new(
+        state.keys.now(),
+        &principal.subject,
+        Action::KeyIdentified,
+        if found.is_some() { Outcome::Success } else { Outcome::Failure },
+        &ctx,
+    );
+    if let Some(record) = &found {
+        event = event.scope(&record.scope).key(record.id).octopus_key(record.octopus_key_id.as_deref());
+    }
+    state.keys.audit(event).await?;
+    match found {
         Some(record) => Ok(axum::Json(KeyView::of(record, state.keys.now()))),
         None => Err(ApiError::NotFound("no key issued by keybroker has this secret".to_owned())),
     }

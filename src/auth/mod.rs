@@ -98,6 +98,9 @@ pub enum AuthError {
 /// hence a 500, on every request.
 const MAX_LEEWAY: Duration = Duration::from_secs(5 * 60);
 
+/// Subjects a caller may not have: keybroker's own actors in the audit trail.
+const RESERVED_SUBJECTS: [&str; 2] = ["keybroker", "anonymous"];
+
 /// Verifies Bearer tokens according to the `[auth]` configuration.
 pub struct Authenticator {
     issuer: String,
@@ -232,6 +235,8 @@ impl Authenticator {
             .and_then(Value::as_str)
             .map(str::trim)
             .filter(|s| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control))
+            // Names keybroker uses for itself in the audit trail.
+            .filter(|s| !RESERVED_SUBJECTS.contains(s))
             .ok_or_else(|| AuthError::MissingClaim("sub".to_owned()))?
             .to_owned();
         let display_name = ["name", "preferred_username", "email"]

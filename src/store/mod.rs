@@ -100,6 +100,9 @@ pub struct Idempotency {
     pub request_hash: String,
 }
 
+/// How long a claimed webhook delivery stays with the worker that claimed it.
+pub const DELIVERY_CLAIM: chrono::Duration = chrono::Duration::minutes(5);
+
 /// How long an `Idempotency-Key` is remembered.
 pub const IDEMPOTENCY_WINDOW: chrono::Duration = chrono::Duration::hours(24);
 
@@ -234,7 +237,9 @@ pub trait Store: Send + Sync + 'static {
     /// already. Returns whether it was added.
     async fn enqueue_delivery(&self, delivery: &NewDelivery) -> Result<bool, StoreError>;
 
-    /// Pending deliveries due at `now`.
+    /// Claims the pending deliveries due at `now`: they are not due again for
+    /// [`DELIVERY_CLAIM`], so a second worker cannot send them too. A worker that dies before
+    /// finishing them lets them fall due again after the claim.
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError>;
 
     async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError>;

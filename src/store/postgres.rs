@@ -15,8 +15,8 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Activation, AuditFilter, Delivery, DeliveryResult, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord, KeyState, NewDelivery,
-    NewKey, PageRequest, Pending, Store, StoreError,
+    Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord,
+    KeyState, NewDelivery, NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 
@@ -440,15 +440,18 @@ impl Store for PgStore {
 
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, webhook_url, event, key_id, threshold, payload, attempts, created_at FROM webhook_deliveries \
-             WHERE status = 'pending' AND next_attempt_at <= $1 ORDER BY id LIMIT $2",
+            "UPDATE webhook_deliveries SET next_attempt_at = $1 WHERE id IN (SELECT id FROM webhook_deliveries \
+             WHERE status = 'pending' AND next_attempt_at <= $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, webhook_url, event, key_id, threshold, payload, attempts, created_at",
         )
+        .bind(store_precision(now + DELIVERY_CLAIM))
         .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        rows.iter()
+        let mut out = rows
+            .iter()
             .map(|row| {
                 let payload: sqlx::types::Json<serde_json::Value> = row.try_get("payload").map_err(db_err)?;
                 Ok(Delivery {
@@ -462,7 +465,9 @@ impl Store for PgStore {
                     created_at: row.try_get("created_at").map_err(db_err)?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort_by_key(|d| d.id);
+        Ok(out)
     }
 
     async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {

@@ -13,8 +13,8 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Activation, AuditFilter, Delivery, DeliveryResult, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord, KeyState, NewDelivery,
-    NewKey, PageRequest, Pending, Store, StoreError,
+    Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord,
+    KeyState, NewDelivery, NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 
@@ -453,16 +453,21 @@ impl Store for SqliteStore {
     }
 
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        let mut tx = self.write_tx().await?;
         let rows = sqlx::query(
-            "SELECT id, webhook_url, event, key_id, threshold, payload, attempts, created_at FROM webhook_deliveries \
-             WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+            "UPDATE webhook_deliveries SET next_attempt_at = ?1 WHERE id IN (SELECT id FROM webhook_deliveries \
+             WHERE status = 'pending' AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3) \
+             RETURNING id, webhook_url, event, key_id, threshold, payload, attempts, created_at",
         )
+        .bind(fmt_time(now + DELIVERY_CLAIM))
         .bind(fmt_time(now))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_err)?;
-        rows.iter()
+        tx.commit().await.map_err(db_err)?;
+        let mut out = rows
+            .iter()
             .map(|row| {
                 let key_id: String = row.try_get("key_id").map_err(db_err)?;
                 let payload: String = row.try_get("payload").map_err(db_err)?;
@@ -477,7 +482,9 @@ impl Store for SqliteStore {
                     created_at: parse_time(&row.try_get::<String, _>("created_at").map_err(db_err)?)?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort_by_key(|d| d.id);
+        Ok(out)
     }
 
     async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {

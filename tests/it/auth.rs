@@ -561,3 +561,12 @@ async fn keys_the_verifier_cannot_use_do_not_spoil_the_rest_of_the_jwks() {
     let token = rs256(Some("k1"), RSA_PRIVATE, &claims("alice@example.com", &["payments"]));
     assert_eq!(me(&app, &token).await["subject"], "alice@example.com");
 }
+
+#[tokio::test]
+async fn subjects_keybroker_uses_for_itself_are_refused() {
+    let app = TestApp::spawn().await;
+    for reserved in ["keybroker", "anonymous"] {
+        let token = hs256(&claims(reserved, &["platform-admins"]));
+        assert_refused(&app, Some(&bearer(&token)), "sub").await;
+    }
+}

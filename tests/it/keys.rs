@@ -479,6 +479,12 @@ async fn identify_finds_the_record_of_a_leaked_secret() {
     assert!(found.get("api_key").is_none());
     problem(identify(app.auditor(), "API-NOTAKEYKEYBROKERISSUED0000".to_owned()).await, 404).await;
     problem(identify(app.alice(), secret.to_owned()).await, 403).await;
+    let lookups: Vec<_> = app.audit_events().await.into_iter().filter(|e| e.action == "secret.identified").collect();
+    assert_eq!(lookups.len(), 2, "each identification is audited");
+    assert_eq!(lookups[0].actor, "sam@example.com");
+    assert_eq!(lookups[0].key_id.map(|k| k.to_string()).as_deref(), body["id"].as_str());
+    assert_eq!(lookups[1].outcome, "failure");
+    assert!(!format!("{lookups:?}").contains(secret), "the secret is not audited");
 }
 
 #[tokio::test]

@@ -389,6 +389,10 @@ async fn the_outbox_holds_each_notice_once_and_tracks_attempts() {
         assert!(store.enqueue_delivery(&notice("10d")).await.unwrap(), "{name}");
         let due = store.due_deliveries(now, 10).await.unwrap();
         assert_eq!(due.len(), 2, "{name}");
+        assert!(
+            store.due_deliveries(now, 10).await.unwrap().is_empty(),
+            "{name}: claimed rows are not handed out twice"
+        );
         assert_eq!(due[0].payload, json!({"event": "key.expiring", "n": 1}), "{name}");
         let retry = DeliveryResult::Retry { next_attempt_at: now + Duration::minutes(1), error: "503".to_owned() };
         store.finish_delivery(due[0].id, &retry).await.unwrap();
