@@ -90,7 +90,8 @@ impl App {
             "octopus_url": config.octopus.url.as_str(),
         }));
         keys.audit(loaded).await.context("cannot write the audit trail")?;
-        let state = AppState { keys, auth: Arc::new(auth), reloader: None };
+        let rate_limits = Arc::new(crate::api::ratelimit::RateLimits::new(config.server.rate_limit_per_minute));
+        let state = AppState { keys, auth: Arc::new(auth), reloader: None, rate_limits };
         Ok(Self { state, config })
     }
 
@@ -115,6 +116,14 @@ impl App {
         if let Some(reloader) = self.state.reloader.clone() {
             jobs.push(spawn_sighup_reload(self.state.keys.clone(), reloader));
         }
+        let limits = self.state.rate_limits.clone();
+        jobs.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                limits.forget_idle();
+            }
+        }));
         let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
         let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
         for job in jobs {

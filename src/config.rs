@@ -112,6 +112,12 @@ struct RawServer {
     request_body_limit_bytes: usize,
     #[serde(default = "default_request_timeout")]
     request_timeout: HumanDuration,
+    #[serde(default = "default_rate_limit")]
+    rate_limit_per_minute: u32,
+}
+
+fn default_rate_limit() -> u32 {
+    1200
 }
 
 impl Default for RawServer {
@@ -121,6 +127,7 @@ impl Default for RawServer {
             cors_allowed_origins: Vec::new(),
             request_body_limit_bytes: default_body_limit(),
             request_timeout: default_request_timeout(),
+            rate_limit_per_minute: default_rate_limit(),
         }
     }
 }
@@ -294,6 +301,9 @@ pub struct ServerConfig {
     pub cors_allowed_origins: Vec<String>,
     pub request_body_limit_bytes: usize,
     pub request_timeout: Duration,
+    /// Requests per minute per principal, and per client address for requests that fail
+    /// authentication; 0 turns the limit off.
+    pub rate_limit_per_minute: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -469,6 +479,7 @@ impl Config {
                 n => n,
             },
             request_timeout: nonzero("server.request_timeout", raw.server.request_timeout)?,
+            rate_limit_per_minute: raw.server.rate_limit_per_minute,
         };
 
         let db_url = match (raw.database.url, raw.database.url_file) {

@@ -132,10 +132,19 @@ impl FromRequestParts<AppState> for Caller {
         let header = parts.headers.get(axum::http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
         match state.auth.authenticate(header).await {
             Ok(principal) => {
+                state
+                    .rate_limits
+                    .check_principal(&principal.subject)
+                    .map_err(|wait| ApiError::TooManyRequests(Some(wait)))?;
                 parts.extensions.insert(principal.clone());
                 Ok(Self(principal))
             }
             Err(e) => {
+                // Failed authentications are limited per address before they are audited, so a
+                // flood of bad tokens cannot fill the audit trail.
+                if let Some(addr) = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip()) {
+                    state.rate_limits.check_address(addr).map_err(|wait| ApiError::TooManyRequests(Some(wait)))?;
+                }
                 let ctx = context_of(parts);
                 let event =
                     NewAuditEvent::new(state.keys.now(), "anonymous", Action::AuthDenied, Outcome::Denied, &ctx)

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod health;
 pub mod keys;
 pub mod meta;
+pub mod ratelimit;
 pub mod scopes;
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Set when the app was started from a configuration file (reloads read it again).
     pub reloader: Option<Arc<crate::reload::Reloader>>,
+    pub rate_limits: Arc<ratelimit::RateLimits>,
 }
 
 #[derive(OpenApi)]
@@ -92,7 +94,34 @@ fn api_routes() -> OpenApiRouter<AppState> {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut api) = api_routes().split_for_parts();
     api.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    add_rate_limit_responses(&mut api);
     api
+}
+
+/// Every authenticated operation can be rate limited (per principal, or per address for failed
+/// authentications): document its 429 once, here, rather than on every handler.
+fn add_rate_limit_responses(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let too_many = ResponseBuilder::new()
+        .description("Rate limited; retry after the `Retry-After` header's seconds")
+        .header(
+            "Retry-After",
+            utoipa::openapi::header::Header::new(
+                utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::Integer),
+            ),
+        )
+        .content(
+            "application/problem+json",
+            ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
+        )
+        .build();
+    for item in openapi.paths.paths.values_mut() {
+        for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+            if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                op.responses.responses.insert("429".to_owned(), too_many.clone().into());
+            }
+        }
+    }
 }
 
 /// The OpenAPI document as pretty JSON (what `keybroker openapi` prints and

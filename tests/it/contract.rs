@@ -295,3 +295,32 @@ async fn portals_on_the_allow_list_may_call_the_api_from_a_browser() {
     let exposed = res.headers()["access-control-expose-headers"].to_str().unwrap().to_lowercase();
     assert!(exposed.contains("location") && exposed.contains("x-request-id"), "{exposed}");
 }
+
+#[tokio::test]
+async fn each_principal_is_rate_limited_and_failed_logins_cannot_flood_the_audit_trail() {
+    let app = TestApp::spawn_with(crate::helpers::TestOptions {
+        edit_config: Box::new(|c| c.replacen("[server]\n", "[server]\nrate_limit_per_minute = 5\n", 1)),
+        ..Default::default()
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(app.get("/v1/me", &app.alice()).await.status(), 200);
+    }
+    let limited = app.get("/v1/me", &app.alice()).await;
+    assert_eq!(limited.status(), 429);
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after));
+    assert_eq!(limited.headers()["content-type"], "application/problem+json");
+    // Another principal has its own budget.
+    assert_eq!(app.get("/v1/me", &app.bob()).await.status(), 200);
+
+    // Bad tokens from one address: audited until the limit, then refused without a trace.
+    for _ in 0..5 {
+        assert_eq!(app.get("/v1/me", "not-a-token").await.status(), 401);
+    }
+    for _ in 0..20 {
+        assert_eq!(app.get("/v1/me", "not-a-token").await.status(), 429);
+    }
+    let denials = app.audit_events().await.into_iter().filter(|e| e.action == "auth.denied").count();
+    assert_eq!(denials, 5);
+}
