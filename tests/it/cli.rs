@@ -3,12 +3,10 @@
 use keybroker::dev::demo_config_toml;
 use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
 
-use crate::helpers::{HMAC_SECRET, JWT_SECRET, keybroker_command};
+use crate::helpers::keybroker_command;
 
 fn write_config(dir: &std::path::Path, octopus_url: &str, edit: impl FnOnce(String) -> String) -> std::path::PathBuf {
-    std::fs::write(dir.join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
-    std::fs::write(dir.join("jwt-hs256"), JWT_SECRET).unwrap();
-    std::fs::write(dir.join("audit-hmac"), HMAC_SECRET).unwrap();
+    crate::helpers::write_secret_files(dir);
     let path = dir.join("keybroker.toml");
     std::fs::write(&path, edit(demo_config_toml(octopus_url, "127.0.0.1:0", &dir.join("keybroker.db")))).unwrap();
     path

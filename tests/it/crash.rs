@@ -5,12 +5,12 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
-use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, Simulator};
+use keybroker::octopus_sim::{Fault, FaultKind, Seed, Simulator};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::helpers::{HMAC_SECRET, JWT_SECRET};
+use crate::helpers::JWT_SECRET;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -49,9 +49,7 @@ async fn a_kill_between_create_and_activate_is_cleaned_up_after_restart() {
     let sim = Simulator::new(Seed::demo()).unwrap();
     let running = sim.spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
-    std::fs::write(dir.path().join("jwt-hs256"), JWT_SECRET).unwrap();
-    std::fs::write(dir.path().join("audit-hmac"), HMAC_SECRET).unwrap();
+    crate::helpers::write_secret_files(dir.path());
     let db = dir.path().join("keybroker.db");
     let listen = format!("127.0.0.1:{}", free_port());
     let mut text = demo_config_toml(&running.url(), &listen, &db).replace("timeout = \"10s\"", "timeout = \"1s\"");
@@ -172,9 +170,7 @@ async fn sighup_reloads_the_policy_of_a_running_server() {
     let sim = Simulator::new(Seed::demo()).unwrap();
     let running = sim.spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
-    std::fs::write(dir.path().join("jwt-hs256"), JWT_SECRET).unwrap();
-    std::fs::write(dir.path().join("audit-hmac"), HMAC_SECRET).unwrap();
+    crate::helpers::write_secret_files(dir.path());
     let listen = format!("127.0.0.1:{}", free_port());
     let text = demo_config_toml(&running.url(), &listen, &dir.path().join("keybroker.db"));
     let config = dir.path().join("keybroker.toml");

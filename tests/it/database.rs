@@ -12,9 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::helpers::{TestApp, TestOptions, postgres_url};
 
 fn config_with_db(dir: &std::path::Path, db_url: &str) -> std::path::PathBuf {
-    std::fs::write(dir.join("octopus-api-key"), keybroker::octopus_sim::DEMO_BROKER_API_KEY).unwrap();
-    std::fs::write(dir.join("jwt-hs256"), crate::helpers::JWT_SECRET).unwrap();
-    std::fs::write(dir.join("audit-hmac"), crate::helpers::HMAC_SECRET).unwrap();
+    crate::helpers::write_secret_files(dir);
     let text = keybroker::dev::demo_config_toml("http://127.0.0.1:9", "127.0.0.1:0", &dir.join("unused.db"));
     let text = text
         .replace(&format!("url = \"sqlite://{}\"", dir.join("unused.db").display()), &format!("url = \"{db_url}\""));

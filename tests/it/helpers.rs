@@ -74,9 +74,7 @@ impl TestApp {
         let running = sim.spawn(([127, 0, 0, 1], 0).into()).await.expect("simulator");
         let sim_url = running.url();
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
-        std::fs::write(dir.path().join("jwt-hs256"), JWT_SECRET).unwrap();
-        std::fs::write(dir.path().join("audit-hmac"), HMAC_SECRET).unwrap();
+        write_secret_files(dir.path());
         let text = demo_config_toml(&sim_url, "127.0.0.1:0", &dir.path().join("keybroker.db"));
         // The app's own reconciler would race tests that stage pending records; tests run
         // `jobs::reconcile_once` themselves.
@@ -280,4 +278,59 @@ pub fn keybroker_command(args: &[&str]) -> std::process::Command {
         }
     }
     cmd
+}
+
+/// Writes the secret files the demo configuration names into `dir`.
+pub fn write_secret_files(dir: &std::path::Path) {
+    std::fs::write(dir.join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
+    std::fs::write(dir.join("jwt-hs256"), JWT_SECRET).unwrap();
+    std::fs::write(dir.join("audit-hmac"), HMAC_SECRET).unwrap();
+}
+
+/// A pending record of alice's in payments-deploy, created at `created_at`: what an issuance in
+/// flight, or a crash between the Octopus call and activation, leaves behind.
+pub async fn stage_pending(app: &TestApp, created_at: chrono::DateTime<chrono::Utc>) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    let key = keybroker::store::NewKey {
+        id,
+        scope: "payments-deploy".to_owned(),
+        requester: "alice@example.com".to_owned(),
+        purpose: "in flight".to_owned(),
+        octopus_user_id: app.sim.user_id("svc-payments-deploy").unwrap(),
+        created_at,
+        expires_at: created_at + chrono::Duration::days(1),
+        max_active: 3,
+        idempotency: None,
+        requester_teams: vec!["payments".to_owned()],
+    };
+    let event = keybroker::audit::NewAuditEvent::new(
+        created_at,
+        "alice@example.com",
+        keybroker::audit::Action::KeyRequested,
+        keybroker::audit::Outcome::Success,
+        &Default::default(),
+    )
+    .key(id);
+    app.state.keys.store().insert_pending(&key, &event, created_at).await.unwrap();
+    id
+}
+
+/// An Octopus key carrying record `id`'s marker, made directly with the broker credential (as
+/// keybroker would have). Returns its Octopus id.
+pub async fn create_marked_key(app: &TestApp, id: uuid::Uuid) -> String {
+    let user = app.sim.user_id("svc-payments-deploy").unwrap();
+    let expires = (chrono::Utc::now() + chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%S.000+00:00").to_string();
+    let res = app
+        .http
+        .post(format!("{}/api/users/{user}/apikeys", app.sim_url))
+        .header("X-Octopus-ApiKey", DEMO_BROKER_API_KEY)
+        .json(
+            &serde_json::json!({"Purpose": format!("keybroker:{id} alice@example.com: in flight"), "Expires": expires}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    body["Id"].as_str().unwrap().to_owned()
 }

@@ -10,7 +10,7 @@ use keybroker::webhooks::{deliver_due, enqueue_notices, signature};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{ManualClock, TestApp, TestOptions};
+use crate::helpers::{ManualClock, TestApp, TestOptions, create_marked_key, stage_pending};
 
 /// A webhook receiver that records what it gets and answers with a chosen status.
 struct Sink {
@@ -488,53 +488,10 @@ async fn two_replicas_on_one_database_never_send_a_notice_twice() {
     );
 }
 
-/// A pending record of alice's in payments-deploy, as an issuance in flight leaves it.
-async fn pending_record(app: &TestApp) -> uuid::Uuid {
-    let id = uuid::Uuid::new_v4();
-    let now = chrono::Utc::now();
-    let key = keybroker::store::NewKey {
-        id,
-        scope: "payments-deploy".to_owned(),
-        requester: "alice@example.com".to_owned(),
-        purpose: "in flight".to_owned(),
-        octopus_user_id: app.sim.user_id("svc-payments-deploy").unwrap(),
-        created_at: now,
-        expires_at: now + chrono::Duration::days(1),
-        max_active: 3,
-        idempotency: None,
-        requester_teams: vec!["payments".to_owned()],
-    };
-    let event = keybroker::audit::NewAuditEvent::new(
-        now,
-        "alice@example.com",
-        keybroker::audit::Action::KeyRequested,
-        keybroker::audit::Outcome::Success,
-        &Default::default(),
-    )
-    .key(id);
-    app.state.keys.store().insert_pending(&key, &event, now).await.unwrap();
-    id
-}
-
-async fn marked_key_in_octopus(app: &TestApp, id: uuid::Uuid) -> String {
-    let user = app.sim.user_id("svc-payments-deploy").unwrap();
-    let expires = (chrono::Utc::now() + chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%S.000+00:00").to_string();
-    let res = app
-        .http
-        .post(format!("{}/api/users/{user}/apikeys", app.sim_url))
-        .header("X-Octopus-ApiKey", DEMO_BROKER_API_KEY)
-        .json(&json!({"Purpose": format!("keybroker:{id} alice@example.com: in flight"), "Expires": expires}))
-        .send()
-        .await
-        .unwrap();
-    let body: Value = res.json().await.unwrap();
-    body["Id"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn a_key_of_a_failed_issuance_found_later_is_revoked_without_waiting_for_an_admin() {
     let app = TestApp::spawn().await;
-    let id = pending_record(&app).await;
+    let id = stage_pending(&app, chrono::Utc::now()).await;
     // The reconciler gave up on the record before Octopus made the key (a very slow create).
     let event = keybroker::audit::NewAuditEvent::new(
         chrono::Utc::now(),
@@ -545,7 +502,7 @@ async fn a_key_of_a_failed_issuance_found_later_is_revoked_without_waiting_for_a
     )
     .key(id);
     app.state.keys.store().mark_failed(id, &event).await.unwrap();
-    let octopus_key = marked_key_in_octopus(&app, id).await;
+    let octopus_key = create_marked_key(&app, id).await;
     let report = keybroker::drift::scan(&app.state.keys, &keybroker::drift::DriftState::default()).await.unwrap();
     assert_eq!(report.orphans_revoked, vec![octopus_key]);
     assert!(report.unmanaged.is_empty());
@@ -555,7 +512,7 @@ async fn a_key_of_a_failed_issuance_found_later_is_revoked_without_waiting_for_a
 #[tokio::test]
 async fn offboarding_schedules_keys_still_being_issued() {
     let app = TestApp::spawn().await;
-    let id = pending_record(&app).await;
+    let id = stage_pending(&app, chrono::Utc::now()).await;
     let res = app
         .http
         .post(format!("{}/v1/keys/revoke", app.url))
@@ -567,7 +524,7 @@ async fn offboarding_schedules_keys_still_being_issued() {
     let report: Value = res.json().await.unwrap();
     assert_eq!(report["results"][0]["outcome"], "scheduled", "{report}");
     // The issuance completes; the next reconciliation revokes it.
-    let octopus_key = marked_key_in_octopus(&app, id).await;
+    let octopus_key = create_marked_key(&app, id).await;
     let activation = keybroker::store::Activation {
         id,
         octopus_key_id: octopus_key,

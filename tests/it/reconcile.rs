@@ -8,7 +8,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keybroker::audit::{AuditRecord, NewAuditEvent};
-use keybroker::octopus_sim::DEMO_BROKER_API_KEY;
 use keybroker::store::{
     Activation, AuditFilter, Delivery, DeliveryResult, KeyFilter, KeyRecord, NewDelivery, NewKey, PageRequest, Pending,
     SqliteStore, Store, StoreError,
@@ -16,7 +15,7 @@ use keybroker::store::{
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, TestOptions};
+use crate::helpers::{TestApp, TestOptions, create_marked_key, stage_pending};
 
 /// A store that fails on demand, around a real SQLite store.
 struct FlakyStore {
@@ -173,42 +172,9 @@ async fn a_store_failure_after_the_octopus_call_revokes_the_new_key() {
 /// What a crash between "pending" and "active" leaves: a pending record and an Octopus key that
 /// carries its marker.
 async fn leave_an_orphan(app: &TestApp) -> (Uuid, String) {
-    let id = Uuid::new_v4();
-    let user_id = app.sim.user_id("svc-payments-deploy").unwrap();
-    let now = Utc::now() - chrono::Duration::minutes(10);
-    let new_key = NewKey {
-        id,
-        scope: "payments-deploy".to_owned(),
-        requester: "alice@example.com".to_owned(),
-        purpose: "crashed".to_owned(),
-        octopus_user_id: user_id.clone(),
-        created_at: now,
-        expires_at: now + chrono::Duration::days(1),
-        max_active: 3,
-        idempotency: None,
-        requester_teams: vec!["payments".to_owned()],
-    };
-    let event = NewAuditEvent::new(
-        now,
-        "alice@example.com",
-        keybroker::audit::Action::KeyRequested,
-        keybroker::audit::Outcome::Success,
-        &Default::default(),
-    )
-    .key(id);
-    app.state.keys.store().insert_pending(&new_key, &event, now).await.unwrap();
-    let expires = (Utc::now() + chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%S.000+00:00").to_string();
-    let res = app
-        .http
-        .post(format!("{}/api/users/{user_id}/apikeys", app.sim_url))
-        .header("X-Octopus-ApiKey", DEMO_BROKER_API_KEY)
-        .json(&json!({"Purpose": format!("keybroker:{id} alice@example.com: crashed"), "Expires": expires}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let created: Value = res.json().await.unwrap();
-    (id, created["Id"].as_str().unwrap().to_owned())
+    let id = stage_pending(app, Utc::now() - chrono::Duration::minutes(10)).await;
+    let octopus_key = create_marked_key(app, id).await;
+    (id, octopus_key)
 }
 
 #[tokio::test]
