@@ -20,6 +20,9 @@ use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// SQLite has one writer at a time. Writers queue here, in the process, instead of sleeping
+    /// in SQLite's busy handler (whose back-off dominated issuance latency under load).
+    write_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Times are stored as fixed-width UTC text, so that text order is time order.
@@ -54,11 +57,15 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        Ok(Self { pool })
+        Ok(Self { pool, write_lock: std::sync::Arc::new(tokio::sync::Mutex::new(())) })
     }
 
-    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+    /// A write transaction that holds the write lock from its start; the guard must live until
+    /// the commit.
+    async fn write_tx(&self) -> Result<(tokio::sync::OwnedMutexGuard<()>, Transaction<'static, Sqlite>), StoreError> {
+        let guard = self.write_lock.clone().lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        Ok((guard, tx))
     }
 }
 
@@ -177,7 +184,7 @@ impl Store for SqliteStore {
         event: &NewAuditEvent,
         now: DateTime<Utc>,
     ) -> Result<Pending, StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         if let Some(idem) = &key.idempotency {
             let row = sqlx::query(&format!(
                 "SELECT {KEY_COLUMNS}, request_hash FROM key_records WHERE requester = ? AND idempotency_key = ?"
@@ -240,7 +247,7 @@ impl Store for SqliteStore {
     }
 
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         let current = key_in(&mut tx, a.id).await?;
         if current.state != KeyState::Pending {
             return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
@@ -265,7 +272,7 @@ impl Store for SqliteStore {
     }
 
     async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         let current = key_in(&mut tx, id).await?;
         if current.state != KeyState::Pending {
             return Err(StoreError::WrongState { id, expected: "pending", actual: current.state.as_str() });
@@ -281,7 +288,7 @@ impl Store for SqliteStore {
     }
 
     async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         let current = key_in(&mut tx, id).await?;
         match current.state {
             KeyState::Revoked => return Ok(current),
@@ -370,7 +377,7 @@ impl Store for SqliteStore {
     }
 
     async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         let done =
             sqlx::query("UPDATE key_records SET state = 'expired', updated_at = ? WHERE id = ? AND state = 'active'")
                 .bind(fmt_time(event.occurred_at))
@@ -388,7 +395,7 @@ impl Store for SqliteStore {
     }
 
     async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         sqlx::query("UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, ?) WHERE id = ?")
             .bind(fmt_time(at))
             .bind(id.to_string())
@@ -430,7 +437,7 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         let added = sqlx::query(
             "INSERT INTO webhook_deliveries (webhook_url, event, key_id, threshold, payload, status, created_at, \
              next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?) \
@@ -453,7 +460,7 @@ impl Store for SqliteStore {
     }
 
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         let rows = sqlx::query(
             "UPDATE webhook_deliveries SET next_attempt_at = ?1 WHERE id IN (SELECT id FROM webhook_deliveries \
              WHERE status = 'pending' AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3) \
@@ -488,7 +495,7 @@ impl Store for SqliteStore {
     }
 
     async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         let query = match result {
             DeliveryResult::Delivered { at } => sqlx::query(
                 "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = ?, \
@@ -516,7 +523,7 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         ttl: chrono::Duration,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         let taken = sqlx::query(
             "INSERT INTO job_leases (name, holder, expires_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (name) DO UPDATE SET holder = ?2, expires_at = ?3 \
@@ -556,7 +563,7 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_write, mut tx) = self.write_tx().await?;
         append_in(&mut tx, event).await?;
         tx.commit().await.map_err(db_err)
     }
