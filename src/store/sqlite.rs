@@ -199,6 +199,9 @@ impl Store for SqliteStore {
                 if record.created_at > now - IDEMPOTENCY_WINDOW {
                     let hash: Option<String> = row.try_get("request_hash").map_err(db_err)?;
                     let same_request = hash.as_deref() == Some(idem.request_hash.as_str());
+                    // Roll back now: a dropped transaction is only rolled back lazily, and would
+                    // keep its locks until its connection is used again.
+                    tx.rollback().await.map_err(db_err)?;
                     return Ok(Pending::Existing { record: Box::new(record), same_request });
                 }
                 // Remembered long enough: the key may be used afresh.
@@ -221,6 +224,7 @@ impl Store for SqliteStore {
         .map_err(db_err)?;
         let active = u64::try_from(active).unwrap_or_default();
         if active >= u64::from(key.max_active) {
+            tx.rollback().await.map_err(db_err)?;
             return Err(StoreError::LimitReached { active });
         }
         sqlx::query(
@@ -250,6 +254,7 @@ impl Store for SqliteStore {
         let (_write, mut tx) = self.write_tx().await?;
         let current = key_in(&mut tx, a.id).await?;
         if current.state != KeyState::Pending {
+            tx.rollback().await.map_err(db_err)?;
             return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
         }
         sqlx::query(
@@ -275,6 +280,7 @@ impl Store for SqliteStore {
         let (_write, mut tx) = self.write_tx().await?;
         let current = key_in(&mut tx, id).await?;
         if current.state != KeyState::Pending {
+            tx.rollback().await.map_err(db_err)?;
             return Err(StoreError::WrongState { id, expected: "pending", actual: current.state.as_str() });
         }
         sqlx::query("UPDATE key_records SET state = 'failed', updated_at = ? WHERE id = ?")
@@ -291,9 +297,15 @@ impl Store for SqliteStore {
         let (_write, mut tx) = self.write_tx().await?;
         let current = key_in(&mut tx, id).await?;
         match current.state {
-            KeyState::Revoked => return Ok(current),
+            KeyState::Revoked => {
+                tx.rollback().await.map_err(db_err)?;
+                return Ok(current);
+            }
             KeyState::Active | KeyState::Expired => {}
-            other => return Err(StoreError::WrongState { id, expected: "active", actual: other.as_str() }),
+            other => {
+                tx.rollback().await.map_err(db_err)?;
+                return Err(StoreError::WrongState { id, expected: "active", actual: other.as_str() });
+            }
         }
         sqlx::query("UPDATE key_records SET state = 'revoked', revoked_at = ?, updated_at = ? WHERE id = ?")
             .bind(fmt_time(at))
