@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::issuance::KeyService;
 use crate::policy::purpose_marker;
-use crate::store::{KeyFilter, KeyState, PageRequest};
+use crate::store::{KeyFilter, KeyState};
 
 /// Remembers which unmanaged keys were already audited, so each is reported once per process.
 #[derive(Debug, Default)]
@@ -70,39 +70,39 @@ pub async fn scan(keys: &KeyService, state: &DriftState) -> Result<DriftReport, 
             Err(e) => tracing::debug!(scope = %scope.name, error = %e, "drift scan skips a scope"),
         }
     }
+    // Read the active records once; each account's are picked out below.
+    let filter = KeyFilter { state: Some(KeyState::Active), now: Some(now), ..Default::default() };
+    let active = keys.store().list_all_keys(&filter).await.map_err(|e| e.to_string())?;
     for (user_id, scope_name) in accounts {
         let in_octopus = keys.octopus().list_api_keys(&user_id, Some("keybroker:")).await.map_err(|e| e.to_string())?;
         let present: HashSet<&str> = in_octopus.iter().map(|k| k.id.as_str()).collect();
 
         // Active records whose key is gone.
-        let mut before = None;
-        loop {
-            let filter = KeyFilter { state: Some(KeyState::Active), now: Some(now), ..Default::default() };
-            let page = keys
-                .store()
-                .list_keys(&filter, PageRequest { before_seq: before, limit: 200 })
-                .await
-                .map_err(|e| e.to_string())?;
-            let Some(last) = page.last() else { break };
-            before = Some(last.seq);
-            for record in page.iter().filter(|r| r.octopus_user_id == user_id) {
-                let Some(octopus_key_id) = record.octopus_key_id.as_deref() else { continue };
-                if present.contains(octopus_key_id) {
-                    continue;
-                }
-                // Confirm with a direct read before acting on a listing.
-                if keys.octopus().get_api_key(&user_id, octopus_key_id).await.map_err(|e| e.to_string())?.is_some() {
-                    continue;
-                }
-                let event = NewAuditEvent::new(now, "keybroker", Action::KeyRevoked, Outcome::Success, &RequestContext::default())
-                    .scope(&record.scope)
-                    .key(record.id)
-                    .octopus_key(Some(octopus_key_id))
-                    .detail(json!({ "drift": "the key was deleted in Octopus behind keybroker's back", "octopus": "already_gone" }));
-                keys.store().mark_revoked(record.id, now, &event).await.map_err(|e| e.to_string())?;
-                tracing::warn!(key_id = %record.id, "key deleted in Octopus behind keybroker's back");
-                report.revoked_behind_back.push(record.id);
+        for record in active.iter().filter(|r| r.octopus_user_id == user_id) {
+            let Some(octopus_key_id) = record.octopus_key_id.as_deref() else { continue };
+            if present.contains(octopus_key_id) {
+                continue;
             }
+            // Confirm with a direct read before acting on a listing.
+            if keys.octopus().get_api_key(&user_id, octopus_key_id).await.map_err(|e| e.to_string())?.is_some() {
+                continue;
+            }
+            let event = NewAuditEvent::new(
+                now,
+                "keybroker",
+                Action::KeyRevoked,
+                Outcome::Success,
+                &RequestContext::default(),
+            )
+            .scope(&record.scope)
+            .key(record.id)
+            .octopus_key(Some(octopus_key_id))
+            .detail(
+                json!({ "drift": "the key was deleted in Octopus behind keybroker's back", "octopus": "already_gone" }),
+            );
+            keys.store().mark_revoked(record.id, now, &event).await.map_err(|e| e.to_string())?;
+            tracing::warn!(key_id = %record.id, "key deleted in Octopus behind keybroker's back");
+            report.revoked_behind_back.push(record.id);
         }
 
         // Marked keys without an active (or in-flight) record.

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::config::{Config, ScopeRemoval};
 use crate::issuance::KeyService;
-use crate::store::{KeyFilter, KeyState, PageRequest};
+use crate::store::{KeyFilter, KeyState};
 
 /// What a reload changed.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -86,26 +86,20 @@ impl Reloader {
                     now: Some(keys.now()),
                     ..Default::default()
                 };
-                let mut before = None;
-                loop {
-                    let page =
-                        match keys.store().list_keys(&filter, PageRequest { before_seq: before, limit: 200 }).await {
-                            Ok(page) => page,
-                            Err(e) => {
-                                // The new policy is in force; what is left is retried by hand or on the next reload.
-                                tracing::warn!(error = %e, scope, "cannot list the removed scope's keys");
-                                break;
-                            }
-                        };
-                    let Some(last) = page.last() else { break };
-                    before = Some(last.seq);
-                    for record in page {
-                        match keys.revoke_requested(&system, record.id, ctx).await {
-                            Ok(_) => report.revoked += 1,
-                            Err(e) => {
-                                tracing::warn!(key_id = %record.id, error = %e, "revocation after scope removal failed; will retry");
-                                report.revocations_pending += 1;
-                            }
+                let records = match keys.store().list_all_keys(&filter).await {
+                    Ok(records) => records,
+                    Err(e) => {
+                        // The new policy is in force; what is left is retried by hand or on the next reload.
+                        tracing::warn!(error = %e, scope, "cannot list the removed scope's keys");
+                        continue;
+                    }
+                };
+                for record in records {
+                    match keys.revoke_requested(&system, record.id, ctx).await {
+                        Ok(_) => report.revoked += 1,
+                        Err(e) => {
+                            tracing::warn!(key_id = %record.id, error = %e, "revocation after scope removal failed; will retry");
+                            report.revocations_pending += 1;
                         }
                     }
                 }

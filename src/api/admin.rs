@@ -14,7 +14,7 @@ use super::extract::{ApiJson, Caller, Ctx, filter_value};
 use crate::auth::Principal;
 use crate::drift::UnmanagedKey;
 use crate::reload::ReloadReport;
-use crate::store::{KeyFilter, KeyState, PageRequest};
+use crate::store::{KeyFilter, KeyState};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(revoke_many)).routes(routes!(revoke_unmanaged)).routes(routes!(reload))
@@ -98,9 +98,11 @@ pub async fn revoke_many(
     let keys = state.keys.clone();
     let report = tokio::spawn(async move {
         let filter = KeyFilter { requester, scope, team, state: Some(KeyState::Active), now: Some(keys.now()) };
-        let matching = all_ids(&keys, &filter).await?;
+        let ids = |records: Vec<crate::store::KeyRecord>| records.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        let matching = ids(keys.store().list_all_keys(&filter).await?);
         // Keys still being issued are marked too: the reconciler revokes them once active.
-        let in_flight = all_ids(&keys, &KeyFilter { state: Some(KeyState::Pending), ..filter }).await?;
+        let in_flight =
+            ids(keys.store().list_all_keys(&KeyFilter { state: Some(KeyState::Pending), ..filter }).await?);
         for id in &in_flight {
             keys.store().request_revocation(*id, keys.now()).await?;
         }
@@ -123,22 +125,6 @@ pub async fn revoke_many(
     .await
     .map_err(|e| ApiError::Internal(format!("offboarding task failed: {e}")))??;
     Ok(axum::Json(report))
-}
-
-/// Every record id matching `filter`, newest first.
-async fn all_ids(
-    keys: &crate::issuance::KeyService,
-    filter: &KeyFilter,
-) -> Result<Vec<Uuid>, crate::store::StoreError> {
-    let mut ids = Vec::new();
-    let mut before = None;
-    loop {
-        let page = keys.store().list_keys(filter, PageRequest { before_seq: before, limit: 200 }).await?;
-        let Some(last) = page.last() else { break };
-        before = Some(last.seq);
-        ids.extend(page.into_iter().map(|r| r.id));
-    }
-    Ok(ids)
 }
 
 #[derive(Debug, Serialize, ToSchema)]

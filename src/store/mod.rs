@@ -207,6 +207,20 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError>;
 
+    /// Every record matching `filter`, newest first, read page by page (jobs and admin
+    /// operations that act on all of them).
+    async fn list_all_keys(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut all = Vec::new();
+        let mut before = None;
+        loop {
+            let page = self.list_keys(filter, PageRequest { before_seq: before, limit: 200 }).await?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.seq);
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
     /// Pending records created before `cutoff`, oldest first: orphan candidates for the
     /// reconciler.
     async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;

@@ -49,6 +49,21 @@ impl Sink {
     }
 }
 
+/// What a key issued 25 days before expiry must get over its life: each notice exactly once.
+fn assert_one_notice_of_each_kind(sink: &Sink) {
+    let mut events = sink.events();
+    events.sort();
+    assert_eq!(
+        events,
+        vec![
+            ("key.expired".to_owned(), None),
+            ("key.expiring".to_owned(), Some(10)),
+            ("key.expiring".to_owned(), Some(20)),
+            ("key.issued".to_owned(), None),
+        ]
+    );
+}
+
 const WEBHOOK_SECRET: &str = "webhook-secret-0123456789abcdef";
 
 async fn app_with_webhook(sink: &Sink, clock: Arc<ManualClock>) -> TestApp {
@@ -117,17 +132,7 @@ async fn a_key_issued_twenty_five_days_before_expiry_gets_one_warning_per_thresh
         notices(&app).await; // running twice changes nothing
         clock.advance(chrono::Duration::hours(12));
     }
-    let mut events = sink.events();
-    events.sort();
-    assert_eq!(
-        events,
-        vec![
-            ("key.expired".to_owned(), None),
-            ("key.expiring".to_owned(), Some(10)),
-            ("key.expiring".to_owned(), Some(20)),
-            ("key.issued".to_owned(), None),
-        ]
-    );
+    assert_one_notice_of_each_kind(&sink);
     for (headers, body_json) in sink.received.lock().unwrap().iter() {
         let raw = body_json.to_string();
         assert!(!raw.contains(&secret), "a webhook must never carry the secret");
@@ -475,17 +480,7 @@ async fn two_replicas_on_one_database_never_send_a_notice_twice() {
         tokio::join!(run(&a, "replica-a"), run(&b, "replica-b"));
         clock.advance(chrono::Duration::hours(12));
     }
-    let mut events = sink.events();
-    events.sort();
-    assert_eq!(
-        events,
-        vec![
-            ("key.expired".to_owned(), None),
-            ("key.expiring".to_owned(), Some(10)),
-            ("key.expiring".to_owned(), Some(20)),
-            ("key.issued".to_owned(), None),
-        ]
-    );
+    assert_one_notice_of_each_kind(&sink);
 }
 
 #[tokio::test]
