@@ -3,6 +3,7 @@
 //!
 //! PostgreSQL: `KEYBROKER_BENCH_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`);
 //! set it to `off` to skip. `KEYBROKER_BENCH_TINY=1` runs every scenario with tiny counts.
+//! `KEYBROKER_BENCH_ONLY=issue,reads,audit,first,memory` runs only the named scenarios.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod scenarios;
@@ -36,9 +37,13 @@ async fn run() -> anyhow::Result<()> {
         println!("running {} ...", backend.name());
         reports.push(scenarios::run_backend(backend, &counts).await?);
     }
-    println!("running keybroker serve as its own process ...");
-    let memory = scenarios::memory(env!("CARGO_BIN_EXE_keybroker"), &counts).await?;
-    let (table, checks) = scenarios::render(&reports, Some(&memory));
+    let memory = if scenarios::wanted("memory") {
+        println!("running keybroker serve as its own process ...");
+        Some(scenarios::memory(env!("CARGO_BIN_EXE_keybroker"), &counts).await?)
+    } else {
+        None
+    };
+    let (table, checks) = scenarios::render(&reports, memory.as_ref());
     println!("{table}");
     let missed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
     if missed.is_empty() {

@@ -6,6 +6,7 @@
 //!   forks. Lock order is always limit lock, then chain lock, so no deadlock is possible.
 
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,6 +27,10 @@ const CHAIN_LOCK: i32 = 0x6b62_0002;
 
 pub struct PgStore {
     pool: PgPool,
+    /// The audit chain's last hash as this process last appended it. Only a hint: every append
+    /// checks it against the table inside its INSERT and reads the head afresh when it is stale
+    /// (another replica appended, or the transaction that appended it rolled back).
+    head: Arc<Mutex<Option<String>>>,
 }
 
 fn db_err(e: sqlx::Error) -> StoreError {
@@ -50,7 +55,7 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        Ok(Self { pool })
+        Ok(Self { pool, head: Arc::default() })
     }
 
     async fn write_tx(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
@@ -58,18 +63,56 @@ impl PgStore {
     }
 }
 
-async fn append_in(tx: &mut Transaction<'static, Postgres>, event: &NewAuditEvent) -> Result<(), StoreError> {
+/// Appends `event` to the chain under the chain lock. The INSERT itself checks that the cached
+/// head is still the chain's last hash, so the usual append is two statements (lock, insert); a
+/// stale hint costs one read and a second try.
+async fn append_in(
+    tx: &mut Transaction<'static, Postgres>,
+    head: &Mutex<Option<String>>,
+    event: &NewAuditEvent,
+) -> Result<(), StoreError> {
+    // A statement of its own: the INSERT's snapshot must be taken after the lock is granted.
     sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(CHAIN_LOCK).execute(&mut **tx).await.map_err(db_err)?;
+    let cached = head.lock().map(|mut h| h.take()).unwrap_or_default();
+    if let Some(prev) = cached {
+        let hash = event.chain_hash(&prev);
+        if insert_event(tx, event, &prev, &hash).await? {
+            remember(head, hash);
+            return Ok(());
+        }
+    }
     let prev: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut **tx)
         .await
         .map_err(db_err)?;
     let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
     let hash = event.chain_hash(&prev);
-    sqlx::query(
+    if !insert_event(tx, event, &prev, &hash).await? {
+        // Impossible while this transaction holds the chain lock.
+        return Err(StoreError::Unavailable("the audit chain's head moved during an append".to_owned()));
+    }
+    remember(head, hash);
+    Ok(())
+}
+
+fn remember(head: &Mutex<Option<String>>, hash: String) {
+    if let Ok(mut h) = head.lock() {
+        *h = Some(hash);
+    }
+}
+
+/// Inserts `event` after `prev` if `prev` is the chain's last hash; false if it is not.
+async fn insert_event(
+    tx: &mut Transaction<'static, Postgres>,
+    event: &NewAuditEvent,
+    prev: &str,
+    hash: &str,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
         "INSERT INTO audit_events (id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
          request_id, client_addr, user_agent, detail, prev_hash, hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 \
+         WHERE COALESCE((SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1), $15) = $13",
     )
     .bind(event.id)
     .bind(store_precision(event.occurred_at))
@@ -85,10 +128,12 @@ async fn append_in(tx: &mut Transaction<'static, Postgres>, event: &NewAuditEven
     .bind(sqlx::types::Json(&event.detail))
     .bind(prev)
     .bind(hash)
+    .bind(GENESIS_HASH)
     .execute(&mut **tx)
     .await
-    .map_err(db_err)?;
-    Ok(())
+    .map_err(db_err)?
+    .rows_affected();
+    Ok(inserted == 1)
 }
 
 const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
@@ -201,25 +246,13 @@ impl Store for PgStore {
                     .map_err(db_err)?;
             }
         }
-        let active: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM key_records WHERE requester = $1 AND scope = $2 \
-             AND state IN ('pending', 'active') AND expires_at > $3",
-        )
-        .bind(&key.requester)
-        .bind(&key.scope)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let active = u64::try_from(active).unwrap_or_default();
-        if active >= u64::from(key.max_active) {
-            tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::LimitReached { active });
-        }
-        sqlx::query(
+        // The limit is checked inside the INSERT (its snapshot is taken after the lock above).
+        let inserted = sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
              updated_at, idempotency_key, request_hash, requester_teams) \
-             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $6, $8, $9, $10)",
+             SELECT $1, $2, $3, $4, 'pending', $5, $6, $7, $6, $8, $9, $10 \
+             WHERE (SELECT COUNT(*) FROM key_records WHERE requester = $3 AND scope = $2 \
+                    AND state IN ('pending', 'active') AND expires_at > $11) < $12",
         )
         .bind(key.id)
         .bind(&key.scope)
@@ -231,36 +264,54 @@ impl Store for PgStore {
         .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
         .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
         .bind(sqlx::types::Json(&key.requester_teams))
+        .bind(now)
+        .bind(i64::from(key.max_active))
         .execute(&mut *tx)
         .await
-        .map_err(db_err)?;
-        append_in(&mut tx, event).await?;
+        .map_err(db_err)?
+        .rows_affected();
+        if inserted == 0 {
+            let active: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM key_records WHERE requester = $1 AND scope = $2 \
+                 AND state IN ('pending', 'active') AND expires_at > $3",
+            )
+            .bind(&key.requester)
+            .bind(&key.scope)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            tx.rollback().await.map_err(db_err)?;
+            return Err(StoreError::LimitReached { active: u64::try_from(active).unwrap_or_default() });
+        }
+        append_in(&mut tx, &self.head, event).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(Pending::Inserted)
     }
 
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
         let mut tx = self.write_tx().await?;
-        let current = key_in(&mut tx, a.id).await?;
-        if current.state != KeyState::Pending {
-            tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
-        }
-        sqlx::query(
+        let row = sqlx::query(&format!(
             "UPDATE key_records SET state = 'active', octopus_key_id = $1, key_hint = $2, secret_hmac = $3, \
-             expires_at = $4, updated_at = $5 WHERE id = $6",
-        )
+             expires_at = $4, updated_at = $5 WHERE id = $6 AND state = 'pending' RETURNING {KEY_COLUMNS}"
+        ))
         .bind(&a.octopus_key_id)
         .bind(&a.key_hint)
         .bind(&a.secret_hmac)
         .bind(store_precision(a.expires_at))
         .bind(store_precision(event.occurred_at))
         .bind(a.id)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db_err)?;
-        append_in(&mut tx, event).await?;
-        let record = key_in(&mut tx, a.id).await?;
+        let Some(row) = row else {
+            let current = key_in(&mut tx, a.id).await;
+            tx.rollback().await.map_err(db_err)?;
+            let current = current?;
+            return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
+        };
+        let record = key_from_row(&row)?;
+        append_in(&mut tx, &self.head, event).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(record)
     }
@@ -278,7 +329,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, event).await?;
+        append_in(&mut tx, &self.head, event).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -302,7 +353,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, event).await?;
+        append_in(&mut tx, &self.head, event).await?;
         let record = key_in(&mut tx, id).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(record)
@@ -384,7 +435,7 @@ impl Store for PgStore {
                 .rows_affected()
                 == 1;
         if done {
-            append_in(&mut tx, event).await?;
+            append_in(&mut tx, &self.head, event).await?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(done)
@@ -549,7 +600,7 @@ impl Store for PgStore {
 
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
-        append_in(&mut tx, event).await?;
+        append_in(&mut tx, &self.head, event).await?;
         tx.commit().await.map_err(db_err)
     }
 

@@ -2,14 +2,16 @@
 //! lock up front (`BEGIN IMMEDIATE`), so concurrent issuance never sees "database is locked".
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
+use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
 use super::{
@@ -19,22 +21,31 @@ use super::{
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 
 pub struct SqliteStore {
+    /// Readers.
     pool: SqlitePool,
+    /// The one connection that writes, so its page cache stays valid between write transactions
+    /// (a pool of writers re-read every page another connection had changed).
+    writer: SqlitePool,
     /// SQLite has one writer at a time. Writers queue here, in the process, instead of sleeping
-    /// in SQLite's busy handler (whose back-off dominated issuance latency under load).
-    write_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
+    /// guards the audit chain's head as this process last wrote it; see [`append_in`].
+    write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
 }
 
-/// Times are stored as fixed-width UTC text, so that text order is time order.
-const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
+/// The audit chain's last hash as this process last appended it. Only a hint: every append
+/// checks it against the table inside its INSERT, and reads the head afresh when it is stale
+/// (another process appended, or the transaction that appended it rolled back).
+type ChainHead = Option<String>;
 
+/// Times are stored as fixed-width UTC text (`%Y-%m-%dT%H:%M:%S%.6fZ`), so that text order is
+/// time order.
 fn fmt_time(t: DateTime<Utc>) -> String {
-    t.format(TIME_FORMAT).to_string()
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
-    NaiveDateTime::parse_from_str(text, TIME_FORMAT)
-        .map(|t| t.and_utc())
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
         .map_err(|e| StoreError::Unavailable(format!("unreadable time `{text}` in the database: {e}")))
 }
 
@@ -54,32 +65,67 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(15))
+            .connect_with(options.clone())
+            .await
+            .map_err(db_err)?;
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(15))
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        Ok(Self { pool, write_lock: std::sync::Arc::new(tokio::sync::Mutex::new(())) })
+        Ok(Self { pool, writer, write_lock: Arc::new(tokio::sync::Mutex::new(None)) })
     }
 
     /// A write transaction that holds the write lock from its start; the guard must live until
     /// the commit.
-    async fn write_tx(&self) -> Result<(tokio::sync::OwnedMutexGuard<()>, Transaction<'static, Sqlite>), StoreError> {
+    async fn write_tx(&self) -> Result<(OwnedMutexGuard<ChainHead>, Transaction<'static, Sqlite>), StoreError> {
         let guard = self.write_lock.clone().lock_owned().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
         Ok((guard, tx))
     }
 }
 
-async fn append_in(tx: &mut Transaction<'static, Sqlite>, event: &NewAuditEvent) -> Result<(), StoreError> {
+/// Appends `event` to the chain. The INSERT itself checks that `head` is still the chain's last
+/// hash, so the usual append is one statement; a stale hint costs one read and a second try.
+async fn append_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    head: &mut ChainHead,
+    event: &NewAuditEvent,
+) -> Result<(), StoreError> {
+    if let Some(prev) = head.take() {
+        let hash = event.chain_hash(&prev);
+        if insert_event(tx, event, &prev, &hash).await? {
+            *head = Some(hash);
+            return Ok(());
+        }
+    }
     let prev: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut **tx)
         .await
         .map_err(db_err)?;
     let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
     let hash = event.chain_hash(&prev);
-    sqlx::query(
+    if !insert_event(tx, event, &prev, &hash).await? {
+        // Impossible while this transaction holds the write lock.
+        return Err(StoreError::Unavailable("the audit chain's head moved during an append".to_owned()));
+    }
+    *head = Some(hash);
+    Ok(())
+}
+
+/// Inserts `event` after `prev` if `prev` is the chain's last hash; false if it is not.
+async fn insert_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    event: &NewAuditEvent,
+    prev: &str,
+    hash: &str,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
         "INSERT INTO audit_events (id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
          request_id, client_addr, user_agent, detail, prev_hash, hash) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
+         WHERE COALESCE((SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1), ?) = ?",
     )
     .bind(event.id.to_string())
     .bind(fmt_time(store_precision(event.occurred_at)))
@@ -95,10 +141,13 @@ async fn append_in(tx: &mut Transaction<'static, Sqlite>, event: &NewAuditEvent)
     .bind(event.detail.to_string())
     .bind(prev)
     .bind(hash)
+    .bind(GENESIS_HASH)
+    .bind(prev)
     .execute(&mut **tx)
     .await
-    .map_err(db_err)?;
-    Ok(())
+    .map_err(db_err)?
+    .rows_affected();
+    Ok(inserted == 1)
 }
 
 const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
@@ -171,6 +220,7 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 
@@ -184,7 +234,7 @@ impl Store for SqliteStore {
         event: &NewAuditEvent,
         now: DateTime<Utc>,
     ) -> Result<Pending, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
+        let (mut head, mut tx) = self.write_tx().await?;
         if let Some(idem) = &key.idempotency {
             let row = sqlx::query(&format!(
                 "SELECT {KEY_COLUMNS}, request_hash FROM key_records WHERE requester = ? AND idempotency_key = ?"
@@ -212,24 +262,13 @@ impl Store for SqliteStore {
                     .map_err(db_err)?;
             }
         }
-        let active: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM key_records WHERE requester = ? AND scope = ? \
-             AND state IN ('pending', 'active') AND expires_at > ?",
-        )
-        .bind(&key.requester)
-        .bind(&key.scope)
-        .bind(fmt_time(now))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let active = u64::try_from(active).unwrap_or_default();
-        if active >= u64::from(key.max_active) {
-            tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::LimitReached { active });
-        }
-        sqlx::query(
+        // The limit is checked inside the INSERT: one statement in the usual case.
+        let inserted = sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
-             updated_at, idempotency_key, request_hash, requester_teams) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+             updated_at, idempotency_key, request_hash, requester_teams) \
+             SELECT ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ? \
+             WHERE (SELECT COUNT(*) FROM key_records WHERE requester = ? AND scope = ? \
+                    AND state IN ('pending', 'active') AND expires_at > ?) < ?",
         )
         .bind(key.id.to_string())
         .bind(&key.scope)
@@ -242,42 +281,62 @@ impl Store for SqliteStore {
         .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
         .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
         .bind(serde_json::to_string(&key.requester_teams).unwrap_or_else(|_| "[]".to_owned()))
+        .bind(&key.requester)
+        .bind(&key.scope)
+        .bind(fmt_time(now))
+        .bind(i64::from(key.max_active))
         .execute(&mut *tx)
         .await
-        .map_err(db_err)?;
-        append_in(&mut tx, event).await?;
+        .map_err(db_err)?
+        .rows_affected();
+        if inserted == 0 {
+            let active: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM key_records WHERE requester = ? AND scope = ? \
+                 AND state IN ('pending', 'active') AND expires_at > ?",
+            )
+            .bind(&key.requester)
+            .bind(&key.scope)
+            .bind(fmt_time(now))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            tx.rollback().await.map_err(db_err)?;
+            return Err(StoreError::LimitReached { active: u64::try_from(active).unwrap_or_default() });
+        }
+        append_in(&mut tx, &mut head, event).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(Pending::Inserted)
     }
 
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        let current = key_in(&mut tx, a.id).await?;
-        if current.state != KeyState::Pending {
-            tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
-        }
-        sqlx::query(
+        let (mut head, mut tx) = self.write_tx().await?;
+        let row = sqlx::query(&format!(
             "UPDATE key_records SET state = 'active', octopus_key_id = ?, key_hint = ?, secret_hmac = ?, \
-             expires_at = ?, updated_at = ? WHERE id = ?",
-        )
+             expires_at = ?, updated_at = ? WHERE id = ? AND state = 'pending' RETURNING {KEY_COLUMNS}"
+        ))
         .bind(&a.octopus_key_id)
         .bind(&a.key_hint)
         .bind(&a.secret_hmac)
         .bind(fmt_time(a.expires_at))
         .bind(fmt_time(event.occurred_at))
         .bind(a.id.to_string())
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db_err)?;
-        append_in(&mut tx, event).await?;
-        let record = key_in(&mut tx, a.id).await?;
+        let Some(row) = row else {
+            let current = key_in(&mut tx, a.id).await;
+            tx.rollback().await.map_err(db_err)?;
+            let current = current?;
+            return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
+        };
+        let record = key_from_row(&row)?;
+        append_in(&mut tx, &mut head, event).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(record)
     }
 
     async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
+        let (mut head, mut tx) = self.write_tx().await?;
         let current = key_in(&mut tx, id).await?;
         if current.state != KeyState::Pending {
             tx.rollback().await.map_err(db_err)?;
@@ -289,12 +348,12 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, event).await?;
+        append_in(&mut tx, &mut head, event).await?;
         tx.commit().await.map_err(db_err)
     }
 
     async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
+        let (mut head, mut tx) = self.write_tx().await?;
         let current = key_in(&mut tx, id).await?;
         match current.state {
             KeyState::Revoked => {
@@ -314,7 +373,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, event).await?;
+        append_in(&mut tx, &mut head, event).await?;
         let record = key_in(&mut tx, id).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(record)
@@ -389,7 +448,7 @@ impl Store for SqliteStore {
     }
 
     async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
+        let (mut head, mut tx) = self.write_tx().await?;
         let done =
             sqlx::query("UPDATE key_records SET state = 'expired', updated_at = ? WHERE id = ? AND state = 'active'")
                 .bind(fmt_time(event.occurred_at))
@@ -400,7 +459,7 @@ impl Store for SqliteStore {
                 .rows_affected()
                 == 1;
         if done {
-            append_in(&mut tx, event).await?;
+            append_in(&mut tx, &mut head, event).await?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(done)
@@ -575,8 +634,8 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        append_in(&mut tx, event).await?;
+        let (mut head, mut tx) = self.write_tx().await?;
+        append_in(&mut tx, &mut head, event).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -616,5 +675,24 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
         rows.iter().map(audit_from_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
+
+    #[test]
+    fn stored_times_are_fixed_width_utc_text_that_round_trips() {
+        for text in ["2026-01-01T00:00:00.000000Z", "2026-11-23T21:05:09.123456Z", "1999-12-31T23:59:59.999999Z"] {
+            let t = parse_time(text).unwrap();
+            assert_eq!(fmt_time(t), text);
+            assert_eq!(fmt_time(t), t.format(TIME_FORMAT).to_string());
+        }
+        let nanos = parse_time("2026-01-01T00:00:00.123456Z").unwrap() + chrono::Duration::nanoseconds(789);
+        assert_eq!(fmt_time(nanos), "2026-01-01T00:00:00.123456Z");
+        assert!(parse_time("yesterday").is_err());
     }
 }

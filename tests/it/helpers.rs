@@ -270,6 +270,20 @@ pub async fn backends() -> Vec<(&'static str, Arc<dyn Store>, BackendGuard)> {
     out
 }
 
+/// A second store on the same database as a backend's first (another replica, or another
+/// process on the same SQLite file).
+pub async fn second_store(guard: &BackendGuard) -> Arc<dyn Store> {
+    match guard {
+        BackendGuard::Sqlite(dir) => {
+            let url = format!("sqlite://{}", dir.path().join("store.db").display());
+            Arc::new(keybroker::store::SqliteStore::connect(&url).await.unwrap())
+        }
+        BackendGuard::Postgres(pg) => {
+            Arc::new(keybroker::store::PgStore::connect_in_schema(&pg.url, Some(&pg.schema)).await.unwrap())
+        }
+    }
+}
+
 /// The `keybroker` binary with `args`, without the test runner's KEYBROKER_* environment.
 pub fn keybroker_command(args: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"));

@@ -11,7 +11,7 @@ use keybroker::store::{
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::backends;
+use crate::helpers::{backends, second_store};
 
 fn new_key(requester: &str, scope: &str, now: DateTime<Utc>, max_active: u32) -> NewKey {
     NewKey {
@@ -275,6 +275,31 @@ async fn concurrent_appends_never_fork_the_chain() {
             t.await.unwrap().unwrap();
         }
         assert_eq!(verify(&store).await, 50, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn two_stores_on_one_database_append_to_one_chain() {
+    // Each store remembers the head it last wrote; the other store's appends make that stale.
+    for (name, first, guard) in backends().await {
+        let second = second_store(&guard).await;
+        for i in 0..6 {
+            let store = if i % 3 == 0 { &second } else { &first };
+            store.append_audit(&event(&format!("actor-{i}"), Action::KeyRequested, None)).await.unwrap();
+        }
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let store = if i % 2 == 0 { first.clone() } else { second.clone() };
+                tokio::spawn(async move {
+                    store.append_audit(&event(&format!("actor-{i}"), Action::KeyRequested, None)).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(verify(&first).await, 46, "{name}");
+        second.close().await;
     }
 }
 
