@@ -23,13 +23,49 @@ use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 pub struct SqliteStore {
     /// Readers.
     pool: SqlitePool,
+    writes: Writes,
+    /// The thread the write transactions run on; see [`SqliteStore::on_writer`].
+    writer_thread: WriterThread,
+}
+
+/// What write transactions need; cheap to clone into a task on the writer thread.
+#[derive(Clone)]
+struct Writes {
     /// The one connection that writes, so its page cache stays valid between write transactions
     /// (a pool of writers re-read every page another connection had changed).
     writer: SqlitePool,
     /// SQLite has one writer at a time. Writers queue here, in the process, instead of sleeping
     /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
     /// guards the audit chain's head as this process last wrote it; see [`append_in`].
-    write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
+    lock: Arc<tokio::sync::Mutex<ChainHead>>,
+}
+
+/// A thread with a runtime of its own, on which write transactions run. Every statement is a
+/// round trip to sqlx's connection thread; on the service's runtime, each answer waited its turn
+/// behind every ready request task while the write lock was held, so the lock was held several
+/// times longer than SQLite worked. Here nothing else is queued.
+struct WriterThread {
+    handle: tokio::runtime::Handle,
+    /// Dropping it stops the thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl WriterThread {
+    fn start() -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".to_owned())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
+        Ok(Self { handle, _stop: stop })
+    }
 }
 
 /// The audit chain's last hash as this process last appended it. Only a hint: every append
@@ -68,21 +104,58 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .map_err(db_err)?;
+        // The writer never checkpoints: a checkpoint copies the WAL into the database file and
+        // syncs both, and on the writer it ran inside whichever write transaction crossed the
+        // threshold, while every other writer queued behind it. A task does it in the background.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(15))
-            .connect_with(options)
+            .connect_with(options.pragma("wal_autocheckpoint", "0"))
             .await
             .map_err(db_err)?;
-        Ok(Self { pool, writer, write_lock: Arc::new(tokio::sync::Mutex::new(None)) })
+        tokio::spawn(checkpoint_in_background(pool.clone()));
+        let writes = Writes { writer, lock: Arc::new(tokio::sync::Mutex::new(None)) };
+        Ok(Self { pool, writes, writer_thread: WriterThread::start()? })
     }
 
+    /// Runs a write transaction on the writer thread. It runs to its end even if the caller
+    /// stops waiting (a pending record left so is finished by the reconciler, as ever).
+    async fn on_writer<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        self.writer_thread
+            .handle
+            .spawn(work)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("the SQLite writer stopped: {e}")))?
+    }
+}
+
+impl Writes {
     /// A write transaction that holds the write lock from its start; the guard must live until
     /// the commit.
     async fn write_tx(&self) -> Result<(OwnedMutexGuard<ChainHead>, Transaction<'static, Sqlite>), StoreError> {
-        let guard = self.write_lock.clone().lock_owned().await;
+        let guard = self.lock.clone().lock_owned().await;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
         Ok((guard, tx))
+    }
+}
+
+/// Copies the WAL into the database file every 200 ms, without waiting for writers or readers
+/// (`PASSIVE`), until the pool is closed.
+async fn checkpoint_in_background(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !pool.is_closed() {
+        tick.tick().await;
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            if pool.is_closed() {
+                break;
+            }
+            tracing::warn!(error = %e, "SQLite checkpoint failed; retrying");
+        }
     }
 }
 
@@ -173,31 +246,93 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     })
 }
 
-fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
-    let id: String = row.try_get("id").map_err(db_err)?;
-    let key_id: Option<String> = row.try_get("key_id").map_err(db_err)?;
-    let detail: String = row.try_get("detail").map_err(db_err)?;
-    Ok(AuditRecord {
-        seq: row.try_get("seq").map_err(db_err)?,
-        id: Uuid::parse_str(&id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
-        occurred_at: parse_time(&row.try_get::<String, _>("occurred_at").map_err(db_err)?)?,
-        actor: row.try_get("actor").map_err(db_err)?,
-        action: row.try_get("action").map_err(db_err)?,
-        outcome: row.try_get("outcome").map_err(db_err)?,
-        scope: row.try_get("scope").map_err(db_err)?,
-        key_id: key_id
-            .as_deref()
-            .map(Uuid::parse_str)
-            .transpose()
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
-        octopus_key_id: row.try_get("octopus_key_id").map_err(db_err)?,
-        request_id: row.try_get("request_id").map_err(db_err)?,
-        client_addr: row.try_get("client_addr").map_err(db_err)?,
-        user_agent: row.try_get("user_agent").map_err(db_err)?,
-        detail: serde_json::from_str(&detail).map_err(|e| StoreError::Unavailable(e.to_string()))?,
-        prev_hash: row.try_get("prev_hash").map_err(db_err)?,
-        hash: row.try_get("hash").map_err(db_err)?,
-    })
+/// A page of rows as one JSON array built by SQLite (`json_group_array(json_array(...))`):
+/// sqlx copies every column value of every row it hands over, which cost more than the query
+/// itself for a 50-row page; one text value per page does not.
+type KeyJsonRow = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+);
+
+fn keys_from_json(text: &str) -> Result<Vec<KeyRecord>, StoreError> {
+    let rows: Vec<KeyJsonRow> = serde_json::from_str(text).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    rows.into_iter()
+        .map(|(seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, c, e, r)| {
+            Ok(KeyRecord {
+                seq,
+                id: Uuid::parse_str(&id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                scope,
+                requester,
+                purpose,
+                state: KeyState::parse(&state)
+                    .ok_or_else(|| StoreError::Unavailable(format!("unknown state {state}")))?,
+                octopus_user_id,
+                octopus_key_id,
+                key_hint,
+                created_at: parse_time(&c)?,
+                expires_at: parse_time(&e)?,
+                revoked_at: r.as_deref().map(parse_time).transpose()?,
+            })
+        })
+        .collect()
+}
+
+const AUDIT_COLUMNS: &str = "seq, id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
+                             request_id, client_addr, user_agent, detail, prev_hash, hash";
+
+type AuditJsonRow = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    String,
+);
+
+fn audit_from_json(text: &str) -> Result<Vec<AuditRecord>, StoreError> {
+    let bad = |e: String| StoreError::Unavailable(e);
+    let rows: Vec<AuditJsonRow> = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    rows.into_iter()
+        .map(|(seq, id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, rid, addr, ua, d, p, h)| {
+            Ok(AuditRecord {
+                seq,
+                id: Uuid::parse_str(&id).map_err(|e| bad(e.to_string()))?,
+                occurred_at: parse_time(&occurred_at)?,
+                actor,
+                action,
+                outcome,
+                scope,
+                key_id: key_id.as_deref().map(Uuid::parse_str).transpose().map_err(|e| bad(e.to_string()))?,
+                octopus_key_id,
+                request_id: rid,
+                client_addr: addr,
+                user_agent: ua,
+                // Stored as text and parsed here, exactly as it was written, for the hash.
+                detail: serde_json::from_str(&d).map_err(|e| bad(e.to_string()))?,
+                prev_hash: p,
+                hash: h,
+            })
+        })
+        .collect()
 }
 
 async fn key_in(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> Result<KeyRecord, StoreError> {
@@ -210,24 +345,8 @@ async fn key_in(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> Result<KeyRe
     key_from_row(&row)
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/sqlite")
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
-    }
-
-    async fn close(&self) {
-        self.writer.close().await;
-        self.pool.close().await;
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
-    }
-
+/// The write transactions, run on the writer thread (see [`SqliteStore::on_writer`]).
+impl Writes {
     async fn insert_pending(
         &self,
         key: &NewKey,
@@ -379,74 +498,6 @@ impl Store for SqliteStore {
         Ok(record)
     }
 
-    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
-        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(format!("SELECT {KEY_COLUMNS} FROM key_records WHERE 1 = 1"));
-        if let Some(r) = &filter.requester {
-            qb.push(" AND requester = ").push_bind(r.clone());
-        }
-        if let Some(s) = &filter.scope {
-            qb.push(" AND scope = ").push_bind(s.clone());
-        }
-        if let Some(team) = &filter.team {
-            qb.push(" AND EXISTS (SELECT 1 FROM json_each(requester_teams) WHERE value = ")
-                .push_bind(team.clone())
-                .push(")");
-        }
-        match (filter.state, filter.now) {
-            (Some(KeyState::Active), Some(now)) => {
-                qb.push(" AND state = 'active' AND expires_at > ").push_bind(fmt_time(now));
-            }
-            (Some(KeyState::Expired), Some(now)) => {
-                qb.push(" AND (state = 'expired' OR (state = 'active' AND expires_at <= ")
-                    .push_bind(fmt_time(now))
-                    .push("))");
-            }
-            (Some(s), _) => {
-                qb.push(" AND state = ").push_bind(s.as_str());
-            }
-            (None, _) => {}
-        }
-        if let Some(before) = page.before_seq {
-            qb.push(" AND seq < ").push_bind(before);
-        }
-        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < ? ORDER BY seq ASC LIMIT ?"
-        ))
-        .bind(fmt_time(cutoff))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= ? ORDER BY expires_at LIMIT ?"
-        ))
-        .bind(fmt_time(now))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
-    }
-
     async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
         let (mut head, mut tx) = self.write_tx().await?;
         let done =
@@ -474,37 +525,6 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)
-    }
-
-    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
-             AND revoke_requested_at IS NOT NULL ORDER BY revoke_requested_at LIMIT ?"
-        ))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn keys_for_notices(
-        &self,
-        now: DateTime<Utc>,
-        lookback: chrono::Duration,
-        horizon: chrono::Duration,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        let since = fmt_time(now - lookback);
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'revoked', 'expired') \
-             AND (created_at > ?1 OR revoked_at > ?1 OR (expires_at > ?1 AND expires_at <= ?2)) ORDER BY seq"
-        ))
-        .bind(&since)
-        .bind(fmt_time(now + horizon))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
     }
 
     async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
@@ -613,6 +633,133 @@ impl Store for SqliteStore {
         Ok(taken)
     }
 
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
+        let (mut head, mut tx) = self.write_tx().await?;
+        append_in(&mut tx, &mut head, event).await?;
+        tx.commit().await.map_err(db_err)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    async fn close(&self) {
+        self.writes.writer.close().await;
+        self.pool.close().await;
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
+    }
+
+    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(format!(
+            "SELECT json_group_array(json_array({KEY_COLUMNS}) ORDER BY seq DESC) \
+             FROM (SELECT {KEY_COLUMNS} FROM key_records WHERE 1 = 1"
+        ));
+        if let Some(r) = &filter.requester {
+            qb.push(" AND requester = ").push_bind(r.clone());
+        }
+        if let Some(s) = &filter.scope {
+            qb.push(" AND scope = ").push_bind(s.clone());
+        }
+        if let Some(team) = &filter.team {
+            qb.push(" AND EXISTS (SELECT 1 FROM json_each(requester_teams) WHERE value = ")
+                .push_bind(team.clone())
+                .push(")");
+        }
+        match (filter.state, filter.now) {
+            (Some(KeyState::Active), Some(now)) => {
+                qb.push(" AND state = 'active' AND expires_at > ").push_bind(fmt_time(now));
+            }
+            (Some(KeyState::Expired), Some(now)) => {
+                qb.push(" AND (state = 'expired' OR (state = 'active' AND expires_at <= ")
+                    .push_bind(fmt_time(now))
+                    .push("))");
+            }
+            (Some(s), _) => {
+                qb.push(" AND state = ").push_bind(s.as_str());
+            }
+            (None, _) => {}
+        }
+        if let Some(before) = page.before_seq {
+            qb.push(" AND seq < ").push_bind(before);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit)).push(")");
+        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
+        keys_from_json(&page)
+    }
+
+    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < ? ORDER BY seq ASC LIMIT ?"
+        ))
+        .bind(fmt_time(cutoff))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= ? ORDER BY expires_at LIMIT ?"
+        ))
+        .bind(fmt_time(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
+             AND revoke_requested_at IS NOT NULL ORDER BY revoke_requested_at LIMIT ?"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn keys_for_notices(
+        &self,
+        now: DateTime<Utc>,
+        lookback: chrono::Duration,
+        horizon: chrono::Duration,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let since = fmt_time(now - lookback);
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'revoked', 'expired') \
+             AND (created_at > ?1 OR revoked_at > ?1 OR (expires_at > ?1 AND expires_at <= ?2)) ORDER BY seq"
+        ))
+        .bind(&since)
+        .bind(fmt_time(now + horizon))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
     async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > ? GROUP BY scope ORDER BY scope",
@@ -633,14 +780,11 @@ impl Store for SqliteStore {
         row.as_ref().map(key_from_row).transpose()
     }
 
-    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let (mut head, mut tx) = self.write_tx().await?;
-        append_in(&mut tx, &mut head, event).await?;
-        tx.commit().await.map_err(db_err)
-    }
-
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut qb = sqlx::QueryBuilder::<Sqlite>::new("SELECT * FROM audit_events WHERE 1 = 1");
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(format!(
+            "SELECT json_group_array(json_array({AUDIT_COLUMNS}) ORDER BY seq DESC) \
+             FROM (SELECT {AUDIT_COLUMNS} FROM audit_events WHERE 1 = 1"
+        ));
         if let Some(a) = &filter.actor {
             qb.push(" AND actor = ").push_bind(a.clone());
         }
@@ -662,19 +806,88 @@ impl Store for SqliteStore {
         if let Some(before) = page.before_seq {
             qb.push(" AND seq < ").push_bind(before);
         }
-        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(db_err)?;
-        rows.iter().map(audit_from_row).collect()
+        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit)).push(")");
+        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
+        audit_from_json(&page)
     }
 
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM audit_events WHERE seq > ? ORDER BY seq ASC LIMIT ?")
-            .bind(after_seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
-        rows.iter().map(audit_from_row).collect()
+        let page: String = sqlx::query_scalar(&format!(
+            "SELECT json_group_array(json_array({AUDIT_COLUMNS}) ORDER BY seq ASC) \
+             FROM (SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq ASC LIMIT ?)"
+        ))
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        audit_from_json(&page)
+    }
+
+    async fn insert_pending(
+        &self,
+        key: &NewKey,
+        event: &NewAuditEvent,
+        now: DateTime<Utc>,
+    ) -> Result<Pending, StoreError> {
+        let (w, key, event) = (self.writes.clone(), key.clone(), event.clone());
+        self.on_writer(async move { w.insert_pending(&key, &event, now).await }).await
+    }
+
+    async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        let (w, a, event) = (self.writes.clone(), a.clone(), event.clone());
+        self.on_writer(async move { w.activate(&a, &event).await }).await
+    }
+
+    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
+        let (w, event) = (self.writes.clone(), event.clone());
+        self.on_writer(async move { w.mark_failed(id, &event).await }).await
+    }
+
+    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        let (w, event) = (self.writes.clone(), event.clone());
+        self.on_writer(async move { w.mark_revoked(id, at, &event).await }).await
+    }
+
+    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
+        let (w, event) = (self.writes.clone(), event.clone());
+        self.on_writer(async move { w.mark_expired(id, &event).await }).await
+    }
+
+    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let w = self.writes.clone();
+        self.on_writer(async move { w.request_revocation(id, at).await }).await
+    }
+
+    async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
+        let (w, d) = (self.writes.clone(), d.clone());
+        self.on_writer(async move { w.enqueue_delivery(&d).await }).await
+    }
+
+    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        let w = self.writes.clone();
+        self.on_writer(async move { w.due_deliveries(now, limit).await }).await
+    }
+
+    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
+        let (w, result) = (self.writes.clone(), result.clone());
+        self.on_writer(async move { w.finish_delivery(id, &result).await }).await
+    }
+
+    async fn try_lease(
+        &self,
+        job: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Result<bool, StoreError> {
+        let (w, job, holder) = (self.writes.clone(), job.to_owned(), holder.to_owned());
+        self.on_writer(async move { w.try_lease(&job, &holder, now, ttl).await }).await
+    }
+
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
+        let (w, event) = (self.writes.clone(), event.clone());
+        self.on_writer(async move { w.append_audit(&event).await }).await
     }
 }
 
