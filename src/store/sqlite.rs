@@ -24,12 +24,9 @@ pub struct SqliteStore {
     /// Readers.
     pool: SqlitePool,
     writes: Writes,
-    /// The thread the write transactions run on; see [`SqliteStore::on_writer`].
-    writer_thread: WriterThread,
 }
 
-/// What write transactions need; cheap to clone into a task on the writer thread.
-#[derive(Clone)]
+/// The write side: one connection and the lock that queues writers in the process.
 struct Writes {
     /// The one connection that writes, so its page cache stays valid between write transactions
     /// (a pool of writers re-read every page another connection had changed).
@@ -38,34 +35,6 @@ struct Writes {
     /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
     /// guards the audit chain's head as this process last wrote it; see [`append_in`].
     lock: Arc<tokio::sync::Mutex<ChainHead>>,
-}
-
-/// A thread with a runtime of its own, on which write transactions run. Every statement is a
-/// round trip to sqlx's connection thread; on the service's runtime, each answer waited its turn
-/// behind every ready request task while the write lock was held, so the lock was held several
-/// times longer than SQLite worked. Here nothing else is queued.
-struct WriterThread {
-    handle: tokio::runtime::Handle,
-    /// Dropping it stops the thread.
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl WriterThread {
-    fn start() -> Result<Self, StoreError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("sqlite-writer".to_owned())
-            .spawn(move || {
-                let _ = runtime.block_on(stopped);
-            })
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
-        Ok(Self { handle, _stop: stop })
-    }
 }
 
 /// The audit chain's last hash as this process last appended it. Only a hint: every append
@@ -115,21 +84,7 @@ impl SqliteStore {
             .map_err(db_err)?;
         tokio::spawn(checkpoint_in_background(pool.clone()));
         let writes = Writes { writer, lock: Arc::new(tokio::sync::Mutex::new(None)) };
-        Ok(Self { pool, writes, writer_thread: WriterThread::start()? })
-    }
-
-    /// Runs a write transaction on the writer thread. It runs to its end even if the caller
-    /// stops waiting (a pending record left so is finished by the reconciler, as ever).
-    async fn on_writer<T, F>(&self, work: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
-    {
-        self.writer_thread
-            .handle
-            .spawn(work)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("the SQLite writer stopped: {e}")))?
+        Ok(Self { pool, writes })
     }
 }
 
@@ -345,7 +300,7 @@ async fn key_in(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> Result<KeyRe
     key_from_row(&row)
 }
 
-/// The write transactions, run on the writer thread (see [`SqliteStore::on_writer`]).
+/// The write transactions, each under the write lock.
 impl Writes {
     async fn insert_pending(
         &self,
@@ -830,48 +785,39 @@ impl Store for SqliteStore {
         event: &NewAuditEvent,
         now: DateTime<Utc>,
     ) -> Result<Pending, StoreError> {
-        let (w, key, event) = (self.writes.clone(), key.clone(), event.clone());
-        self.on_writer(async move { w.insert_pending(&key, &event, now).await }).await
+        self.writes.insert_pending(key, event, now).await
     }
 
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let (w, a, event) = (self.writes.clone(), a.clone(), event.clone());
-        self.on_writer(async move { w.activate(&a, &event).await }).await
+        self.writes.activate(a, event).await
     }
 
     async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let (w, event) = (self.writes.clone(), event.clone());
-        self.on_writer(async move { w.mark_failed(id, &event).await }).await
+        self.writes.mark_failed(id, event).await
     }
 
     async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let (w, event) = (self.writes.clone(), event.clone());
-        self.on_writer(async move { w.mark_revoked(id, at, &event).await }).await
+        self.writes.mark_revoked(id, at, event).await
     }
 
     async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
-        let (w, event) = (self.writes.clone(), event.clone());
-        self.on_writer(async move { w.mark_expired(id, &event).await }).await
+        self.writes.mark_expired(id, event).await
     }
 
     async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let w = self.writes.clone();
-        self.on_writer(async move { w.request_revocation(id, at).await }).await
+        self.writes.request_revocation(id, at).await
     }
 
     async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
-        let (w, d) = (self.writes.clone(), d.clone());
-        self.on_writer(async move { w.enqueue_delivery(&d).await }).await
+        self.writes.enqueue_delivery(d).await
     }
 
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-        let w = self.writes.clone();
-        self.on_writer(async move { w.due_deliveries(now, limit).await }).await
+        self.writes.due_deliveries(now, limit).await
     }
 
     async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
-        let (w, result) = (self.writes.clone(), result.clone());
-        self.on_writer(async move { w.finish_delivery(id, &result).await }).await
+        self.writes.finish_delivery(id, result).await
     }
 
     async fn try_lease(
@@ -881,13 +827,11 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         ttl: chrono::Duration,
     ) -> Result<bool, StoreError> {
-        let (w, job, holder) = (self.writes.clone(), job.to_owned(), holder.to_owned());
-        self.on_writer(async move { w.try_lease(&job, &holder, now, ttl).await }).await
+        self.writes.try_lease(job, holder, now, ttl).await
     }
 
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let (w, event) = (self.writes.clone(), event.clone());
-        self.on_writer(async move { w.append_audit(&event).await }).await
+        self.writes.append_audit(event).await
     }
 }
 
