@@ -24,6 +24,14 @@ pub struct SqliteStore {
     /// Readers.
     pool: SqlitePool,
     writes: Writes,
+    /// The background checkpoint task; stopped when the store goes.
+    checkpointer: tokio::task::AbortHandle,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.checkpointer.abort();
+    }
 }
 
 /// The write side: one connection and the lock that queues writers in the process.
@@ -82,9 +90,9 @@ impl SqliteStore {
             .connect_with(options.pragma("wal_autocheckpoint", "0"))
             .await
             .map_err(db_err)?;
-        tokio::spawn(checkpoint_in_background(pool.clone()));
+        let checkpointer = tokio::spawn(checkpoint_in_background(pool.clone())).abort_handle();
         let writes = Writes { writer, lock: Arc::new(tokio::sync::Mutex::new(None)) };
-        Ok(Self { pool, writes })
+        Ok(Self { pool, writes, checkpointer })
     }
 }
 
@@ -99,7 +107,7 @@ impl Writes {
 }
 
 /// Copies the WAL into the database file every 200 ms, without waiting for writers or readers
-/// (`PASSIVE`), until the pool is closed.
+/// (`PASSIVE`), until the pool is closed or the store dropped.
 async fn checkpoint_in_background(pool: SqlitePool) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
