@@ -23,7 +23,13 @@ use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 pub struct SqliteStore {
     /// Readers.
     pool: SqlitePool,
-    writes: Writes,
+    /// The one connection that writes, so its page cache stays valid between write transactions
+    /// (a pool of writers re-read every page another connection had changed).
+    writer: SqlitePool,
+    /// SQLite has one writer at a time. Writers queue here, in the process, instead of sleeping
+    /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
+    /// guards the audit chain's head as this process last wrote it; see [`append_in`].
+    write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
     /// The background checkpoint task; stopped when the store goes.
     checkpointer: tokio::task::AbortHandle,
 }
@@ -32,17 +38,6 @@ impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.checkpointer.abort();
     }
-}
-
-/// The write side: one connection and the lock that queues writers in the process.
-struct Writes {
-    /// The one connection that writes, so its page cache stays valid between write transactions
-    /// (a pool of writers re-read every page another connection had changed).
-    writer: SqlitePool,
-    /// SQLite has one writer at a time. Writers queue here, in the process, instead of sleeping
-    /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
-    /// guards the audit chain's head as this process last wrote it; see [`append_in`].
-    lock: Arc<tokio::sync::Mutex<ChainHead>>,
 }
 
 /// The audit chain's last hash as this process last appended it. Only a hint: every append
@@ -91,16 +86,13 @@ impl SqliteStore {
             .await
             .map_err(db_err)?;
         let checkpointer = tokio::spawn(checkpoint_in_background(pool.clone())).abort_handle();
-        let writes = Writes { writer, lock: Arc::new(tokio::sync::Mutex::new(None)) };
-        Ok(Self { pool, writes, checkpointer })
+        Ok(Self { pool, writer, write_lock: Arc::new(tokio::sync::Mutex::new(None)), checkpointer })
     }
-}
 
-impl Writes {
     /// A write transaction that holds the write lock from its start; the guard must live until
     /// the commit.
     async fn write_tx(&self) -> Result<(OwnedMutexGuard<ChainHead>, Transaction<'static, Sqlite>), StoreError> {
-        let guard = self.lock.clone().lock_owned().await;
+        let guard = self.write_lock.clone().lock_owned().await;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
         Ok((guard, tx))
     }
@@ -308,8 +300,190 @@ async fn key_in(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> Result<KeyRe
     key_from_row(&row)
 }
 
-/// The write transactions, each under the write lock.
-impl Writes {
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
+    }
+
+    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(format!(
+            "SELECT json_group_array(json_array({KEY_COLUMNS}) ORDER BY seq DESC) \
+             FROM (SELECT {KEY_COLUMNS} FROM key_records WHERE 1 = 1"
+        ));
+        if let Some(r) = &filter.requester {
+            qb.push(" AND requester = ").push_bind(r.clone());
+        }
+        if let Some(s) = &filter.scope {
+            qb.push(" AND scope = ").push_bind(s.clone());
+        }
+        if let Some(team) = &filter.team {
+            qb.push(" AND EXISTS (SELECT 1 FROM json_each(requester_teams) WHERE value = ")
+                .push_bind(team.clone())
+                .push(")");
+        }
+        match (filter.state, filter.now) {
+            (Some(KeyState::Active), Some(now)) => {
+                qb.push(" AND state = 'active' AND expires_at > ").push_bind(fmt_time(now));
+            }
+            (Some(KeyState::Expired), Some(now)) => {
+                qb.push(" AND (state = 'expired' OR (state = 'active' AND expires_at <= ")
+                    .push_bind(fmt_time(now))
+                    .push("))");
+            }
+            (Some(s), _) => {
+                qb.push(" AND state = ").push_bind(s.as_str());
+            }
+            (None, _) => {}
+        }
+        if let Some(before) = page.before_seq {
+            qb.push(" AND seq < ").push_bind(before);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit)).push(")");
+        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
+        keys_from_json(&page)
+    }
+
+    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < ? ORDER BY seq ASC LIMIT ?"
+        ))
+        .bind(fmt_time(cutoff))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= ? ORDER BY expires_at LIMIT ?"
+        ))
+        .bind(fmt_time(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
+             AND revoke_requested_at IS NOT NULL ORDER BY revoke_requested_at LIMIT ?"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn keys_for_notices(
+        &self,
+        now: DateTime<Utc>,
+        lookback: chrono::Duration,
+        horizon: chrono::Duration,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let since = fmt_time(now - lookback);
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'revoked', 'expired') \
+             AND (created_at > ?1 OR revoked_at > ?1 OR (expires_at > ?1 AND expires_at <= ?2)) ORDER BY seq"
+        ))
+        .bind(&since)
+        .bind(fmt_time(now + horizon))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > ? GROUP BY scope ORDER BY scope",
+        )
+        .bind(fmt_time(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
+    }
+
+    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = ?"))
+            .bind(hmac)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(format!(
+            "SELECT json_group_array(json_array({AUDIT_COLUMNS}) ORDER BY seq DESC) \
+             FROM (SELECT {AUDIT_COLUMNS} FROM audit_events WHERE 1 = 1"
+        ));
+        if let Some(a) = &filter.actor {
+            qb.push(" AND actor = ").push_bind(a.clone());
+        }
+        if let Some(a) = &filter.action {
+            qb.push(" AND action = ").push_bind(a.clone());
+        }
+        if let Some(s) = &filter.scope {
+            qb.push(" AND scope = ").push_bind(s.clone());
+        }
+        if let Some(k) = filter.key_id {
+            qb.push(" AND key_id = ").push_bind(k.to_string());
+        }
+        if let Some(from) = filter.from {
+            qb.push(" AND occurred_at >= ").push_bind(fmt_time(from));
+        }
+        if let Some(to) = filter.to {
+            qb.push(" AND occurred_at < ").push_bind(fmt_time(to));
+        }
+        if let Some(before) = page.before_seq {
+            qb.push(" AND seq < ").push_bind(before);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit)).push(")");
+        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
+        audit_from_json(&page)
+    }
+
+    async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let page: String = sqlx::query_scalar(&format!(
+            "SELECT json_group_array(json_array({AUDIT_COLUMNS}) ORDER BY seq ASC) \
+             FROM (SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq ASC LIMIT ?)"
+        ))
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        audit_from_json(&page)
+    }
+
     async fn insert_pending(
         &self,
         key: &NewKey,
@@ -600,246 +774,6 @@ impl Writes {
         let (mut head, mut tx) = self.write_tx().await?;
         append_in(&mut tx, &mut head, event).await?;
         tx.commit().await.map_err(db_err)
-    }
-}
-
-#[async_trait]
-impl Store for SqliteStore {
-    async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/sqlite")
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
-    }
-
-    async fn close(&self) {
-        self.writes.writer.close().await;
-        self.pool.close().await;
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
-    }
-
-    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
-        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(format!(
-            "SELECT json_group_array(json_array({KEY_COLUMNS}) ORDER BY seq DESC) \
-             FROM (SELECT {KEY_COLUMNS} FROM key_records WHERE 1 = 1"
-        ));
-        if let Some(r) = &filter.requester {
-            qb.push(" AND requester = ").push_bind(r.clone());
-        }
-        if let Some(s) = &filter.scope {
-            qb.push(" AND scope = ").push_bind(s.clone());
-        }
-        if let Some(team) = &filter.team {
-            qb.push(" AND EXISTS (SELECT 1 FROM json_each(requester_teams) WHERE value = ")
-                .push_bind(team.clone())
-                .push(")");
-        }
-        match (filter.state, filter.now) {
-            (Some(KeyState::Active), Some(now)) => {
-                qb.push(" AND state = 'active' AND expires_at > ").push_bind(fmt_time(now));
-            }
-            (Some(KeyState::Expired), Some(now)) => {
-                qb.push(" AND (state = 'expired' OR (state = 'active' AND expires_at <= ")
-                    .push_bind(fmt_time(now))
-                    .push("))");
-            }
-            (Some(s), _) => {
-                qb.push(" AND state = ").push_bind(s.as_str());
-            }
-            (None, _) => {}
-        }
-        if let Some(before) = page.before_seq {
-            qb.push(" AND seq < ").push_bind(before);
-        }
-        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit)).push(")");
-        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
-        keys_from_json(&page)
-    }
-
-    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < ? ORDER BY seq ASC LIMIT ?"
-        ))
-        .bind(fmt_time(cutoff))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= ? ORDER BY expires_at LIMIT ?"
-        ))
-        .bind(fmt_time(now))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
-             AND revoke_requested_at IS NOT NULL ORDER BY revoke_requested_at LIMIT ?"
-        ))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn keys_for_notices(
-        &self,
-        now: DateTime<Utc>,
-        lookback: chrono::Duration,
-        horizon: chrono::Duration,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        let since = fmt_time(now - lookback);
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'revoked', 'expired') \
-             AND (created_at > ?1 OR revoked_at > ?1 OR (expires_at > ?1 AND expires_at <= ?2)) ORDER BY seq"
-        ))
-        .bind(&since)
-        .bind(fmt_time(now + horizon))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > ? GROUP BY scope ORDER BY scope",
-        )
-        .bind(fmt_time(now))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
-    }
-
-    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = ?"))
-            .bind(hmac)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut qb = sqlx::QueryBuilder::<Sqlite>::new(format!(
-            "SELECT json_group_array(json_array({AUDIT_COLUMNS}) ORDER BY seq DESC) \
-             FROM (SELECT {AUDIT_COLUMNS} FROM audit_events WHERE 1 = 1"
-        ));
-        if let Some(a) = &filter.actor {
-            qb.push(" AND actor = ").push_bind(a.clone());
-        }
-        if let Some(a) = &filter.action {
-            qb.push(" AND action = ").push_bind(a.clone());
-        }
-        if let Some(s) = &filter.scope {
-            qb.push(" AND scope = ").push_bind(s.clone());
-        }
-        if let Some(k) = filter.key_id {
-            qb.push(" AND key_id = ").push_bind(k.to_string());
-        }
-        if let Some(from) = filter.from {
-            qb.push(" AND occurred_at >= ").push_bind(fmt_time(from));
-        }
-        if let Some(to) = filter.to {
-            qb.push(" AND occurred_at < ").push_bind(fmt_time(to));
-        }
-        if let Some(before) = page.before_seq {
-            qb.push(" AND seq < ").push_bind(before);
-        }
-        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit)).push(")");
-        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
-        audit_from_json(&page)
-    }
-
-    async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
-        let page: String = sqlx::query_scalar(&format!(
-            "SELECT json_group_array(json_array({AUDIT_COLUMNS}) ORDER BY seq ASC) \
-             FROM (SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq ASC LIMIT ?)"
-        ))
-        .bind(after_seq)
-        .bind(i64::from(limit))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)?;
-        audit_from_json(&page)
-    }
-
-    async fn insert_pending(
-        &self,
-        key: &NewKey,
-        event: &NewAuditEvent,
-        now: DateTime<Utc>,
-    ) -> Result<Pending, StoreError> {
-        self.writes.insert_pending(key, event, now).await
-    }
-
-    async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        self.writes.activate(a, event).await
-    }
-
-    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
-        self.writes.mark_failed(id, event).await
-    }
-
-    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        self.writes.mark_revoked(id, at, event).await
-    }
-
-    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
-        self.writes.mark_expired(id, event).await
-    }
-
-    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
-        self.writes.request_revocation(id, at).await
-    }
-
-    async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
-        self.writes.enqueue_delivery(d).await
-    }
-
-    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-        self.writes.due_deliveries(now, limit).await
-    }
-
-    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
-        self.writes.finish_delivery(id, result).await
-    }
-
-    async fn try_lease(
-        &self,
-        job: &str,
-        holder: &str,
-        now: DateTime<Utc>,
-        ttl: chrono::Duration,
-    ) -> Result<bool, StoreError> {
-        self.writes.try_lease(job, holder, now, ttl).await
-    }
-
-    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
-        self.writes.append_audit(event).await
     }
 }
 
