@@ -1,6 +1,7 @@
 //! Storage: a narrow, domain-level trait with one implementation per backend, chosen from the
 //! database URL. HTTP code never sees `sqlx::Error`.
 
+mod batch;
 mod postgres;
 mod sqlite;
 

@@ -3,7 +3,13 @@
 //!   advisory lock on the requester, so simultaneous requests of one requester cannot overshoot
 //!   the limit or issue twice;
 //! - audit appends take one transaction-scoped advisory lock for the chain, so the chain never
-//!   forks. Lock order is always limit lock, then chain lock, so no deadlock is possible.
+//!   forks;
+//! - the issuance path's writes are committed in batches ([`super::batch`]): one transaction
+//!   takes the requester locks of all its writes in one statement, in hash order, so two batches
+//!   cannot deadlock on them.
+//!
+//! Lock order is always requester locks, then row locks, then the chain lock, which is taken
+//! last, just before the commit, and held as briefly as possible.
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -15,6 +21,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
 use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord,
     KeyState, NewDelivery, NewKey, PageRequest, Pending, Store, StoreError,
@@ -31,6 +38,8 @@ pub struct PgStore {
     /// checks it against the table inside its INSERT and reads the head afresh when it is stale
     /// (another replica appended, or the transaction that appended it rolled back).
     head: Arc<Mutex<Option<String>>>,
+    /// The issuance path's writes, committed in batches.
+    writes: WriteQueue,
 }
 
 fn db_err(e: sqlx::Error) -> StoreError {
@@ -55,7 +64,9 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        Ok(Self { pool, head: Arc::default() })
+        let head: Arc<Mutex<Option<String>>> = Arc::default();
+        let writes = WriteQueue::start(PgCommitter { pool: pool.clone(), head: head.clone() });
+        Ok(Self { pool, head, writes })
     }
 
     async fn write_tx(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
@@ -63,21 +74,23 @@ impl PgStore {
     }
 }
 
-/// Appends `event` to the chain under the chain lock. The INSERT itself checks that the cached
-/// head is still the chain's last hash, so the usual append is two statements (lock, insert); a
-/// stale hint costs one read and a second try.
+/// Appends `events`, in order, to the chain under the chain lock. The INSERT itself checks that
+/// the cached head is still the chain's last hash, so the usual append is two statements (lock,
+/// insert) however many events there are; a stale hint costs one read and a second try.
 async fn append_in(
     tx: &mut Transaction<'static, Postgres>,
     head: &Mutex<Option<String>>,
-    event: &NewAuditEvent,
+    events: &[&NewAuditEvent],
 ) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
     // A statement of its own: the INSERT's snapshot must be taken after the lock is granted.
     sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(CHAIN_LOCK).execute(&mut **tx).await.map_err(db_err)?;
     let cached = head.lock().map(|mut h| h.take()).unwrap_or_default();
     if let Some(prev) = cached {
-        let hash = event.chain_hash(&prev);
-        if insert_event(tx, event, &prev, &hash).await? {
-            remember(head, hash);
+        if let Some(last) = insert_events(tx, events, &prev).await? {
+            remember(head, last);
             return Ok(());
         }
     }
@@ -86,12 +99,11 @@ async fn append_in(
         .await
         .map_err(db_err)?;
     let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
-    let hash = event.chain_hash(&prev);
-    if !insert_event(tx, event, &prev, &hash).await? {
+    let Some(last) = insert_events(tx, events, &prev).await? else {
         // Impossible while this transaction holds the chain lock.
         return Err(StoreError::Unavailable("the audit chain's head moved during an append".to_owned()));
-    }
-    remember(head, hash);
+    };
+    remember(head, last);
     Ok(())
 }
 
@@ -101,39 +113,68 @@ fn remember(head: &Mutex<Option<String>>, hash: String) {
     }
 }
 
-/// Inserts `event` after `prev` if `prev` is the chain's last hash; false if it is not.
-async fn insert_event(
+fn forget(head: &Mutex<Option<String>>) {
+    if let Ok(mut h) = head.lock() {
+        *h = None;
+    }
+}
+
+/// Inserts `events` chained after `prev`, in one statement, if `prev` is the chain's last hash:
+/// the new last hash, or `None` (nothing written) if `prev` is not the last hash.
+async fn insert_events(
     tx: &mut Transaction<'static, Postgres>,
-    event: &NewAuditEvent,
+    events: &[&NewAuditEvent],
     prev: &str,
-    hash: &str,
-) -> Result<bool, StoreError> {
+) -> Result<Option<String>, StoreError> {
+    let mut prevs = Vec::with_capacity(events.len());
+    let mut hashes = Vec::with_capacity(events.len());
+    let mut last = prev.to_owned();
+    for event in events {
+        let hash = event.chain_hash(&last);
+        prevs.push(std::mem::replace(&mut last, hash.clone()));
+        hashes.push(hash);
+    }
+    let column = |f: fn(&NewAuditEvent) -> Option<&str>| events.iter().map(|e| f(e)).collect::<Vec<_>>();
+    // One row per array element, inserted in array order (`ord`), so `seq` follows the chain.
     let inserted = sqlx::query(
         "INSERT INTO audit_events (id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
          request_id, client_addr, user_agent, detail, prev_hash, hash) \
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 \
-         WHERE COALESCE((SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1), $15) = $13",
+         SELECT e.id, e.occurred_at, e.actor, e.action, e.outcome, e.scope, e.key_id, e.octopus_key_id, \
+                e.request_id, e.client_addr, e.user_agent, e.detail::jsonb, e.prev_hash, e.hash \
+         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::uuid[], \
+                     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[]) \
+              WITH ORDINALITY AS e(id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
+                                   request_id, client_addr, user_agent, detail, prev_hash, hash, ord) \
+         WHERE COALESCE((SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1), $15) = $16 \
+         ORDER BY e.ord",
     )
-    .bind(event.id)
-    .bind(store_precision(event.occurred_at))
-    .bind(&event.actor)
-    .bind(event.action.as_str())
-    .bind(event.outcome.as_str())
-    .bind(&event.scope)
-    .bind(event.key_id)
-    .bind(&event.octopus_key_id)
-    .bind(&event.context.request_id)
-    .bind(&event.context.client_addr)
-    .bind(&event.context.user_agent)
-    .bind(sqlx::types::Json(&event.detail))
-    .bind(prev)
-    .bind(hash)
+    .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| store_precision(e.occurred_at)).collect::<Vec<_>>())
+    .bind(column(|e| Some(&e.actor)))
+    .bind(column(|e| Some(e.action.as_str())))
+    .bind(column(|e| Some(e.outcome.as_str())))
+    .bind(column(|e| e.scope.as_deref()))
+    .bind(events.iter().map(|e| e.key_id).collect::<Vec<_>>())
+    .bind(column(|e| e.octopus_key_id.as_deref()))
+    .bind(column(|e| e.context.request_id.as_deref()))
+    .bind(column(|e| e.context.client_addr.as_deref()))
+    .bind(column(|e| e.context.user_agent.as_deref()))
+    .bind(events.iter().map(|e| e.detail.to_string()).collect::<Vec<_>>())
+    .bind(prevs)
+    .bind(hashes)
     .bind(GENESIS_HASH)
+    .bind(prev)
     .execute(&mut **tx)
     .await
     .map_err(db_err)?
     .rows_affected();
-    Ok(inserted == 1)
+    if inserted == 0 {
+        return Ok(None);
+    }
+    if inserted != events.len() as u64 {
+        return Err(StoreError::Unavailable(format!("{inserted} of {} audit events were written", events.len())));
+    }
+    Ok(Some(last))
 }
 
 const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
@@ -188,6 +229,279 @@ async fn key_in(tx: &mut Transaction<'static, Postgres>, id: Uuid) -> Result<Key
     key_from_row(&row)
 }
 
+/// The issuance path's writes, committed in batches (see [`batch`](super::batch)).
+struct PgCommitter {
+    pool: PgPool,
+    head: Arc<Mutex<Option<String>>>,
+}
+
+#[async_trait]
+impl Committer for PgCommitter {
+    async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        match batch::apply(&mut PgBatch { tx: &mut tx, head: &self.head }, writes).await {
+            Ok(outcomes) => {
+                tx.commit().await.map_err(db_err)?;
+                Ok(outcomes)
+            }
+            Err(e) => {
+                // The head may name an event that is being rolled back.
+                forget(&self.head);
+                tx.rollback().await.map_err(db_err)?;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A batch transaction on PostgreSQL. Its lock order is requester locks (all at once, in one
+/// order, so two batches cannot deadlock on them), row locks, then the chain lock.
+struct PgBatch<'a> {
+    tx: &'a mut Transaction<'static, Postgres>,
+    head: &'a Mutex<Option<String>>,
+}
+
+#[async_trait]
+impl BatchTx for PgBatch<'_> {
+    async fn lock_requesters(&mut self, requesters: &[&str]) -> Result<(), StoreError> {
+        // One lock per requester covers both the limit and the idempotency key; the statements
+        // after it take their snapshots once it is granted.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock($1, l.h) \
+             FROM (SELECT DISTINCT hashtext(r) AS h FROM UNNEST($2::text[]) AS r ORDER BY 1) AS l",
+        )
+        .bind(LIMIT_LOCK)
+        .bind(requesters)
+        .execute(&mut **self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn find_idempotent(&mut self, keys: &[&NewKey]) -> Result<Vec<Found>, StoreError> {
+        let (requesters, idems): (Vec<&str>, Vec<&str>) =
+            keys.iter().filter_map(|k| k.idempotency.as_ref().map(|i| (k.requester.as_str(), i.key.as_str()))).unzip();
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS}, request_hash, idempotency_key FROM key_records \
+             WHERE (requester, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"
+        ))
+        .bind(requesters)
+        .bind(idems)
+        .fetch_all(&mut **self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Found {
+                    record: key_from_row(row)?,
+                    idempotency_key: row.try_get("idempotency_key").map_err(db_err)?,
+                    request_hash: row.try_get("request_hash").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn active_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
+        let counts: Vec<i64> = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM key_records k WHERE k.requester = c.r AND k.scope = c.s \
+                     AND k.state IN ('pending', 'active') AND k.expires_at > c.n) \
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[]) WITH ORDINALITY AS c(r, s, n, ord) \
+             ORDER BY c.ord",
+        )
+        .bind(inserts.iter().map(|(k, _)| k.requester.as_str()).collect::<Vec<_>>())
+        .bind(inserts.iter().map(|(k, _)| k.scope.as_str()).collect::<Vec<_>>())
+        .bind(inserts.iter().map(|(_, now)| *now).collect::<Vec<_>>())
+        .fetch_all(&mut **self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(counts.into_iter().map(|n| u64::try_from(n).unwrap_or_default()).collect())
+    }
+
+    async fn insert_keys(&mut self, keys: &[&NewKey]) -> Result<(), StoreError> {
+        let text = |f: fn(&NewKey) -> Option<&str>| keys.iter().map(|k| f(k)).collect::<Vec<_>>();
+        let teams = keys
+            .iter()
+            .map(|k| serde_json::to_string(&k.requester_teams).map_err(|e| StoreError::Unavailable(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let inserted = sqlx::query(
+            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
+             expires_at, updated_at, idempotency_key, request_hash, requester_teams) \
+             SELECT k.id, k.scope, k.requester, k.purpose, 'pending', k.uid, k.created, k.expires, k.created, \
+                    k.idem, k.rhash, k.teams::jsonb \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
+                         $7::timestamptz[], $8::text[], $9::text[], $10::text[]) \
+                  WITH ORDINALITY AS k(id, scope, requester, purpose, uid, created, expires, idem, rhash, teams, ord) \
+             ORDER BY k.ord",
+        )
+        .bind(keys.iter().map(|k| k.id).collect::<Vec<_>>())
+        .bind(text(|k| Some(&k.scope)))
+        .bind(text(|k| Some(&k.requester)))
+        .bind(text(|k| Some(&k.purpose)))
+        .bind(text(|k| Some(&k.octopus_user_id)))
+        .bind(keys.iter().map(|k| store_precision(k.created_at)).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| store_precision(k.expires_at)).collect::<Vec<_>>())
+        .bind(text(|k| k.idempotency.as_ref().map(|i| i.key.as_str())))
+        .bind(text(|k| k.idempotency.as_ref().map(|i| i.request_hash.as_str())))
+        .bind(teams)
+        .execute(&mut **self.tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected();
+        if inserted != keys.len() as u64 {
+            return Err(StoreError::Unavailable(format!("{inserted} of {} key records were written", keys.len())));
+        }
+        Ok(())
+    }
+
+    async fn activate_keys(
+        &mut self,
+        activations: &[(&Activation, DateTime<Utc>)],
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let text = |f: fn(&Activation) -> &str| activations.iter().map(|(a, _)| f(a)).collect::<Vec<_>>();
+        let rows = sqlx::query(&format!(
+            "UPDATE key_records SET state = 'active', octopus_key_id = a.okid, key_hint = a.hint, \
+             secret_hmac = a.hmac, expires_at = a.exp, updated_at = a.at \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) \
+                  AS a(kid, okid, hint, hmac, exp, at) \
+             WHERE key_records.id = a.kid AND key_records.state = 'pending' RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(activations.iter().map(|(a, _)| a.id).collect::<Vec<_>>())
+        .bind(text(|a| &a.octopus_key_id))
+        .bind(text(|a| &a.key_hint))
+        .bind(text(|a| &a.secret_hmac))
+        .bind(activations.iter().map(|(a, _)| store_precision(a.expires_at)).collect::<Vec<_>>())
+        .bind(activations.iter().map(|(_, at)| store_precision(*at)).collect::<Vec<_>>())
+        .fetch_all(&mut **self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn insert_pending_one(&mut self, key: &NewKey, now: DateTime<Utc>) -> Result<Pending, StoreError> {
+        insert_pending_in(self.tx, key, now).await
+    }
+
+    async fn activate_one(&mut self, activation: &Activation, at: DateTime<Utc>) -> Result<KeyRecord, StoreError> {
+        activate_in(self.tx, activation, at).await
+    }
+
+    async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError> {
+        append_in(self.tx, self.head, events).await
+    }
+}
+
+/// Looks up the requester's `Idempotency-Key`, checks the limit and writes the record `pending`,
+/// under the requester's lock (taken by the batch). Writes nothing unless it returns `Pending::Inserted`.
+async fn insert_pending_in(
+    tx: &mut Transaction<'static, Postgres>,
+    key: &NewKey,
+    now: DateTime<Utc>,
+) -> Result<Pending, StoreError> {
+    if let Some(idem) = &key.idempotency {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS}, request_hash FROM key_records WHERE requester = $1 AND idempotency_key = $2"
+        ))
+        .bind(&key.requester)
+        .bind(&idem.key)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err)?;
+        if let Some(row) = row {
+            let record = key_from_row(&row)?;
+            if record.created_at > now - IDEMPOTENCY_WINDOW {
+                let hash: Option<String> = row.try_get("request_hash").map_err(db_err)?;
+                let same_request = hash.as_deref() == Some(idem.request_hash.as_str());
+                return Ok(Pending::Existing { record: Box::new(record), same_request });
+            }
+            // Remembered long enough: the key may be used afresh, if the limit allows a new record.
+            let active = active_count(tx, key, now).await?;
+            if active >= u64::from(key.max_active) {
+                return Err(StoreError::LimitReached { active });
+            }
+            sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = $1")
+                .bind(record.id)
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err)?;
+        }
+    }
+    // The limit is checked inside the INSERT (its snapshot is taken after the requester's lock).
+    let inserted = sqlx::query(
+        "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
+         updated_at, idempotency_key, request_hash, requester_teams) \
+         SELECT $1, $2, $3, $4, 'pending', $5, $6, $7, $6, $8, $9, $10 \
+         WHERE (SELECT COUNT(*) FROM key_records WHERE requester = $3 AND scope = $2 \
+                AND state IN ('pending', 'active') AND expires_at > $11) < $12",
+    )
+    .bind(key.id)
+    .bind(&key.scope)
+    .bind(&key.requester)
+    .bind(&key.purpose)
+    .bind(&key.octopus_user_id)
+    .bind(store_precision(key.created_at))
+    .bind(store_precision(key.expires_at))
+    .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
+    .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
+    .bind(sqlx::types::Json(&key.requester_teams))
+    .bind(now)
+    .bind(i64::from(key.max_active))
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?
+    .rows_affected();
+    if inserted == 0 {
+        return Err(StoreError::LimitReached { active: active_count(tx, key, now).await? });
+    }
+    Ok(Pending::Inserted)
+}
+
+/// The requester's pending or active, unexpired records in the key's scope.
+async fn active_count(
+    tx: &mut Transaction<'static, Postgres>,
+    key: &NewKey,
+    now: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    let active: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM key_records WHERE requester = $1 AND scope = $2 \
+         AND state IN ('pending', 'active') AND expires_at > $3",
+    )
+    .bind(&key.requester)
+    .bind(&key.scope)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    Ok(u64::try_from(active).unwrap_or_default())
+}
+
+/// Makes a pending record active; writes nothing unless it returns the record.
+async fn activate_in(
+    tx: &mut Transaction<'static, Postgres>,
+    a: &Activation,
+    at: DateTime<Utc>,
+) -> Result<KeyRecord, StoreError> {
+    let row = sqlx::query(&format!(
+        "UPDATE key_records SET state = 'active', octopus_key_id = $1, key_hint = $2, secret_hmac = $3, \
+         expires_at = $4, updated_at = $5 WHERE id = $6 AND state = 'pending' RETURNING {KEY_COLUMNS}"
+    ))
+    .bind(&a.octopus_key_id)
+    .bind(&a.key_hint)
+    .bind(&a.secret_hmac)
+    .bind(store_precision(a.expires_at))
+    .bind(store_precision(at))
+    .bind(a.id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    match row {
+        Some(row) => key_from_row(&row),
+        None => {
+            let current = key_in(tx, a.id).await?;
+            Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() })
+        }
+    }
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -211,109 +525,11 @@ impl Store for PgStore {
         event: &NewAuditEvent,
         now: DateTime<Utc>,
     ) -> Result<Pending, StoreError> {
-        let mut tx = self.write_tx().await?;
-        // One lock per requester covers both the limit and the idempotency key.
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-            .bind(LIMIT_LOCK)
-            .bind(&key.requester)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        if let Some(idem) = &key.idempotency {
-            let row = sqlx::query(&format!(
-                "SELECT {KEY_COLUMNS}, request_hash FROM key_records WHERE requester = $1 AND idempotency_key = $2"
-            ))
-            .bind(&key.requester)
-            .bind(&idem.key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            if let Some(row) = row {
-                let record = key_from_row(&row)?;
-                if record.created_at > now - IDEMPOTENCY_WINDOW {
-                    let hash: Option<String> = row.try_get("request_hash").map_err(db_err)?;
-                    let same_request = hash.as_deref() == Some(idem.request_hash.as_str());
-                    // Roll back now: a dropped transaction is only rolled back lazily, and would
-                    // keep its locks until its connection is used again.
-                    tx.rollback().await.map_err(db_err)?;
-                    return Ok(Pending::Existing { record: Box::new(record), same_request });
-                }
-                // Remembered long enough: the key may be used afresh.
-                sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = $1")
-                    .bind(record.id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-            }
-        }
-        // The limit is checked inside the INSERT (its snapshot is taken after the lock above).
-        let inserted = sqlx::query(
-            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
-             updated_at, idempotency_key, request_hash, requester_teams) \
-             SELECT $1, $2, $3, $4, 'pending', $5, $6, $7, $6, $8, $9, $10 \
-             WHERE (SELECT COUNT(*) FROM key_records WHERE requester = $3 AND scope = $2 \
-                    AND state IN ('pending', 'active') AND expires_at > $11) < $12",
-        )
-        .bind(key.id)
-        .bind(&key.scope)
-        .bind(&key.requester)
-        .bind(&key.purpose)
-        .bind(&key.octopus_user_id)
-        .bind(store_precision(key.created_at))
-        .bind(store_precision(key.expires_at))
-        .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
-        .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
-        .bind(sqlx::types::Json(&key.requester_teams))
-        .bind(now)
-        .bind(i64::from(key.max_active))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?
-        .rows_affected();
-        if inserted == 0 {
-            let active: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM key_records WHERE requester = $1 AND scope = $2 \
-                 AND state IN ('pending', 'active') AND expires_at > $3",
-            )
-            .bind(&key.requester)
-            .bind(&key.scope)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::LimitReached { active: u64::try_from(active).unwrap_or_default() });
-        }
-        append_in(&mut tx, &self.head, event).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(Pending::Inserted)
+        self.writes.insert_pending(key, event, now).await
     }
 
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let row = sqlx::query(&format!(
-            "UPDATE key_records SET state = 'active', octopus_key_id = $1, key_hint = $2, secret_hmac = $3, \
-             expires_at = $4, updated_at = $5 WHERE id = $6 AND state = 'pending' RETURNING {KEY_COLUMNS}"
-        ))
-        .bind(&a.octopus_key_id)
-        .bind(&a.key_hint)
-        .bind(&a.secret_hmac)
-        .bind(store_precision(a.expires_at))
-        .bind(store_precision(event.occurred_at))
-        .bind(a.id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let Some(row) = row else {
-            let current = key_in(&mut tx, a.id).await;
-            tx.rollback().await.map_err(db_err)?;
-            let current = current?;
-            return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
-        };
-        let record = key_from_row(&row)?;
-        append_in(&mut tx, &self.head, event).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(record)
+        self.writes.activate(a, event).await
     }
 
     async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
@@ -329,7 +545,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, &self.head, event).await?;
+        append_in(&mut tx, &self.head, &[event]).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -353,7 +569,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, &self.head, event).await?;
+        append_in(&mut tx, &self.head, &[event]).await?;
         let record = key_in(&mut tx, id).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(record)
@@ -435,7 +651,7 @@ impl Store for PgStore {
                 .rows_affected()
                 == 1;
         if done {
-            append_in(&mut tx, &self.head, event).await?;
+            append_in(&mut tx, &self.head, &[event]).await?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(done)
@@ -599,9 +815,7 @@ impl Store for PgStore {
     }
 
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        append_in(&mut tx, &self.head, event).await?;
-        tx.commit().await.map_err(db_err)
+        self.writes.append(event).await
     }
 
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {

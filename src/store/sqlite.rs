@@ -14,6 +14,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
+use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
 use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord,
     KeyState, NewDelivery, NewKey, PageRequest, Pending, Store, StoreError,
@@ -30,6 +31,8 @@ pub struct SqliteStore {
     /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
     /// guards the audit chain's head as this process last wrote it; see [`append_in`].
     write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
+    /// The issuance path's writes, committed in batches on `writer` under `write_lock`.
+    writes: WriteQueue,
     /// The background checkpoint task; stopped when the store goes.
     checkpointer: tokio::task::AbortHandle,
 }
@@ -86,7 +89,9 @@ impl SqliteStore {
             .await
             .map_err(db_err)?;
         let checkpointer = tokio::spawn(checkpoint_in_background(pool.clone())).abort_handle();
-        Ok(Self { pool, writer, write_lock: Arc::new(tokio::sync::Mutex::new(None)), checkpointer })
+        let write_lock = Arc::new(tokio::sync::Mutex::new(None));
+        let writes = WriteQueue::start(SqliteCommitter { writer: writer.clone(), write_lock: write_lock.clone() });
+        Ok(Self { pool, writer, write_lock, writes, checkpointer })
     }
 
     /// A write transaction that holds the write lock from its start; the guard must live until
@@ -114,17 +119,20 @@ async fn checkpoint_in_background(pool: SqlitePool) {
     }
 }
 
-/// Appends `event` to the chain. The INSERT itself checks that `head` is still the chain's last
-/// hash, so the usual append is one statement; a stale hint costs one read and a second try.
+/// Appends `events`, in order, to the chain. The INSERT itself checks that `head` is still the
+/// chain's last hash, so the usual append is one statement however many events there are; a
+/// stale hint costs one read and a second try.
 async fn append_in(
     tx: &mut Transaction<'static, Sqlite>,
     head: &mut ChainHead,
-    event: &NewAuditEvent,
+    events: &[&NewAuditEvent],
 ) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
     if let Some(prev) = head.take() {
-        let hash = event.chain_hash(&prev);
-        if insert_event(tx, event, &prev, &hash).await? {
-            *head = Some(hash);
+        if let Some(last) = insert_events(tx, events, &prev).await? {
+            *head = Some(last);
             return Ok(());
         }
     }
@@ -133,49 +141,88 @@ async fn append_in(
         .await
         .map_err(db_err)?;
     let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
-    let hash = event.chain_hash(&prev);
-    if !insert_event(tx, event, &prev, &hash).await? {
+    let Some(last) = insert_events(tx, events, &prev).await? else {
         // Impossible while this transaction holds the write lock.
         return Err(StoreError::Unavailable("the audit chain's head moved during an append".to_owned()));
-    }
-    *head = Some(hash);
+    };
+    *head = Some(last);
     Ok(())
 }
 
-/// Inserts `event` after `prev` if `prev` is the chain's last hash; false if it is not.
-async fn insert_event(
+/// One event as a row of [`insert_events`]'s JSON array; `detail` is its JSON text, stored as
+/// written.
+type EventRow<'a> = (
+    String,
+    String,
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<String>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    String,
+    String,
+    String,
+);
+
+/// Inserts `events` chained after `prev`, in one statement, if `prev` is the chain's last hash:
+/// the new last hash, or `None` (nothing written) if `prev` is not the last hash.
+async fn insert_events(
     tx: &mut Transaction<'static, Sqlite>,
-    event: &NewAuditEvent,
+    events: &[&NewAuditEvent],
     prev: &str,
-    hash: &str,
-) -> Result<bool, StoreError> {
+) -> Result<Option<String>, StoreError> {
+    let mut rows: Vec<EventRow<'_>> = Vec::with_capacity(events.len());
+    let mut last = prev.to_owned();
+    for event in events {
+        let hash = event.chain_hash(&last);
+        rows.push((
+            event.id.to_string(),
+            fmt_time(store_precision(event.occurred_at)),
+            &event.actor,
+            event.action.as_str(),
+            event.outcome.as_str(),
+            event.scope.as_deref(),
+            event.key_id.map(|k| k.to_string()),
+            event.octopus_key_id.as_deref(),
+            event.context.request_id.as_deref(),
+            event.context.client_addr.as_deref(),
+            event.context.user_agent.as_deref(),
+            event.detail.to_string(),
+            std::mem::replace(&mut last, hash.clone()),
+            hash,
+        ));
+    }
+    let rows = serde_json::to_string(&rows).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    // Rows are inserted in array order, so `seq` follows the chain.
     let inserted = sqlx::query(
         "INSERT INTO audit_events (id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
          request_id, client_addr, user_agent, detail, prev_hash, hash) \
-         SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
-         WHERE COALESCE((SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1), ?) = ?",
+         SELECT e.value ->> '$[0]', e.value ->> '$[1]', e.value ->> '$[2]', e.value ->> '$[3]', \
+                e.value ->> '$[4]', e.value ->> '$[5]', e.value ->> '$[6]', e.value ->> '$[7]', \
+                e.value ->> '$[8]', e.value ->> '$[9]', e.value ->> '$[10]', e.value ->> '$[11]', \
+                e.value ->> '$[12]', e.value ->> '$[13]' \
+         FROM json_each(?) AS e \
+         WHERE COALESCE((SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1), ?) = ? \
+         ORDER BY e.key",
     )
-    .bind(event.id.to_string())
-    .bind(fmt_time(store_precision(event.occurred_at)))
-    .bind(&event.actor)
-    .bind(event.action.as_str())
-    .bind(event.outcome.as_str())
-    .bind(&event.scope)
-    .bind(event.key_id.map(|k| k.to_string()))
-    .bind(&event.octopus_key_id)
-    .bind(&event.context.request_id)
-    .bind(&event.context.client_addr)
-    .bind(&event.context.user_agent)
-    .bind(event.detail.to_string())
-    .bind(prev)
-    .bind(hash)
+    .bind(rows)
     .bind(GENESIS_HASH)
     .bind(prev)
     .execute(&mut **tx)
     .await
     .map_err(db_err)?
     .rows_affected();
-    Ok(inserted == 1)
+    if inserted == 0 {
+        return Ok(None);
+    }
+    if inserted != events.len() as u64 {
+        return Err(StoreError::Unavailable(format!("{inserted} of {} audit events were written", events.len())));
+    }
+    Ok(Some(last))
 }
 
 const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
@@ -298,6 +345,284 @@ async fn key_in(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> Result<KeyRe
         .map_err(db_err)?
         .ok_or(StoreError::NotFound(id))?;
     key_from_row(&row)
+}
+
+/// The issuance path's writes, committed in batches (see [`batch`](super::batch)) on the writer
+/// connection, under the write lock.
+struct SqliteCommitter {
+    writer: SqlitePool,
+    write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
+}
+
+#[async_trait]
+impl Committer for SqliteCommitter {
+    async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
+        let mut head = self.write_lock.lock().await;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        match batch::apply(&mut SqliteBatch { tx: &mut tx, head: &mut head }, writes).await {
+            Ok(outcomes) => {
+                tx.commit().await.map_err(db_err)?;
+                Ok(outcomes)
+            }
+            Err(e) => {
+                // The head may name an event that is being rolled back.
+                *head = None;
+                tx.rollback().await.map_err(db_err)?;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A batch transaction on SQLite; the write lock stands in for requester locks.
+struct SqliteBatch<'a> {
+    tx: &'a mut Transaction<'static, Sqlite>,
+    head: &'a mut ChainHead,
+}
+
+fn to_json<T: serde::Serialize>(rows: &T) -> Result<String, StoreError> {
+    serde_json::to_string(rows).map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+#[async_trait]
+impl BatchTx for SqliteBatch<'_> {
+    async fn lock_requesters(&mut self, _requesters: &[&str]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn find_idempotent(&mut self, keys: &[&NewKey]) -> Result<Vec<Found>, StoreError> {
+        let pairs: Vec<(&str, &str)> = keys
+            .iter()
+            .filter_map(|k| k.idempotency.as_ref().map(|i| (k.requester.as_str(), i.key.as_str())))
+            .collect();
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS}, request_hash, idempotency_key FROM key_records \
+             WHERE (requester, idempotency_key) IN (SELECT value ->> '$[0]', value ->> '$[1]' FROM json_each(?))"
+        ))
+        .bind(to_json(&pairs)?)
+        .fetch_all(&mut **self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Found {
+                    record: key_from_row(row)?,
+                    idempotency_key: row.try_get("idempotency_key").map_err(db_err)?,
+                    request_hash: row.try_get("request_hash").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn active_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
+        let rows: Vec<(&str, &str, String)> =
+            inserts.iter().map(|(k, now)| (k.requester.as_str(), k.scope.as_str(), fmt_time(*now))).collect();
+        let counts: Vec<i64> = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM key_records WHERE requester = c.value ->> '$[0]' \
+                     AND scope = c.value ->> '$[1]' AND state IN ('pending', 'active') \
+                     AND expires_at > c.value ->> '$[2]') \
+             FROM json_each(?) AS c ORDER BY c.key",
+        )
+        .bind(to_json(&rows)?)
+        .fetch_all(&mut **self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(counts.into_iter().map(|n| u64::try_from(n).unwrap_or_default()).collect())
+    }
+
+    async fn insert_keys(&mut self, keys: &[&NewKey]) -> Result<(), StoreError> {
+        let mut rows = Vec::with_capacity(keys.len());
+        for k in keys {
+            rows.push((
+                k.id.to_string(),
+                &k.scope,
+                &k.requester,
+                &k.purpose,
+                &k.octopus_user_id,
+                fmt_time(k.created_at),
+                fmt_time(k.expires_at),
+                k.idempotency.as_ref().map(|i| &i.key),
+                k.idempotency.as_ref().map(|i| &i.request_hash),
+                to_json(&k.requester_teams)?,
+            ));
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
+             expires_at, updated_at, idempotency_key, request_hash, requester_teams) \
+             SELECT k.value ->> '$[0]', k.value ->> '$[1]', k.value ->> '$[2]', k.value ->> '$[3]', 'pending', \
+                    k.value ->> '$[4]', k.value ->> '$[5]', k.value ->> '$[6]', k.value ->> '$[5]', \
+                    k.value ->> '$[7]', k.value ->> '$[8]', k.value ->> '$[9]' \
+             FROM json_each(?) AS k ORDER BY k.key",
+        )
+        .bind(to_json(&rows)?)
+        .execute(&mut **self.tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected();
+        if inserted != keys.len() as u64 {
+            return Err(StoreError::Unavailable(format!("{inserted} of {} key records were written", keys.len())));
+        }
+        Ok(())
+    }
+
+    async fn activate_keys(
+        &mut self,
+        activations: &[(&Activation, DateTime<Utc>)],
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows: Vec<_> = activations
+            .iter()
+            .map(|(a, at)| {
+                (
+                    a.id.to_string(),
+                    &a.octopus_key_id,
+                    &a.key_hint,
+                    &a.secret_hmac,
+                    fmt_time(a.expires_at),
+                    fmt_time(*at),
+                )
+            })
+            .collect();
+        let rows = sqlx::query(&format!(
+            "UPDATE key_records SET state = 'active', octopus_key_id = a.okid, key_hint = a.hint, \
+             secret_hmac = a.hmac, expires_at = a.exp, updated_at = a.at \
+             FROM (SELECT value ->> '$[0]' AS kid, value ->> '$[1]' AS okid, value ->> '$[2]' AS hint, \
+                          value ->> '$[3]' AS hmac, value ->> '$[4]' AS exp, value ->> '$[5]' AS at \
+                   FROM json_each(?)) AS a \
+             WHERE key_records.id = a.kid AND key_records.state = 'pending' RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(to_json(&rows)?)
+        .fetch_all(&mut **self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn insert_pending_one(&mut self, key: &NewKey, now: DateTime<Utc>) -> Result<Pending, StoreError> {
+        insert_pending_in(self.tx, key, now).await
+    }
+
+    async fn activate_one(&mut self, activation: &Activation, at: DateTime<Utc>) -> Result<KeyRecord, StoreError> {
+        activate_in(self.tx, activation, at).await
+    }
+
+    async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError> {
+        append_in(self.tx, self.head, events).await
+    }
+}
+
+/// Looks up the requester's `Idempotency-Key`, checks the limit and writes the record `pending`.
+/// Writes nothing unless it returns `Pending::Inserted`.
+async fn insert_pending_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    key: &NewKey,
+    now: DateTime<Utc>,
+) -> Result<Pending, StoreError> {
+    if let Some(idem) = &key.idempotency {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS}, request_hash FROM key_records WHERE requester = ? AND idempotency_key = ?"
+        ))
+        .bind(&key.requester)
+        .bind(&idem.key)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err)?;
+        if let Some(row) = row {
+            let record = key_from_row(&row)?;
+            if record.created_at > now - IDEMPOTENCY_WINDOW {
+                let hash: Option<String> = row.try_get("request_hash").map_err(db_err)?;
+                let same_request = hash.as_deref() == Some(idem.request_hash.as_str());
+                return Ok(Pending::Existing { record: Box::new(record), same_request });
+            }
+            // Remembered long enough: the key may be used afresh, if the limit allows a new record.
+            let active = active_count(tx, key, now).await?;
+            if active >= u64::from(key.max_active) {
+                return Err(StoreError::LimitReached { active });
+            }
+            sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = ?")
+                .bind(record.id.to_string())
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err)?;
+        }
+    }
+    // The limit is checked inside the INSERT: one statement in the usual case.
+    let inserted = sqlx::query(
+        "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
+         updated_at, idempotency_key, request_hash, requester_teams) \
+         SELECT ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ? \
+         WHERE (SELECT COUNT(*) FROM key_records WHERE requester = ? AND scope = ? \
+                AND state IN ('pending', 'active') AND expires_at > ?) < ?",
+    )
+    .bind(key.id.to_string())
+    .bind(&key.scope)
+    .bind(&key.requester)
+    .bind(&key.purpose)
+    .bind(&key.octopus_user_id)
+    .bind(fmt_time(key.created_at))
+    .bind(fmt_time(key.expires_at))
+    .bind(fmt_time(key.created_at))
+    .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
+    .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
+    .bind(serde_json::to_string(&key.requester_teams).unwrap_or_else(|_| "[]".to_owned()))
+    .bind(&key.requester)
+    .bind(&key.scope)
+    .bind(fmt_time(now))
+    .bind(i64::from(key.max_active))
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?
+    .rows_affected();
+    if inserted == 0 {
+        return Err(StoreError::LimitReached { active: active_count(tx, key, now).await? });
+    }
+    Ok(Pending::Inserted)
+}
+
+/// The requester's pending or active, unexpired records in the key's scope.
+async fn active_count(
+    tx: &mut Transaction<'static, Sqlite>,
+    key: &NewKey,
+    now: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    let active: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM key_records WHERE requester = ? AND scope = ? \
+         AND state IN ('pending', 'active') AND expires_at > ?",
+    )
+    .bind(&key.requester)
+    .bind(&key.scope)
+    .bind(fmt_time(now))
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    Ok(u64::try_from(active).unwrap_or_default())
+}
+
+/// Makes a pending record active; writes nothing unless it returns the record.
+async fn activate_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    a: &Activation,
+    at: DateTime<Utc>,
+) -> Result<KeyRecord, StoreError> {
+    let row = sqlx::query(&format!(
+        "UPDATE key_records SET state = 'active', octopus_key_id = ?, key_hint = ?, secret_hmac = ?, \
+         expires_at = ?, updated_at = ? WHERE id = ? AND state = 'pending' RETURNING {KEY_COLUMNS}"
+    ))
+    .bind(&a.octopus_key_id)
+    .bind(&a.key_hint)
+    .bind(&a.secret_hmac)
+    .bind(fmt_time(a.expires_at))
+    .bind(fmt_time(at))
+    .bind(a.id.to_string())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    match row {
+        Some(row) => key_from_row(&row),
+        None => {
+            let current = key_in(tx, a.id).await?;
+            Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() })
+        }
+    }
 }
 
 #[async_trait]
@@ -490,105 +815,11 @@ impl Store for SqliteStore {
         event: &NewAuditEvent,
         now: DateTime<Utc>,
     ) -> Result<Pending, StoreError> {
-        let (mut head, mut tx) = self.write_tx().await?;
-        if let Some(idem) = &key.idempotency {
-            let row = sqlx::query(&format!(
-                "SELECT {KEY_COLUMNS}, request_hash FROM key_records WHERE requester = ? AND idempotency_key = ?"
-            ))
-            .bind(&key.requester)
-            .bind(&idem.key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            if let Some(row) = row {
-                let record = key_from_row(&row)?;
-                if record.created_at > now - IDEMPOTENCY_WINDOW {
-                    let hash: Option<String> = row.try_get("request_hash").map_err(db_err)?;
-                    let same_request = hash.as_deref() == Some(idem.request_hash.as_str());
-                    // Roll back now: a dropped transaction is only rolled back lazily, and would
-                    // keep its locks until its connection is used again.
-                    tx.rollback().await.map_err(db_err)?;
-                    return Ok(Pending::Existing { record: Box::new(record), same_request });
-                }
-                // Remembered long enough: the key may be used afresh.
-                sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = ?")
-                    .bind(record.id.to_string())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-            }
-        }
-        // The limit is checked inside the INSERT: one statement in the usual case.
-        let inserted = sqlx::query(
-            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
-             updated_at, idempotency_key, request_hash, requester_teams) \
-             SELECT ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ? \
-             WHERE (SELECT COUNT(*) FROM key_records WHERE requester = ? AND scope = ? \
-                    AND state IN ('pending', 'active') AND expires_at > ?) < ?",
-        )
-        .bind(key.id.to_string())
-        .bind(&key.scope)
-        .bind(&key.requester)
-        .bind(&key.purpose)
-        .bind(&key.octopus_user_id)
-        .bind(fmt_time(key.created_at))
-        .bind(fmt_time(key.expires_at))
-        .bind(fmt_time(key.created_at))
-        .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
-        .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
-        .bind(serde_json::to_string(&key.requester_teams).unwrap_or_else(|_| "[]".to_owned()))
-        .bind(&key.requester)
-        .bind(&key.scope)
-        .bind(fmt_time(now))
-        .bind(i64::from(key.max_active))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?
-        .rows_affected();
-        if inserted == 0 {
-            let active: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM key_records WHERE requester = ? AND scope = ? \
-                 AND state IN ('pending', 'active') AND expires_at > ?",
-            )
-            .bind(&key.requester)
-            .bind(&key.scope)
-            .bind(fmt_time(now))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::LimitReached { active: u64::try_from(active).unwrap_or_default() });
-        }
-        append_in(&mut tx, &mut head, event).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(Pending::Inserted)
+        self.writes.insert_pending(key, event, now).await
     }
 
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let (mut head, mut tx) = self.write_tx().await?;
-        let row = sqlx::query(&format!(
-            "UPDATE key_records SET state = 'active', octopus_key_id = ?, key_hint = ?, secret_hmac = ?, \
-             expires_at = ?, updated_at = ? WHERE id = ? AND state = 'pending' RETURNING {KEY_COLUMNS}"
-        ))
-        .bind(&a.octopus_key_id)
-        .bind(&a.key_hint)
-        .bind(&a.secret_hmac)
-        .bind(fmt_time(a.expires_at))
-        .bind(fmt_time(event.occurred_at))
-        .bind(a.id.to_string())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let Some(row) = row else {
-            let current = key_in(&mut tx, a.id).await;
-            tx.rollback().await.map_err(db_err)?;
-            let current = current?;
-            return Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() });
-        };
-        let record = key_from_row(&row)?;
-        append_in(&mut tx, &mut head, event).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(record)
+        self.writes.activate(a, event).await
     }
 
     async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
@@ -604,7 +835,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, &mut head, event).await?;
+        append_in(&mut tx, &mut head, &[event]).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -629,7 +860,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, &mut head, event).await?;
+        append_in(&mut tx, &mut head, &[event]).await?;
         let record = key_in(&mut tx, id).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(record)
@@ -647,7 +878,7 @@ impl Store for SqliteStore {
                 .rows_affected()
                 == 1;
         if done {
-            append_in(&mut tx, &mut head, event).await?;
+            append_in(&mut tx, &mut head, &[event]).await?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(done)
@@ -771,9 +1002,7 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let (mut head, mut tx) = self.write_tx().await?;
-        append_in(&mut tx, &mut head, event).await?;
-        tx.commit().await.map_err(db_err)
+        self.writes.append(event).await
     }
 }
 

@@ -331,6 +331,118 @@ async fn concurrent_requests_of_one_requester_respect_the_limit() {
 }
 
 #[tokio::test]
+async fn concurrent_writes_of_the_issuance_path_stay_all_or_nothing_each() {
+    // Writes that arrive together are committed together; each must still succeed, be refused
+    // or fail on its own, and only the writes that went ahead leave events in the chain.
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let taken = new_key("carol", "s", now, 100);
+        store.insert_pending(&taken, &event("carol", Action::KeyRequested, Some(taken.id)), now).await.unwrap();
+        let pending: Vec<NewKey> = (0..8).map(|i| new_key(&format!("p{i}"), "s", now, 5)).collect();
+        for key in &pending {
+            store.insert_pending(key, &event(&key.requester, Action::KeyRequested, Some(key.id)), now).await.unwrap();
+        }
+        let before = verify(&store).await;
+
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                // Sixteen new records of one requester with room for 10: 6 refused.
+                let key = new_key("dave", "s", now, 10);
+                match store.insert_pending(&key, &event("dave", Action::KeyRequested, Some(key.id)), now).await {
+                    Ok(Pending::Inserted) => "inserted",
+                    Err(StoreError::LimitReached { .. }) => "limit",
+                    other => panic!("insert {i}: {other:?}"),
+                }
+            }));
+        }
+        for (i, key) in pending.iter().enumerate() {
+            let (store, id) = (store.clone(), key.id);
+            tasks.push(tokio::spawn(async move {
+                let a = activation(id, u32::try_from(i).unwrap());
+                store.activate(&a, &event("bot", Action::KeyIssued, Some(id))).await.unwrap();
+                "activated"
+            }));
+        }
+        for _ in 0..4 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                // Not a pending record: refused, nothing written.
+                let a = activation(Uuid::new_v4(), 99);
+                match store.activate(&a, &event("bot", Action::KeyIssued, Some(a.id))).await {
+                    Err(StoreError::NotFound(_)) => "not found",
+                    other => panic!("{other:?}"),
+                }
+            }));
+        }
+        {
+            // A record id that exists already: the database refuses it, and only it.
+            let store = store.clone();
+            let mut clash = new_key("erin", "s", now, 5);
+            clash.id = taken.id;
+            tasks.push(tokio::spawn(async move {
+                match store.insert_pending(&clash, &event("erin", Action::KeyRequested, None), now).await {
+                    Err(StoreError::Unavailable(_)) => "failed",
+                    other => panic!("{other:?}"),
+                }
+            }));
+        }
+        for i in 0..6 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.append_audit(&event(&format!("denied-{i}"), Action::PolicyDenied, None)).await.unwrap();
+                "appended"
+            }));
+        }
+        let mut counts = std::collections::BTreeMap::new();
+        for task in tasks {
+            *counts.entry(task.await.unwrap()).or_insert(0) += 1;
+        }
+        let expected =
+            [("activated", 8), ("appended", 6), ("failed", 1), ("inserted", 10), ("limit", 6), ("not found", 4)];
+        assert_eq!(counts, expected.into_iter().collect(), "{name}");
+        assert_eq!(verify(&store).await, before + 10 + 8 + 6, "{name}: one event per write that went ahead");
+        let erin = AuditFilter { actor: Some("erin".to_owned()), ..Default::default() };
+        let erins = store.list_audit(&erin, PageRequest { before_seq: None, limit: 10 }).await.unwrap();
+        assert!(erins.is_empty(), "{name}");
+        for key in &pending {
+            assert_eq!(store.get_key(key.id).await.unwrap().unwrap().state, KeyState::Active, "{name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn simultaneous_retries_with_one_idempotency_key_write_one_record() {
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut key = new_key("alice", "s", now, 5);
+                    key.idempotency = Some(Idempotency { key: "retry-1".to_owned(), request_hash: "h1".to_owned() });
+                    let requested = event("alice", Action::KeyRequested, Some(key.id));
+                    (key.id, store.insert_pending(&key, &requested, now).await.unwrap())
+                })
+            })
+            .collect();
+        let mut inserted = Vec::new();
+        let mut replayed = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                (id, Pending::Inserted) => inserted.push(id),
+                (_, Pending::Existing { record, same_request: true }) => replayed.push(record.id),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert_eq!(inserted.len(), 1, "{name}");
+        assert_eq!(replayed, vec![inserted[0]; 7], "{name}");
+        assert_eq!(verify(&store).await, 1, "{name}: a replay appends nothing");
+    }
+}
+
+#[tokio::test]
 async fn an_idempotency_key_returns_the_first_record_within_the_window() {
     for (name, store, _guard) in backends().await {
         let now = Utc::now();

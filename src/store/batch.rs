@@ -1,0 +1,521 @@
+//! Group commit for the writes on the issuance path: a pending record with its "requested"
+//! event, an activation with its "issued" event, and lone audit events (denials).
+//!
+//! Each such write used to be a transaction of its own, and every transaction appends to the one
+//! audit chain, so they ran one at a time: on SQLite behind the single writer, on PostgreSQL
+//! behind the chain's advisory lock, each paying its own commit (and on PostgreSQL its own WAL
+//! flush). Here callers queue their writes, and one task applies whatever has queued up since
+//! its last commit in one transaction: each write's rows, then all of their events in one
+//! chained `INSERT`, then one commit. Every write keeps its own all-or-nothing meaning:
+//! - a write that is refused (limit reached, wrong state, an `Idempotency-Key` seen before)
+//!   writes nothing, and appends no event, while the others in its batch go ahead;
+//! - a write is answered only after its batch has committed;
+//! - if the batch transaction fails as a whole, each of its writes is tried again in a
+//!   transaction of its own, so one write's failure is never another's;
+//! - a write whose caller has gone (client disconnect, request timeout) before its batch starts
+//!   is dropped unwritten, as its own transaction would have been rolled back.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Activation, IDEMPOTENCY_WINDOW, KeyRecord, NewKey, Pending, StoreError};
+use crate::audit::NewAuditEvent;
+
+/// The most writes one transaction takes.
+const MAX_BATCH: usize = 64;
+
+/// One write of the issuance path, as queued.
+pub(super) enum Write {
+    Insert { key: NewKey, event: NewAuditEvent, now: DateTime<Utc> },
+    Activate { activation: Activation, event: NewAuditEvent },
+    Append { event: NewAuditEvent },
+}
+
+impl Write {
+    /// The event the write appends if it goes ahead.
+    pub(super) fn event(&self) -> &NewAuditEvent {
+        match self {
+            Write::Insert { event, .. } | Write::Activate { event, .. } | Write::Append { event } => event,
+        }
+    }
+}
+
+/// What a write did.
+pub(super) enum Written {
+    /// `Pending::Existing` wrote nothing and appended no event.
+    Pending(Pending),
+    Active(Box<KeyRecord>),
+    Appended,
+}
+
+impl Written {
+    /// Whether the write's event belongs in the chain.
+    pub(super) fn appends(&self) -> bool {
+        !matches!(self, Written::Pending(Pending::Existing { .. }))
+    }
+}
+
+pub(super) type Outcome = Result<Written, StoreError>;
+
+/// A backend's half: one transaction for a batch.
+#[async_trait]
+pub(super) trait Committer: Send + Sync + 'static {
+    /// Applies `writes` in one transaction, in order, and commits. `Ok` holds one outcome per
+    /// write, and an `Err` outcome means that write changed nothing. `Err` means the
+    /// transaction failed (and was rolled back): nothing of the batch was written.
+    async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError>;
+}
+
+struct Job {
+    write: Write,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The queue in front of a [`Committer`]; its task ends when the queue is dropped.
+pub(super) struct WriteQueue {
+    jobs: mpsc::Sender<Job>,
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the store's write queue has stopped".to_owned())
+}
+
+fn unexpected() -> StoreError {
+    StoreError::Unavailable("the store answered a write with the wrong kind of result".to_owned())
+}
+
+impl WriteQueue {
+    /// Starts the committing task on the current runtime.
+    pub(super) fn start(committer: impl Committer) -> Self {
+        let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(commit_queued(committer, queue));
+        Self { jobs }
+    }
+
+    async fn submit(&self, write: Write) -> Outcome {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job { write, reply }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    pub(super) async fn insert_pending(
+        &self,
+        key: &NewKey,
+        event: &NewAuditEvent,
+        now: DateTime<Utc>,
+    ) -> Result<Pending, StoreError> {
+        match self.submit(Write::Insert { key: key.clone(), event: event.clone(), now }).await? {
+            Written::Pending(pending) => Ok(pending),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub(super) async fn activate(
+        &self,
+        activation: &Activation,
+        event: &NewAuditEvent,
+    ) -> Result<KeyRecord, StoreError> {
+        match self.submit(Write::Activate { activation: activation.clone(), event: event.clone() }).await? {
+            Written::Active(record) => Ok(*record),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub(super) async fn append(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
+        match self.submit(Write::Append { event: event.clone() }).await? {
+            Written::Appended => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+/// Commits what has queued up, batch after batch, until the queue is dropped.
+async fn commit_queued(committer: impl Committer, mut queue: mpsc::Receiver<Job>) {
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        jobs.retain(|job| !job.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let outcomes = {
+            let writes: Vec<&Write> = jobs.iter().map(|job| &job.write).collect();
+            match committer.commit_batch(&writes).await {
+                Ok(outcomes) if outcomes.len() == writes.len() => outcomes,
+                Ok(_) => writes.iter().map(|_| Err(unexpected())).collect(),
+                Err(e) if writes.len() <= 1 => vec![Err(e)],
+                Err(e) => {
+                    tracing::warn!(error = %e, writes = writes.len(), "a batch of writes failed; trying each alone");
+                    let mut outcomes = Vec::with_capacity(writes.len());
+                    for write in &writes {
+                        let outcome = match committer.commit_batch(&[write]).await {
+                            Ok(mut one) if one.len() == 1 => one.remove(0),
+                            Ok(_) => Err(unexpected()),
+                            Err(e) => Err(e),
+                        };
+                        outcomes.push(outcome);
+                    }
+                    outcomes
+                }
+            }
+        };
+        for (job, outcome) in jobs.drain(..).zip(outcomes) {
+            // A caller that has gone since is told nothing; its write stands, as it would had
+            // the answer been lost on the way.
+            let _ = job.reply.send(outcome);
+        }
+    }
+}
+
+/// A record found by its requester's `Idempotency-Key`.
+pub(super) struct Found {
+    pub record: KeyRecord,
+    pub idempotency_key: String,
+    pub request_hash: Option<String>,
+}
+
+/// A backend's statements inside a batch transaction. The set-based ones take every write of a
+/// kind at once, so a batch costs a handful of statements however many writes it holds; the
+/// `_one` ones are the general path for the rare cases the set-based ones leave.
+#[async_trait]
+pub(super) trait BatchTx: Send {
+    /// Takes the requesters' locks, if the backend needs them (several replicas).
+    async fn lock_requesters(&mut self, requesters: &[&str]) -> Result<(), StoreError>;
+    /// Records holding any of the keys' (requester, `Idempotency-Key`) pairs.
+    async fn find_idempotent(&mut self, keys: &[&NewKey]) -> Result<Vec<Found>, StoreError>;
+    /// For each insert, its requester's pending or active, unexpired records in its scope at
+    /// its `now`, in the order given.
+    async fn active_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError>;
+    /// Writes the records `pending`, in the order given.
+    async fn insert_keys(&mut self, keys: &[&NewKey]) -> Result<(), StoreError>;
+    /// Makes pending records active; returns those that were pending.
+    async fn activate_keys(
+        &mut self,
+        activations: &[(&Activation, DateTime<Utc>)],
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+    /// One insert, with every check in SQL; writes nothing unless it returns `Inserted`.
+    async fn insert_pending_one(&mut self, key: &NewKey, now: DateTime<Utc>) -> Result<Pending, StoreError>;
+    /// One activation; writes nothing unless it returns the record.
+    async fn activate_one(&mut self, activation: &Activation, at: DateTime<Utc>) -> Result<KeyRecord, StoreError>;
+    /// Appends the events, in order, to the chain.
+    async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError>;
+}
+
+/// What a batch does with one insert, decided from what the database holds.
+#[derive(Debug, PartialEq)]
+pub(super) enum InsertPlan {
+    Insert,
+    Existing {
+        record: Box<KeyRecord>,
+        same_request: bool,
+    },
+    Limit {
+        active: u64,
+    },
+    /// Applied on its own after the batch's inserts: its `Idempotency-Key` is used by an earlier
+    /// insert of the batch or is due to be freed, or an earlier insert of its requester was
+    /// deferred so.
+    OnItsOwn,
+}
+
+/// Decides each insert, in order, as if they ran one after another: `counts` are the database's
+/// counts ([`BatchTx::active_counts`]), to which the batch's earlier accepted inserts add.
+pub(super) fn plan_inserts(inserts: &[(&NewKey, DateTime<Utc>)], found: &[Found], counts: &[u64]) -> Vec<InsertPlan> {
+    let mut plans = Vec::with_capacity(inserts.len());
+    for (i, (key, now)) in inserts.iter().enumerate() {
+        let earlier = &inserts[..i];
+        let deferred_requester =
+            earlier.iter().zip(&plans).any(|((k, _), p)| k.requester == key.requester && *p == InsertPlan::OnItsOwn);
+        let reused_in_batch = key.idempotency.as_ref().is_some_and(|idem| {
+            earlier.iter().zip(&plans).any(|((k, _), p)| {
+                k.requester == key.requester
+                    && matches!(p, InsertPlan::Insert | InsertPlan::OnItsOwn)
+                    && k.idempotency.as_ref().is_some_and(|i| i.key == idem.key)
+            })
+        });
+        if deferred_requester || reused_in_batch {
+            plans.push(InsertPlan::OnItsOwn);
+            continue;
+        }
+        if let Some(idem) = &key.idempotency {
+            let seen = found.iter().find(|f| f.record.requester == key.requester && f.idempotency_key == idem.key);
+            if let Some(seen) = seen {
+                if seen.record.created_at > *now - IDEMPOTENCY_WINDOW {
+                    let same_request = seen.request_hash.as_deref() == Some(idem.request_hash.as_str());
+                    plans.push(InsertPlan::Existing { record: Box::new(seen.record.clone()), same_request });
+                } else {
+                    plans.push(InsertPlan::OnItsOwn);
+                }
+                continue;
+            }
+        }
+        let accepted = earlier
+            .iter()
+            .zip(&plans)
+            .filter(|((k, _), p)| k.requester == key.requester && k.scope == key.scope && **p == InsertPlan::Insert)
+            .count() as u64;
+        let active = counts.get(i).copied().unwrap_or(u64::MAX).saturating_add(accepted);
+        plans.push(if active < u64::from(key.max_active) { InsertPlan::Insert } else { InsertPlan::Limit { active } });
+    }
+    plans
+}
+
+/// Applies a batch's writes in `tx`: requester locks; the inserts, decided together and written
+/// in one statement; the activations in one statement; the rare cases one by one; then every
+/// event of the writes that went ahead, in one append. A database error fails the batch; a
+/// refusal (limit, state, replay) is that write's outcome, and it wrote nothing.
+pub(super) async fn apply(tx: &mut impl BatchTx, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
+    let mut outcomes: Vec<Option<Outcome>> = writes.iter().map(|_| None).collect();
+    let mut inserts = Vec::new();
+    let mut activations = Vec::new();
+    for (i, write) in writes.iter().enumerate() {
+        match write {
+            Write::Insert { key, now, .. } => inserts.push((i, (key, *now))),
+            Write::Activate { activation, event } => activations.push((i, (activation, event.occurred_at))),
+            Write::Append { .. } => outcomes[i] = Some(Ok(Written::Appended)),
+        }
+    }
+
+    if !inserts.is_empty() {
+        let pairs: Vec<(&NewKey, DateTime<Utc>)> = inserts.iter().map(|(_, p)| *p).collect();
+        let mut requesters: Vec<&str> = pairs.iter().map(|(k, _)| k.requester.as_str()).collect();
+        requesters.sort_unstable();
+        requesters.dedup();
+        tx.lock_requesters(&requesters).await?;
+        let with_keys: Vec<&NewKey> = pairs.iter().map(|(k, _)| *k).filter(|k| k.idempotency.is_some()).collect();
+        let found = if with_keys.is_empty() { Vec::new() } else { tx.find_idempotent(&with_keys).await? };
+        let counts = tx.active_counts(&pairs).await?;
+        let plans = plan_inserts(&pairs, &found, &counts);
+        let accepted: Vec<&NewKey> =
+            pairs.iter().zip(&plans).filter(|(_, p)| **p == InsertPlan::Insert).map(|((k, _), _)| *k).collect();
+        if !accepted.is_empty() {
+            tx.insert_keys(&accepted).await?;
+        }
+        let mut on_their_own = Vec::new();
+        for ((i, pair), plan) in inserts.iter().zip(plans) {
+            outcomes[*i] = match plan {
+                InsertPlan::Insert => Some(Ok(Written::Pending(Pending::Inserted))),
+                InsertPlan::Existing { record, same_request } => {
+                    Some(Ok(Written::Pending(Pending::Existing { record, same_request })))
+                }
+                InsertPlan::Limit { active } => Some(Err(StoreError::LimitReached { active })),
+                InsertPlan::OnItsOwn => {
+                    on_their_own.push((*i, *pair));
+                    None
+                }
+            };
+        }
+        for (i, (key, now)) in on_their_own {
+            outcomes[i] = Some(refusal_or_fail(tx.insert_pending_one(key, now).await)?.map(Written::Pending));
+        }
+    }
+
+    if !activations.is_empty() {
+        let pairs: Vec<(&Activation, DateTime<Utc>)> = activations.iter().map(|(_, p)| *p).collect();
+        let mut activated = tx.activate_keys(&pairs).await?;
+        for (i, (activation, at)) in activations {
+            // An id activated twice in one batch: the first gets the record, the second is told
+            // the record's state, as it would have been one after the other.
+            outcomes[i] = match activated.iter().position(|r| r.id == activation.id) {
+                Some(found) => Some(Ok(Written::Active(Box::new(activated.swap_remove(found))))),
+                None => {
+                    Some(refusal_or_fail(tx.activate_one(activation, at).await)?.map(|r| Written::Active(Box::new(r))))
+                }
+            };
+        }
+    }
+
+    let outcomes: Vec<Outcome> = outcomes.into_iter().map(|o| o.unwrap_or_else(|| Err(unexpected()))).collect();
+    let events: Vec<&NewAuditEvent> = writes
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, outcome)| outcome.as_ref().is_ok_and(Written::appends))
+        .map(|(write, _)| write.event())
+        .collect();
+    tx.append(&events).await?;
+    Ok(outcomes)
+}
+
+/// A refusal stays the write's outcome; a database error fails the batch.
+fn refusal_or_fail<T>(result: Result<T, StoreError>) -> Result<Result<T, StoreError>, StoreError> {
+    match result {
+        Err(e @ StoreError::Unavailable(_)) => Err(e),
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::audit::{Action, Outcome as EventOutcome, RequestContext};
+
+    /// Records each batch's actors; fails any batch holding a write by "poison"; holds each batch
+    /// until the test lets it go.
+    #[derive(Clone)]
+    struct Recorder {
+        batches: Arc<Mutex<Vec<Vec<String>>>>,
+        gate: Arc<Semaphore>,
+    }
+
+    impl Default for Recorder {
+        fn default() -> Self {
+            Self { batches: Arc::default(), gate: Arc::new(Semaphore::new(0)) }
+        }
+    }
+
+    #[async_trait]
+    impl Committer for Recorder {
+        async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
+            let actors: Vec<String> = writes.iter().map(|w| w.event().actor.clone()).collect();
+            self.batches.lock().unwrap().push(actors.clone());
+            self.gate.acquire().await.unwrap().forget();
+            if actors.iter().any(|a| a == "poison") {
+                return Err(StoreError::Unavailable("poisoned".to_owned()));
+            }
+            Ok(writes.iter().map(|_| Ok(Written::Appended)).collect())
+        }
+    }
+
+    fn append(queue: &Arc<WriteQueue>, actor: &str) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+        let queue = queue.clone();
+        let event = NewAuditEvent::new(
+            Utc::now(),
+            actor,
+            Action::KeyRequested,
+            EventOutcome::Success,
+            &RequestContext::default(),
+        );
+        tokio::spawn(async move { queue.append(&event).await })
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_queued_behind_a_batch_share_the_next_and_a_failure_is_retried_alone() {
+        let recorder = Recorder::default();
+        let queue = Arc::new(WriteQueue::start(recorder.clone()));
+        let first = append(&queue, "first");
+        settle().await;
+        // While "first" is being committed, three more queue up; one of them fails.
+        let queued: Vec<_> = ["b", "poison", "d"].iter().map(|a| append(&queue, a)).collect();
+        settle().await;
+        recorder.gate.add_permits(100);
+        first.await.unwrap().unwrap();
+        let mut results = Vec::new();
+        for task in queued {
+            results.push(task.await.unwrap());
+        }
+        assert!(results[0].is_ok());
+        assert!(matches!(&results[1], Err(StoreError::Unavailable(m)) if m == "poisoned"));
+        assert!(results[2].is_ok());
+        let batches = recorder.batches.lock().unwrap().clone();
+        assert_eq!(batches, [vec!["first"], vec!["b", "poison", "d"], vec!["b"], vec!["poison"], vec!["d"]]);
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_caller_has_gone_is_not_written() {
+        let recorder = Recorder::default();
+        let queue = Arc::new(WriteQueue::start(recorder.clone()));
+        let first = append(&queue, "first");
+        settle().await;
+        let gone = append(&queue, "gone");
+        let kept = append(&queue, "kept");
+        settle().await;
+        gone.abort();
+        settle().await;
+        recorder.gate.add_permits(100);
+        first.await.unwrap().unwrap();
+        kept.await.unwrap().unwrap();
+        assert_eq!(recorder.batches.lock().unwrap().clone(), [vec!["first"], vec!["kept"]]);
+    }
+
+    fn key(requester: &str, max_active: u32, idem: Option<(&str, &str)>) -> NewKey {
+        let now = Utc::now();
+        NewKey {
+            id: uuid::Uuid::new_v4(),
+            scope: "s".to_owned(),
+            requester: requester.to_owned(),
+            purpose: "p".to_owned(),
+            octopus_user_id: "Users-1".to_owned(),
+            created_at: now,
+            expires_at: now + chrono::Duration::days(1),
+            max_active,
+            idempotency: idem.map(|(k, h)| super::super::Idempotency { key: k.to_owned(), request_hash: h.to_owned() }),
+            requester_teams: Vec::new(),
+        }
+    }
+
+    fn found(k: &NewKey, created_at: DateTime<Utc>, hash: &str) -> Found {
+        let idem = k.idempotency.as_ref().unwrap();
+        Found {
+            record: KeyRecord {
+                seq: 7,
+                id: k.id,
+                scope: k.scope.clone(),
+                requester: k.requester.clone(),
+                purpose: k.purpose.clone(),
+                state: super::super::KeyState::Active,
+                octopus_user_id: k.octopus_user_id.clone(),
+                octopus_key_id: None,
+                key_hint: None,
+                created_at,
+                expires_at: k.expires_at,
+                revoked_at: None,
+            },
+            idempotency_key: idem.key.clone(),
+            request_hash: Some(hash.to_owned()),
+        }
+    }
+
+    #[test]
+    fn inserts_of_a_batch_count_against_the_limit_in_order() {
+        let now = Utc::now();
+        let (a1, a2, a3, b1) =
+            (key("alice", 3, None), key("alice", 3, None), key("alice", 3, None), key("bob", 3, None));
+        let inserts = [(&a1, now), (&b1, now), (&a2, now), (&a3, now)];
+        // Alice holds 1 already, Bob 3.
+        let plans = plan_inserts(&inserts, &[], &[1, 3, 1, 1]);
+        assert_eq!(
+            plans,
+            [InsertPlan::Insert, InsertPlan::Limit { active: 3 }, InsertPlan::Insert, InsertPlan::Limit { active: 3 }]
+        );
+    }
+
+    #[test]
+    fn a_seen_idempotency_key_replays_within_the_window_and_is_freed_on_its_own_after_it() {
+        let now = Utc::now();
+        let same = key("alice", 5, Some(("k1", "h1")));
+        let other_body = key("alice", 5, Some(("k2", "h2")));
+        let old = key("bob", 5, Some(("k1", "h1")));
+        let after_old = key("bob", 5, None);
+        let seen = [
+            found(&same, now - chrono::Duration::hours(1), "h1"),
+            found(&other_body, now - chrono::Duration::hours(1), "h1"),
+            found(&old, now - IDEMPOTENCY_WINDOW - chrono::Duration::seconds(1), "h1"),
+        ];
+        let inserts = [(&same, now), (&other_body, now), (&old, now), (&after_old, now)];
+        let plans = plan_inserts(&inserts, &seen, &[0, 0, 0, 0]);
+        assert!(matches!(&plans[0], InsertPlan::Existing { same_request: true, record } if record.id == same.id));
+        assert!(matches!(&plans[1], InsertPlan::Existing { same_request: false, .. }));
+        // Freeing the old key is a write: on its own, and Bob's later insert follows it.
+        assert_eq!(plans[2..], [InsertPlan::OnItsOwn, InsertPlan::OnItsOwn]);
+    }
+
+    #[test]
+    fn an_idempotency_key_used_twice_in_one_batch_sends_the_second_on_its_own() {
+        let now = Utc::now();
+        let first = key("alice", 5, Some(("k1", "h1")));
+        let retry = key("alice", 5, Some(("k1", "h1")));
+        let other = key("carol", 5, Some(("k1", "h1")));
+        let plans = plan_inserts(&[(&first, now), (&retry, now), (&other, now)], &[], &[0, 0, 0]);
+        assert_eq!(plans, [InsertPlan::Insert, InsertPlan::OnItsOwn, InsertPlan::Insert]);
+    }
+}
