@@ -285,6 +285,9 @@ pub(super) async fn apply(tx: &mut impl BatchTx, writes: &[&Write]) -> Result<Ve
         let with_keys: Vec<&NewKey> = pairs.iter().map(|(k, _)| *k).filter(|k| k.idempotency.is_some()).collect();
         let found = if with_keys.is_empty() { Vec::new() } else { tx.find_idempotent(&with_keys).await? };
         let counts = tx.active_counts(&pairs).await?;
+        if counts.len() != pairs.len() {
+            return Err(StoreError::Unavailable(format!("{} counts for {} inserts", counts.len(), pairs.len())));
+        }
         let plans = plan_inserts(&pairs, &found, &counts);
         let accepted: Vec<&NewKey> =
             pairs.iter().zip(&plans).filter(|(_, p)| **p == InsertPlan::Insert).map(|((k, _), _)| *k).collect();

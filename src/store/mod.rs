@@ -183,6 +183,10 @@ pub trait Store: Send + Sync + 'static {
     /// Closes the connection pool (at shutdown, after the last request).
     async fn close(&self) {}
 
+    /// The issuance path's writes (`insert_pending`, `activate`, `append_audit`) are group
+    /// committed (see `batch.rs`): the transaction below may hold other callers' writes too, and
+    /// each stays all-or-nothing.
+    ///
     /// In one transaction: looks up the requester's `Idempotency-Key` (a use within
     /// [`IDEMPOTENCY_WINDOW`] returns that record and writes nothing), checks the requester's
     /// limit (active or pending, unexpired keys in the scope), writes the record as `pending` and
