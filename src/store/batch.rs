@@ -185,7 +185,7 @@ pub(super) trait BatchTx: Send {
     async fn find_idempotent(&mut self, keys: &[&NewKey]) -> Result<Vec<Found>, StoreError>;
     /// For each insert, its requester's pending or active, unexpired records in its scope at
     /// its `now`, in the order given.
-    async fn active_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError>;
+    async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError>;
     /// Writes the records `pending`, in the order given.
     async fn insert_keys(&mut self, keys: &[&NewKey]) -> Result<(), StoreError>;
     /// Makes pending records active; returns those that were pending.
@@ -219,7 +219,7 @@ pub(super) enum InsertPlan {
 }
 
 /// Decides each insert, in order, as if they ran one after another: `counts` are the database's
-/// counts ([`BatchTx::active_counts`]), to which the batch's earlier accepted inserts add.
+/// counts ([`BatchTx::limit_counts`]), to which the batch's earlier accepted inserts add.
 pub(super) fn plan_inserts(inserts: &[(&NewKey, DateTime<Utc>)], found: &[Found], counts: &[u64]) -> Vec<InsertPlan> {
     let mut plans = Vec::with_capacity(inserts.len());
     for (i, (key, now)) in inserts.iter().enumerate() {
@@ -284,7 +284,7 @@ pub(super) async fn apply(tx: &mut impl BatchTx, writes: &[&Write]) -> Result<Ve
         tx.lock_requesters(&requesters).await?;
         let with_keys: Vec<&NewKey> = pairs.iter().map(|(k, _)| *k).filter(|k| k.idempotency.is_some()).collect();
         let found = if with_keys.is_empty() { Vec::new() } else { tx.find_idempotent(&with_keys).await? };
-        let counts = tx.active_counts(&pairs).await?;
+        let counts = tx.limit_counts(&pairs).await?;
         if counts.len() != pairs.len() {
             return Err(StoreError::Unavailable(format!("{} counts for {} inserts", counts.len(), pairs.len())));
         }

@@ -301,7 +301,7 @@ impl BatchTx for PgBatch<'_> {
             .collect()
     }
 
-    async fn active_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
+    async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
         let counts: Vec<i64> = sqlx::query_scalar(
             "SELECT (SELECT COUNT(*) FROM key_records k WHERE k.requester = c.r AND k.scope = c.s \
                      AND k.state IN ('pending', 'active') AND k.expires_at > c.n) \

@@ -414,7 +414,7 @@ impl BatchTx for SqliteBatch<'_> {
             .collect()
     }
 
-    async fn active_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
+    async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
         let rows: Vec<(&str, &str, String)> =
             inserts.iter().map(|(k, now)| (k.requester.as_str(), k.scope.as_str(), fmt_time(*now))).collect();
         let counts: Vec<i64> = sqlx::query_scalar(
