@@ -262,7 +262,6 @@ impl StoreHandle {
                 let mut tx = pool.begin().await?;
                 sqlx::query(sqlite_sql).bind(n).execute(&mut *tx).await?;
                 tx.commit().await?;
-                sqlx::query("ANALYZE").execute(&pool).await?;
                 pool.close().await;
             }
             Some((url, schema)) => {
@@ -271,6 +270,10 @@ impl StoreHandle {
                 sqlx::query(&format!("SET LOCAL search_path TO {schema}")).execute(&mut *tx).await?;
                 sqlx::query(pg_sql).bind(n).execute(&mut *tx).await?;
                 tx.commit().await?;
+                // What autovacuum would do after a bulk insert. SQLite gets no ANALYZE: keybroker
+                // never runs one, and statistics change how SQLite executes every query (with
+                // `sqlite_stat4`, a statement whose plan used a bound value is prepared again
+                // whenever that value changes).
                 sqlx::query(&format!("ANALYZE {schema}.key_records")).execute(&pool).await?;
                 sqlx::query(&format!("ANALYZE {schema}.audit_events")).execute(&pool).await?;
                 pool.close().await;
@@ -819,7 +822,13 @@ pub fn render(reports: &[BackendReport], memory: Option<&MemoryReport>) -> (Stri
         row(&mut out, "issuance via keybroker", &m.issue);
         row(&mut out, "GET /v1/me", &m.me);
         out.push_str(&format!(
-            "\nRSS idle {:.1} MB, peak (VmHWM) {:.1} MB.\n",
+            "\nRatios (keybroker / direct) at {} callers: throughput {:.3}, p50 latency ×{:.1}.\n",
+            m.issue.callers,
+            m.issue.per_sec() / m.direct.per_sec(),
+            m.issue.p50() / m.direct.p50()
+        ));
+        out.push_str(&format!(
+            "RSS idle {:.1} MB, peak (VmHWM) {:.1} MB.\n",
             m.idle_rss_kb as f64 / 1024.0,
             m.peak_rss_kb as f64 / 1024.0
         ));
