@@ -183,8 +183,10 @@ pub(super) trait BatchTx: Send {
     async fn lock_requesters(&mut self, requesters: &[&str]) -> Result<(), StoreError>;
     /// Records holding any of the keys' (requester, `Idempotency-Key`) pairs.
     async fn find_idempotent(&mut self, keys: &[&NewKey]) -> Result<Vec<Found>, StoreError>;
-    /// For each insert, its requester's pending or active, unexpired records in its scope at
-    /// its `now`, in the order given.
+    /// For each insert, in the order given: its requester's pending or active, unexpired records
+    /// in its scope at its `now`; or, where the requester's holding in the scope (`key_holdings`,
+    /// kept by triggers, which still counts records past their expiry) is below the insert's
+    /// [`exact_below`] threshold, that holding, which decides the same and costs one row.
     async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError>;
     /// Writes the records `pending`, in the order given.
     async fn insert_keys(&mut self, keys: &[&NewKey]) -> Result<(), StoreError>;
@@ -199,6 +201,19 @@ pub(super) trait BatchTx: Send {
     async fn activate_one(&mut self, activation: &Activation, at: DateTime<Utc>) -> Result<KeyRecord, StoreError>;
     /// Appends the events, in order, to the chain.
     async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError>;
+}
+
+/// For each insert, the holding below which its count need not be exact: with fewer than
+/// `max_active` minus the batch's inserts for the same requester and scope, every one of those
+/// inserts is within the limit, whether or not some held records have expired since.
+pub(super) fn exact_below(inserts: &[(&NewKey, DateTime<Utc>)]) -> Vec<i64> {
+    inserts
+        .iter()
+        .map(|(key, _)| {
+            let same = inserts.iter().filter(|(k, _)| k.requester == key.requester && k.scope == key.scope).count();
+            i64::from(key.max_active) - i64::try_from(same).unwrap_or(i64::MAX)
+        })
+        .collect()
 }
 
 /// What a batch does with one insert, decided from what the database holds.
@@ -260,9 +275,11 @@ pub(super) fn plan_inserts(inserts: &[(&NewKey, DateTime<Utc>)], found: &[Found]
     plans
 }
 
-/// Applies a batch's writes in `tx`: requester locks; the inserts, decided together and written
-/// in one statement; the activations in one statement; the rare cases one by one; then every
-/// event of the writes that went ahead, in one append. A database error fails the batch; a
+/// Applies a batch's writes in `tx`: the activations in one statement; requester locks; the
+/// inserts, decided together and written in one statement; the rare cases one by one; then every
+/// event of the writes that went ahead, in one append. Activations come first so that the locks
+/// are taken in the order every other writer takes them: key rows, then the holdings that
+/// inserts update, then the chain. A database error fails the batch; a
 /// refusal (limit, state, replay) is that write's outcome, and it wrote nothing.
 pub(super) async fn apply(tx: &mut impl BatchTx, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
     let mut outcomes: Vec<Option<Outcome>> = writes.iter().map(|_| None).collect();
@@ -273,6 +290,21 @@ pub(super) async fn apply(tx: &mut impl BatchTx, writes: &[&Write]) -> Result<Ve
             Write::Insert { key, now, .. } => inserts.push((i, (key, *now))),
             Write::Activate { activation, event } => activations.push((i, (activation, event.occurred_at))),
             Write::Append { .. } => outcomes[i] = Some(Ok(Written::Appended)),
+        }
+    }
+
+    if !activations.is_empty() {
+        let pairs: Vec<(&Activation, DateTime<Utc>)> = activations.iter().map(|(_, p)| *p).collect();
+        let mut activated = tx.activate_keys(&pairs).await?;
+        for (i, (activation, at)) in activations {
+            // An id activated twice in one batch: the first gets the record, the second is told
+            // the record's state, as it would have been one after the other.
+            outcomes[i] = match activated.iter().position(|r| r.id == activation.id) {
+                Some(found) => Some(Ok(Written::Active(Box::new(activated.swap_remove(found))))),
+                None => {
+                    Some(refusal_or_fail(tx.activate_one(activation, at).await)?.map(|r| Written::Active(Box::new(r))))
+                }
+            };
         }
     }
 
@@ -310,21 +342,6 @@ pub(super) async fn apply(tx: &mut impl BatchTx, writes: &[&Write]) -> Result<Ve
         }
         for (i, (key, now)) in on_their_own {
             outcomes[i] = Some(refusal_or_fail(tx.insert_pending_one(key, now).await)?.map(Written::Pending));
-        }
-    }
-
-    if !activations.is_empty() {
-        let pairs: Vec<(&Activation, DateTime<Utc>)> = activations.iter().map(|(_, p)| *p).collect();
-        let mut activated = tx.activate_keys(&pairs).await?;
-        for (i, (activation, at)) in activations {
-            // An id activated twice in one batch: the first gets the record, the second is told
-            // the record's state, as it would have been one after the other.
-            outcomes[i] = match activated.iter().position(|r| r.id == activation.id) {
-                Some(found) => Some(Ok(Written::Active(Box::new(activated.swap_remove(found))))),
-                None => {
-                    Some(refusal_or_fail(tx.activate_one(activation, at).await)?.map(|r| Written::Active(Box::new(r))))
-                }
-            };
         }
     }
 
@@ -476,6 +493,18 @@ mod tests {
             idempotency_key: idem.key.clone(),
             request_hash: Some(hash.to_owned()),
         }
+    }
+
+    #[test]
+    fn the_holding_decides_alone_only_below_the_limit_less_the_batch_own_inserts() {
+        let now = Utc::now();
+        let (a1, a2, b1, a_other) = (key("alice", 5, None), key("alice", 5, None), key("bob", 3, None), {
+            let mut k = key("alice", 5, None);
+            k.scope = "t".to_owned();
+            k
+        });
+        let below = exact_below(&[(&a1, now), (&b1, now), (&a2, now), (&a_other, now)]);
+        assert_eq!(below, [3, 2, 3, 4]);
     }
 
     #[test]

@@ -254,8 +254,9 @@ impl Committer for PgCommitter {
     }
 }
 
-/// A batch transaction on PostgreSQL. Its lock order is requester locks (all at once, in one
-/// order, so two batches cannot deadlock on them), row locks, then the chain lock.
+/// A batch transaction on PostgreSQL. Its lock order is the rows it activates, requester locks
+/// (all at once, in one order, so two batches cannot deadlock on them), the `key_holdings` rows
+/// its inserts update, then the chain lock; other writers take key rows, holdings, chain.
 struct PgBatch<'a> {
     tx: &'a mut Transaction<'static, Postgres>,
     head: &'a Mutex<Option<String>>,
@@ -303,14 +304,18 @@ impl BatchTx for PgBatch<'_> {
 
     async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
         let counts: Vec<i64> = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM key_records k WHERE k.requester = c.r AND k.scope = c.s \
-                     AND k.state IN ('pending', 'active') AND k.expires_at > c.n) \
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[]) WITH ORDINALITY AS c(r, s, n, ord) \
+            "SELECT CASE WHEN COALESCE(h.held, 0) < c.below THEN COALESCE(h.held, 0) \
+                    ELSE (SELECT COUNT(*) FROM key_records k WHERE k.requester = c.r AND k.scope = c.s \
+                          AND k.state IN ('pending', 'active') AND k.expires_at > c.n) END \
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) \
+                  WITH ORDINALITY AS c(r, s, n, below, ord) \
+             LEFT JOIN key_holdings h ON h.requester = c.r AND h.scope = c.s \
              ORDER BY c.ord",
         )
         .bind(inserts.iter().map(|(k, _)| k.requester.as_str()).collect::<Vec<_>>())
         .bind(inserts.iter().map(|(k, _)| k.scope.as_str()).collect::<Vec<_>>())
         .bind(inserts.iter().map(|(_, now)| *now).collect::<Vec<_>>())
+        .bind(batch::exact_below(inserts))
         .fetch_all(&mut **self.tx)
         .await
         .map_err(db_err)?;

@@ -415,13 +415,21 @@ impl BatchTx for SqliteBatch<'_> {
     }
 
     async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
-        let rows: Vec<(&str, &str, String)> =
-            inserts.iter().map(|(k, now)| (k.requester.as_str(), k.scope.as_str(), fmt_time(*now))).collect();
+        let rows: Vec<(&str, &str, String, i64)> = inserts
+            .iter()
+            .zip(batch::exact_below(inserts))
+            .map(|((k, now), below)| (k.requester.as_str(), k.scope.as_str(), fmt_time(*now), below))
+            .collect();
         let counts: Vec<i64> = sqlx::query_scalar(
-            "SELECT (SELECT COUNT(*) FROM key_records WHERE requester = c.value ->> '$[0]' \
-                     AND scope = c.value ->> '$[1]' AND state IN ('pending', 'active') \
-                     AND expires_at > c.value ->> '$[2]') \
-             FROM json_each(?) AS c ORDER BY c.key",
+            "SELECT CASE WHEN c.held < c.below THEN c.held \
+                    ELSE (SELECT COUNT(*) FROM key_records WHERE requester = c.r AND scope = c.s \
+                          AND state IN ('pending', 'active') AND expires_at > c.n) END \
+             FROM (SELECT j.key AS ord, j.value ->> '$[0]' AS r, j.value ->> '$[1]' AS s, \
+                          j.value ->> '$[2]' AS n, j.value ->> '$[3]' AS below, \
+                          COALESCE((SELECT held FROM key_holdings \
+                                    WHERE requester = j.value ->> '$[0]' AND scope = j.value ->> '$[1]'), 0) AS held \
+                   FROM json_each(?) AS j) AS c \
+             ORDER BY c.ord",
         )
         .bind(to_json(&rows)?)
         .fetch_all(&mut **self.tx)

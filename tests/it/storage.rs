@@ -131,6 +131,51 @@ async fn the_active_limit_counts_pending_and_active_unexpired_keys() {
     }
 }
 
+/// The limit check reads each requester's holding (kept by triggers) and counts exactly only near
+/// the limit: every way out of `pending`/`active` frees a slot, and records past their expiry,
+/// which the holding still counts, do not hold one.
+#[tokio::test]
+async fn the_limit_follows_every_state_change_and_time_past_expiry() {
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let insert = |key: NewKey, at: DateTime<Utc>| {
+            let store = store.clone();
+            async move {
+                let requested = event("alice", Action::KeyRequested, Some(key.id));
+                store.insert_pending(&key, &requested, at).await.map(|_| key.id)
+            }
+        };
+        let refused = |result: Result<Uuid, StoreError>| matches!(result, Err(StoreError::LimitReached { active: 3 }));
+        let a = insert(new_key("alice", "s", now, 3), now).await.unwrap();
+        let b = insert(new_key("alice", "s", now, 3), now).await.unwrap();
+        let c = insert(new_key("alice", "s", now, 3), now).await.unwrap();
+        store.activate(&activation(a, 901), &event("alice", Action::KeyIssued, Some(a))).await.unwrap();
+        store.activate(&activation(b, 902), &event("alice", Action::KeyIssued, Some(b))).await.unwrap();
+        assert!(refused(insert(new_key("alice", "s", now, 3), now).await), "{name}: three held");
+
+        store.mark_revoked(a, now, &event("alice", Action::KeyRevoked, Some(a))).await.unwrap();
+        insert(new_key("alice", "s", now, 3), now).await.expect("a revocation frees a slot");
+        assert!(refused(insert(new_key("alice", "s", now, 3), now).await), "{name}");
+        assert!(store.mark_expired(b, &event("alice", Action::KeyExpired, Some(b))).await.unwrap(), "{name}");
+        insert(new_key("alice", "s", now, 3), now).await.expect("an expiry frees a slot");
+        assert!(refused(insert(new_key("alice", "s", now, 3), now).await), "{name}");
+        store.mark_failed(c, &event("alice", Action::KeyIssueFailed, Some(c))).await.unwrap();
+        insert(new_key("alice", "s", now, 3), now).await.expect("a failure frees a slot");
+        assert!(refused(insert(new_key("alice", "s", now, 3), now).await), "{name}");
+
+        // Two days on, the three held records are past their expiry without being marked so:
+        // three simultaneous inserts all go ahead, and a fourth is refused.
+        let later = now + Duration::days(2);
+        let together: Vec<_> = (0..3).map(|_| tokio::spawn(insert(new_key("alice", "s", later, 3), later))).collect();
+        for task in together {
+            task.await.unwrap().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert!(refused(insert(new_key("alice", "s", later, 3), later).await), "{name}");
+        // Bob's holding is his own.
+        insert(new_key("bob", "s", later, 3), later).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
 #[tokio::test]
 async fn listing_filters_by_requester_scope_and_effective_state_and_pages_by_cursor() {
     for (name, store, _guard) in backends().await {
