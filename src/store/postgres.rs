@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Acquire, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
@@ -40,6 +41,8 @@ pub struct PgStore {
     head: Arc<Mutex<Option<String>>>,
     /// The issuance path's writes, committed in batches.
     writes: WriteQueue,
+    /// The connection the batches run on.
+    committing: HeldConnection,
 }
 
 fn db_err(e: sqlx::Error) -> StoreError {
@@ -65,8 +68,10 @@ impl PgStore {
             .await
             .map_err(db_err)?;
         let head: Arc<Mutex<Option<String>>> = Arc::default();
-        let writes = WriteQueue::start(PgCommitter { pool: pool.clone(), head: head.clone() });
-        Ok(Self { pool, head, writes })
+        let committing = HeldConnection::default();
+        let writes =
+            WriteQueue::start(PgCommitter { pool: pool.clone(), head: head.clone(), conn: committing.clone() });
+        Ok(Self { pool, head, writes, committing })
     }
 
     async fn write_tx(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
@@ -78,7 +83,7 @@ impl PgStore {
 /// the cached head is still the chain's last hash, so the usual append is two statements (lock,
 /// insert) however many events there are; a stale hint costs one read and a second try.
 async fn append_in(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut Transaction<'_, Postgres>,
     head: &Mutex<Option<String>>,
     events: &[&NewAuditEvent],
 ) -> Result<(), StoreError> {
@@ -122,7 +127,7 @@ fn forget(head: &Mutex<Option<String>>) {
 /// Inserts `events` chained after `prev`, in one statement, if `prev` is the chain's last hash:
 /// the new last hash, or `None` (nothing written) if `prev` is not the last hash.
 async fn insert_events(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut Transaction<'_, Postgres>,
     events: &[&NewAuditEvent],
     prev: &str,
 ) -> Result<Option<String>, StoreError> {
@@ -219,7 +224,7 @@ fn audit_from_row(row: &PgRow) -> Result<AuditRecord, StoreError> {
     })
 }
 
-async fn key_in(tx: &mut Transaction<'static, Postgres>, id: Uuid) -> Result<KeyRecord, StoreError> {
+async fn key_in(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<KeyRecord, StoreError> {
     let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1 FOR UPDATE"))
         .bind(id)
         .fetch_optional(&mut **tx)
@@ -233,21 +238,63 @@ async fn key_in(tx: &mut Transaction<'static, Postgres>, id: Uuid) -> Result<Key
 struct PgCommitter {
     pool: PgPool,
     head: Arc<Mutex<Option<String>>>,
+    /// The connection batches run on, kept from one batch to the next: taking one from the pool
+    /// costs a round trip (the pool pings it first). After any failure it is closed, so the
+    /// next batch (or the retry of each write alone) starts on a fresh, pinged connection.
+    conn: HeldConnection,
 }
 
-#[async_trait]
-impl Committer for PgCommitter {
-    async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+/// The committer's connection between batches; the store closes it before the pool, whose
+/// `close` waits for every connection to come back.
+type HeldConnection = Arc<tokio::sync::Mutex<Option<PoolConnection<Postgres>>>>;
+
+impl PgCommitter {
+    /// Runs the batch on `conn`. `Err((false, _))` means the transaction did not even begin, so
+    /// nothing was sent that could have taken effect.
+    async fn run(
+        &self,
+        conn: &mut PoolConnection<Postgres>,
+        writes: &[&Write],
+    ) -> Result<Vec<Outcome>, (bool, StoreError)> {
+        let mut tx = conn.begin().await.map_err(|e| (false, db_err(e)))?;
         match batch::apply(&mut PgBatch { tx: &mut tx, head: &self.head }, writes).await {
             Ok(outcomes) => {
-                tx.commit().await.map_err(db_err)?;
+                tx.commit().await.map_err(|e| (true, db_err(e)))?;
                 Ok(outcomes)
             }
             Err(e) => {
                 // The head may name an event that is being rolled back.
                 forget(&self.head);
-                tx.rollback().await.map_err(db_err)?;
+                tx.rollback().await.map_err(|e| (true, db_err(e)))?;
+                Err((true, e))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Committer for PgCommitter {
+    async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
+        let mut held = self.conn.lock().await;
+        let (mut conn, kept) = match held.take() {
+            Some(conn) => (conn, true),
+            None => (self.pool.acquire().await.map_err(db_err)?, false),
+        };
+        let mut result = self.run(&mut conn, writes).await;
+        if kept && matches!(result, Err((false, _))) {
+            // The kept connection died since the last batch (a restart, an idle timeout) and
+            // nothing was done: the batch runs again on a fresh connection from the pool.
+            conn.close_on_drop();
+            conn = self.pool.acquire().await.map_err(db_err)?;
+            result = self.run(&mut conn, writes).await;
+        }
+        match result {
+            Ok(outcomes) => {
+                *held = Some(conn);
+                Ok(outcomes)
+            }
+            Err((_, e)) => {
+                conn.close_on_drop();
                 Err(e)
             }
         }
@@ -257,13 +304,13 @@ impl Committer for PgCommitter {
 /// A batch transaction on PostgreSQL. Its lock order is the rows it activates, requester locks
 /// (all at once, in one order, so two batches cannot deadlock on them), the `key_holdings` rows
 /// its inserts update, then the chain lock; other writers take key rows, holdings, chain.
-struct PgBatch<'a> {
-    tx: &'a mut Transaction<'static, Postgres>,
+struct PgBatch<'a, 'c> {
+    tx: &'a mut Transaction<'c, Postgres>,
     head: &'a Mutex<Option<String>>,
 }
 
 #[async_trait]
-impl BatchTx for PgBatch<'_> {
+impl BatchTx for PgBatch<'_, '_> {
     async fn lock_requesters(&mut self, requesters: &[&str]) -> Result<(), StoreError> {
         // One lock per requester covers both the limit and the idempotency key; the statements
         // after it take their snapshots once it is granted.
@@ -398,7 +445,7 @@ impl BatchTx for PgBatch<'_> {
 /// Looks up the requester's `Idempotency-Key`, checks the limit and writes the record `pending`,
 /// under the requester's lock (taken by the batch). Writes nothing unless it returns `Pending::Inserted`.
 async fn insert_pending_in(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut Transaction<'_, Postgres>,
     key: &NewKey,
     now: DateTime<Utc>,
 ) -> Result<Pending, StoreError> {
@@ -461,11 +508,7 @@ async fn insert_pending_in(
 }
 
 /// The requester's pending or active, unexpired records in the key's scope.
-async fn active_count(
-    tx: &mut Transaction<'static, Postgres>,
-    key: &NewKey,
-    now: DateTime<Utc>,
-) -> Result<u64, StoreError> {
+async fn active_count(tx: &mut Transaction<'_, Postgres>, key: &NewKey, now: DateTime<Utc>) -> Result<u64, StoreError> {
     let active: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM key_records WHERE requester = $1 AND scope = $2 \
          AND state IN ('pending', 'active') AND expires_at > $3",
@@ -481,7 +524,7 @@ async fn active_count(
 
 /// Makes a pending record active; writes nothing unless it returns the record.
 async fn activate_in(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut Transaction<'_, Postgres>,
     a: &Activation,
     at: DateTime<Utc>,
 ) -> Result<KeyRecord, StoreError> {
@@ -517,6 +560,7 @@ impl Store for PgStore {
     }
 
     async fn close(&self) {
+        drop(self.committing.lock().await.take());
         self.pool.close().await;
     }
 

@@ -587,3 +587,41 @@ async fn the_outbox_holds_each_notice_once_and_tracks_attempts() {
         assert!(store.due_deliveries(now + Duration::days(3), 10).await.unwrap().is_empty(), "{name}");
     }
 }
+
+/// PostgreSQL's batches keep their connection from one batch to the next (no pool ping each
+/// time). When the server drops it in between (a restart, an idle timeout), the next write must
+/// still succeed, on a fresh connection. The test has a database of its own, so that it drops
+/// no other test's connections.
+#[tokio::test]
+async fn postgres_writes_go_on_when_the_server_drops_the_batch_connection() {
+    let Some(url) = crate::helpers::postgres_url() else { return };
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    let db = format!("kb_drop_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.unwrap();
+    let (base, _) = url.rsplit_once('/').expect("a database URL ends with /<database>");
+    let store: Arc<dyn Store> = Arc::new(keybroker::store::PgStore::connect(&format!("{base}/{db}")).await.unwrap());
+    store.migrate().await.unwrap();
+
+    let now = Utc::now();
+    for round in 0..3 {
+        let key = new_key("alice", "s", now, 5);
+        store.insert_pending(&key, &event("alice", Action::KeyRequested, Some(key.id)), now).await.unwrap();
+        let dropped: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&db)
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        assert!(!dropped.is_empty(), "round {round}: the store's connections were not found");
+        // The server's goodbye must have reached the dropped connection before the next write.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let key = new_key("alice", "s", now, 5);
+    store.insert_pending(&key, &event("alice", Action::KeyRequested, Some(key.id)), now).await.unwrap();
+    assert_eq!(verify(&store).await, 4);
+
+    store.close().await;
+    sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&admin).await.unwrap();
+    admin.close().await;
+}
