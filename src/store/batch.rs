@@ -186,7 +186,8 @@ pub(super) trait BatchTx: Send {
     /// For each insert, in the order given: its requester's pending or active, unexpired records
     /// in its scope at its `now`; or, where the requester's holding in the scope (`key_holdings`,
     /// kept by triggers, which still counts records past their expiry) is below the insert's
-    /// [`exact_below`] threshold, that holding, which decides the same and costs one row.
+    /// [`exact_below`] threshold, that holding, which decides the same and costs one row. A
+    /// negative holding (only a hand edit of the table could make one) is never trusted.
     async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError>;
     /// Writes the records `pending`, in the order given.
     async fn insert_keys(&mut self, keys: &[&NewKey]) -> Result<(), StoreError>;

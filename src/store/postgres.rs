@@ -351,7 +351,7 @@ impl BatchTx for PgBatch<'_, '_> {
 
     async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
         let counts: Vec<i64> = sqlx::query_scalar(
-            "SELECT CASE WHEN COALESCE(h.held, 0) < c.below THEN COALESCE(h.held, 0) \
+            "SELECT CASE WHEN COALESCE(h.held, 0) BETWEEN 0 AND c.below - 1 THEN COALESCE(h.held, 0) \
                     ELSE (SELECT COUNT(*) FROM key_records k WHERE k.requester = c.r AND k.scope = c.s \
                           AND k.state IN ('pending', 'active') AND k.expires_at > c.n) END \
              FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) \

@@ -421,7 +421,7 @@ impl BatchTx for SqliteBatch<'_> {
             .map(|((k, now), below)| (k.requester.as_str(), k.scope.as_str(), fmt_time(*now), below))
             .collect();
         let counts: Vec<i64> = sqlx::query_scalar(
-            "SELECT CASE WHEN c.held < c.below THEN c.held \
+            "SELECT CASE WHEN c.held >= 0 AND c.held < c.below THEN c.held \
                     ELSE (SELECT COUNT(*) FROM key_records WHERE requester = c.r AND scope = c.s \
                           AND state IN ('pending', 'active') AND expires_at > c.n) END \
              FROM (SELECT j.key AS ord, j.value ->> '$[0]' AS r, j.value ->> '$[1]' AS s, \
