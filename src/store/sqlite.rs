@@ -661,8 +661,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
-        let page: String =
-            list_keys_query(filter, page).build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new("");
+        push_list_keys(&mut qb, filter, page);
+        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
         keys_from_json(&page)
     }
 
@@ -963,12 +964,6 @@ impl Store for SqliteStore {
 /// records in that state; when the page is one requester's or one scope's, the state and expiry
 /// terms are marked with unary `+` so that the `(requester, seq)` or `(scope, seq)` index serves
 /// the filter and the order, and a page reads about as many rows as it returns.
-fn list_keys_query(filter: &KeyFilter, page: PageRequest) -> sqlx::QueryBuilder<'static, Sqlite> {
-    let mut qb = sqlx::QueryBuilder::<Sqlite>::new("");
-    push_list_keys(&mut qb, filter, page);
-    qb
-}
-
 fn push_list_keys(qb: &mut sqlx::QueryBuilder<'static, Sqlite>, filter: &KeyFilter, page: PageRequest) {
     let plus = if filter.requester.is_some() || filter.scope.is_some() { "+" } else { "" };
     qb.push(format!(
@@ -1050,6 +1045,16 @@ mod tests {
 
     const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
 
+    const PAGE: PageRequest = PageRequest { before_seq: Some(100), limit: 50 };
+
+    /// SQLite's plan for the query `push` builds, one step per `; `.
+    async fn plan(store: &SqliteStore, push: impl FnOnce(&mut sqlx::QueryBuilder<'static, Sqlite>)) -> String {
+        let mut qb = sqlx::QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
+        push(&mut qb);
+        let rows = qb.build().fetch_all(&store.pool).await.unwrap();
+        rows.iter().map(|row| row.get::<String, _>("detail")).collect::<Vec<_>>().join("; ")
+    }
+
     /// keybroker runs no `ANALYZE`, so these plans are what every database gets: one requester's
     /// or one scope's page, whatever its state filter, is read through that requester's or
     /// scope's index, in order, and not through every record in the state.
@@ -1070,17 +1075,7 @@ mod tests {
                     now: Some(Utc::now()),
                     team: None,
                 };
-                let mut qb = sqlx::QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
-                push_list_keys(&mut qb, &filter, PageRequest { before_seq: Some(100), limit: 50 });
-                let plan: Vec<String> = qb
-                    .build()
-                    .fetch_all(&store.pool)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|row| row.get::<String, _>("detail"))
-                    .collect();
-                let plan = plan.join("; ");
+                let plan = plan(&store, |qb| push_list_keys(qb, &filter, PAGE)).await;
                 assert!(plan.contains(&format!("USING INDEX {index} ")), "{state:?} {requester:?} {scope:?}: {plan}");
                 assert!(!plan.contains("TEMP B-TREE FOR ORDER BY"), "{state:?} {requester:?} {scope:?}: {plan}");
             }
@@ -1111,17 +1106,7 @@ mod tests {
             ),
         ];
         for (filter, index) in filters {
-            let mut qb = sqlx::QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
-            push_list_audit(&mut qb, &filter, PageRequest { before_seq: Some(100), limit: 50 });
-            let plan: Vec<String> = qb
-                .build()
-                .fetch_all(&store.pool)
-                .await
-                .unwrap()
-                .iter()
-                .map(|row| row.get::<String, _>("detail"))
-                .collect();
-            let plan = plan.join("; ");
+            let plan = plan(&store, |qb| push_list_audit(qb, &filter, PAGE)).await;
             assert!(plan.contains(&format!("USING INDEX {index} ")), "{filter:?}: {plan}");
         }
     }
