@@ -18,8 +18,9 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
-use super::{Activation, IDEMPOTENCY_WINDOW, KeyRecord, NewKey, Pending, StoreError};
+use super::{Activation, IDEMPOTENCY_WINDOW, Idempotency, KeyRecord, NewKey, Pending, StoreError};
 use crate::audit::NewAuditEvent;
 
 /// The most writes one transaction takes.
@@ -175,8 +176,8 @@ pub(super) struct Found {
 }
 
 /// A backend's statements inside a batch transaction. The set-based ones take every write of a
-/// kind at once, so a batch costs a handful of statements however many writes it holds; the
-/// `_one` ones are the general path for the rare cases the set-based ones leave.
+/// kind at once, so a batch costs a handful of statements however many writes it holds; the rare
+/// cases they leave go one at a time (`activate_one`, and [`insert_one`], built on these).
 #[async_trait]
 pub(super) trait BatchTx: Send {
     /// Takes the requesters' locks, if the backend needs them (several replicas).
@@ -196,8 +197,8 @@ pub(super) trait BatchTx: Send {
         &mut self,
         activations: &[(&Activation, DateTime<Utc>)],
     ) -> Result<Vec<KeyRecord>, StoreError>;
-    /// One insert, with every check in SQL; writes nothing unless it returns `Inserted`.
-    async fn insert_pending_one(&mut self, key: &NewKey, now: DateTime<Utc>) -> Result<Pending, StoreError>;
+    /// Lets a record's `Idempotency-Key` be used afresh (it is past the window).
+    async fn free_idempotency_key(&mut self, id: Uuid) -> Result<(), StoreError>;
     /// One activation; writes nothing unless it returns the record.
     async fn activate_one(&mut self, activation: &Activation, at: DateTime<Utc>) -> Result<KeyRecord, StoreError>;
     /// Appends the events, in order, to the chain.
@@ -234,6 +235,41 @@ pub(super) enum InsertPlan {
     OnItsOwn,
 }
 
+/// What a record already holding an insert's `Idempotency-Key` makes of it: within the window, a
+/// replay of that record (of the same request or not); past it, nothing (the key may be reused).
+fn replay(seen: &Found, idem: &Idempotency, now: DateTime<Utc>) -> Option<(Box<KeyRecord>, bool)> {
+    let same_request = seen.request_hash.as_deref() == Some(idem.request_hash.as_str());
+    (seen.record.created_at > now - IDEMPOTENCY_WINDOW).then(|| (Box::new(seen.record.clone()), same_request))
+}
+
+/// One insert on its own, in the batch's transaction and after the requester's lock: the path for
+/// what [`plan_inserts`] leaves (an `Idempotency-Key` used twice in one batch, or one due to be
+/// freed). The batch's earlier inserts are written by then, so they count. Writes nothing unless
+/// it returns `Inserted`.
+async fn insert_one(tx: &mut impl BatchTx, key: &NewKey, now: DateTime<Utc>) -> Result<Pending, StoreError> {
+    let mut to_free = None;
+    if let Some(idem) = &key.idempotency {
+        let found = tx.find_idempotent(&[key]).await?;
+        if let Some(seen) = found.iter().find(|f| f.record.requester == key.requester && f.idempotency_key == idem.key)
+        {
+            if let Some((record, same_request)) = replay(seen, idem, now) {
+                return Ok(Pending::Existing { record, same_request });
+            }
+            to_free = Some(seen.record.id);
+        }
+    }
+    // Below its threshold the holding stands in for the count; at or above it the count is exact.
+    let active = tx.limit_counts(&[(key, now)]).await?.first().copied().unwrap_or(u64::MAX);
+    if active >= u64::from(key.max_active) {
+        return Err(StoreError::LimitReached { active });
+    }
+    if let Some(id) = to_free {
+        tx.free_idempotency_key(id).await?;
+    }
+    tx.insert_keys(&[key]).await?;
+    Ok(Pending::Inserted)
+}
+
 /// Decides each insert, in order, as if they ran one after another: `counts` are the database's
 /// counts ([`BatchTx::limit_counts`]), to which the batch's earlier accepted inserts add.
 pub(super) fn plan_inserts(inserts: &[(&NewKey, DateTime<Utc>)], found: &[Found], counts: &[u64]) -> Vec<InsertPlan> {
@@ -256,12 +292,10 @@ pub(super) fn plan_inserts(inserts: &[(&NewKey, DateTime<Utc>)], found: &[Found]
         if let Some(idem) = &key.idempotency {
             let seen = found.iter().find(|f| f.record.requester == key.requester && f.idempotency_key == idem.key);
             if let Some(seen) = seen {
-                if seen.record.created_at > *now - IDEMPOTENCY_WINDOW {
-                    let same_request = seen.request_hash.as_deref() == Some(idem.request_hash.as_str());
-                    plans.push(InsertPlan::Existing { record: Box::new(seen.record.clone()), same_request });
-                } else {
-                    plans.push(InsertPlan::OnItsOwn);
-                }
+                plans.push(match replay(seen, idem, *now) {
+                    Some((record, same_request)) => InsertPlan::Existing { record, same_request },
+                    None => InsertPlan::OnItsOwn,
+                });
                 continue;
             }
         }
@@ -342,7 +376,7 @@ pub(super) async fn apply(tx: &mut impl BatchTx, writes: &[&Write]) -> Result<Ve
             };
         }
         for (i, (key, now)) in on_their_own {
-            outcomes[i] = Some(refusal_or_fail(tx.insert_pending_one(key, now).await)?.map(Written::Pending));
+            outcomes[i] = Some(refusal_or_fail(insert_one(tx, key, now).await)?.map(Written::Pending));
         }
     }
 

@@ -24,8 +24,8 @@ use uuid::Uuid;
 
 use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
 use super::{
-    Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, IDEMPOTENCY_WINDOW, KeyFilter, KeyRecord,
-    KeyState, NewDelivery, NewKey, PageRequest, Pending, Store, StoreError,
+    Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
+    NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
 
@@ -429,8 +429,13 @@ impl BatchTx for PgBatch<'_, '_> {
         rows.iter().map(key_from_row).collect()
     }
 
-    async fn insert_pending_one(&mut self, key: &NewKey, now: DateTime<Utc>) -> Result<Pending, StoreError> {
-        insert_pending_in(self.tx, key, now).await
+    async fn free_idempotency_key(&mut self, id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = $1")
+            .bind(id)
+            .execute(&mut **self.tx)
+            .await
+            .map_err(db_err)?;
+        Ok(())
     }
 
     async fn activate_one(&mut self, activation: &Activation, at: DateTime<Utc>) -> Result<KeyRecord, StoreError> {
@@ -440,86 +445,6 @@ impl BatchTx for PgBatch<'_, '_> {
     async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError> {
         append_in(self.tx, self.head, events).await
     }
-}
-
-/// Looks up the requester's `Idempotency-Key`, checks the limit and writes the record `pending`,
-/// under the requester's lock (taken by the batch). Writes nothing unless it returns `Pending::Inserted`.
-async fn insert_pending_in(
-    tx: &mut Transaction<'_, Postgres>,
-    key: &NewKey,
-    now: DateTime<Utc>,
-) -> Result<Pending, StoreError> {
-    if let Some(idem) = &key.idempotency {
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS}, request_hash FROM key_records WHERE requester = $1 AND idempotency_key = $2"
-        ))
-        .bind(&key.requester)
-        .bind(&idem.key)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db_err)?;
-        if let Some(row) = row {
-            let record = key_from_row(&row)?;
-            if record.created_at > now - IDEMPOTENCY_WINDOW {
-                let hash: Option<String> = row.try_get("request_hash").map_err(db_err)?;
-                let same_request = hash.as_deref() == Some(idem.request_hash.as_str());
-                return Ok(Pending::Existing { record: Box::new(record), same_request });
-            }
-            // Remembered long enough: the key may be used afresh, if the limit allows a new record.
-            let active = active_count(tx, key, now).await?;
-            if active >= u64::from(key.max_active) {
-                return Err(StoreError::LimitReached { active });
-            }
-            sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = $1")
-                .bind(record.id)
-                .execute(&mut **tx)
-                .await
-                .map_err(db_err)?;
-        }
-    }
-    // The limit is checked inside the INSERT (its snapshot is taken after the requester's lock).
-    let inserted = sqlx::query(
-        "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, expires_at, \
-         updated_at, idempotency_key, request_hash, requester_teams) \
-         SELECT $1, $2, $3, $4, 'pending', $5, $6, $7, $6, $8, $9, $10 \
-         WHERE (SELECT COUNT(*) FROM key_records WHERE requester = $3 AND scope = $2 \
-                AND state IN ('pending', 'active') AND expires_at > $11) < $12",
-    )
-    .bind(key.id)
-    .bind(&key.scope)
-    .bind(&key.requester)
-    .bind(&key.purpose)
-    .bind(&key.octopus_user_id)
-    .bind(store_precision(key.created_at))
-    .bind(store_precision(key.expires_at))
-    .bind(key.idempotency.as_ref().map(|i| i.key.clone()))
-    .bind(key.idempotency.as_ref().map(|i| i.request_hash.clone()))
-    .bind(sqlx::types::Json(&key.requester_teams))
-    .bind(now)
-    .bind(i64::from(key.max_active))
-    .execute(&mut **tx)
-    .await
-    .map_err(db_err)?
-    .rows_affected();
-    if inserted == 0 {
-        return Err(StoreError::LimitReached { active: active_count(tx, key, now).await? });
-    }
-    Ok(Pending::Inserted)
-}
-
-/// The requester's pending or active, unexpired records in the key's scope.
-async fn active_count(tx: &mut Transaction<'_, Postgres>, key: &NewKey, now: DateTime<Utc>) -> Result<u64, StoreError> {
-    let active: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM key_records WHERE requester = $1 AND scope = $2 \
-         AND state IN ('pending', 'active') AND expires_at > $3",
-    )
-    .bind(&key.requester)
-    .bind(&key.scope)
-    .bind(now)
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(db_err)?;
-    Ok(u64::try_from(active).unwrap_or_default())
 }
 
 /// Makes a pending record active; writes nothing unless it returns the record.
