@@ -177,7 +177,7 @@ pub(super) struct Found {
 
 /// A backend's statements inside a batch transaction. The set-based ones take every write of a
 /// kind at once, so a batch costs a handful of statements however many writes it holds; the rare
-/// cases they leave go one at a time (`activate_one`, and [`insert_one`], built on these).
+/// cases they leave go one at a time ([`insert_one`], [`activate_one`]), built on these.
 #[async_trait]
 pub(super) trait BatchTx: Send {
     /// Takes the requesters' locks, if the backend needs them (several replicas).
@@ -199,8 +199,8 @@ pub(super) trait BatchTx: Send {
     ) -> Result<Vec<KeyRecord>, StoreError>;
     /// Lets a record's `Idempotency-Key` be used afresh (it is past the window).
     async fn free_idempotency_key(&mut self, id: Uuid) -> Result<(), StoreError>;
-    /// One activation; writes nothing unless it returns the record.
-    async fn activate_one(&mut self, activation: &Activation, at: DateTime<Utc>) -> Result<KeyRecord, StoreError>;
+    /// A record, locked for the rest of the transaction; `NotFound` if there is none.
+    async fn key(&mut self, id: Uuid) -> Result<KeyRecord, StoreError>;
     /// Appends the events, in order, to the chain.
     async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError>;
 }
@@ -270,6 +270,22 @@ async fn insert_one(tx: &mut impl BatchTx, key: &NewKey, now: DateTime<Utc>) -> 
     Ok(Pending::Inserted)
 }
 
+/// One activation on its own (an id activated twice in one batch, or one not pending): writes
+/// nothing unless it returns the record.
+async fn activate_one(
+    tx: &mut impl BatchTx,
+    activation: &Activation,
+    at: DateTime<Utc>,
+) -> Result<KeyRecord, StoreError> {
+    match tx.activate_keys(&[(activation, at)]).await?.pop() {
+        Some(record) => Ok(record),
+        None => {
+            let current = tx.key(activation.id).await?;
+            Err(StoreError::WrongState { id: activation.id, expected: "pending", actual: current.state.as_str() })
+        }
+    }
+}
+
 /// Decides each insert, in order, as if they ran one after another: `counts` are the database's
 /// counts ([`BatchTx::limit_counts`]), to which the batch's earlier accepted inserts add.
 pub(super) fn plan_inserts(inserts: &[(&NewKey, DateTime<Utc>)], found: &[Found], counts: &[u64]) -> Vec<InsertPlan> {
@@ -337,7 +353,7 @@ pub(super) async fn apply(tx: &mut impl BatchTx, writes: &[&Write]) -> Result<Ve
             outcomes[i] = match activated.iter().position(|r| r.id == activation.id) {
                 Some(found) => Some(Ok(Written::Active(Box::new(activated.swap_remove(found))))),
                 None => {
-                    Some(refusal_or_fail(tx.activate_one(activation, at).await)?.map(|r| Written::Active(Box::new(r))))
+                    Some(refusal_or_fail(activate_one(tx, activation, at).await)?.map(|r| Written::Active(Box::new(r))))
                 }
             };
         }

@@ -438,40 +438,12 @@ impl BatchTx for PgBatch<'_, '_> {
         Ok(())
     }
 
-    async fn activate_one(&mut self, activation: &Activation, at: DateTime<Utc>) -> Result<KeyRecord, StoreError> {
-        activate_in(self.tx, activation, at).await
+    async fn key(&mut self, id: Uuid) -> Result<KeyRecord, StoreError> {
+        key_in(self.tx, id).await
     }
 
     async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError> {
         append_in(self.tx, self.head, events).await
-    }
-}
-
-/// Makes a pending record active; writes nothing unless it returns the record.
-async fn activate_in(
-    tx: &mut Transaction<'_, Postgres>,
-    a: &Activation,
-    at: DateTime<Utc>,
-) -> Result<KeyRecord, StoreError> {
-    let row = sqlx::query(&format!(
-        "UPDATE key_records SET state = 'active', octopus_key_id = $1, key_hint = $2, secret_hmac = $3, \
-         expires_at = $4, updated_at = $5 WHERE id = $6 AND state = 'pending' RETURNING {KEY_COLUMNS}"
-    ))
-    .bind(&a.octopus_key_id)
-    .bind(&a.key_hint)
-    .bind(&a.secret_hmac)
-    .bind(store_precision(a.expires_at))
-    .bind(store_precision(at))
-    .bind(a.id)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(db_err)?;
-    match row {
-        Some(row) => key_from_row(&row),
-        None => {
-            let current = key_in(tx, a.id).await?;
-            Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() })
-        }
     }
 }
 

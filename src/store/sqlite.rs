@@ -514,40 +514,12 @@ impl BatchTx for SqliteBatch<'_> {
         Ok(())
     }
 
-    async fn activate_one(&mut self, activation: &Activation, at: DateTime<Utc>) -> Result<KeyRecord, StoreError> {
-        activate_in(self.tx, activation, at).await
+    async fn key(&mut self, id: Uuid) -> Result<KeyRecord, StoreError> {
+        key_in(self.tx, id).await
     }
 
     async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError> {
         append_in(self.tx, self.head, events).await
-    }
-}
-
-/// Makes a pending record active; writes nothing unless it returns the record.
-async fn activate_in(
-    tx: &mut Transaction<'static, Sqlite>,
-    a: &Activation,
-    at: DateTime<Utc>,
-) -> Result<KeyRecord, StoreError> {
-    let row = sqlx::query(&format!(
-        "UPDATE key_records SET state = 'active', octopus_key_id = ?, key_hint = ?, secret_hmac = ?, \
-         expires_at = ?, updated_at = ? WHERE id = ? AND state = 'pending' RETURNING {KEY_COLUMNS}"
-    ))
-    .bind(&a.octopus_key_id)
-    .bind(&a.key_hint)
-    .bind(&a.secret_hmac)
-    .bind(fmt_time(a.expires_at))
-    .bind(fmt_time(at))
-    .bind(a.id.to_string())
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(db_err)?;
-    match row {
-        Some(row) => key_from_row(&row),
-        None => {
-            let current = key_in(tx, a.id).await?;
-            Err(StoreError::WrongState { id: a.id, expected: "pending", actual: current.state.as_str() })
-        }
     }
 }
 
