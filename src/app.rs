@@ -1,6 +1,5 @@
 //! Wiring: from a validated [`Config`] to a running service.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -51,8 +50,7 @@ impl App {
         let metrics = Metrics::new();
         let octopus = OctopusClient::with_metrics(&config.octopus, metrics.clone())
             .context("cannot build the Octopus HTTP client")?;
-        let http = reqwest::Client::builder().build().context("cannot build the HTTP client for JWKS")?;
-        let auth = Authenticator::new(&config.auth, http).map_err(|e| anyhow::anyhow!(e))?;
+        let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!(e))?;
         let keys = Arc::new(KeyService::new(
             store,
             octopus,
@@ -72,12 +70,12 @@ impl App {
             }
             Err(e) => tracing::warn!(error = %e, "could not read Octopus's API key limits; will retry"),
         }
+        // The first readiness verdict, so /readyz answers truthfully from the start; it also
+        // resolves every scope's account into the cache.
+        let readiness = Arc::new(crate::readiness::Readiness::default());
+        readiness.refresh(&keys).await;
         let policy = keys.policy();
-        for scope in policy.scopes() {
-            if let Err(e) = keys.scope_account(scope, false).await {
-                tracing::warn!(scope = %scope.name, error = %e, "scope is not usable");
-            }
-        }
+        crate::webhooks::adopt_names(&keys, &config.webhooks).await.context("cannot name the webhook outbox's rows")?;
         let loaded = NewAuditEvent::new(
             keys.now(),
             "keybroker",
@@ -91,7 +89,8 @@ impl App {
         }));
         keys.audit(loaded).await.context("cannot write the audit trail")?;
         let rate_limits = Arc::new(crate::api::ratelimit::RateLimits::new(config.server.rate_limit_per_minute));
-        let state = AppState { keys, auth: Arc::new(auth), reloader: None, rate_limits };
+        let state =
+            AppState { keys, auth: Arc::new(auth), reloader: None, rate_limits, denials: Arc::default(), readiness };
         Ok(Self { state, config })
     }
 
@@ -112,20 +111,29 @@ impl App {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let mut jobs = crate::jobs::spawn_all(self.state.keys.clone(), &self.config.jobs, self.config.webhooks.clone());
+        let mut jobs = crate::jobs::spawn_all(
+            self.state.keys.clone(),
+            &self.config.jobs,
+            &self.config.webhooks,
+            self.state.readiness.clone(),
+        )?;
         if let Some(reloader) = self.state.reloader.clone() {
             jobs.push(spawn_sighup_reload(self.state.keys.clone(), reloader));
         }
-        let limits = self.state.rate_limits.clone();
+        let state = self.state.clone();
         jobs.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            let mut tick = tokio::time::interval(crate::api::denials::WINDOW);
             loop {
                 tick.tick().await;
-                limits.forget_idle();
+                state.rate_limits.forget_idle();
+                state.flush_denials().await;
             }
         }));
-        let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
-        let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        let limits = crate::server::Limits {
+            max_connections: self.config.server.max_connections,
+            header_read_timeout: self.config.server.header_read_timeout,
+        };
+        let result = crate::server::serve(listener, self.router(), limits, shutdown).await;
         for job in jobs {
             job.abort();
         }

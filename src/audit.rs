@@ -10,7 +10,7 @@ use uuid::Uuid;
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// What happened. The string forms are stable: auditors query by them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum Action {
     #[serde(rename = "key.requested")]
     KeyRequested,
@@ -30,6 +30,9 @@ pub enum Action {
     KeyIdentified,
     #[serde(rename = "auth.denied")]
     AuthDenied,
+    /// An authenticated caller lacked the role a route needs (auditor, admin).
+    #[serde(rename = "authz.denied")]
+    AuthzDenied,
     #[serde(rename = "policy.denied")]
     PolicyDenied,
     #[serde(rename = "config.loaded")]
@@ -58,6 +61,7 @@ impl Action {
             Self::KeyReconciled => "key.reconciled",
             Self::KeyIdentified => "secret.identified",
             Self::AuthDenied => "auth.denied",
+            Self::AuthzDenied => "authz.denied",
             Self::PolicyDenied => "policy.denied",
             Self::ConfigLoaded => "config.loaded",
             Self::ConfigReloaded => "config.reloaded",

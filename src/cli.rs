@@ -174,7 +174,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 async fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     // Builds the token verifier too: PEM keys must parse and match the pinned algorithms.
-    crate::auth::Authenticator::new(&config.auth, reqwest::Client::new())?;
+    crate::auth::Authenticator::new(&config.auth)?;
     println!("{}: configuration is valid ({} scopes)", path.display(), config.policy.scopes().len());
     let octopus = crate::octopus::OctopusClient::new(&config.octopus)?;
     let mut problems = 0;

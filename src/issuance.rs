@@ -75,6 +75,10 @@ pub enum ServiceError {
     Store(#[source] StoreError),
     #[error(transparent)]
     Octopus(#[from] OctopusError),
+    /// Octopus could not delete the key now; the revocation is recorded and retried, and the key
+    /// keeps working until it succeeds.
+    #[error("Octopus could not revoke the key now ({0}); keybroker recorded the revocation and retries it")]
+    RevocationDeferred(OctopusError),
 }
 
 /// Issues and revokes keys.
@@ -186,12 +190,15 @@ impl KeyService {
     }
 
     /// The Octopus account behind a scope, checked to be an active service account. The
-    /// username-to-id resolution is cached; `fresh` asks Octopus again (readiness checks).
+    /// username-to-id resolution is cached; `fresh` asks Octopus again, replacing the cached
+    /// entry only with what Octopus answered (a failed look-up keeps it).
     pub async fn scope_account(&self, scope: &Scope, fresh: bool) -> Result<OctopusUser, ServiceError> {
-        if fresh {
-            self.octopus.forget_user(&scope.octopus_user);
-        }
-        let user = self.octopus.find_user(&scope.octopus_user).await?.ok_or_else(|| {
+        let found = if fresh {
+            self.octopus.refresh_user(&scope.octopus_user).await?
+        } else {
+            self.octopus.find_user(&scope.octopus_user).await?
+        };
+        let user = found.ok_or_else(|| {
             ServiceError::ScopeMisconfigured(format!(
                 "scope `{}` names the Octopus user `{}`, which does not exist",
                 scope.name, scope.octopus_user
@@ -210,6 +217,11 @@ impl KeyService {
             )));
         }
         Ok(user)
+    }
+
+    /// The readiness job's check of a scope: a fresh look-up of its account.
+    pub async fn check_scope_account(&self, scope: &Scope) -> Result<OctopusUser, ServiceError> {
+        self.scope_account(scope, true).await
     }
 
     /// Issues a key (see the module documentation for the protocol).
@@ -463,16 +475,22 @@ impl KeyService {
         let outcome = match self.octopus.delete_api_key(&record.octopus_user_id, &octopus_key_id).await {
             Ok(outcome) => outcome,
             Err(e) => {
+                // Never fail open: the record stays active, its revocation is on record, and the
+                // reconciler retries it until Octopus confirms.
+                let requested = self.store.request_revocation(id, self.now()).await;
                 let event =
                     NewAuditEvent::new(self.now(), &principal.subject, Action::KeyRevokeFailed, Outcome::Failure, ctx)
                         .scope(&scope_name)
                         .key(id)
                         .octopus_key(Some(&octopus_key_id))
-                        .detail(json!({ "reason": e.to_string() }));
+                        .detail(json!({ "reason": e.to_string(), "retried": requested.is_ok() }));
                 if let Err(store_err) = self.store.append_audit(&event).await {
                     tracing::error!(error = %store_err, "could not audit a failed revocation");
                 }
-                return Err(ServiceError::Octopus(e));
+                return Err(match requested {
+                    Ok(()) => ServiceError::RevocationDeferred(e),
+                    Err(store_err) => ServiceError::Store(store_err),
+                });
             }
         };
         let now = self.now();

@@ -210,15 +210,16 @@ fn spawn_job(
 pub fn spawn_all(
     keys: Arc<KeyService>,
     jobs: &JobsConfig,
-    webhooks: Vec<WebhookConfig>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+    webhooks: &[WebhookConfig],
+    readiness: Arc<crate::readiness::Readiness>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, reqwest::Error> {
     let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let grace = jobs.pending_grace;
-    let webhooks = Arc::new(webhooks);
-    let http = reqwest::Client::new();
+    let configs = Arc::new(webhooks.to_vec());
+    let webhooks = Arc::new(crate::webhooks::Webhook::all(webhooks)?);
     let warned = Arc::new(std::sync::Mutex::new(Vec::new()));
     let drift = Arc::new(crate::drift::DriftState::default());
-    vec![
+    Ok(vec![
         spawn_job(keys.clone(), "reconcile", jobs.reconcile_interval, true, holder.clone(), move |keys| {
             Box::pin(async move {
                 let r = reconcile_once(&keys, grace).await;
@@ -232,10 +233,10 @@ pub fn spawn_all(
             })
         }),
         spawn_job(keys.clone(), "webhooks", jobs.webhook_interval, true, holder.clone(), move |keys| {
-            let (webhooks, http) = (webhooks.clone(), http.clone());
+            let (configs, webhooks) = (configs.clone(), webhooks.clone());
             Box::pin(async move {
-                let queued = crate::webhooks::enqueue_notices(&keys, &webhooks).await?;
-                let report = crate::webhooks::deliver_due(&keys, &webhooks, &http).await;
+                let queued = crate::webhooks::enqueue_notices(&keys, &configs).await?;
+                let report = crate::webhooks::deliver_due(&keys, &webhooks).await;
                 Ok(if queued == 0 && report == Default::default() {
                     String::new()
                 } else {
@@ -250,9 +251,17 @@ pub fn spawn_all(
                 Ok(if report.is_quiet() { String::new() } else { format!("{report:?}") })
             })
         }),
-        spawn_job(keys, "credential", jobs.credential_check_interval, false, holder, move |keys| {
+        spawn_job(keys.clone(), "credential", jobs.credential_check_interval, false, holder.clone(), move |keys| {
             let warned = warned.clone();
             Box::pin(async move { watch_credential(&keys, &warned).await.map(|()| String::new()) })
         }),
-    ]
+        // Every replica keeps its own verdict: readiness is about this process's connections.
+        spawn_job(keys, "readiness", jobs.readiness_interval, false, holder, move |keys| {
+            let readiness = readiness.clone();
+            Box::pin(async move {
+                let verdict = readiness.refresh(&keys).await;
+                Ok(if verdict.ready() { String::new() } else { "not ready".to_owned() })
+            })
+        }),
+    ])
 }

@@ -91,6 +91,11 @@ pub struct Metrics {
     pub job_duration_ms: Family<JobLabels, Gauge>,
     pub unmanaged_keys: Gauge,
     pub credential_expiry: Gauge,
+    /// Requests to authenticated routes that carried no credential at all (never audited).
+    pub auth_missing: Counter,
+    /// Failed authentications and role refusals left out of the audit trail because an event
+    /// of the same kind was written within the minute (they are summed into the next one).
+    pub denials_aggregated: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -116,6 +121,18 @@ impl Metrics {
         let job_duration_ms = Family::<JobLabels, Gauge>::default();
         let unmanaged_keys = Gauge::default();
         let credential_expiry = Gauge::default();
+        let auth_missing = Counter::default();
+        let denials_aggregated = Counter::default();
+        registry.register(
+            "auth_missing_credential",
+            "Requests to authenticated routes without any credential (not audited)",
+            auth_missing.clone(),
+        );
+        registry.register(
+            "denials_aggregated",
+            "Repeated denials folded into one audit event per minute",
+            denials_aggregated.clone(),
+        );
         registry.register(
             "webhook_deliveries",
             "Webhook delivery attempts by event and outcome",
@@ -147,7 +164,11 @@ impl Metrics {
             "Octopus API call latency by operation",
             octopus_duration.clone(),
         );
-        registry.register("active_keys", "Active, unexpired keys by scope (at scrape time)", active_keys.clone());
+        registry.register(
+            "active_keys",
+            "Active, unexpired keys by scope (as of the last readiness job run)",
+            active_keys.clone(),
+        );
         registry.register(
             "audit_append_failures",
             "Audit events that could not be written (the action was refused)",
@@ -174,6 +195,8 @@ impl Metrics {
             job_duration_ms,
             unmanaged_keys,
             credential_expiry,
+            auth_missing,
+            denials_aggregated,
         })
     }
 

@@ -1,6 +1,11 @@
 //! Webhook notices: which notices a key needs (pure), the outbox they go through, and their
 //! delivery (signed, retried with backoff for a bounded time, every outcome audited).
 //!
+//! Each delivery is signed as `X-Keybroker-Signature: t=<unix seconds>,id=<delivery id>,v1=<hex
+//! HMAC-SHA256 of "<t>.<id>.<body>">`: the time lets receivers refuse replays older than a few
+//! minutes, the id lets them drop a delivery they have already processed. Webhooks are named in
+//! the outbox, logs and the audit trail by their configured `name`, never by their URL.
+//!
 //! Notices are derived from the key records by a job and written to the `webhook_deliveries`
 //! outbox, whose unique (webhook, event, key, threshold) makes each notice happen once, across
 //! restarts and replicas. Deliveries never happen in a request's path, so a webhook that is down
@@ -114,6 +119,32 @@ fn payload(record: &KeyRecord, event: &str, threshold: &str, now: DateTime<Utc>)
     serde_json::to_value(body).unwrap_or_default()
 }
 
+/// A configured webhook with its own HTTP client (no redirects, its `ca_file`).
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub config: WebhookConfig,
+    http: reqwest::Client,
+}
+
+impl Webhook {
+    pub fn new(config: WebhookConfig) -> Result<Self, reqwest::Error> {
+        let http = crate::outbound::client_builder(&config.ca_certificates).timeout(Duration::from_secs(5)).build()?;
+        Ok(Self { config, http })
+    }
+
+    /// One client per webhook, for [`deliver_due`].
+    pub fn all(configs: &[WebhookConfig]) -> Result<Vec<Self>, reqwest::Error> {
+        configs.iter().cloned().map(Self::new).collect()
+    }
+}
+
+/// Gives outbox rows written before webhooks had names their webhook's name (see
+/// [`crate::store::Store::name_webhook_deliveries`]).
+pub async fn adopt_names(keys: &KeyService, webhooks: &[WebhookConfig]) -> Result<u64, crate::store::StoreError> {
+    let names: Vec<(String, String)> = webhooks.iter().map(|h| (h.url.to_string(), h.name.clone())).collect();
+    keys.store().name_webhook_deliveries(&names).await
+}
+
 /// Writes the notices that are due into the outbox. Returns how many were new.
 pub async fn enqueue_notices(keys: &KeyService, webhooks: &[WebhookConfig]) -> Result<usize, String> {
     if webhooks.is_empty() {
@@ -127,7 +158,7 @@ pub async fn enqueue_notices(keys: &KeyService, webhooks: &[WebhookConfig]) -> R
         for (event, threshold) in notices_for(record, now) {
             for hook in webhooks.iter().filter(|h| h.events.is_empty() || h.events.iter().any(|e| e == event)) {
                 let delivery = NewDelivery {
-                    webhook_url: hook.url.to_string(),
+                    webhook: hook.name.clone(),
                     event: event.to_owned(),
                     key_id: record.id,
                     threshold: threshold.to_owned(),
@@ -143,7 +174,8 @@ pub async fn enqueue_notices(keys: &KeyService, webhooks: &[WebhookConfig]) -> R
     Ok(added)
 }
 
-/// `https://chat.example.com/hooks/T0K3N` → `https://chat.example.com/…`.
+/// `https://user:pw@chat.example.com/hooks/T0K3N?x=1` → `https://chat.example.com/…`: the
+/// scheme and host only, for error texts.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(u) => format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or("?")),
@@ -151,12 +183,14 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// The value of the `X-Keybroker-Signature` header: `sha256=<hex HMAC of the body>`.
-pub fn signature(secret: &str, body: &[u8]) -> String {
+/// The value of the `X-Keybroker-Signature` header: `t=<unix seconds>,id=<delivery id>,v1=<hex
+/// HMAC-SHA256 of "<t>.<id>.<body>">`.
+pub fn signature(secret: &str, timestamp: i64, delivery_id: i64, body: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(format!("{timestamp}.{delivery_id}.").as_bytes());
     mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    format!("t={timestamp},id={delivery_id},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// What a delivery pass did.
@@ -168,7 +202,7 @@ pub struct DeliveryReport {
 }
 
 /// Delivers the due notices once each.
-pub async fn deliver_due(keys: &KeyService, webhooks: &[WebhookConfig], http: &reqwest::Client) -> DeliveryReport {
+pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryReport {
     let mut report = DeliveryReport::default();
     let now = keys.now();
     let due = match keys.store().due_deliveries(now, 100).await {
@@ -179,24 +213,29 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[WebhookConfig], http: &r
         }
     };
     for delivery in due {
-        let hook = webhooks.iter().find(|h| h.url.as_str() == delivery.webhook_url);
+        let hook = webhooks.iter().find(|h| h.config.name == delivery.webhook);
         let body = delivery.payload.to_string();
         let attempt = match hook {
             None => Err("the webhook is no longer configured".to_owned()),
             Some(hook) => {
-                let mut request = http
-                    .post(hook.url.clone())
-                    .timeout(Duration::from_secs(5))
+                let mut request = hook
+                    .http
+                    .post(hook.config.url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .header("X-Keybroker-Event", &delivery.event)
                     .header("X-Keybroker-Delivery", delivery.id.to_string());
-                if let Some(secret) = &hook.secret {
-                    request =
-                        request.header("X-Keybroker-Signature", signature(secret.expose_secret(), body.as_bytes()));
+                if let Some(secret) = &hook.config.secret {
+                    let signed =
+                        signature(secret.expose_secret(), keys.now().timestamp(), delivery.id, body.as_bytes());
+                    request = request.header("X-Keybroker-Signature", signed);
                 }
                 match request.body(body).send().await {
+                    Ok(res) if res.status().is_redirection() => {
+                        Err(format!("answered {}; keybroker follows no redirects", res.status()))
+                    }
                     Ok(res) if res.status().is_success() => Ok(()),
                     Ok(res) => Err(format!("answered {}", res.status())),
+                    // reqwest's message without the URL: it may carry a token.
                     Err(e) => Err(e.without_url().to_string()),
                 }
             }
@@ -226,15 +265,15 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[WebhookConfig], http: &r
             DeliveryResult::Delivered { .. } => None,
         };
         if let Err(e) = keys.store().finish_delivery(delivery.id, &result).await {
-            tracing::warn!(error = %e, delivery = delivery.id, "cannot record a webhook delivery");
+            tracing::warn!(error = %e, delivery = delivery.id, webhook = %delivery.webhook, "cannot record a webhook delivery");
             continue;
         }
         let event = NewAuditEvent::new(now, "keybroker", Action::WebhookDelivery, outcome, &RequestContext::default())
             .key(delivery.key_id)
             .detail(json!({
                 "delivery_id": delivery.id,
-                // Webhook URLs often carry a token in their path: audit the host only.
-                "webhook": redact_url(&delivery.webhook_url),
+                // The name: webhook URLs often carry a token.
+                "webhook": delivery.webhook,
                 "event": delivery.event,
                 "threshold": delivery.threshold,
                 "attempt": delivery.attempts + 1,
@@ -325,11 +364,24 @@ mod tests {
     }
 
     #[test]
-    fn signatures_are_hmac_sha256_of_the_body() {
-        // RFC 4231 test case 2.
+    fn signatures_are_hmac_sha256_of_time_id_and_body() {
         assert_eq!(
-            signature("Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            signature("Jefe", 1, 2, b"want for nothing?"),
+            format!("t=1,id=2,v1={}", {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(b"Jefe").unwrap();
+                mac.update(b"1.2.want for nothing?");
+                hex::encode(mac.finalize().into_bytes())
+            })
         );
+        // A receiver that ignores the time or the id computes another value.
+        assert_ne!(signature("Jefe", 1, 2, b"x"), signature("Jefe", 1, 3, b"x"));
+        assert_ne!(signature("Jefe", 1, 2, b"x"), signature("Jefe", 2, 2, b"x"));
+        let sig = signature("Jefe", 0, 0, b"");
+        assert!(sig.starts_with("t=0,id=0,v1=") && sig.len() == "t=0,id=0,v1=".len() + 64, "{sig}");
+    }
+
+    #[test]
+    fn redacted_urls_keep_only_scheme_and_host() {
+        assert_eq!(redact_url("https://u:pw@chat.example.com/hooks/T0K3N?token=x#f"), "https://chat.example.com/…");
     }
 }

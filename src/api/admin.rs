@@ -10,18 +10,13 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use super::extract::{ApiJson, Caller, Ctx, filter_value};
-use crate::auth::Principal;
+use super::extract::{AdminCaller, ApiJson, Ctx, filter_value};
 use crate::drift::UnmanagedKey;
 use crate::reload::ReloadReport;
 use crate::store::{KeyFilter, KeyState};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(revoke_many)).routes(routes!(revoke_unmanaged)).routes(routes!(reload))
-}
-
-fn require_admin(principal: &Principal) -> Result<(), ApiError> {
-    if principal.is_admin() { Ok(()) } else { Err(ApiError::Forbidden("this needs the admin role".to_owned())) }
 }
 
 /// Which active keys to revoke; at least one filter, all given filters must match.
@@ -82,11 +77,10 @@ pub struct RevokeManyReport {
 )]
 pub async fn revoke_many(
     State(state): State<AppState>,
-    Caller(principal): Caller,
+    AdminCaller(principal): AdminCaller,
     Ctx(ctx): Ctx,
     ApiJson(body): ApiJson<RevokeManyBody>,
 ) -> Result<axum::Json<RevokeManyReport>, ApiError> {
-    require_admin(&principal)?;
     let clean = |name: &str, v: Option<String>| {
         filter_value(name, v).map(|v| v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()))
     };
@@ -150,10 +144,9 @@ pub struct UnmanagedReport {
 )]
 pub async fn revoke_unmanaged(
     State(state): State<AppState>,
-    Caller(principal): Caller,
+    AdminCaller(principal): AdminCaller,
     Ctx(ctx): Ctx,
 ) -> Result<axum::Json<UnmanagedReport>, ApiError> {
-    require_admin(&principal)?;
     let keys = state.keys.clone();
     let revoked = tokio::spawn(async move { crate::drift::revoke_unmanaged(&keys, &principal.subject, &ctx).await })
         .await
@@ -181,10 +174,9 @@ pub async fn revoke_unmanaged(
 )]
 pub async fn reload(
     State(state): State<AppState>,
-    Caller(principal): Caller,
+    AdminCaller(principal): AdminCaller,
     Ctx(ctx): Ctx,
 ) -> Result<axum::Json<ReloadReport>, ApiError> {
-    require_admin(&principal)?;
     let Some(reloader) = state.reloader.clone() else {
         return Err(ApiError::Conflict("this instance was not started from a configuration file".to_owned()));
     };

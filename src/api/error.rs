@@ -193,8 +193,21 @@ impl From<OctopusError> for ApiError {
                 retry_after.map(|d| d.as_secs()).unwrap_or(1)
             )),
             OctopusError::Timeout => ApiError::GatewayTimeout,
+            e @ OctopusError::Redirected { .. } => {
+                tracing::error!(error = %e, "Octopus redirected keybroker");
+                ApiError::Unavailable(format!("an operator must fix octopus.url: {e}"))
+            }
             OctopusError::Unavailable { detail } => ApiError::BadGateway(detail),
         }
+    }
+}
+
+/// A short, caller-safe account of an Octopus failure (the texts hold no secret and never
+/// Octopus's non-JSON bodies, see `octopus::error_from`).
+fn octopus_summary(e: &OctopusError) -> String {
+    match e {
+        OctopusError::Timeout => "it did not answer in time".to_owned(),
+        other => other.to_string(),
     }
 }
 
@@ -217,6 +230,11 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::Store(e) => e.into(),
             ServiceError::Octopus(e) => e.into(),
+            ServiceError::RevocationDeferred(e) => ApiError::Unavailable(format!(
+                "Octopus could not revoke the key now ({}); the key still works until keybroker's \
+                 reconciler, which retries the revocation, succeeds",
+                octopus_summary(&e)
+            )),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Extractors whose failures come back in the same problem shape as every other error.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -8,12 +8,12 @@ use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Req
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
-use serde_json::json;
 
 use super::AppState;
+use super::denials::{Denial, address_bucket};
 use super::error::ApiError;
-use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
-use crate::auth::Principal;
+use crate::audit::{Action, RequestContext};
+use crate::auth::{AuthError, Principal};
 
 /// `Json<T>` whose rejections are problem responses. Only a JSON object is accepted as a body:
 /// serde would otherwise read a struct from an array of its fields in order, so
@@ -104,6 +104,32 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
     }
 }
 
+/// The client's address: the peer's, or with a trusted proxy in front, the one it forwarded
+/// (set by the `client_addr` middleware in [`super::router`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+/// The client's address given the peer and its `X-Forwarded-For`: the peer, unless it is a
+/// trusted proxy; then the rightmost forwarded address that is not one (addresses left of it
+/// were written by the client itself and prove nothing).
+pub fn client_addr(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let Some(header) = forwarded_for else { return peer };
+    let hops: Vec<IpAddr> = header.split(',').filter_map(|h| h.trim().parse::<IpAddr>().ok()).collect();
+    hops.iter().rev().find(|ip| !is_trusted(ip)).or(hops.first()).copied().unwrap_or(peer)
+}
+
+fn peer_addr(parts: &Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<ClientAddr>()
+        .map(|c| c.0)
+        .or_else(|| parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip()))
+}
+
 fn context_of(parts: &Parts) -> RequestContext {
     let header = |name: &str, max: usize| {
         parts
@@ -114,7 +140,7 @@ fn context_of(parts: &Parts) -> RequestContext {
     };
     RequestContext {
         request_id: header("x-request-id", 128),
-        client_addr: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip().to_string()),
+        client_addr: peer_addr(parts).map(|ip| ip.to_string()),
         user_agent: header("user-agent", 256),
     }
 }
@@ -139,27 +165,81 @@ impl FromRequestParts<AppState> for Caller {
                 parts.extensions.insert(principal.clone());
                 Ok(Self(principal))
             }
+            // No credential at all: scanners, health checks pointed at the wrong path, browsers.
+            // Counted, never audited, so anonymous noise cannot grow the trail.
+            Err(AuthError::Missing) => {
+                state.keys.metrics().auth_missing.inc();
+                Err(ApiError::Unauthenticated(AuthError::Missing))
+            }
             Err(e) => {
-                // Failed authentications are limited per address before they are audited, so a
-                // flood of bad tokens cannot fill the audit trail.
-                if let Some(addr) = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip()) {
+                // Failed authentications are limited per address (IPv6 per /64) before they are
+                // audited, and repeats are aggregated (see `denials`).
+                let addr = peer_addr(parts).map(address_bucket);
+                if let Some(addr) = addr {
                     state.rate_limits.check_address(addr).map_err(|wait| ApiError::TooManyRequests(Some(wait)))?;
                 }
-                let ctx = context_of(parts);
-                let event =
-                    NewAuditEvent::new(state.keys.now(), "anonymous", Action::AuthDenied, Outcome::Denied, &ctx)
-                        .detail(json!({
-                            "reason": e.to_string(),
-                            // The route template, not the raw path: a path could carry anything.
-                            "route": parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str),
-                        }));
-                if let Err(store_err) = state.keys.audit(event).await {
-                    tracing::error!(error = %store_err, "could not audit an authentication failure");
-                }
+                let denial = Denial {
+                    action: Action::AuthDenied,
+                    actor: "anonymous".to_owned(),
+                    who: addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+                    reason: e.to_string(),
+                    // The route template, not the raw path: a path could carry anything.
+                    route: parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned()),
+                    context: context_of(parts),
+                };
+                state.audit_denial(denial).await;
                 Err(ApiError::Unauthenticated(e))
             }
         }
     }
+}
+
+/// A caller with the admin role; anyone else gets 403, audited as `authz.denied`.
+pub struct AdminCaller(pub Principal);
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let Caller(principal) = Caller::from_request_parts(parts, state).await?;
+        if principal.is_admin() {
+            return Ok(Self(principal));
+        }
+        Err(refuse_role(parts, state, &principal, "this needs the admin role").await)
+    }
+}
+
+/// A caller with the auditor or admin role; anyone else gets 403, audited as `authz.denied`.
+pub struct AuditorCaller(pub Principal);
+
+impl FromRequestParts<AppState> for AuditorCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let Caller(principal) = Caller::from_request_parts(parts, state).await?;
+        if principal.sees_everything() {
+            return Ok(Self(principal));
+        }
+        let message = match parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str) {
+            Some("/v1/keys/identify") => "identifying keys needs the auditor or admin role",
+            _ => "the audit trail is for auditors and admins",
+        };
+        Err(refuse_role(parts, state, &principal, message).await)
+    }
+}
+
+/// Audits a role refusal (aggregated per caller, reason and route) and returns its 403.
+pub async fn refuse_role(parts: &Parts, state: &AppState, principal: &Principal, message: &str) -> ApiError {
+    let denial = Denial {
+        action: Action::AuthzDenied,
+        actor: principal.subject.clone(),
+        who: principal.subject.clone(),
+        reason: message.to_owned(),
+        route: parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned()),
+        context: context_of(parts),
+    };
+    state.audit_denial(denial).await;
+    ApiError::Forbidden(message.to_owned())
 }
 
 /// A free-text query filter (requester, scope, team, actor, action): at most 256 printable

@@ -1,10 +1,9 @@
 //! `/healthz` (the process is alive) and `/readyz` (the database answers, Octopus answers and
-//! accepts keybroker's credential, every scope's account is usable).
-
-use std::time::Duration;
+//! accepts keybroker's credential, every scope's account is usable), from the verdict the
+//! readiness job keeps (see [`crate::readiness`]).
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -32,7 +31,7 @@ pub async fn healthz() -> axum::Json<Health> {
 pub struct Check {
     pub name: String,
     pub ok: bool,
-    /// What is wrong, written for an operator.
+    /// What is wrong, written for an operator. Shown only to an admin's bearer token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -44,66 +43,35 @@ pub struct Readiness {
     pub checks: Vec<Check>,
 }
 
-const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Readiness: the database, Octopus and the privileged credential, and every scope's account.
+///
+/// Answers from the verdict of the last readiness job run (every `jobs.readiness_interval`): a
+/// probe makes no Octopus call and no database write. Anonymously it shows each check's name and
+/// `ok`; an admin's bearer token also sees the details.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "health",
     responses(
         (status = 200, description = "Ready", body = Readiness),
-        (status = 503, description = "Not ready; `checks` says why", body = Readiness),
+        (status = 503, description = "Not ready; `checks` says which dependency", body = Readiness),
     )
 )]
-pub async fn readyz(State(state): State<AppState>) -> (StatusCode, axum::Json<Readiness>) {
-    let mut checks = Vec::new();
-    let db = tokio::time::timeout(CHECK_TIMEOUT, state.keys.store().ping()).await;
-    checks.push(match db {
-        Ok(Ok(())) => Check { name: "database".to_owned(), ok: true, detail: None },
-        Ok(Err(e)) => Check { name: "database".to_owned(), ok: false, detail: Some(e.to_string()) },
-        Err(_) => Check { name: "database".to_owned(), ok: false, detail: Some("no answer within 5 s".to_owned()) },
-    });
-
-    let octopus = tokio::time::timeout(CHECK_TIMEOUT, state.keys.octopus().current_user()).await;
-    let octopus_ok = matches!(octopus, Ok(Ok(_)));
-    checks.push(match octopus {
-        Ok(Ok(user)) => Check {
-            name: "octopus".to_owned(),
-            ok: true,
-            detail: Some(format!("signed in as {} ({})", user.username, user.id)),
-        },
-        Ok(Err(e)) => Check { name: "octopus".to_owned(), ok: false, detail: Some(e.to_string()) },
-        Err(_) => Check { name: "octopus".to_owned(), ok: false, detail: Some("no answer within 5 s".to_owned()) },
-    });
-
-    if octopus_ok {
-        let limits = state.keys.upstream_limits();
-        if let Some(expires) = limits.broker_key_expires {
-            let now = state.keys.now();
-            checks.push(Check {
-                name: "octopus_credential_expiry".to_owned(),
-                ok: expires > now,
-                detail: Some(format!("keybroker's Octopus API key expires at {}", expires.to_rfc3339())),
-            });
-        }
-        let policy = state.keys.policy();
-        for scope in policy.scopes() {
-            let result = tokio::time::timeout(CHECK_TIMEOUT, state.keys.scope_account(scope, true)).await;
-            checks.push(match result {
-                Ok(Ok(user)) => Check { name: format!("scope:{}", scope.name), ok: true, detail: Some(user.id) },
-                Ok(Err(e)) => Check { name: format!("scope:{}", scope.name), ok: false, detail: Some(e.to_string()) },
-                Err(_) => Check {
-                    name: format!("scope:{}", scope.name),
-                    ok: false,
-                    detail: Some("no answer within 5 s".to_owned()),
-                },
-            });
-        }
-    }
-
-    let ready = checks.iter().all(|c| c.ok);
+pub async fn readyz(State(state): State<AppState>, headers: HeaderMap) -> (StatusCode, axum::Json<Readiness>) {
+    let verdict = state.readiness.current();
+    // A token is optional here: a bad one is not an error (and not audited), it only sees what
+    // anyone sees.
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let details = match authorization {
+        Some(value) => state.auth.authenticate(Some(value)).await.is_ok_and(|p| p.is_admin()),
+        None => false,
+    };
+    let checks = verdict
+        .checks
+        .iter()
+        .map(|c| Check { name: c.name.clone(), ok: c.ok, detail: if details { c.detail.clone() } else { None } })
+        .collect();
+    let ready = verdict.ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let report = Readiness { status: if ready { "ready" } else { "not_ready" }.to_owned(), checks };
-    (status, axum::Json(report))
+    (status, axum::Json(Readiness { status: if ready { "ready" } else { "not_ready" }.to_owned(), checks }))
 }

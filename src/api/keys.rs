@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use super::extract::{ApiJson, ApiQuery, Caller, Ctx, filter_value};
+use super::extract::{ApiJson, ApiQuery, AuditorCaller, Caller, Ctx, filter_value};
 use crate::audit::{Action, NewAuditEvent, Outcome};
 use crate::issuance::{IssueOutcome, IssueRequest};
 use crate::policy::{ExpiryClamp, ExpiryRequest, Purpose, parse_ttl};
@@ -427,13 +427,10 @@ pub struct IdentifyBody {
 )]
 pub async fn identify_key(
     State(state): State<AppState>,
-    Caller(principal): Caller,
+    AuditorCaller(principal): AuditorCaller,
     Ctx(ctx): Ctx,
     ApiJson(body): ApiJson<IdentifyBody>,
 ) -> Result<axum::Json<KeyView>, ApiError> {
-    if !principal.sees_everything() {
-        return Err(ApiError::Forbidden("identifying keys needs the auditor or admin role".to_owned()));
-    }
     let secret = body.api_key.trim();
     if secret.is_empty() || secret.len() > 256 {
         return Err(ApiError::BadRequest("api_key must hold the secret to identify".to_owned()));

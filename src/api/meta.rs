@@ -17,7 +17,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Prometheus metrics.
 ///
 /// Requests and latency by route and status, issuance outcomes by scope, Octopus call latency
-/// and outcomes by operation, active keys by scope, audit append failures.
+/// and outcomes by operation, active keys by scope (refreshed by the readiness job, every
+/// `jobs.readiness_interval`), audit append failures.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -25,10 +26,8 @@ pub fn router() -> OpenApiRouter<AppState> {
     responses((status = 200, description = "OpenMetrics text format (Prometheus scrapes it)", body = String, content_type = "application/openmetrics-text"))
 )]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    match state.keys.store().active_counts(state.keys.now()).await {
-        Ok(counts) => state.keys.metrics().set_active_keys(&counts),
-        Err(e) => tracing::warn!(error = %e, "cannot count active keys for /metrics"),
-    }
+    // No query per scrape: the gauges are kept by the readiness job, so scraping costs the
+    // database nothing.
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.keys.metrics().render(),

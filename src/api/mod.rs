@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod denials;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -46,6 +47,34 @@ pub struct AppState {
     /// Set when the app was started from a configuration file (reloads read it again).
     pub reloader: Option<Arc<crate::reload::Reloader>>,
     pub rate_limits: Arc<ratelimit::RateLimits>,
+    /// Aggregates repeated denials before they reach the audit trail.
+    pub denials: Arc<denials::Denials>,
+    /// The readiness job's last verdict, which `/readyz` serves.
+    pub readiness: Arc<crate::readiness::Readiness>,
+}
+
+impl AppState {
+    /// Audits a denial at the edge, unless one of its kind was written within the minute.
+    pub async fn audit_denial(&self, denial: denials::Denial) {
+        let events = self.denials.record(denial, std::time::Instant::now(), self.keys.now());
+        if events.is_empty() {
+            self.keys.metrics().denials_aggregated.inc();
+        }
+        for event in events {
+            if let Err(e) = self.keys.audit(event).await {
+                tracing::error!(error = %e, "could not audit a denial");
+            }
+        }
+    }
+
+    /// Writes the summaries of denial minutes that are over (run every minute).
+    pub async fn flush_denials(&self) {
+        for event in self.denials.flush(std::time::Instant::now(), self.keys.now()) {
+            if let Err(e) = self.keys.audit(event).await {
+                tracing::error!(error = %e, "could not audit repeated denials");
+            }
+        }
+    }
 }
 
 #[derive(OpenApi)]
@@ -157,6 +186,7 @@ pub fn router(state: AppState, server: &ServerConfig) -> Router {
 
     // Router::layer wraps every route (and the fallback) separately, so the route template is
     // known to the access log. Later calls wrap earlier ones: the request id is set first.
+    let trusted_proxies = Arc::new(server.trusted_proxies.clone());
     routes
         .layer(axum::extract::DefaultBodyLimit::max(server.request_body_limit_bytes))
         .layer(RequestBodyLimitLayer::new(server.request_body_limit_bytes))
@@ -186,6 +216,37 @@ pub fn router(state: AppState, server: &ServerConfig) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .layer(middleware::from_fn(drop_bad_request_id))
+        .layer(middleware::from_fn_with_state(trusted_proxies, client_addr))
+}
+
+/// A client's `x-request-id` is kept only when it is 1-128 characters of `[A-Za-z0-9._:-]`;
+/// otherwise it is dropped and a fresh one is made. It reaches logs, problem bodies and the
+/// audit trail, so it must not carry markup, spaces or a megabyte.
+async fn drop_bad_request_id(mut req: Request, next: Next) -> Response {
+    let keep = req.headers().get("x-request-id").is_none_or(|v| valid_request_id(v.as_bytes()));
+    if !keep {
+        req.headers_mut().remove("x-request-id");
+    }
+    next.run(req).await
+}
+
+pub fn valid_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len()) && id.iter().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b))
+}
+
+/// Works out the client's address once per request (see [`extract::client_addr`]).
+async fn client_addr(State(trusted): State<Arc<Vec<ipnet::IpNet>>>, mut req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|ci| ci.0.ip());
+    if let Some(peer) = peer {
+        // A proxy chain may send several header lines; they read as one comma-separated list.
+        let forwarded: Vec<&str> =
+            req.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
+        let addr = extract::client_addr(peer, forwarded.as_deref(), &trusted);
+        req.extensions_mut().insert(extract::ClientAddr(addr));
+    }
+    next.run(req).await
 }
 
 fn cors(server: &ServerConfig) -> CorsLayer {

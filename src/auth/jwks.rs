@@ -81,17 +81,28 @@ impl JwksCache {
     /// publish encryption keys and algorithms it does not know next to the signing keys, and one
     /// such key must not make the whole set unreadable.
     async fn fetch(&self) -> Result<JwkSet, String> {
-        let document: serde_json::Value = self
+        let response = self
             .http
             .get(self.url.clone())
             .timeout(Duration::from_secs(5))
             .send()
             .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.without_url().to_string())?;
+        let status = response.status();
+        if status.is_redirection() {
+            let to = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| response.url().join(l).ok())
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_else(|| "an unnamed host".to_owned());
+            return Err(format!("answered {status} redirecting to {to}; keybroker follows no redirects"));
+        }
+        if !status.is_success() {
+            return Err(format!("answered {status}"));
+        }
+        let document: serde_json::Value = response.json().await.map_err(|e| e.without_url().to_string())?;
         let keys = document
             .get("keys")
             .and_then(serde_json::Value::as_array)

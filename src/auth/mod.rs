@@ -91,6 +91,8 @@ pub enum AuthError {
     WrongAudience,
     #[error("the token lacks the claim `{0}`")]
     MissingClaim(String),
+    #[error("the token's `{0}` claim is not a number of seconds")]
+    BadTimeClaim(&'static str),
 }
 
 /// The most clock skew `auth.leeway` may forgive. A large leeway quietly extends every token's
@@ -126,7 +128,9 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(config: &AuthConfig, http: reqwest::Client) -> Result<Self, ConfigError> {
+    /// Reads the keys of `config`; the JWKS client, if any, follows no redirect and trusts
+    /// `auth.ca_file`.
+    pub fn new(config: &AuthConfig) -> Result<Self, ConfigError> {
         if config.leeway > MAX_LEEWAY {
             return Err(ConfigError::new(format!(
                 "auth.leeway: {} is more clock skew than keybroker forgives; use at most {}",
@@ -160,7 +164,15 @@ impl Authenticator {
             }
             pem_keys.push(key);
         }
-        let jwks = config.jwks_url.clone().map(|url| Arc::new(JwksCache::new(url, http)));
+        let jwks = match &config.jwks_url {
+            Some(url) => {
+                let http = crate::outbound::client_builder(&config.ca_certificates)
+                    .build()
+                    .map_err(|e| ConfigError::new(format!("auth: cannot build the JWKS client: {e}")))?;
+                Some(Arc::new(JwksCache::new(url.clone(), http)))
+            }
+            None => None,
+        };
         Ok(Self {
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
@@ -199,6 +211,7 @@ impl Authenticator {
             }
             _ => self.decode_asymmetric(token, alg, jwt_header.kid.as_deref(), &validation).await?,
         };
+        time_claims_are_numbers(&claims)?;
         self.principal(&claims)
     }
 
@@ -255,6 +268,19 @@ impl Authenticator {
         }
         Ok(Principal { subject, display_name, teams, roles })
     }
+}
+
+/// jsonwebtoken before 10.3 (CVE-2026-25537) skips the check of an `exp`, `nbf` or `iat` that is
+/// present but not a number, as if the claim were absent: a signed token with
+/// `"nbf": "2036-01-01"` would be valid today. keybroker refuses such tokens itself, whatever
+/// the library's version.
+fn time_claims_are_numbers(claims: &serde_json::Map<String, Value>) -> Result<(), AuthError> {
+    for name in ["exp", "nbf", "iat"] {
+        if claims.get(name).is_some_and(|v| !v.is_number()) {
+            return Err(AuthError::BadTimeClaim(name));
+        }
+    }
+    Ok(())
 }
 
 fn bearer_token(header: &str) -> Result<&str, AuthError> {
@@ -346,19 +372,34 @@ mod tests {
             admin_teams: BTreeSet::new(),
             auditor_teams: BTreeSet::new(),
             leeway,
+            ca_certificates: Vec::new(),
         }
     }
 
     #[test]
     fn a_leeway_beyond_five_minutes_is_refused_at_start() {
-        assert!(Authenticator::new(&auth_config(MAX_LEEWAY), reqwest::Client::new()).is_ok());
-        let err = Authenticator::new(&auth_config(MAX_LEEWAY + Duration::from_secs(1)), reqwest::Client::new())
-            .unwrap_err()
-            .to_string();
+        assert!(Authenticator::new(&auth_config(MAX_LEEWAY)).is_ok());
+        let err = Authenticator::new(&auth_config(MAX_LEEWAY + Duration::from_secs(1))).unwrap_err().to_string();
         assert!(err.starts_with("auth.leeway: "), "{err}");
         // Large enough to underflow `now - leeway` if it were let through.
-        let err = Authenticator::new(&auth_config(Duration::from_secs(100 * 365 * 86_400)), reqwest::Client::new());
+        let err = Authenticator::new(&auth_config(Duration::from_secs(100 * 365 * 86_400)));
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn time_claims_must_be_numbers_when_present() {
+        let claims = |v: Value| v.as_object().unwrap().clone();
+        assert_eq!(time_claims_are_numbers(&claims(json!({"exp": 1, "nbf": 2.5, "iat": 3}))), Ok(()));
+        assert_eq!(time_claims_are_numbers(&claims(json!({"exp": 1}))), Ok(()));
+        assert_eq!(
+            time_claims_are_numbers(&claims(json!({"exp": 1, "nbf": "2036-01-01T00:00:00Z"}))),
+            Err(AuthError::BadTimeClaim("nbf"))
+        );
+        assert_eq!(time_claims_are_numbers(&claims(json!({"exp": "1"}))), Err(AuthError::BadTimeClaim("exp")));
+        assert_eq!(
+            time_claims_are_numbers(&claims(json!({"exp": 1, "iat": null}))),
+            Err(AuthError::BadTimeClaim("iat"))
+        );
     }
 
     #[test]

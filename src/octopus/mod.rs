@@ -107,6 +107,14 @@ pub enum OctopusError {
     RateLimited { retry_after: Option<Duration> },
     #[error("Octopus did not answer in time")]
     Timeout,
+    /// A 3xx: keybroker follows no redirect, so the credential never reaches another host. Only
+    /// the `Location`'s host is kept (its path or query could carry anything).
+    #[error(
+        "Octopus answered {status} redirecting to {}; keybroker follows no redirects: \
+         set octopus.url to the server's real address",
+        location_host.as_deref().unwrap_or("no Location")
+    )]
+    Redirected { status: u16, location_host: Option<String> },
     /// Connection failures, 5xx, and answers keybroker cannot read (502).
     #[error("Octopus failed: {detail}")]
     Unavailable { detail: String },
@@ -159,7 +167,9 @@ impl OctopusClient {
 
     /// Like [`OctopusClient::new`], recording call latency and outcomes in `metrics`.
     pub fn with_metrics(config: &OctopusConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        // No redirects: a 3xx from a proxy or a moved server would otherwise carry the API key,
+        // the login body or the session cookie to whatever host it names.
+        let http = crate::outbound::client_builder(&config.ca_certificates)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .timeout(config.timeout)
             .user_agent(concat!("keybroker/", env!("CARGO_PKG_VERSION")))
@@ -223,6 +233,19 @@ impl OctopusClient {
             if let Ok(mut cache) = self.users.write() {
                 cache.insert(username.to_owned(), user.clone());
             }
+        }
+        Ok(found)
+    }
+
+    /// Looks a username up in Octopus again. The cache entry is replaced by what Octopus
+    /// answered, removed only when Octopus says the user does not exist, and kept on errors.
+    pub async fn refresh_user(&self, username: &str) -> Result<Option<OctopusUser>, OctopusError> {
+        let found = self.lookup_user(username).await?;
+        if let Ok(mut cache) = self.users.write() {
+            match &found {
+                Some(user) => cache.insert(username.to_owned(), user.clone()),
+                None => cache.remove(username),
+            };
         }
         Ok(found)
     }
@@ -338,12 +361,19 @@ impl OctopusClient {
         }
     }
 
-    /// `DELETE /api/users/{id}/apikeys/{keyId}`; a 404 means it was already gone.
+    /// `DELETE /api/users/{id}/apikeys/{keyId}`. A 404 means "already gone" only when it is
+    /// Octopus's own error body (any other 404 is [`OctopusError::Unavailable`]) and a `GET` of
+    /// the key confirms it: a revocation never fails open on a proxy's or a wrong path's 404.
     pub async fn delete_api_key(&self, user_id: &str, key_id: &str) -> Result<Revoked, OctopusError> {
         let path = format!("api/users/{}/apikeys/{}", seg(user_id), seg(key_id));
         match self.send_idempotent("delete_api_key", Method::DELETE, &path, &[]).await {
             Ok(_) => Ok(Revoked::Deleted),
-            Err(OctopusError::NotFound { .. }) => Ok(Revoked::AlreadyGone),
+            Err(OctopusError::NotFound { .. }) => match self.get_api_key(user_id, key_id).await? {
+                None => Ok(Revoked::AlreadyGone),
+                Some(_) => Err(OctopusError::Unavailable {
+                    detail: format!("Octopus answered 404 to deleting key {key_id} but still lists it"),
+                }),
+            },
             Err(e) => Err(e),
         }
     }
@@ -423,6 +453,12 @@ impl OctopusClient {
                 self.metrics.observe_octopus(op, "ok", started.elapsed());
                 return Ok(response);
             }
+            if status.is_redirection() {
+                let err = redirected(&response);
+                tracing::error!(op, error = %err, "Octopus redirected keybroker; not followed");
+                self.metrics.observe_octopus(op, outcome_label(&err), started.elapsed());
+                return Err(err);
+            }
             if status == StatusCode::UNAUTHORIZED
                 && !relogged
                 && matches!(self.credential, OctopusCredential::Login { .. })
@@ -460,6 +496,11 @@ impl OctopusClient {
         let url = self.base.join("api/users/login").map_err(|e| OctopusError::Unavailable { detail: e.to_string() })?;
         let body = LoginCommand { username, password: password.expose_secret(), remember_me: false };
         let response = self.http.post(url).json(&body).send().await.map_err(transport_error)?;
+        if response.status().is_redirection() {
+            let err = redirected(&response);
+            tracing::error!(error = %err, "Octopus redirected keybroker's login; not followed");
+            return Err(err);
+        }
         if !response.status().is_success() {
             return Err(match error_from(response).await {
                 OctopusError::Rejected { status, message } => OctopusError::Credential { status, message },
@@ -497,8 +538,20 @@ fn outcome_label(e: &OctopusError) -> &'static str {
         OctopusError::Credential { .. } => "credential",
         OctopusError::RateLimited { .. } => "rate_limited",
         OctopusError::Timeout => "timeout",
+        OctopusError::Redirected { .. } => "redirected",
         OctopusError::Unavailable { .. } => "unavailable",
     }
+}
+
+/// The error for a 3xx answer, naming only the host of its `Location`.
+fn redirected(response: &Response) -> OctopusError {
+    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok());
+    // A relative Location stays on Octopus's own host.
+    let location_host = location.map(|l| match response.url().join(l) {
+        Ok(url) => url.host_str().map_or_else(|| "an address without a host".to_owned(), str::to_owned),
+        Err(_) => "an unreadable Location".to_owned(),
+    });
+    OctopusError::Redirected { status: response.status().as_u16(), location_host }
 }
 
 /// Octopus's time format: `2026-11-23T12:00:25.000+00:00` (octopus-api.md §1).
@@ -555,18 +608,24 @@ async fn error_from(response: Response) -> OctopusError {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    let text = response.text().await.unwrap_or_default();
-    let body: ErrorBody = serde_json::from_str(&text).unwrap_or_default();
-    let mut message = body.error_message.unwrap_or_else(|| text.chars().take(300).collect());
-    if let Some(errors) = body.errors.filter(|e| !e.is_empty()) {
-        let details = errors.join("; ");
-        if !message.contains(&details) {
-            message = format!("{message} {details}").trim().to_owned();
+    let bytes = response.bytes().await.unwrap_or_default();
+    let message = match octopus_error_message(&bytes) {
+        Some(message) => message,
+        None => {
+            // Not Octopus's error JSON: an HTML page from a proxy or an ingress, an empty body, a
+            // wrong base path. Its text stays in the log, clipped; callers and the audit trail
+            // get a fixed sentence.
+            let clipped: String = String::from_utf8_lossy(&bytes).chars().take(300).collect();
+            tracing::warn!(status = status.as_u16(), body = %clipped, "Octopus answered with a non-JSON body");
+            let summary = format!("Octopus answered {} with a non-JSON body", status.as_u16());
+            return match status.as_u16() {
+                401 | 403 => OctopusError::Credential { status: status.as_u16(), message: summary },
+                429 => OctopusError::RateLimited { retry_after },
+                // A 404 that is not Octopus's cannot say a key is gone.
+                _ => OctopusError::Unavailable { detail: summary },
+            };
         }
-    }
-    if message.is_empty() {
-        message = status.canonical_reason().unwrap_or("error").to_owned();
-    }
+    };
     match status.as_u16() {
         401 | 403 => OctopusError::Credential { status: status.as_u16(), message },
         404 => OctopusError::NotFound { message },
@@ -574,6 +633,20 @@ async fn error_from(response: Response) -> OctopusError {
         s @ 400..=499 => OctopusError::Rejected { status: s, message },
         s => OctopusError::Unavailable { detail: format!("HTTP {s}: {message}") },
     }
+}
+
+/// The message of Octopus's own error body (`{"ErrorMessage": "...", "Errors": [...]}`,
+/// octopus-api.md §4), or `None` when the body is anything else.
+fn octopus_error_message(bytes: &[u8]) -> Option<String> {
+    let body: ErrorBody = serde_json::from_slice(bytes).ok()?;
+    let mut message = body.error_message?.chars().take(500).collect::<String>();
+    if let Some(errors) = body.errors.filter(|e| !e.is_empty()) {
+        let details = errors.join("; ");
+        if !message.contains(&details) {
+            message = format!("{message} {details}").trim().chars().take(1000).collect();
+        }
+    }
+    Some(message)
 }
 
 #[cfg(test)]
@@ -592,6 +665,21 @@ mod tests {
     fn octopus_times_have_milliseconds_and_an_offset() {
         let t = DateTime::parse_from_rfc3339("2026-11-30T10:00:00Z").unwrap().with_timezone(&Utc);
         assert_eq!(format_octopus_time(t), "2026-11-30T10:00:00.000+00:00");
+    }
+
+    #[test]
+    fn only_octopus_error_json_counts_as_octopus_speaking() {
+        assert_eq!(
+            octopus_error_message(br#"{"ErrorMessage":"The resource 'x' was not found."}"#).as_deref(),
+            Some("The resource 'x' was not found.")
+        );
+        assert_eq!(
+            octopus_error_message(br#"{"ErrorMessage":"Model validation failed.","Errors":["a","b"]}"#).as_deref(),
+            Some("Model validation failed. a; b")
+        );
+        for foreign in [&b"<html><body>404 Not Found</body></html>"[..], b"", b"{}", br#"{"message":"nope"}"#, b"[]"] {
+            assert_eq!(octopus_error_message(foreign), None, "{}", String::from_utf8_lossy(foreign));
+        }
     }
 
     #[test]

@@ -256,6 +256,11 @@ pub trait Store: Send + Sync + 'static {
     /// already. Returns whether it was added.
     async fn enqueue_delivery(&self, delivery: &NewDelivery) -> Result<bool, StoreError>;
 
+    /// Outbox rows written before webhooks had names hold the webhook's URL: each `(url, name)`
+    /// pair gives them their webhook's name, and rows of URLs no longer configured get
+    /// `removed-<id>`, so that no URL stays in the database.
+    async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError>;
+
     /// Claims the pending deliveries due at `now`: they are not due again for
     /// [`DELIVERY_CLAIM`], so a second worker cannot send them too. A worker that dies before
     /// finishing them lets them fall due again after the claim.
@@ -290,7 +295,8 @@ pub trait Store: Send + Sync + 'static {
 /// A webhook notice to deliver (the outbox row).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewDelivery {
-    pub webhook_url: String,
+    /// The webhook's configured name (never its URL).
+    pub webhook: String,
     pub event: String,
     pub key_id: Uuid,
     /// `20d`/`10d` for `key.expiring`, empty otherwise.
@@ -302,7 +308,7 @@ pub struct NewDelivery {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub id: i64,
-    pub webhook_url: String,
+    pub webhook: String,
     pub event: String,
     pub key_id: Uuid,
     pub threshold: String,

@@ -645,11 +645,11 @@ impl Store for PgStore {
 
     async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
         let added = sqlx::query(
-            "INSERT INTO webhook_deliveries (webhook_url, event, key_id, threshold, payload, status, created_at, \
+            "INSERT INTO webhook_deliveries (webhook, event, key_id, threshold, payload, status, created_at, \
              next_attempt_at) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6) \
-             ON CONFLICT (webhook_url, event, key_id, threshold) DO NOTHING",
+             ON CONFLICT (webhook, event, key_id, threshold) DO NOTHING",
         )
-        .bind(&d.webhook_url)
+        .bind(&d.webhook)
         .bind(&d.event)
         .bind(d.key_id)
         .bind(&d.threshold)
@@ -663,11 +663,33 @@ impl Store for PgStore {
         Ok(added)
     }
 
+    async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut renamed = 0;
+        for (url, name) in names {
+            renamed += sqlx::query("UPDATE webhook_deliveries SET webhook = $1 WHERE webhook = $2")
+                .bind(name)
+                .bind(url)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected();
+        }
+        renamed +=
+            sqlx::query("UPDATE webhook_deliveries SET webhook = 'removed-' || id WHERE strpos(webhook, '://') > 0")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected();
+        tx.commit().await.map_err(db_err)?;
+        Ok(renamed)
+    }
+
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
         let rows = sqlx::query(
             "UPDATE webhook_deliveries SET next_attempt_at = $1 WHERE id IN (SELECT id FROM webhook_deliveries \
              WHERE status = 'pending' AND next_attempt_at <= $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, webhook_url, event, key_id, threshold, payload, attempts, created_at",
+             RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at",
         )
         .bind(store_precision(now + DELIVERY_CLAIM))
         .bind(now)
@@ -681,7 +703,7 @@ impl Store for PgStore {
                 let payload: sqlx::types::Json<serde_json::Value> = row.try_get("payload").map_err(db_err)?;
                 Ok(Delivery {
                     id: row.try_get("id").map_err(db_err)?,
-                    webhook_url: row.try_get("webhook_url").map_err(db_err)?,
+                    webhook: row.try_get("webhook").map_err(db_err)?,
                     event: row.try_get("event").map_err(db_err)?,
                     key_id: row.try_get("key_id").map_err(db_err)?,
                     threshold: row.try_get("threshold").map_err(db_err)?,

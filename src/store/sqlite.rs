@@ -741,11 +741,11 @@ impl Store for SqliteStore {
     async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         let added = sqlx::query(
-            "INSERT INTO webhook_deliveries (webhook_url, event, key_id, threshold, payload, status, created_at, \
+            "INSERT INTO webhook_deliveries (webhook, event, key_id, threshold, payload, status, created_at, \
              next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?) \
-             ON CONFLICT (webhook_url, event, key_id, threshold) DO NOTHING",
+             ON CONFLICT (webhook, event, key_id, threshold) DO NOTHING",
         )
-        .bind(&d.webhook_url)
+        .bind(&d.webhook)
         .bind(&d.event)
         .bind(d.key_id.to_string())
         .bind(&d.threshold)
@@ -761,12 +761,34 @@ impl Store for SqliteStore {
         Ok(added)
     }
 
+    async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
+        let (_write, mut tx) = self.write_tx().await?;
+        let mut renamed = 0;
+        for (url, name) in names {
+            renamed += sqlx::query("UPDATE webhook_deliveries SET webhook = ? WHERE webhook = ?")
+                .bind(name)
+                .bind(url)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected();
+        }
+        renamed +=
+            sqlx::query("UPDATE webhook_deliveries SET webhook = 'removed-' || id WHERE instr(webhook, '://') > 0")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected();
+        tx.commit().await.map_err(db_err)?;
+        Ok(renamed)
+    }
+
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         let rows = sqlx::query(
             "UPDATE webhook_deliveries SET next_attempt_at = ?1 WHERE id IN (SELECT id FROM webhook_deliveries \
              WHERE status = 'pending' AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3) \
-             RETURNING id, webhook_url, event, key_id, threshold, payload, attempts, created_at",
+             RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at",
         )
         .bind(fmt_time(now + DELIVERY_CLAIM))
         .bind(fmt_time(now))
@@ -782,7 +804,7 @@ impl Store for SqliteStore {
                 let payload: String = row.try_get("payload").map_err(db_err)?;
                 Ok(Delivery {
                     id: row.try_get("id").map_err(db_err)?,
-                    webhook_url: row.try_get("webhook_url").map_err(db_err)?,
+                    webhook: row.try_get("webhook").map_err(db_err)?,
                     event: row.try_get("event").map_err(db_err)?,
                     key_id: Uuid::parse_str(&key_id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
                     threshold: row.try_get("threshold").map_err(db_err)?,

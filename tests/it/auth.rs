@@ -190,7 +190,8 @@ fn strings(value: &Value) -> Vec<&str> {
 
 /// Asserts that every protected endpoint answers 401 with a Bearer challenge and a problem body
 /// whose detail contains `reason`, and that each refusal is audited once as `auth.denied` with
-/// that reason and the route, without the credential (or any long piece of it) anywhere.
+/// that reason and the route, without the credential (or any long piece of it) anywhere. A
+/// request without any credential is anonymous noise: refused the same way, never audited.
 async fn assert_refused(app: &TestApp, authorization: Option<&str>, reason: &str) {
     let credential = authorization.and_then(|a| a.split_once(' ')).map_or("", |(_, c)| c);
     let secrets: Vec<&str> =
@@ -212,7 +213,12 @@ async fn assert_refused(app: &TestApp, authorization: Option<&str>, reason: &str
         let events = app.audit_events().await;
         let new = &events[before..];
         let denied: Vec<_> = new.iter().filter(|e| e.action == "auth.denied").collect();
+        if authorization.is_none() {
+            assert!(denied.is_empty(), "GET {path}: a request without a credential was audited: {new:?}");
+            continue;
+        }
         assert_eq!(denied.len(), 1, "GET {path}: one auth.denied event expected, got {new:?}");
+        assert_eq!(denied[0].detail["count"], 1);
         assert_eq!(denied[0].outcome, "denied");
         assert_eq!(denied[0].actor, "anonymous");
         assert_eq!(denied[0].detail["reason"], detail);
@@ -292,9 +298,15 @@ async fn teams_from_a_nested_claim_map_to_roles() {
 // Refused requests: each is a 401 with a Bearer challenge, audited.
 
 #[tokio::test]
-async fn a_request_without_authorization_is_refused() {
+async fn a_request_without_authorization_is_refused_and_only_counted() {
     let app = TestApp::spawn().await;
     assert_refused(&app, None, "token is required").await;
+    let metrics = app.http.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keybroker_auth_missing_credential_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert_eq!(counted, Some(PROTECTED.len() as f64), "{metrics}");
     // RFC 6750 §3.1: no error code when the request carried no credentials at all.
     let res = get(&app, "/v1/me", None).await;
     assert_eq!(res.headers()["www-authenticate"], "Bearer realm=\"keybroker\"");
@@ -564,8 +576,9 @@ async fn keys_the_verifier_cannot_use_do_not_spoil_the_rest_of_the_jwks() {
 
 #[tokio::test]
 async fn subjects_keybroker_uses_for_itself_are_refused() {
-    let app = TestApp::spawn().await;
     for reserved in ["keybroker", "anonymous"] {
+        // An app each: the same refusal twice within a minute is one audit event.
+        let app = TestApp::spawn().await;
         let token = hs256(&claims(reserved, &["platform-admins"]));
         assert_refused(&app, Some(&bearer(&token)), "sub").await;
     }

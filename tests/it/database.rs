@@ -111,16 +111,11 @@ async fn readiness_follows_the_database_through_an_outage() {
     keybroker::store::Store::migrate(&store).await.unwrap();
     let app = TestApp::spawn_with(TestOptions { store: Some(Arc::new(store)), ..Default::default() }).await;
 
-    let ready = |app: &TestApp| {
-        let http = app.http.clone();
-        let url = format!("{}/readyz", app.url);
-        async move { http.get(url).send().await.unwrap() }
-    };
-    assert_eq!(ready(&app).await.status(), 200);
+    assert_eq!(app.readyz_now().await.status(), 200);
 
     proxy.up.store(false, Ordering::SeqCst);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let res = ready(&app).await;
+    let res = app.readyz_now().await;
     assert_eq!(res.status(), 503);
     let body: Value = res.json().await.unwrap();
     let db = body["checks"].as_array().unwrap().iter().find(|c| c["name"] == "database").unwrap().clone();
@@ -133,7 +128,7 @@ async fn readiness_follows_the_database_through_an_outage() {
     proxy.up.store(true, Ordering::SeqCst);
     let mut recovered = false;
     for _ in 0..50 {
-        if ready(&app).await.status() == 200 {
+        if app.readyz_now().await.status() == 200 {
             recovered = true;
             break;
         }

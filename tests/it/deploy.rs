@@ -188,15 +188,19 @@ async fn the_compose_configuration_validates_and_serves_against_its_seed() {
     let sim = Simulator::new(seed).unwrap().spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let secrets = Path::new(ROOT).join("deploy/secrets");
-    let text = std::fs::read_to_string(Path::new(ROOT).join("deploy/keybroker.toml"))
+    let mounted = std::fs::read_to_string(Path::new(ROOT).join("deploy/keybroker.toml"))
         .unwrap()
         .replace("/run/secrets/", &format!("{}/", secrets.display()))
-        .replace("http://octopus-sim:8065", &sim.url())
         .replace(
             &format!("url_file = \"{}/database-url\"", secrets.display()),
             &format!("url = \"sqlite://{}\"", dir.path().join("k.db").display()),
         )
         .replace("0.0.0.0:8080", "127.0.0.1:0");
+    // Its plain-http URL on compose's network is allowed only because the file says so.
+    Config::from_toml_str(&mounted, dir.path()).expect("the mounted configuration validates as it is");
+    let err = Config::from_toml_str(&mounted.replace("allow_insecure_http = true", ""), dir.path()).unwrap_err();
+    assert!(err.to_string().starts_with("octopus.url: must be an https:// URL"), "{err}");
+    let text = mounted.replace("http://octopus-sim:8065", &sim.url());
     let config = Config::from_toml_str(&text, dir.path()).unwrap();
     assert_eq!(config.policy.scopes().len(), 3);
     let app = keybroker::app::App::build(config).await.unwrap();

@@ -166,6 +166,13 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Runs the readiness job once (tests do not wait for its interval), then reads `/readyz`
+    /// as an admin, who sees every check's detail.
+    pub async fn readyz_now(&self) -> reqwest::Response {
+        self.state.readiness.refresh(&self.state.keys).await;
+        self.http.get(format!("{}/readyz", self.url)).bearer_auth(self.admin()).send().await.unwrap()
+    }
+
     /// Every audit event, oldest first.
     pub async fn audit_events(&self) -> Vec<keybroker::audit::AuditRecord> {
         self.state.keys.store().audit_chain(0, 100_000).await.unwrap()

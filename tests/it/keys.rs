@@ -323,12 +323,12 @@ async fn health_and_readiness_report_dependencies() {
     let app = TestApp::spawn().await;
     let health = app.http.get(format!("{}/healthz", app.url)).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let ready = app.http.get(format!("{}/readyz", app.url)).send().await.unwrap();
+    let ready = app.readyz_now().await;
     assert_eq!(ready.status(), 200);
 
     // A scope whose service account was disabled makes the service not ready, with the reason.
     assert!(app.sim.set_user_active("svc-web-deploy", false));
-    let ready = app.http.get(format!("{}/readyz", app.url)).send().await.unwrap();
+    let ready = app.readyz_now().await;
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     let check = body["checks"].as_array().unwrap().iter().find(|c| c["name"] == "scope:web-deploy").unwrap();
@@ -347,7 +347,7 @@ async fn health_and_readiness_report_dependencies() {
                     .to_owned(),
         },
     ));
-    let ready = app.http.get(format!("{}/readyz", app.url)).send().await.unwrap();
+    let ready = app.readyz_now().await;
     assert_eq!(ready.status(), 503);
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use axum::http::HeaderMap;
 use keybroker::jobs::{expire_once, reconcile_once, watch_credential};
 use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedApiKey};
-use keybroker::webhooks::{deliver_due, enqueue_notices, signature};
+use keybroker::webhooks::{Webhook, deliver_due, enqueue_notices, signature};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -64,13 +64,13 @@ fn assert_one_notice_of_each_kind(sink: &Sink) {
     );
 }
 
-const WEBHOOK_SECRET: &str = "webhook-secret-0123456789abcdef";
+const WEBHOOK_SECRET: &str = "webhook-secret-0123456789abcdef-0123456789";
 
 async fn app_with_webhook(sink: &Sink, clock: Arc<ManualClock>) -> TestApp {
     let secret_file = sink.dir.path().join("webhook-secret");
     std::fs::write(&secret_file, WEBHOOK_SECRET).unwrap();
     let hook = format!(
-        "\n[[webhooks]]\nurl = \"{}\"\nevents = [\"key.issued\", \"key.expiring\", \"key.expired\", \"key.revoked\"]\nsecret_file = \"{}\"\n",
+        "\n[[webhooks]]\nname = \"sink\"\nurl = \"{}\"\nevents = [\"key.issued\", \"key.expiring\", \"key.expired\", \"key.revoked\"]\nsecret_file = \"{}\"\n",
         sink.url,
         secret_file.display()
     );
@@ -85,7 +85,7 @@ async fn app_with_webhook(sink: &Sink, clock: Arc<ManualClock>) -> TestApp {
 async fn notices(app: &TestApp) {
     let webhooks = webhooks_of(app);
     enqueue_notices(&app.state.keys, &webhooks).await.unwrap();
-    deliver_due(&app.state.keys, &webhooks, &reqwest::Client::new()).await;
+    deliver_due(&app.state.keys, &Webhook::all(&webhooks).unwrap()).await;
 }
 
 fn webhooks_of(app: &TestApp) -> Vec<keybroker::config::WebhookConfig> {
@@ -140,7 +140,7 @@ async fn a_key_issued_twenty_five_days_before_expiry_gets_one_warning_per_thresh
         assert_eq!(body_json["requester"], "alice@example.com");
         // The signature covers the exact body that was sent.
         let sent = headers["x-keybroker-signature"].to_str().unwrap();
-        assert!(sent.starts_with("sha256="));
+        assert!(sent.starts_with("t="), "{sent}");
         let event = headers["x-keybroker-event"].to_str().unwrap();
         assert_eq!(event, body_json["event"]);
     }
@@ -158,11 +158,16 @@ async fn webhook_signatures_verify_over_the_body() {
     let received = sink.received.lock().unwrap().clone();
     assert_eq!(received.len(), 1);
     let (headers, body) = &received[0];
-    // The receiver re-serialises; serde_json keeps the same compact form keybroker sent.
-    assert_eq!(
-        headers["x-keybroker-signature"].to_str().unwrap(),
-        signature(WEBHOOK_SECRET, body.to_string().as_bytes())
-    );
+    // `t=<unix seconds>,id=<delivery id>,v1=<hex HMAC of "<t>.<id>.<body>">`, checked the way the
+    // README tells receivers to. The receiver re-serialises; serde_json keeps the compact form.
+    let header = headers["x-keybroker-signature"].to_str().unwrap();
+    let fields: std::collections::HashMap<&str, &str> = header.split(',').filter_map(|f| f.split_once('=')).collect();
+    let t: i64 = fields["t"].parse().unwrap();
+    let id: i64 = fields["id"].parse().unwrap();
+    assert_eq!(id.to_string(), headers["x-keybroker-delivery"].to_str().unwrap());
+    assert!((chrono::Utc::now().timestamp() - t).abs() < 300, "signed at {t}");
+    assert_eq!(header, signature(WEBHOOK_SECRET, t, id, body.to_string().as_bytes()));
+    assert_ne!(header, signature(WEBHOOK_SECRET, t, id, b"{}"), "the body is signed");
 }
 
 #[tokio::test]
@@ -340,7 +345,7 @@ async fn the_broker_credential_expiry_is_watched_and_warned_about_once() {
 async fn an_expired_broker_credential_makes_the_service_not_ready() {
     let app = TestApp::spawn().await;
     app.sim.advance_clock(chrono::Duration::days(400));
-    let res = app.http.get(format!("{}/readyz", app.url)).send().await.unwrap();
+    let res = app.readyz_now().await;
     assert_eq!(res.status(), 503);
     let body: Value = res.json().await.unwrap();
     let octopus = body["checks"].as_array().unwrap().iter().find(|c| c["name"] == "octopus").unwrap();
@@ -446,7 +451,9 @@ async fn two_replicas_on_one_database_never_send_a_notice_twice() {
     let Some((store, _guard)) = crate::helpers::postgres_store().await else { return };
     let sink = Sink::start().await;
     let clock = ManualClock::starting_now();
-    let hook = |c: String, url: &str| format!("{c}\n[[webhooks]]\nurl = \"{url}\"\nevents = []\n");
+    let hook = |c: String, url: &str| {
+        format!("{c}\n[[webhooks]]\nname = \"sink\"\nurl = \"{url}\"\nevents = []\nunsigned = true\n")
+    };
     let url_a = sink.url.clone();
     let url_b = sink.url.clone();
     let a = TestApp::spawn_with(TestOptions {
@@ -473,7 +480,7 @@ async fn two_replicas_on_one_database_never_send_a_notice_twice() {
             async move {
                 if keys.store().try_lease("webhooks", holder, keys.now(), ttl).await.unwrap() {
                     enqueue_notices(&keys, &webhooks).await.unwrap();
-                    deliver_due(&keys, &webhooks, &reqwest::Client::new()).await;
+                    deliver_due(&keys, &Webhook::all(&webhooks).unwrap()).await;
                 }
             }
         };

@@ -28,7 +28,12 @@ async fn client_for(
     sim: &keybroker::octopus_sim::RunningSimulator,
     credential: OctopusCredential,
 ) -> std::sync::Arc<OctopusClient> {
-    let config = OctopusConfig { url: sim.url().parse().unwrap(), credential, timeout: Duration::from_secs(5) };
+    let config = OctopusConfig {
+        url: sim.url().parse().unwrap(),
+        credential,
+        timeout: Duration::from_secs(5),
+        ca_certificates: Vec::new(),
+    };
     OctopusClient::new(&config).unwrap()
 }
 

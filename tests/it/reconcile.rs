@@ -97,6 +97,9 @@ impl Store for FlakyStore {
     async fn enqueue_delivery(&self, delivery: &NewDelivery) -> Result<bool, StoreError> {
         self.inner.enqueue_delivery(delivery).await
     }
+    async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
+        self.inner.name_webhook_deliveries(names).await
+    }
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
         self.inner.due_deliveries(now, limit).await
     }

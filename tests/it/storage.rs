@@ -559,7 +559,7 @@ async fn the_outbox_holds_each_notice_once_and_tracks_attempts() {
     for (name, store, _guard) in backends().await {
         let now = Utc::now();
         let notice = |threshold: &str| NewDelivery {
-            webhook_url: "http://127.0.0.1:9/hook".to_owned(),
+            webhook: "chat".to_owned(),
             event: "key.expiring".to_owned(),
             key_id: Uuid::nil(),
             threshold: threshold.to_owned(),
@@ -624,4 +624,34 @@ async fn postgres_writes_go_on_when_the_server_drops_the_batch_connection() {
     store.close().await;
     sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&admin).await.unwrap();
     admin.close().await;
+}
+
+#[tokio::test]
+async fn outbox_rows_from_before_webhook_names_lose_their_urls() {
+    use keybroker::store::NewDelivery;
+    for (name, store, _guard) in backends().await {
+        let now = Utc::now();
+        let legacy = |webhook: &str| NewDelivery {
+            webhook: webhook.to_owned(),
+            event: "key.issued".to_owned(),
+            key_id: Uuid::new_v4(),
+            threshold: String::new(),
+            payload: json!({"event": "key.issued"}),
+            created_at: now,
+        };
+        store.enqueue_delivery(&legacy("https://chat.example.com/hooks/T0K3N")).await.unwrap();
+        store.enqueue_delivery(&legacy("https://gone.example.com/hooks/S3CR3T?token=x")).await.unwrap();
+        store.enqueue_delivery(&legacy("chat")).await.unwrap();
+        let renamed = store
+            .name_webhook_deliveries(&[("https://chat.example.com/hooks/T0K3N".to_owned(), "chat".to_owned())])
+            .await
+            .unwrap();
+        assert_eq!(renamed, 2, "{name}");
+        let due = store.due_deliveries(now, 10).await.unwrap();
+        let names: Vec<&str> = due.iter().map(|d| d.webhook.as_str()).collect();
+        assert_eq!(names.len(), 3, "{name}");
+        assert_eq!(names.iter().filter(|n| **n == "chat").count(), 2, "{name}: {names:?}");
+        assert!(names.iter().any(|n| n.starts_with("removed-")), "{name}: {names:?}");
+        assert!(names.iter().all(|n| !n.contains("://")), "{name}: {names:?}");
+    }
 }

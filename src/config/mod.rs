@@ -17,6 +17,9 @@ use url::Url;
 
 use crate::policy::{Policy, Scope, ScopeName};
 
+mod transport;
+pub use transport::is_loopback;
+
 /// A configuration problem; the message names the key and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -114,6 +117,19 @@ struct RawServer {
     request_timeout: HumanDuration,
     #[serde(default = "default_rate_limit")]
     rate_limit_per_minute: u32,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout: HumanDuration,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_header_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 fn default_rate_limit() -> u32 {
@@ -128,6 +144,9 @@ impl Default for RawServer {
             request_body_limit_bytes: default_body_limit(),
             request_timeout: default_request_timeout(),
             rate_limit_per_minute: default_rate_limit(),
+            max_connections: default_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -165,6 +184,9 @@ struct RawOctopus {
     password: Option<SecretString>,
     #[serde(default = "default_octopus_timeout")]
     timeout: HumanDuration,
+    #[serde(default)]
+    allow_insecure_http: bool,
+    ca_file: Option<PathBuf>,
 }
 
 fn default_octopus_timeout() -> HumanDuration {
@@ -191,6 +213,9 @@ struct RawAuth {
     auditor_teams: Vec<String>,
     #[serde(default = "default_leeway")]
     leeway: HumanDuration,
+    #[serde(default)]
+    allow_insecure_http: bool,
+    ca_file: Option<PathBuf>,
 }
 
 fn default_teams_claim() -> String {
@@ -240,6 +265,12 @@ struct RawJobs {
     drift_interval: HumanDuration,
     #[serde(default = "default_expiry_sweep_interval")]
     credential_check_interval: HumanDuration,
+    #[serde(default = "default_readiness_interval")]
+    readiness_interval: HumanDuration,
+}
+
+fn default_readiness_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 
 impl Default for RawJobs {
@@ -251,6 +282,7 @@ impl Default for RawJobs {
             webhook_interval: default_webhook_interval(),
             drift_interval: default_expiry_sweep_interval(),
             credential_check_interval: default_expiry_sweep_interval(),
+            readiness_interval: default_readiness_interval(),
         }
     }
 }
@@ -272,10 +304,16 @@ fn default_expiry_sweep_interval() -> HumanDuration {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWebhook {
+    name: Option<String>,
     url: String,
     #[serde(default)]
     events: Vec<String>,
     secret_file: Option<PathBuf>,
+    #[serde(default)]
+    unsigned: bool,
+    #[serde(default)]
+    allow_insecure_http: bool,
+    ca_file: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,6 +342,12 @@ pub struct ServerConfig {
     /// Requests per minute per principal, and per client address for requests that fail
     /// authentication; 0 turns the limit off.
     pub rate_limit_per_minute: u32,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +372,8 @@ pub struct OctopusConfig {
     pub url: Url,
     pub credential: OctopusCredential,
     pub timeout: Duration,
+    /// Trusted in addition to the public roots (`octopus.ca_file`).
+    pub ca_certificates: Vec<reqwest::Certificate>,
 }
 
 /// JWT algorithms keybroker accepts; anything else (including `none`) is refused at start.
@@ -373,6 +419,8 @@ pub struct AuthConfig {
     pub admin_teams: BTreeSet<String>,
     pub auditor_teams: BTreeSet<String>,
     pub leeway: Duration,
+    /// For the JWKS client (`auth.ca_file`).
+    pub ca_certificates: Vec<reqwest::Certificate>,
 }
 
 #[derive(Debug, Clone)]
@@ -389,13 +437,18 @@ pub struct JobsConfig {
     pub webhook_interval: Duration,
     pub drift_interval: Duration,
     pub credential_check_interval: Duration,
+    pub readiness_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
+    /// What the outbox, the logs and the audit trail call it: its URL often carries a token.
+    pub name: String,
     pub url: Url,
     pub events: Vec<String>,
+    /// `None` only with `unsigned = true`.
     pub secret: Option<SecretString>,
+    pub ca_certificates: Vec<reqwest::Certificate>,
 }
 
 const WEBHOOK_EVENTS: &[&str] = &["key.issued", "key.expiring", "key.expired", "key.revoked"];
@@ -480,6 +533,12 @@ impl Config {
             },
             request_timeout: nonzero("server.request_timeout", raw.server.request_timeout)?,
             rate_limit_per_minute: raw.server.rate_limit_per_minute,
+            max_connections: match raw.server.max_connections {
+                0 => return Err(ConfigError::at("server.max_connections", "must be at least 1")),
+                n => n,
+            },
+            header_read_timeout: nonzero("server.header_read_timeout", raw.server.header_read_timeout)?,
+            trusted_proxies: transport::trusted_proxies(&raw.server.trusted_proxies)?,
         };
 
         let db_url = match (raw.database.url, raw.database.url_file) {
@@ -535,6 +594,7 @@ impl Config {
             webhook_interval: nonzero("jobs.webhook_interval", raw.jobs.webhook_interval)?,
             drift_interval: nonzero("jobs.drift_interval", raw.jobs.drift_interval)?,
             credential_check_interval: nonzero("jobs.credential_check_interval", raw.jobs.credential_check_interval)?,
+            readiness_interval: nonzero("jobs.readiness_interval", raw.jobs.readiness_interval)?,
         };
 
         // A request must outlive the Octopus call it waits for, or callers would time out while
@@ -553,21 +613,7 @@ impl Config {
             ));
         }
 
-        let mut webhooks = Vec::new();
-        for (i, hook) in raw.webhooks.into_iter().enumerate() {
-            let key = format!("webhooks[{i}]");
-            let url = parse_http_url(&format!("{key}.url"), &hook.url)?;
-            for event in &hook.events {
-                if !WEBHOOK_EVENTS.contains(&event.as_str()) {
-                    return Err(ConfigError::at(
-                        format!("{key}.events"),
-                        format!("unknown event `{event}`; known: {}", WEBHOOK_EVENTS.join(", ")),
-                    ));
-                }
-            }
-            let secret = read_secret(&format!("{key}.secret"), hook.secret_file.as_deref(), None, base)?;
-            webhooks.push(WebhookConfig { url, events: hook.events, secret });
-        }
+        let webhooks = validate_webhooks(raw.webhooks, base)?;
 
         Ok(Self {
             server,
@@ -583,12 +629,72 @@ impl Config {
     }
 }
 
+fn validate_webhooks(raw: Vec<RawWebhook>, base: &Path) -> Result<Vec<WebhookConfig>, ConfigError> {
+    let mut names = HashSet::new();
+    let mut webhooks = Vec::new();
+    for (i, hook) in raw.into_iter().enumerate() {
+        let key = format!("webhooks[{i}]");
+        let name = match hook.name.as_deref().map(str::trim) {
+            Some(n) if valid_webhook_name(n) => n.to_owned(),
+            Some(_) => {
+                return Err(ConfigError::at(format!("{key}.name"), "must be 1-64 letters, digits, '.', '_' or '-'"));
+            }
+            None => {
+                return Err(ConfigError::at(
+                    format!("{key}.name"),
+                    "required: the outbox, the logs and the audit trail name a webhook by it, never by its URL",
+                ));
+            }
+        };
+        if !names.insert(name.clone()) {
+            return Err(ConfigError::at(format!("{key}.name"), format!("duplicate webhook name `{name}`")));
+        }
+        let url = transport::outbound_url(&format!("{key}.url"), &hook.url, &key, hook.allow_insecure_http)?;
+        for event in &hook.events {
+            if !WEBHOOK_EVENTS.contains(&event.as_str()) {
+                return Err(ConfigError::at(
+                    format!("{key}.events"),
+                    format!("unknown event `{event}`; known: {}", WEBHOOK_EVENTS.join(", ")),
+                ));
+            }
+        }
+        let secret = read_secret(&format!("{key}.secret"), hook.secret_file.as_deref(), None, base)?;
+        match (&secret, hook.unsigned) {
+            (None, false) => {
+                return Err(ConfigError::at(
+                    format!("{key}.secret_file"),
+                    "required, so receivers can tell keybroker's deliveries from forgeries \
+                     (or set unsigned = true for a receiver that cannot verify)",
+                ));
+            }
+            (Some(_), true) => {
+                return Err(ConfigError::at(format!("{key}.unsigned"), "is true but secret_file is set; keep one"));
+            }
+            (Some(s), false) if s.expose_secret().len() < MIN_SECRET_BYTES => {
+                return Err(ConfigError::at(
+                    format!("{key}.secret_file"),
+                    format!("the secret must be at least {MIN_SECRET_BYTES} bytes long"),
+                ));
+            }
+            _ => {}
+        }
+        let ca_certificates = transport::ca_certificates(&format!("{key}.ca_file"), hook.ca_file.as_deref(), base)?;
+        webhooks.push(WebhookConfig { name, url, events: hook.events, secret, ca_certificates });
+    }
+    Ok(webhooks)
+}
+
+fn valid_webhook_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 fn validate_octopus(raw: Option<RawOctopus>, base: &Path) -> Result<OctopusConfig, ConfigError> {
     let raw = raw.ok_or_else(|| {
         ConfigError::at("octopus", "section missing: keybroker needs the Octopus Server URL and its credential")
     })?;
     let url_text = raw.url.ok_or_else(|| ConfigError::at("octopus.url", "required"))?;
-    let url = parse_http_url("octopus.url", &url_text)?;
+    let url = transport::outbound_url("octopus.url", &url_text, "octopus", raw.allow_insecure_http)?;
+    let ca_certificates = transport::ca_certificates("octopus.ca_file", raw.ca_file.as_deref(), base)?;
     let api_key = read_secret("octopus.api_key", raw.api_key_file.as_deref(), raw.api_key, base)?;
     let password = read_secret("octopus.password", raw.password_file.as_deref(), raw.password, base)?;
     let credential = match (api_key, raw.username, password) {
@@ -617,7 +723,7 @@ fn validate_octopus(raw: Option<RawOctopus>, base: &Path) -> Result<OctopusConfi
             return Err(ConfigError::at("octopus", "give either an API key or a username and password, not both"));
         }
     };
-    Ok(OctopusConfig { url, credential, timeout: nonzero("octopus.timeout", raw.timeout)? })
+    Ok(OctopusConfig { url, credential, timeout: nonzero("octopus.timeout", raw.timeout)?, ca_certificates })
 }
 
 fn validate_auth(raw: Option<RawAuth>, base: &Path) -> Result<AuthConfig, ConfigError> {
@@ -637,7 +743,12 @@ fn validate_auth(raw: Option<RawAuth>, base: &Path) -> Result<AuthConfig, Config
         algorithms.insert(alg);
     }
     let hs256_secret = read_secret("auth.hs256_secret", raw.hs256_secret_file.as_deref(), raw.hs256_secret, base)?;
-    let jwks_url = raw.jwks_url.as_deref().map(|u| parse_http_url("auth.jwks_url", u)).transpose()?;
+    let jwks_url = raw
+        .jwks_url
+        .as_deref()
+        .map(|u| transport::outbound_url("auth.jwks_url", u, "auth", raw.allow_insecure_http))
+        .transpose()?;
+    let ca_certificates = transport::ca_certificates("auth.ca_file", raw.ca_file.as_deref(), base)?;
     let mut public_keys = Vec::new();
     for (i, file) in raw.public_key_files.iter().enumerate() {
         let path = base.join(file);
@@ -697,6 +808,7 @@ fn validate_auth(raw: Option<RawAuth>, base: &Path) -> Result<AuthConfig, Config
         admin_teams: raw.admin_teams.into_iter().collect(),
         auditor_teams: raw.auditor_teams.into_iter().collect(),
         leeway: raw.leeway.0,
+        ca_certificates,
     })
 }
 
@@ -766,14 +878,6 @@ fn non_blank(key: &str, value: Option<String>) -> Result<String, ConfigError> {
 
 fn nonzero(key: &str, d: HumanDuration) -> Result<Duration, ConfigError> {
     if d.0.is_zero() { Err(ConfigError::at(key, "must be longer than zero")) } else { Ok(d.0) }
-}
-
-fn parse_http_url(key: &str, text: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(text.trim()).map_err(|e| ConfigError::at(key, format!("`{text}` is not a URL ({e})")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(ConfigError::at(key, "must be an http:// or https:// URL"));
-    }
-    Ok(url)
 }
 
 /// A secret comes from `<name>_file` or from the environment (already merged by figment);
@@ -893,7 +997,7 @@ max_ttl = "30d"
 
     #[test]
     fn the_shipped_example_is_valid_once_its_secret_files_exist() {
-        let example = include_str!("../keybroker.example.toml")
+        let example = include_str!("../../keybroker.example.toml")
             .replace("/run/secrets/octopus-api-key", "octopus-api-key")
             .replace("/run/secrets/keybroker-hmac", "hmac");
         let config = load(&example).unwrap();

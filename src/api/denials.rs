@@ -1,0 +1,212 @@
+//! Denials at the HTTP edge, written to the audit trail without letting anyone on the network
+//! fill it: a request with no credential at all is only counted (a metric), and repeated failed
+//! authentications from one address for one reason, or repeated role refusals of one caller,
+//! become one event per minute with a count.
+//!
+//! The first denial of a kind is audited at once, with `count: 1`. Those that follow within the
+//! minute are counted; when the minute is over (at the next denial of that kind, or at the
+//! periodic [`Denials::flush`]), one event records how many there were, with `repeated: true`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+
+/// One event per kind of denial per this long.
+pub const WINDOW: Duration = Duration::from_secs(60);
+
+/// Kinds tracked at once; beyond it new kinds share one bucket per action and reason, so that
+/// a spread of addresses cannot grow memory without bound.
+const MAX_KINDS: usize = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Kind {
+    action: Action,
+    /// The address bucket (auth.denied) or the subject (authz.denied); `*` on overflow.
+    who: String,
+    reason: String,
+    route: Option<String>,
+}
+
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    suppressed: u64,
+    context: RequestContext,
+}
+
+/// A denial to audit.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    pub action: Action,
+    /// `anonymous` for failed authentications, the subject for role refusals.
+    pub actor: String,
+    /// The address bucket or the subject: what makes two denials "the same".
+    pub who: String,
+    pub reason: String,
+    /// The route template, never the raw path.
+    pub route: Option<String>,
+    pub context: RequestContext,
+}
+
+#[derive(Debug, Default)]
+pub struct Denials {
+    windows: Mutex<HashMap<Kind, Window>>,
+}
+
+impl Denials {
+    /// The events to append for `denial` at `now`: none while its kind is within its minute,
+    /// otherwise this denial's event (after the summary of the previous minute, if one is due).
+    pub fn record(&self, denial: Denial, now: Instant, at: chrono::DateTime<chrono::Utc>) -> Vec<NewAuditEvent> {
+        let Ok(mut windows) = self.windows.lock() else { return Vec::new() };
+        let mut kind = Kind {
+            action: denial.action,
+            who: denial.who.clone(),
+            reason: denial.reason.clone(),
+            route: denial.route.clone(),
+        };
+        if windows.len() >= MAX_KINDS && !windows.contains_key(&kind) {
+            kind.who = "*".to_owned();
+        }
+        let mut out = Vec::new();
+        match windows.get_mut(&kind) {
+            Some(window) if now.duration_since(window.started) < WINDOW => {
+                window.suppressed += 1;
+                window.context = denial.context;
+                return out;
+            }
+            Some(window) => {
+                if window.suppressed > 0 {
+                    out.push(summary(&kind, &denial.actor, window, at));
+                }
+                *window = Window { started: now, suppressed: 0, context: denial.context.clone() };
+            }
+            None => {
+                windows.insert(kind.clone(), Window { started: now, suppressed: 0, context: denial.context.clone() });
+            }
+        }
+        out.push(event(&denial.actor, &kind, &denial.context, 1, false, at));
+        out
+    }
+
+    /// Summaries of every minute that is over, for the periodic flush; forgets those kinds.
+    pub fn flush(&self, now: Instant, at: chrono::DateTime<chrono::Utc>) -> Vec<NewAuditEvent> {
+        let Ok(mut windows) = self.windows.lock() else { return Vec::new() };
+        let mut out = Vec::new();
+        windows.retain(|kind, window| {
+            if now.duration_since(window.started) < WINDOW {
+                return true;
+            }
+            if window.suppressed > 0 {
+                let actor = if kind.action == Action::AuthDenied { "anonymous" } else { kind.who.as_str() };
+                out.push(summary(kind, actor, window, at));
+            }
+            false
+        });
+        out
+    }
+}
+
+fn summary(kind: &Kind, actor: &str, window: &Window, at: chrono::DateTime<chrono::Utc>) -> NewAuditEvent {
+    event(actor, kind, &window.context, window.suppressed, true, at)
+}
+
+fn event(
+    actor: &str,
+    kind: &Kind,
+    context: &RequestContext,
+    count: u64,
+    repeated: bool,
+    at: chrono::DateTime<chrono::Utc>,
+) -> NewAuditEvent {
+    let mut detail = json!({ "reason": kind.reason, "route": kind.route, "count": count });
+    if repeated {
+        detail["repeated"] = json!(true);
+        detail["window_seconds"] = json!(WINDOW.as_secs());
+    }
+    NewAuditEvent::new(at, actor, kind.action, Outcome::Denied, context).detail(detail)
+}
+
+/// The bucket an address is limited and aggregated by: IPv4 addresses as they are, IPv6 by
+/// their /64 (one host usually holds a whole /64), IPv4-mapped IPv6 as IPv4.
+pub fn address_bucket(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denial(who: &str, reason: &str) -> Denial {
+        Denial {
+            action: Action::AuthDenied,
+            actor: "anonymous".to_owned(),
+            who: who.to_owned(),
+            reason: reason.to_owned(),
+            route: Some("/v1/keys".to_owned()),
+            context: RequestContext::default(),
+        }
+    }
+
+    #[test]
+    fn a_flood_from_one_address_for_one_reason_is_one_event_per_minute_with_a_count() {
+        let denials = Denials::default();
+        let start = Instant::now();
+        let at = chrono::Utc::now();
+        let first = denials.record(denial("10.0.0.1", "expired"), start, at);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].detail["count"], 1);
+        for i in 1..=99 {
+            let later = start + Duration::from_millis(i * 100);
+            assert!(denials.record(denial("10.0.0.1", "expired"), later, at).is_empty());
+        }
+        // Another reason or address is another kind.
+        assert_eq!(denials.record(denial("10.0.0.1", "bad signature"), start, at).len(), 1);
+        assert_eq!(denials.record(denial("10.0.0.2", "expired"), start, at).len(), 1);
+        // The minute is over: the next denial brings the summary of the 99 and its own event.
+        let next = denials.record(denial("10.0.0.1", "expired"), start + WINDOW, at);
+        assert_eq!(next.len(), 2);
+        assert_eq!(next[0].detail["count"], 99);
+        assert_eq!(next[0].detail["repeated"], true);
+        assert_eq!(next[1].detail["count"], 1);
+    }
+
+    #[test]
+    fn the_flush_writes_what_a_quiet_minute_left_behind() {
+        let denials = Denials::default();
+        let start = Instant::now();
+        let at = chrono::Utc::now();
+        denials.record(denial("10.0.0.1", "expired"), start, at);
+        denials.record(denial("10.0.0.1", "expired"), start, at);
+        denials.record(denial("10.0.0.3", "expired"), start, at);
+        assert!(denials.flush(start + Duration::from_secs(1), at).is_empty(), "the minute is not over");
+        let flushed = denials.flush(start + WINDOW, at);
+        assert_eq!(flushed.len(), 1, "only kinds with suppressed denials: {flushed:?}");
+        assert_eq!(flushed[0].detail["count"], 1);
+        assert!(denials.flush(start + WINDOW * 2, at).is_empty());
+    }
+
+    #[test]
+    fn ipv6_addresses_share_their_slash_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_bucket(a), address_bucket(b));
+        assert_ne!(address_bucket(a), address_bucket(c));
+        assert_eq!(address_bucket("::ffff:10.1.2.3".parse().unwrap()), "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert_eq!(address_bucket("10.1.2.3".parse().unwrap()), "10.1.2.3".parse::<IpAddr>().unwrap());
+    }
+}

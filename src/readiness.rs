@@ -1,0 +1,126 @@
+//! Readiness as a verdict kept in memory: a background job checks the dependencies (the
+//! database, Octopus and keybroker's credential, every scope's account) every
+//! `jobs.readiness_interval` and refreshes the metrics gauges that need the database; `GET
+//! /readyz` only reads the last verdict. A flood of probes therefore costs Octopus and the
+//! database nothing, and never empties the user cache the issuance path relies on.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::issuance::KeyService;
+
+/// One dependency's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    /// Written for an operator; may name user ids, expiry times and Octopus's messages, so it is
+    /// shown to admins only.
+    pub detail: Option<String>,
+}
+
+impl Check {
+    fn ok(name: impl Into<String>, detail: Option<String>) -> Self {
+        Self { name: name.into(), ok: true, detail }
+    }
+
+    fn failed(name: impl Into<String>, detail: String) -> Self {
+        Self { name: name.into(), ok: false, detail: Some(detail) }
+    }
+}
+
+/// The result of one pass over the dependencies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub checks: Vec<Check>,
+    pub checked_at: Option<DateTime<Utc>>,
+}
+
+impl Verdict {
+    pub fn ready(&self) -> bool {
+        self.checked_at.is_some() && self.checks.iter().all(|c| c.ok)
+    }
+}
+
+/// Each check waits at most this long.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The last verdict, shared by the job and the handler.
+#[derive(Debug)]
+pub struct Readiness {
+    current: RwLock<Arc<Verdict>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        let unchecked = Verdict {
+            checks: vec![Check::failed("startup", "the dependencies have not been checked yet".to_owned())],
+            checked_at: None,
+        };
+        Self { current: RwLock::new(Arc::new(unchecked)) }
+    }
+}
+
+impl Readiness {
+    pub fn current(&self) -> Arc<Verdict> {
+        match self.current.read() {
+            Ok(v) => Arc::clone(&v),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Checks every dependency once, keeps the verdict and refreshes the active-key gauges.
+    pub async fn refresh(&self, keys: &KeyService) -> Arc<Verdict> {
+        let verdict = Arc::new(check_all(keys).await);
+        for check in verdict.checks.iter().filter(|c| !c.ok) {
+            tracing::warn!(check = %check.name, detail = check.detail.as_deref().unwrap_or(""), "not ready");
+        }
+        if let Ok(mut current) = self.current.write() {
+            *current = Arc::clone(&verdict);
+        }
+        verdict
+    }
+}
+
+async fn check_all(keys: &KeyService) -> Verdict {
+    let mut checks = Vec::new();
+    let db = tokio::time::timeout(CHECK_TIMEOUT, keys.store().ping()).await;
+    checks.push(match db {
+        Ok(Ok(())) => Check::ok("database", None),
+        Ok(Err(e)) => Check::failed("database", e.to_string()),
+        Err(_) => Check::failed("database", "no answer within 5 s".to_owned()),
+    });
+    if let Ok(Ok(counts)) = tokio::time::timeout(CHECK_TIMEOUT, keys.store().active_counts(keys.now())).await {
+        keys.metrics().set_active_keys(&counts);
+    }
+
+    let octopus = tokio::time::timeout(CHECK_TIMEOUT, keys.octopus().current_user()).await;
+    let octopus_ok = matches!(octopus, Ok(Ok(_)));
+    checks.push(match octopus {
+        Ok(Ok(user)) => Check::ok("octopus", Some(format!("signed in as {} ({})", user.username, user.id))),
+        Ok(Err(e)) => Check::failed("octopus", e.to_string()),
+        Err(_) => Check::failed("octopus", "no answer within 5 s".to_owned()),
+    });
+    if octopus_ok {
+        if let Some(expires) = keys.upstream_limits().broker_key_expires {
+            checks.push(Check {
+                name: "octopus_credential_expiry".to_owned(),
+                ok: expires > keys.now(),
+                detail: Some(format!("keybroker's Octopus API key expires at {}", expires.to_rfc3339())),
+            });
+        }
+        let policy = keys.policy();
+        for scope in policy.scopes() {
+            let name = format!("scope:{}", scope.name);
+            let result = tokio::time::timeout(CHECK_TIMEOUT, keys.check_scope_account(scope)).await;
+            checks.push(match result {
+                Ok(Ok(user)) => Check::ok(name, Some(user.id)),
+                Ok(Err(e)) => Check::failed(name, e.to_string()),
+                Err(_) => Check::failed(name, "no answer within 5 s".to_owned()),
+            });
+        }
+    }
+    Verdict { checks, checked_at: Some(keys.now()) }
+}
