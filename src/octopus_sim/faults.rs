@@ -72,6 +72,10 @@ pub enum FaultKind {
     Latency(#[serde(with = "millis")] Duration),
     /// 429 with `Retry-After`, as Octopus 2026.3+ rate limiting does; the request is not handled.
     RateLimited { retry_after_secs: u64 },
+    /// Answer as something in front of Octopus would (an ingress's HTML 404, a proxy's 502, an
+    /// empty body, a redirect): the status, a `Content-Type`, the body as is and, for 3xx, a
+    /// `Location`. The request never reaches Octopus.
+    Foreign { status: u16, content_type: String, body: String, location: Option<String> },
     /// Handle the request (for the create route: the key is created and stored), then break the
     /// connection in the middle of the response body: the client sees a transport error, never
     /// the secret.
@@ -114,6 +118,19 @@ pub(crate) fn take_fault(faults: &mut Vec<ActiveFault>, method: &Method, route: 
 pub(crate) fn status_response(status: u16, message: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     ApiError::Status(status, message.to_owned()).into_response()
+}
+
+/// The answer of a `Foreign` fault.
+pub(crate) fn foreign_response(status: u16, content_type: &str, body: &str, location: Option<&str>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, body.to_owned()).into_response();
+    if let Ok(value) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    if let Some(value) = location.and_then(|l| HeaderValue::from_str(l).ok()) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
 }
 
 /// The answer of a `RateLimited` fault.

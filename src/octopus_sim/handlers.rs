@@ -77,6 +77,9 @@ async fn observe(State(shared): State<AppState>, request: Request, next: Next) -
                 None => next.run(request).await,
                 Some(FaultKind::Status { status, error_message }) => faults::status_response(status, &error_message),
                 Some(FaultKind::RateLimited { retry_after_secs }) => faults::rate_limited_response(retry_after_secs),
+                Some(FaultKind::Foreign { status, content_type, body, location }) => {
+                    faults::foreign_response(status, &content_type, &body, location.as_deref())
+                }
                 Some(FaultKind::Latency(delay)) => {
                     tokio::time::sleep(delay).await;
                     next.run(request).await
@@ -470,7 +473,7 @@ async fn sim_faults(State(shared): State<AppState>) -> Json<Value> {
 async fn sim_inject(State(shared): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let fault: Fault =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("Not a valid fault: {e}")))?;
-    if let FaultKind::Status { status, .. } = &fault.kind {
+    if let FaultKind::Status { status, .. } | FaultKind::Foreign { status, .. } = &fault.kind {
         if StatusCode::from_u16(*status).is_err() {
             return Err(ApiError::BadRequest(format!("{status} is not an HTTP status code.")));
         }

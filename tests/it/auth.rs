@@ -355,6 +355,26 @@ async fn a_token_not_valid_before_a_future_time_is_refused() {
 }
 
 #[tokio::test]
+async fn time_claims_written_as_strings_are_refused() {
+    // CVE-2026-25537: jsonwebtoken before 10.3 skipped the check of a non-numeric `nbf`, so a
+    // validly signed token "not valid for ten years" was valid now.
+    let in_ten_years = (chrono::Utc::now() + chrono::Duration::days(3650)).to_rfc3339();
+    for (claim, value) in [
+        ("nbf", json!(in_ten_years)),
+        ("nbf", json!((now() + 10 * 365 * 86_400).to_string())),
+        ("iat", json!("yesterday")),
+        ("exp", json!((now() + 60).to_string())),
+    ] {
+        let app = TestApp::spawn().await;
+        let token = hs256(&claims_with(|c| {
+            c.insert(claim.to_owned(), value.clone());
+        }));
+        let reason = if claim == "exp" { "`exp`" } else { "is not a number of seconds" };
+        assert_refused(&app, Some(&bearer(&token)), reason).await;
+    }
+}
+
+#[tokio::test]
 async fn a_token_from_another_issuer_is_refused() {
     let app = TestApp::spawn().await;
     let token = hs256(&claims_with(|c| {

@@ -19,4 +19,6 @@ mod octopus_client;
 mod openapi;
 mod reconcile;
 mod secrets;
+mod security;
 mod storage;
+mod transport;
