@@ -153,7 +153,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck { url } => {
-            let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?;
+            let client = crate::outbound::client_builder(&[]).timeout(std::time::Duration::from_secs(3)).build()?;
             match client.get(&url).send().await {
                 Ok(res) if res.status().is_success() => Ok(ExitCode::SUCCESS),
                 Ok(res) => {

@@ -128,6 +128,7 @@ pub struct Webhook {
 
 impl Webhook {
     pub fn new(config: WebhookConfig) -> Result<Self, reqwest::Error> {
+        tracing::info!(webhook = %config.name, target = %redact_url(config.url.as_str()), "webhook configured");
         let http = crate::outbound::client_builder(&config.ca_certificates).timeout(Duration::from_secs(5)).build()?;
         Ok(Self { config, http })
     }
