@@ -49,6 +49,9 @@ enum Command {
     MintToken {
         #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
         config: PathBuf,
+        /// The HS256 issuer whose secret signs it (`default`: the single-issuer [auth] form).
+        #[arg(long, default_value = "default")]
+        issuer: String,
         /// The token's subject (recorded as the requester).
         #[arg(long)]
         sub: String,
@@ -132,18 +135,27 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             crate::octopus_sim::run_standalone(port, seed.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::MintToken { config, sub, teams, ttl } => {
+        Command::MintToken { config, issuer, sub, teams, ttl } => {
             let config = Config::load(&config)?;
-            let secret = config.auth.hs256_secret.as_ref().ok_or_else(|| {
-                anyhow::anyhow!("auth.hs256_secret_file is not set: tokens come from your identity provider")
+            let entry = config
+                .auth
+                .issuers
+                .iter()
+                .find(|i| i.name == issuer)
+                .ok_or_else(|| anyhow::anyhow!("no issuer is named `{issuer}` in [auth] or [[auth.issuers]]"))?;
+            let secret = entry.hs256_secret.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("issuer `{issuer}` has no hs256_secret_file: its tokens come from elsewhere")
             })?;
             let ttl = crate::policy::parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
             let now = chrono::Utc::now().timestamp();
             let mut claims = serde_json::json!({
-                "iss": config.auth.issuer, "aud": config.auth.audience, "sub": sub, "name": sub,
+                "iss": entry.issuer, "aud": entry.audiences[0], "sub": sub, "name": sub,
                 "iat": now, "nbf": now - 5, "exp": now + ttl.num_seconds(),
             });
-            claims[config.auth.teams_claim.as_str()] = serde_json::json!(teams);
+            // A JSON-pointer teams claim names a nested claim only an identity provider writes.
+            if let Some(claim) = entry.teams_claim.as_deref().filter(|c| !c.starts_with('/')) {
+                claims[claim] = serde_json::json!(teams);
+            }
             let token = jsonwebtoken::encode(
                 &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
                 &claims,

@@ -509,6 +509,7 @@ impl KeyService {
     pub fn system_principal() -> Principal {
         Principal {
             subject: "keybroker".to_owned(),
+            issuer: "keybroker".to_owned(),
             display_name: "keybroker".to_owned(),
             teams: std::collections::BTreeSet::new(),
             roles: [crate::auth::Role::Requester, crate::auth::Role::Admin].into(),

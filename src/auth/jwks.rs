@@ -19,6 +19,8 @@ const MAX_AGE: Duration = Duration::from_secs(3600);
 pub struct JwksCache {
     url: Url,
     http: reqwest::Client,
+    /// A file holding a Bearer token for the JWKS URL, read at each fetch.
+    bearer_token_file: Option<std::path::PathBuf>,
     state: Mutex<State>,
 }
 
@@ -31,8 +33,8 @@ struct State {
 }
 
 impl JwksCache {
-    pub fn new(url: Url, http: reqwest::Client) -> Self {
-        Self { url, http, state: Mutex::new(State::default()) }
+    pub fn new(url: Url, http: reqwest::Client, bearer_token_file: Option<std::path::PathBuf>) -> Self {
+        Self { url, http, bearer_token_file, state: Mutex::new(State::default()) }
     }
 
     /// How many times the JWKS document was requested (for tests and metrics).
@@ -81,13 +83,15 @@ impl JwksCache {
     /// publish encryption keys and algorithms it does not know next to the signing keys, and one
     /// such key must not make the whole set unreadable.
     async fn fetch(&self) -> Result<JwkSet, String> {
-        let response = self
-            .http
-            .get(self.url.clone())
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| e.without_url().to_string())?;
+        let mut request = self.http.get(self.url.clone()).timeout(Duration::from_secs(5));
+        if let Some(path) = &self.bearer_token_file {
+            // Read each time: projected service-account tokens rotate.
+            let token = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| format!("cannot read jwks_bearer_token_file {}: {e}", path.display()))?;
+            request = request.bearer_auth(token.trim());
+        }
+        let response = request.send().await.map_err(|e| e.without_url().to_string())?;
         let status = response.status();
         if status.is_redirection() {
             let to = response

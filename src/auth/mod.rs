@@ -1,17 +1,28 @@
-//! Caller authentication: Bearer JWTs verified with pinned algorithms, and the principal they
-//! describe (subject, name, teams, roles).
+//! Caller authentication: Bearer JWTs from one of several trusted issuers, verified with pinned
+//! algorithms, and the principal they describe (issuer, subject, name, teams, roles).
+//!
+//! The token's `iss` selects the issuer entry; its keys, audiences and algorithms verify the
+//! token. A principal's teams are those of the issuer's `teams_claim` plus those of every
+//! binding of that issuer whose subject and claim globs match, so CI and Kubernetes tokens,
+//! which carry no `groups`, get teams too. Issuer entries may pin the subjects and teams their
+//! tokens may claim (bots), and tokens verified with an HS256 secret carry admin or auditor
+//! teams only when their issuer is `privileged`.
 
+mod claims;
+pub mod glob;
 mod jwks;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
-use crate::config::{AuthConfig, ConfigError, JwtAlgorithm};
+use crate::config::{AuthConfig, BindingConfig, ConfigError, IssuerConfig, JwtAlgorithm};
+pub use claims::{Mismatch, check_binding, claim, claim_strings, teams_from};
 pub use jwks::JwksCache;
 
 /// Roles derived from the caller's teams. Everyone is a requester.
@@ -26,8 +37,12 @@ pub enum Role {
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// The token's `sub`: the requester recorded on keys and audit events.
+    /// Who the caller is for ownership, limits and the audit trail: the token's `sub` for the
+    /// `default` issuer, `<issuer>:<sub>` for every other, so that one `sub` from two issuers is
+    /// two principals.
     pub subject: String,
+    /// The name of the issuer entry that verified the token.
+    pub issuer: String,
     pub display_name: String,
     pub teams: BTreeSet<String>,
     pub roles: BTreeSet<Role>,
@@ -58,6 +73,7 @@ impl Principal {
         }
         Self {
             subject: subject.to_owned(),
+            issuer: crate::config::DEFAULT_ISSUER.to_owned(),
             display_name: subject.to_owned(),
             teams: teams.iter().map(|t| (*t).to_owned()).collect(),
             roles,
@@ -75,6 +91,8 @@ pub enum AuthError {
     NotBearer,
     #[error("the token is malformed")]
     Malformed,
+    #[error("the token's issuer (`iss`) is not one keybroker trusts")]
+    UnknownIssuer,
     #[error("the token's algorithm {0} is not accepted")]
     AlgorithmNotAllowed(String),
     #[error("the token was signed with a key keybroker does not know")]
@@ -93,6 +111,12 @@ pub enum AuthError {
     MissingClaim(String),
     #[error("the token's `{0}` claim is not a number of seconds")]
     BadTimeClaim(&'static str),
+    #[error("issuer `{0}` does not allow this token's subject")]
+    SubjectNotAllowed(String),
+    #[error("issuer `{issuer}` does not allow the team {team}")]
+    TeamNotAllowed { issuer: String, team: String },
+    #[error("tokens of issuer `{0}` may not carry admin or auditor teams (its entry is not privileged)")]
+    PrivilegedTeams(String),
 }
 
 /// The most clock skew `auth.leeway` may forgive. A large leeway quietly extends every token's
@@ -103,15 +127,18 @@ const MAX_LEEWAY: Duration = Duration::from_secs(5 * 60);
 /// Subjects a caller may not have: keybroker's own actors in the audit trail.
 const RESERVED_SUBJECTS: [&str; 2] = ["keybroker", "anonymous"];
 
-/// Verifies Bearer tokens according to the `[auth]` configuration.
-pub struct Authenticator {
-    issuer: String,
-    audience: String,
-    algorithms: BTreeSet<JwtAlgorithm>,
+/// One trusted issuer with its keys.
+struct Verifier {
+    config: IssuerConfig,
     hs256: Option<DecodingKey>,
     pem_keys: Vec<(JwtAlgorithm, DecodingKey)>,
     jwks: Option<Arc<JwksCache>>,
-    teams_claim: String,
+}
+
+/// Verifies Bearer tokens according to the `[auth]` configuration.
+pub struct Authenticator {
+    verifiers: Vec<Verifier>,
+    bindings: Vec<BindingConfig>,
     admin_teams: BTreeSet<String>,
     auditor_teams: BTreeSet<String>,
     leeway_secs: u64,
@@ -119,17 +146,32 @@ pub struct Authenticator {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator")
-            .field("issuer", &self.issuer)
-            .field("audience", &self.audience)
-            .field("algorithms", &self.algorithms)
-            .finish_non_exhaustive()
+        let issuers: Vec<&str> = self.verifiers.iter().map(|v| v.config.name.as_str()).collect();
+        f.debug_struct("Authenticator").field("issuers", &issuers).finish_non_exhaustive()
     }
 }
 
+/// What an admin's `POST /v1/admin/explain` shows: how a set of claims would be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub principal: Option<Principal>,
+    /// Why a token with these claims would be refused, if it would.
+    pub refused: Option<String>,
+    pub bindings: Vec<BindingOutcome>,
+}
+
+/// One binding of the issuer, and whether it matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingOutcome {
+    /// Its position among `[[bindings]]`.
+    pub index: usize,
+    pub teams: BTreeSet<String>,
+    /// `None` when it matched; otherwise the first entry that failed.
+    pub mismatch: Option<Mismatch>,
+}
+
 impl Authenticator {
-    /// Reads the keys of `config`; the JWKS client, if any, follows no redirect and trusts
-    /// `auth.ca_file`.
+    /// Reads the keys of every issuer; JWKS clients follow no redirect and trust their `ca_file`.
     pub fn new(config: &AuthConfig) -> Result<Self, ConfigError> {
         if config.leeway > MAX_LEEWAY {
             return Err(ConfigError::new(format!(
@@ -138,49 +180,10 @@ impl Authenticator {
                 humantime::format_duration(MAX_LEEWAY)
             )));
         }
-        let hs256 = config.hs256_secret.as_ref().map(|s| DecodingKey::from_secret(s.expose_secret().as_bytes()));
-        let mut pem_keys = Vec::new();
-        for (path, pem) in &config.public_keys {
-            let key = [
-                (JwtAlgorithm::Rs256, DecodingKey::from_rsa_pem(pem)),
-                (JwtAlgorithm::Es256, DecodingKey::from_ec_pem(pem)),
-                (JwtAlgorithm::EdDsa, DecodingKey::from_ed_pem(pem)),
-            ]
-            .into_iter()
-            .find_map(|(alg, key)| key.ok().map(|k| (alg, k)))
-            .ok_or_else(|| {
-                ConfigError::new(format!(
-                    "auth.public_key_files: {} is not an RSA, EC (P-256) or Ed25519 public key in PEM form",
-                    path.display()
-                ))
-            })?;
-            if !config.algorithms.contains(&key.0) {
-                return Err(ConfigError::new(format!(
-                    "auth.public_key_files: {} is a {} key, but {} is not in auth.algorithms",
-                    path.display(),
-                    key.0.name(),
-                    key.0.name()
-                )));
-            }
-            pem_keys.push(key);
-        }
-        let jwks = match &config.jwks_url {
-            Some(url) => {
-                let http = crate::outbound::client_builder(&config.ca_certificates)
-                    .build()
-                    .map_err(|e| ConfigError::new(format!("auth: cannot build the JWKS client: {e}")))?;
-                Some(Arc::new(JwksCache::new(url.clone(), http)))
-            }
-            None => None,
-        };
+        let verifiers = config.issuers.iter().map(verifier).collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            issuer: config.issuer.clone(),
-            audience: config.audience.clone(),
-            algorithms: config.algorithms.clone(),
-            hs256,
-            pem_keys,
-            jwks,
-            teams_claim: config.teams_claim.clone(),
+            verifiers,
+            bindings: config.bindings.clone(),
             admin_teams: config.admin_teams.clone(),
             auditor_teams: config.auditor_teams.clone(),
             leeway_secs: config.leeway.as_secs(),
@@ -192,29 +195,163 @@ impl Authenticator {
         let header = authorization.ok_or(AuthError::Missing)?;
         let token = bearer_token(header)?;
         let jwt_header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        // The unverified `iss` only chooses which keys to verify with; the verification below
+        // checks it again.
+        let iss = unverified_issuer(token)?;
+        let verifier = self.verifiers.iter().find(|v| v.config.issuer == iss).ok_or(AuthError::UnknownIssuer)?;
         let alg = pinned(jwt_header.alg)
-            .filter(|a| self.algorithms.contains(a))
+            .filter(|a| verifier.config.algorithms.contains(a))
             .ok_or_else(|| AuthError::AlgorithmNotAllowed(format!("{:?}", jwt_header.alg)))?;
 
         let mut validation = Validation::new(jwt_header.alg);
         validation.algorithms = vec![jwt_header.alg];
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
+        validation.set_issuer(&[&verifier.config.issuer]);
+        validation.set_audience(&verifier.config.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = self.leeway_secs;
 
         let claims = match alg {
             JwtAlgorithm::Hs256 => {
-                let key = self.hs256.as_ref().ok_or(AuthError::UnknownKey)?;
+                let key = verifier.hs256.as_ref().ok_or(AuthError::UnknownKey)?;
                 decode(token, key, &validation)?
             }
-            _ => self.decode_asymmetric(token, alg, jwt_header.kid.as_deref(), &validation).await?,
+            _ => verifier.decode_asymmetric(token, alg, jwt_header.kid.as_deref(), &validation).await?,
         };
         time_claims_are_numbers(&claims)?;
-        self.principal(&claims)
+        self.principal(verifier, alg == JwtAlgorithm::Hs256, &claims)
     }
 
+    /// How a token of issuer `issuer` (a name) with `claims` would be read, without verifying
+    /// anything: for operators writing bindings. `None` when no issuer has that name.
+    pub fn explain(&self, issuer: &str, claims: &serde_json::Map<String, Value>, hs256: bool) -> Option<Explanation> {
+        let verifier = self.verifiers.iter().find(|v| v.config.name == issuer)?;
+        let bindings = self.outcomes(verifier, claims);
+        let (principal, refused) = match self.principal(verifier, hs256, claims) {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Some(Explanation { principal, refused, bindings })
+    }
+
+    /// The names of the configured issuers.
+    pub fn issuer_names(&self) -> impl Iterator<Item = &str> {
+        self.verifiers.iter().map(|v| v.config.name.as_str())
+    }
+
+    fn outcomes(&self, verifier: &Verifier, claims: &serde_json::Map<String, Value>) -> Vec<BindingOutcome> {
+        let subject = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+        self.bindings
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.issuer == verifier.config.name)
+            .map(|(index, b)| BindingOutcome {
+                index,
+                teams: b.teams.clone(),
+                mismatch: check_binding(b, subject, claims).err(),
+            })
+            .collect()
+    }
+
+    fn principal(
+        &self,
+        verifier: &Verifier,
+        hs256: bool,
+        claims: &serde_json::Map<String, Value>,
+    ) -> Result<Principal, AuthError> {
+        let issuer = &verifier.config;
+        let raw_subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control))
+            // Names keybroker uses for itself in the audit trail.
+            .filter(|s| !RESERVED_SUBJECTS.contains(s))
+            // A default subject that looks like another issuer's principal would own its keys.
+            .filter(|s| !issuer.is_default() || !self.issuer_names().any(|n| s.starts_with(&format!("{n}:"))))
+            .ok_or_else(|| AuthError::MissingClaim("sub".to_owned()))?;
+        if !issuer.subjects.is_empty() && !issuer.subjects.iter().any(|p| glob::matches(p, raw_subject)) {
+            return Err(AuthError::SubjectNotAllowed(issuer.name.clone()));
+        }
+        let mut teams = match &issuer.teams_claim {
+            Some(name) => teams_from(claims, name, issuer.teams_separator.as_deref()),
+            None => BTreeSet::new(),
+        };
+        if let Some(allowed) = &issuer.allowed_teams {
+            if let Some(team) = teams.iter().find(|t| !allowed.contains(*t)) {
+                let shown: String = team.chars().take(64).collect();
+                return Err(AuthError::TeamNotAllowed { issuer: issuer.name.clone(), team: format!("{shown:?}") });
+            }
+        }
+        for outcome in self.outcomes(verifier, claims) {
+            if outcome.mismatch.is_none() {
+                teams.extend(outcome.teams);
+            }
+        }
+        let privileged = teams.iter().any(|t| self.admin_teams.contains(t) || self.auditor_teams.contains(t));
+        if privileged && hs256 && !issuer.privileged {
+            return Err(AuthError::PrivilegedTeams(issuer.name.clone()));
+        }
+        let display_name = ["name", "preferred_username", "email"]
+            .iter()
+            .find_map(|c| claims.get(*c).and_then(Value::as_str))
+            .filter(|n| !n.chars().any(char::is_control))
+            .map(|n| n.chars().take(200).collect())
+            .unwrap_or_else(|| raw_subject.to_owned());
+        let mut roles = BTreeSet::from([Role::Requester]);
+        if teams.iter().any(|t| self.admin_teams.contains(t)) {
+            roles.insert(Role::Admin);
+        }
+        if teams.iter().any(|t| self.auditor_teams.contains(t)) {
+            roles.insert(Role::Auditor);
+        }
+        let subject =
+            if issuer.is_default() { raw_subject.to_owned() } else { format!("{}:{raw_subject}", issuer.name) };
+        Ok(Principal { subject, issuer: issuer.name.clone(), display_name, teams, roles })
+    }
+}
+
+fn verifier(config: &IssuerConfig) -> Result<Verifier, ConfigError> {
+    let key = if config.is_default() { "auth".to_owned() } else { format!("auth.issuers `{}`", config.name) };
+    let hs256 = config.hs256_secret.as_ref().map(|s| DecodingKey::from_secret(s.expose_secret().as_bytes()));
+    let mut pem_keys = Vec::new();
+    for (path, pem) in &config.public_keys {
+        let found = [
+            (JwtAlgorithm::Rs256, DecodingKey::from_rsa_pem(pem)),
+            (JwtAlgorithm::Es256, DecodingKey::from_ec_pem(pem)),
+            (JwtAlgorithm::EdDsa, DecodingKey::from_ed_pem(pem)),
+        ]
+        .into_iter()
+        .find_map(|(alg, key)| key.ok().map(|k| (alg, k)))
+        .ok_or_else(|| {
+            ConfigError::new(format!(
+                "{key}.public_key_files: {} is not an RSA, EC (P-256) or Ed25519 public key in PEM form",
+                path.display()
+            ))
+        })?;
+        if !config.algorithms.contains(&found.0) {
+            return Err(ConfigError::new(format!(
+                "{key}.public_key_files: {} is a {} key, but {} is not in {key}.algorithms",
+                path.display(),
+                found.0.name(),
+                found.0.name()
+            )));
+        }
+        pem_keys.push(found);
+    }
+    let jwks = match &config.jwks_url {
+        Some(url) => {
+            let http = crate::outbound::client_builder(&config.ca_certificates)
+                .build()
+                .map_err(|e| ConfigError::new(format!("{key}: cannot build the JWKS client: {e}")))?;
+            Some(Arc::new(JwksCache::new(url.clone(), http, config.jwks_bearer_token_file.clone())))
+        }
+        None => None,
+    };
+    Ok(Verifier { config: config.clone(), hs256, pem_keys, jwks })
+}
+
+impl Verifier {
     async fn decode_asymmetric(
         &self,
         token: &str,
@@ -241,32 +378,19 @@ impl Authenticator {
         }
         Err(last)
     }
+}
 
-    fn principal(&self, claims: &serde_json::Map<String, Value>) -> Result<Principal, AuthError> {
-        let subject = claims
-            .get("sub")
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|s| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control))
-            // Names keybroker uses for itself in the audit trail.
-            .filter(|s| !RESERVED_SUBJECTS.contains(s))
-            .ok_or_else(|| AuthError::MissingClaim("sub".to_owned()))?
-            .to_owned();
-        let display_name = ["name", "preferred_username", "email"]
-            .iter()
-            .find_map(|c| claims.get(*c).and_then(Value::as_str))
-            .filter(|n| !n.chars().any(char::is_control))
-            .map(|n| n.chars().take(200).collect())
-            .unwrap_or_else(|| subject.clone());
-        let teams = teams_from(claims, &self.teams_claim);
-        let mut roles = BTreeSet::from([Role::Requester]);
-        if teams.iter().any(|t| self.admin_teams.contains(t)) {
-            roles.insert(Role::Admin);
-        }
-        if teams.iter().any(|t| self.auditor_teams.contains(t)) {
-            roles.insert(Role::Auditor);
-        }
-        Ok(Principal { subject, display_name, teams, roles })
+/// The `iss` of a token, read before its signature is checked (to pick the keys that check it).
+fn unverified_issuer(token: &str) -> Result<String, AuthError> {
+    let payload = token.split('.').nth(1).ok_or(AuthError::Malformed)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| AuthError::Malformed)?;
+    let claims: serde_json::Map<String, Value> = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    match claims.get("iss") {
+        Some(Value::String(iss)) => Ok(iss.clone()),
+        Some(_) => Err(AuthError::Malformed),
+        None => Err(AuthError::MissingClaim("iss".to_owned())),
     }
 }
 
@@ -326,53 +450,37 @@ fn decode(
     )
 }
 
-/// Teams from the configured claim: an array of strings, or one string. A dotted name such as
-/// `realm_access.roles` walks into nested objects (Keycloak puts roles there).
-fn teams_from(claims: &serde_json::Map<String, Value>, claim: &str) -> BTreeSet<String> {
-    let mut parts = claim.split('.');
-    let mut value = parts.next().and_then(|first| claims.get(first));
-    for part in parts {
-        value = value.and_then(|v| v.get(part));
-    }
-    let clean = |s: &str| {
-        let s = s.trim();
-        (!s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control)).then(|| s.to_owned())
-    };
-    match value {
-        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).filter_map(clean).collect(),
-        Some(Value::String(one)) => clean(one).into_iter().collect(),
-        _ => BTreeSet::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn teams_come_from_arrays_strings_and_nested_claims() {
-        let claims = json!({"groups": ["a", " b ", 3, ""], "one": "solo", "realm_access": {"roles": ["x"]}});
-        let claims = claims.as_object().unwrap();
-        assert_eq!(teams_from(claims, "groups"), BTreeSet::from(["a".to_owned(), "b".to_owned()]));
-        assert_eq!(teams_from(claims, "one"), BTreeSet::from(["solo".to_owned()]));
-        assert_eq!(teams_from(claims, "realm_access.roles"), BTreeSet::from(["x".to_owned()]));
-        assert!(teams_from(claims, "missing").is_empty());
-    }
-
-    fn auth_config(leeway: Duration) -> AuthConfig {
-        AuthConfig {
-            issuer: "https://issuer.example/".to_owned(),
-            audience: "keybroker".to_owned(),
+    fn issuer(name: &str, privileged: bool) -> IssuerConfig {
+        IssuerConfig {
+            name: name.to_owned(),
+            issuer: format!("https://{name}.example/"),
+            audiences: vec!["keybroker".to_owned()],
             algorithms: BTreeSet::from([JwtAlgorithm::Hs256]),
             jwks_url: None,
             public_keys: Vec::new(),
             hs256_secret: Some("0123456789abcdef0123456789abcdef".to_owned().into()),
-            teams_claim: "groups".to_owned(),
-            admin_teams: BTreeSet::new(),
+            teams_claim: Some("groups".to_owned()),
+            teams_separator: None,
+            ca_certificates: Vec::new(),
+            jwks_bearer_token_file: None,
+            subjects: Vec::new(),
+            allowed_teams: None,
+            privileged,
+        }
+    }
+
+    fn auth_config(leeway: Duration) -> AuthConfig {
+        AuthConfig {
+            issuers: vec![issuer("default", true), issuer("bots", false)],
+            bindings: Vec::new(),
+            admin_teams: BTreeSet::from(["admins".to_owned()]),
             auditor_teams: BTreeSet::new(),
             leeway,
-            ca_certificates: Vec::new(),
         }
     }
 
@@ -384,6 +492,75 @@ mod tests {
         // Large enough to underflow `now - leeway` if it were let through.
         let err = Authenticator::new(&auth_config(Duration::from_secs(100 * 365 * 86_400)));
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn principals_of_other_issuers_are_qualified_by_the_issuer_name() {
+        let auth = Authenticator::new(&auth_config(MAX_LEEWAY)).unwrap();
+        let claims = json!({"sub": "deploy-bot", "groups": ["payments"]});
+        let claims = claims.as_object().unwrap();
+        let default = auth.principal(&auth.verifiers[0], true, claims).unwrap();
+        assert_eq!((default.subject.as_str(), default.issuer.as_str()), ("deploy-bot", "default"));
+        let bot = auth.principal(&auth.verifiers[1], true, claims).unwrap();
+        assert_eq!((bot.subject.as_str(), bot.issuer.as_str()), ("bots:deploy-bot", "bots"));
+        // A default subject may not pose as another issuer's principal.
+        let posing = json!({"sub": "bots:deploy-bot"});
+        assert_eq!(
+            auth.principal(&auth.verifiers[0], true, posing.as_object().unwrap()),
+            Err(AuthError::MissingClaim("sub".to_owned()))
+        );
+    }
+
+    #[test]
+    fn hs256_tokens_of_unprivileged_issuers_never_carry_admin_teams() {
+        let auth = Authenticator::new(&auth_config(MAX_LEEWAY)).unwrap();
+        let claims = json!({"sub": "bot", "groups": ["payments", "admins"]});
+        let claims = claims.as_object().unwrap();
+        assert_eq!(
+            auth.principal(&auth.verifiers[1], true, claims),
+            Err(AuthError::PrivilegedTeams("bots".to_owned()))
+        );
+        assert!(auth.principal(&auth.verifiers[1], false, claims).unwrap().is_admin(), "an IdP's signature may");
+        assert!(auth.principal(&auth.verifiers[0], true, claims).unwrap().is_admin(), "a privileged issuer may");
+    }
+
+    #[test]
+    fn pinned_subjects_and_teams_bound_a_bot() {
+        let mut config = auth_config(MAX_LEEWAY);
+        config.issuers[1].subjects = vec!["chatops-*".to_owned()];
+        config.issuers[1].allowed_teams = Some(BTreeSet::from(["payments".to_owned()]));
+        let auth = Authenticator::new(&config).unwrap();
+        let principal = |v: Value| auth.principal(&auth.verifiers[1], true, v.as_object().unwrap());
+        assert!(principal(json!({"sub": "chatops-slack", "groups": ["payments"]})).is_ok());
+        assert_eq!(
+            principal(json!({"sub": "root", "groups": ["payments"]})),
+            Err(AuthError::SubjectNotAllowed("bots".to_owned()))
+        );
+        assert_eq!(
+            principal(json!({"sub": "chatops-slack", "groups": ["payments", "web"]})),
+            Err(AuthError::TeamNotAllowed { issuer: "bots".to_owned(), team: "\"web\"".to_owned() })
+        );
+    }
+
+    #[test]
+    fn bindings_add_teams_to_tokens_without_groups() {
+        let mut config = auth_config(MAX_LEEWAY);
+        config.bindings = vec![BindingConfig {
+            issuer: "bots".to_owned(),
+            subject: Some("repo:acme/payments:*".to_owned()),
+            claims: vec![("repository_id".to_owned(), vec!["42".to_owned()])],
+            teams: BTreeSet::from(["payments".to_owned()]),
+            privileged: false,
+        }];
+        let auth = Authenticator::new(&config).unwrap();
+        let claims = json!({"sub": "repo:acme/payments:ref:refs/heads/main", "repository_id": "42"});
+        let principal = auth.principal(&auth.verifiers[1], false, claims.as_object().unwrap()).unwrap();
+        assert_eq!(principal.teams, BTreeSet::from(["payments".to_owned()]));
+        let other = json!({"sub": "repo:acme/payments:ref:refs/heads/main", "repository_id": "43"});
+        let explained = auth.explain("bots", other.as_object().unwrap(), false).unwrap();
+        assert!(explained.principal.unwrap().teams.is_empty());
+        assert_eq!(explained.bindings[0].mismatch.as_ref().unwrap().entry, "claims.repository_id");
+        assert!(auth.explain("nope", other.as_object().unwrap(), false).is_none());
     }
 
     #[test]
@@ -400,6 +577,15 @@ mod tests {
             time_claims_are_numbers(&claims(json!({"exp": 1, "iat": null}))),
             Err(AuthError::BadTimeClaim("iat"))
         );
+    }
+
+    #[test]
+    fn the_unverified_issuer_is_read_from_the_payload() {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"iss":"https://a.example/"}"#);
+        assert_eq!(unverified_issuer(&format!("h.{payload}.s")).unwrap(), "https://a.example/");
+        assert_eq!(unverified_issuer("nodots"), Err(AuthError::Malformed));
+        let no_iss = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"sub":"x"}"#);
+        assert_eq!(unverified_issuer(&format!("h.{no_iss}.s")), Err(AuthError::MissingClaim("iss".to_owned())));
     }
 
     #[test]

@@ -17,7 +17,10 @@ use url::Url;
 
 use crate::policy::{Policy, Scope, ScopeName};
 
+mod auth;
 mod transport;
+pub use auth::{AuthConfig, BindingConfig, DEFAULT_ISSUER, IssuerConfig};
+use auth::{RawAuth, RawBinding};
 pub use transport::is_loopback;
 
 /// A configuration problem; the message names the key and what is wrong with it.
@@ -78,6 +81,8 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     scopes: Vec<RawScope>,
+    #[serde(default)]
+    bindings: Vec<RawBinding>,
     #[serde(default)]
     jobs: RawJobs,
     #[serde(default)]
@@ -191,38 +196,6 @@ struct RawOctopus {
 
 fn default_octopus_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    issuer: Option<String>,
-    audience: Option<String>,
-    #[serde(default)]
-    algorithms: Vec<String>,
-    jwks_url: Option<String>,
-    #[serde(default)]
-    public_key_files: Vec<PathBuf>,
-    hs256_secret_file: Option<PathBuf>,
-    hs256_secret: Option<SecretString>,
-    #[serde(default = "default_teams_claim")]
-    teams_claim: String,
-    #[serde(default)]
-    admin_teams: Vec<String>,
-    #[serde(default)]
-    auditor_teams: Vec<String>,
-    #[serde(default = "default_leeway")]
-    leeway: HumanDuration,
-    #[serde(default)]
-    allow_insecure_http: bool,
-    ca_file: Option<PathBuf>,
-}
-
-fn default_teams_claim() -> String {
-    "groups".to_owned()
-}
-fn default_leeway() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -407,23 +380,6 @@ impl JwtAlgorithm {
 }
 
 #[derive(Debug, Clone)]
-pub struct AuthConfig {
-    pub issuer: String,
-    pub audience: String,
-    pub algorithms: BTreeSet<JwtAlgorithm>,
-    pub jwks_url: Option<Url>,
-    /// PEM public keys, read at start.
-    pub public_keys: Vec<(PathBuf, Vec<u8>)>,
-    pub hs256_secret: Option<SecretString>,
-    pub teams_claim: String,
-    pub admin_teams: BTreeSet<String>,
-    pub auditor_teams: BTreeSet<String>,
-    pub leeway: Duration,
-    /// For the JWKS client (`auth.ca_file`).
-    pub ca_certificates: Vec<reqwest::Certificate>,
-}
-
-#[derive(Debug, Clone)]
 pub struct AuditConfig {
     /// Keys the HMAC of issued secrets (for `/v1/keys/identify`).
     pub hmac_secret: SecretString,
@@ -568,7 +524,7 @@ impl Config {
         let database = DatabaseConfig { url: SecretString::from(db_url) };
 
         let octopus = validate_octopus(raw.octopus, base)?;
-        let auth = validate_auth(raw.auth, base)?;
+        let auth = auth::validate(raw.auth, raw.bindings, base)?;
 
         let hmac_secret =
             read_secret("audit.hmac_secret", raw.audit.hmac_secret_file.as_deref(), raw.audit.hmac_secret, base)?
@@ -726,92 +682,6 @@ fn validate_octopus(raw: Option<RawOctopus>, base: &Path) -> Result<OctopusConfi
     Ok(OctopusConfig { url, credential, timeout: nonzero("octopus.timeout", raw.timeout)?, ca_certificates })
 }
 
-fn validate_auth(raw: Option<RawAuth>, base: &Path) -> Result<AuthConfig, ConfigError> {
-    let raw = raw.ok_or_else(|| {
-        ConfigError::at("auth", "section missing: keybroker needs to know how to verify callers' tokens")
-    })?;
-    let issuer = non_blank("auth.issuer", raw.issuer)?;
-    let audience = non_blank("auth.audience", raw.audience)?;
-    if raw.algorithms.is_empty() {
-        return Err(ConfigError::at("auth.algorithms", "list at least one of HS256, RS256, ES256, EdDSA"));
-    }
-    let mut algorithms = BTreeSet::new();
-    for name in &raw.algorithms {
-        let alg = JwtAlgorithm::parse(name).ok_or_else(|| {
-            ConfigError::at("auth.algorithms", format!("`{name}` is not supported; use HS256, RS256, ES256 or EdDSA"))
-        })?;
-        algorithms.insert(alg);
-    }
-    let hs256_secret = read_secret("auth.hs256_secret", raw.hs256_secret_file.as_deref(), raw.hs256_secret, base)?;
-    let jwks_url = raw
-        .jwks_url
-        .as_deref()
-        .map(|u| transport::outbound_url("auth.jwks_url", u, "auth", raw.allow_insecure_http))
-        .transpose()?;
-    let ca_certificates = transport::ca_certificates("auth.ca_file", raw.ca_file.as_deref(), base)?;
-    let mut public_keys = Vec::new();
-    for (i, file) in raw.public_key_files.iter().enumerate() {
-        let path = base.join(file);
-        let pem = std::fs::read(&path).map_err(|e| {
-            ConfigError::at(format!("auth.public_key_files[{i}]"), format!("cannot read {}: {e}", path.display()))
-        })?;
-        public_keys.push((path, pem));
-    }
-
-    let has_asymmetric = algorithms.iter().any(|a| *a != JwtAlgorithm::Hs256);
-    if algorithms.contains(&JwtAlgorithm::Hs256) {
-        match &hs256_secret {
-            None => {
-                return Err(ConfigError::at(
-                    "auth.hs256_secret_file",
-                    "required when auth.algorithms contains HS256 (or KEYBROKER_AUTH__HS256_SECRET)",
-                ));
-            }
-            Some(s) if s.expose_secret().len() < MIN_SECRET_BYTES => {
-                return Err(ConfigError::at(
-                    "auth.hs256_secret_file",
-                    format!("the secret must be at least {MIN_SECRET_BYTES} bytes long"),
-                ));
-            }
-            Some(_) => {}
-        }
-    } else if hs256_secret.is_some() {
-        return Err(ConfigError::at("auth.hs256_secret_file", "set, but HS256 is not in auth.algorithms"));
-    }
-    if has_asymmetric && jwks_url.is_none() && public_keys.is_empty() {
-        return Err(ConfigError::at(
-            "auth.jwks_url",
-            "RS256, ES256 and EdDSA need auth.jwks_url or auth.public_key_files",
-        ));
-    }
-    if !has_asymmetric && (jwks_url.is_some() || !public_keys.is_empty()) {
-        return Err(ConfigError::at(
-            "auth.algorithms",
-            "auth.jwks_url or auth.public_key_files is set, but no asymmetric algorithm (RS256, ES256, EdDSA) is allowed",
-        ));
-    }
-    if raw.leeway.0 > Duration::from_secs(300) {
-        return Err(ConfigError::at("auth.leeway", "must be at most 5m: tokens are meant to be short-lived"));
-    }
-    let teams_claim = raw.teams_claim.trim().to_owned();
-    if teams_claim.is_empty() {
-        return Err(ConfigError::at("auth.teams_claim", "must not be empty"));
-    }
-    Ok(AuthConfig {
-        issuer,
-        audience,
-        algorithms,
-        jwks_url,
-        public_keys,
-        hs256_secret,
-        teams_claim,
-        admin_teams: raw.admin_teams.into_iter().collect(),
-        auditor_teams: raw.auditor_teams.into_iter().collect(),
-        leeway: raw.leeway.0,
-        ca_certificates,
-    })
-}
-
 fn validate_scopes(raw: Vec<RawScope>) -> Result<Policy, ConfigError> {
     let mut names = HashSet::new();
     let mut scopes = Vec::with_capacity(raw.len());
@@ -867,13 +737,6 @@ fn validate_origins(origins: Vec<String>) -> Result<Vec<String>, ConfigError> {
         }
     }
     Ok(origins)
-}
-
-fn non_blank(key: &str, value: Option<String>) -> Result<String, ConfigError> {
-    match value {
-        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
-        _ => Err(ConfigError::at(key, "required")),
-    }
 }
 
 fn nonzero(key: &str, d: HumanDuration) -> Result<Duration, ConfigError> {
@@ -986,7 +849,7 @@ max_ttl = "30d"
         assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(config.server.request_body_limit_bytes, 65_536);
         assert_eq!(config.octopus.timeout, Duration::from_secs(10));
-        assert_eq!(config.auth.teams_claim, "groups");
+        assert_eq!(config.auth.default_issuer().unwrap().teams_claim.as_deref(), Some("groups"));
         let scope = config.policy.get("payments-deploy").unwrap();
         assert_eq!(scope.default_ttl, chrono::Duration::days(7));
         assert_eq!(scope.max_active_keys_per_requester, 3);
@@ -1002,7 +865,7 @@ max_ttl = "30d"
             .replace("/run/secrets/keybroker-hmac", "hmac");
         let config = load(&example).unwrap();
         assert_eq!(config.policy.scopes().len(), 1);
-        assert!(config.auth.jwks_url.is_some());
+        assert!(config.auth.default_issuer().unwrap().jwks_url.is_some());
     }
 
     #[test]

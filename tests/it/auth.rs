@@ -380,7 +380,7 @@ async fn a_token_from_another_issuer_is_refused() {
     let token = hs256(&claims_with(|c| {
         c.insert("iss".to_owned(), json!("https://evil.example/"));
     }));
-    assert_refused(&app, Some(&bearer(&token)), "another issuer").await;
+    assert_refused(&app, Some(&bearer(&token)), "not one keybroker trusts").await;
 }
 
 #[tokio::test]

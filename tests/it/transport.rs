@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use keybroker::auth::Authenticator;
-use keybroker::config::{AuthConfig, Config, JwtAlgorithm, OctopusConfig, OctopusCredential};
+use keybroker::config::{AuthConfig, Config, IssuerConfig, JwtAlgorithm, OctopusConfig, OctopusCredential};
 use keybroker::octopus::OctopusClient;
 use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
 use keybroker::webhooks::{Webhook, deliver_due, enqueue_notices};
@@ -91,21 +91,30 @@ async fn a_jwks_behind_an_internal_ca_is_trusted_with_ca_file_and_refused_withou
     let token = format!("Bearer {}", jsonwebtoken::encode(&header, &claims, &key).unwrap());
     let authenticator = |ca_certificates: Vec<reqwest::Certificate>| {
         Authenticator::new(&AuthConfig {
-            issuer: "https://idp.example/".to_owned(),
-            audience: "keybroker".to_owned(),
-            algorithms: BTreeSet::from([JwtAlgorithm::Rs256]),
-            jwks_url: Some(format!("{url}/jwks").parse().unwrap()),
-            public_keys: Vec::new(),
-            hs256_secret: None,
-            teams_claim: "groups".to_owned(),
+            issuers: vec![IssuerConfig {
+                name: "idp".to_owned(),
+                issuer: "https://idp.example/".to_owned(),
+                audiences: vec!["keybroker".to_owned()],
+                algorithms: BTreeSet::from([JwtAlgorithm::Rs256]),
+                jwks_url: Some(format!("{url}/jwks").parse().unwrap()),
+                public_keys: Vec::new(),
+                hs256_secret: None,
+                teams_claim: Some("groups".to_owned()),
+                teams_separator: None,
+                ca_certificates,
+                jwks_bearer_token_file: None,
+                subjects: Vec::new(),
+                allowed_teams: None,
+                privileged: false,
+            }],
+            bindings: Vec::new(),
             admin_teams: BTreeSet::new(),
             auditor_teams: BTreeSet::new(),
             leeway: Duration::from_secs(30),
-            ca_certificates,
         })
         .unwrap()
     };
-    assert_eq!(authenticator(test_ca()).authenticate(Some(&token)).await.unwrap().subject, "ci");
+    assert_eq!(authenticator(test_ca()).authenticate(Some(&token)).await.unwrap().subject, "idp:ci");
     assert!(authenticator(Vec::new()).authenticate(Some(&token)).await.is_err());
 }
 
