@@ -35,6 +35,9 @@ pub enum Action {
     AuthzDenied,
     #[serde(rename = "policy.denied")]
     PolicyDenied,
+    /// `POST /v1/keys` with `dry_run`: every check ran, nothing was created.
+    #[serde(rename = "policy.dry_run")]
+    PolicyDryRun,
     #[serde(rename = "config.loaded")]
     ConfigLoaded,
     #[serde(rename = "config.reloaded")]
@@ -63,6 +66,7 @@ impl Action {
             Self::AuthDenied => "auth.denied",
             Self::AuthzDenied => "authz.denied",
             Self::PolicyDenied => "policy.denied",
+            Self::PolicyDryRun => "policy.dry_run",
             Self::ConfigLoaded => "config.loaded",
             Self::ConfigReloaded => "config.reloaded",
             Self::ConfigReloadRefused => "config.reload_refused",

@@ -28,7 +28,9 @@ use crate::policy::{
     self, ExpiryClamp, ExpiryRequest, Policy, PolicyError, Purpose, Scope, UpstreamLimits, octopus_purpose,
     purpose_marker,
 };
-use crate::store::{Activation, Idempotency, KeyRecord, KeyState, NewKey, Pending, Store, StoreError};
+use crate::store::{
+    Activation, Idempotency, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Pending, Store, StoreError,
+};
 
 /// What a caller asked for.
 #[derive(Debug, Clone)]
@@ -38,6 +40,19 @@ pub struct IssueRequest {
     pub expiry: ExpiryRequest,
     /// The caller's `Idempotency-Key` with a hash of the request body.
     pub idempotency: Option<Idempotency>,
+    /// Once the new key is active, revoke the requester's other active keys in the scope with
+    /// the same purpose (a refresh loop, such as External Secrets Operator's, holds one key).
+    pub replace_previous: bool,
+}
+
+/// What a dry run found: whether the request would be issued, when the key would expire, and
+/// every rule it breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DryRun {
+    pub allowed: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub clamped: Option<ExpiryClamp>,
+    pub reasons: Vec<policy::Reason>,
 }
 
 /// What an issuance request led to.
@@ -53,6 +68,8 @@ pub struct Issued {
     pub record: KeyRecord,
     pub secret: SecretString,
     pub clamped: Option<ExpiryClamp>,
+    /// With `replace_previous`: the records this key superseded (revoked, or retried).
+    pub replaced: Vec<Uuid>,
 }
 
 /// Why an issuance or revocation did not happen.
@@ -219,6 +236,105 @@ impl KeyService {
         Ok(user)
     }
 
+    /// Runs every check of an issuance (teams, purpose, expiry and its clamping, the active-key
+    /// limit) and reports them all, creating nothing in Octopus or the database but the
+    /// `policy.dry_run` event.
+    pub async fn dry_run(
+        &self,
+        principal: &Principal,
+        scope_name: &str,
+        purpose: Result<Purpose, String>,
+        expiry: ExpiryRequest,
+        ctx: &RequestContext,
+    ) -> Result<DryRun, ServiceError> {
+        let policy = self.policy();
+        let mut reasons = Vec::new();
+        let scope = match policy.authorize(principal, scope_name) {
+            Ok(scope) => Some(scope),
+            Err(e) => {
+                reasons.push(e.reason());
+                policy.get(scope_name)
+            }
+        };
+        if let Err(message) = &purpose {
+            reasons.push(policy::Reason::new("purpose", message.clone()));
+        }
+        let (mut expires_at, mut clamped) = (None, None);
+        if let Some(scope) = scope {
+            match policy::resolve_expiry(expiry, scope, self.now(), self.upstream_limits()) {
+                Ok(decision) => (expires_at, clamped) = (Some(decision.expires_at), decision.clamped),
+                Err(e) => reasons.push(e.reason()),
+            }
+            let held = self.held_keys(&principal.subject, scope).await.map_err(ServiceError::Store)?;
+            if let Err(e) = policy::check_active_limit(scope, held) {
+                reasons.push(e.reason());
+            }
+        }
+        let result = DryRun { allowed: reasons.is_empty(), expires_at, clamped, reasons };
+        let outcome = if result.allowed { Outcome::Success } else { Outcome::Denied };
+        let mut event = NewAuditEvent::new(self.now(), &principal.subject, Action::PolicyDryRun, outcome, ctx)
+            .detail(json!({ "allowed": result.allowed, "expires_at": result.expires_at, "reasons": result.reasons }));
+        if let Some(scope) = scope {
+            event = event.scope(scope.name.as_str());
+        }
+        self.audit(event).await.map_err(ServiceError::Store)?;
+        Ok(result)
+    }
+
+    /// The requester's pending and unexpired active keys in the scope, counted up to the limit.
+    async fn held_keys(&self, requester: &str, scope: &Scope) -> Result<u64, StoreError> {
+        let mut held = 0;
+        for state in [KeyState::Active, KeyState::Pending] {
+            let filter = KeyFilter {
+                requester: Some(requester.to_owned()),
+                scope: Some(scope.name.to_string()),
+                state: Some(state),
+                now: Some(self.now()),
+                team: None,
+            };
+            let page = PageRequest { before_seq: None, limit: scope.max_active_keys_per_requester.saturating_add(1) };
+            held += self.store.list_keys(&filter, page).await?.len() as u64;
+        }
+        Ok(held)
+    }
+
+    /// After `new` became active: revokes the requester's other active keys in its scope with the
+    /// same purpose, each audited as superseded. A revocation that fails stays requested and is
+    /// retried by the reconciler; the new key is issued either way.
+    async fn supersede(&self, principal: &Principal, new: &KeyRecord, ctx: &RequestContext) -> Vec<Uuid> {
+        let filter = KeyFilter {
+            requester: Some(new.requester.clone()),
+            scope: Some(new.scope.clone()),
+            state: Some(KeyState::Active),
+            now: Some(self.now()),
+            team: None,
+        };
+        let mut replaced = Vec::new();
+        let mut before_seq = None;
+        loop {
+            let page = match self.store.list_keys(&filter, PageRequest { before_seq, limit: 200 }).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the keys a new one replaces; they stay active");
+                    break;
+                }
+            };
+            let last = page.last().map(|r| r.seq);
+            for old in page.into_iter().filter(|r| r.id != new.id && r.purpose == new.purpose) {
+                let reason = json!({ "reason": "superseded", "superseded_by": new.id });
+                match self.revoke_with(principal, old.id, ctx, Some(reason)).await {
+                    Ok(_) => replaced.push(old.id),
+                    Err(e) => tracing::warn!(key_id = %old.id, error = %e, "could not revoke a superseded key"),
+                }
+            }
+            match last {
+                Some(seq) => before_seq = Some(seq),
+                None => break,
+            }
+        }
+        replaced
+    }
+
     /// The readiness job's check of a scope: a fresh look-up of its account.
     pub async fn check_scope_account(&self, scope: &Scope) -> Result<OctopusUser, ServiceError> {
         self.scope_account(scope, true).await
@@ -352,7 +468,9 @@ impl KeyService {
         match self.store.activate(&activation, &issued_event).await {
             Ok(record) => {
                 tracing::info!(octopus_key_id = %created.id, "issued key");
-                Ok(IssueOutcome::Issued(Issued { record, secret: created.secret, clamped: expiry.clamped }))
+                let replaced =
+                    if request.replace_previous { self.supersede(principal, &record, ctx).await } else { Vec::new() };
+                Ok(IssueOutcome::Issued(Issued { record, secret: created.secret, clamped: expiry.clamped, replaced }))
             }
             Err(e) => {
                 self.audit_failed(&e);
@@ -452,6 +570,17 @@ impl KeyService {
         id: Uuid,
         ctx: &RequestContext,
     ) -> Result<KeyRecord, ServiceError> {
+        self.revoke_with(principal, id, ctx, None).await
+    }
+
+    /// [`KeyService::revoke`], with more to say in the `key.revoked` event (why it went).
+    async fn revoke_with(
+        &self,
+        principal: &Principal,
+        id: Uuid,
+        ctx: &RequestContext,
+        why: Option<serde_json::Value>,
+    ) -> Result<KeyRecord, ServiceError> {
         let record = self.store.get_key(id).await.map_err(ServiceError::Store)?.ok_or(ServiceError::NotFound)?;
         let owner = record.requester == principal.subject;
         if !owner && !principal.is_admin() {
@@ -498,10 +627,16 @@ impl KeyService {
             .scope(&scope_name)
             .key(id)
             .octopus_key(Some(&octopus_key_id))
-            .detail(json!({
-                "octopus": match outcome { Revoked::Deleted => "deleted", Revoked::AlreadyGone => "already_gone" },
-                "by_owner": owner,
-            }));
+            .detail({
+                let mut detail = json!({
+                    "octopus": match outcome { Revoked::Deleted => "deleted", Revoked::AlreadyGone => "already_gone" },
+                    "by_owner": owner,
+                });
+                if let (Some(why), Some(map)) = (why.as_ref().and_then(|w| w.as_object()), detail.as_object_mut()) {
+                    map.extend(why.clone());
+                }
+                detail
+            });
         self.store.mark_revoked(id, now, &event).await.map_err(ServiceError::Store)
     }
 

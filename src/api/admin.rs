@@ -16,7 +16,11 @@ use crate::reload::ReloadReport;
 use crate::store::{KeyFilter, KeyState};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(revoke_many)).routes(routes!(revoke_unmanaged)).routes(routes!(reload))
+    OpenApiRouter::new()
+        .routes(routes!(revoke_many))
+        .routes(routes!(revoke_unmanaged))
+        .routes(routes!(reload))
+        .routes(routes!(explain))
 }
 
 /// Which active keys to revoke; at least one filter, all given filters must match.
@@ -186,4 +190,133 @@ pub async fn reload(
         .map_err(|e| ApiError::Internal(format!("reload task failed: {e}")))?
         .map_err(|reason| ApiError::Unprocessable(format!("the configuration was not reloaded: {reason}")))?;
     Ok(axum::Json(report))
+}
+
+/// What to explain: the claims of a token as the named issuer would sign them.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "issuer": "github",
+    "claims": {"sub": "repo:acme/payments:ref:refs/heads/main", "repository_id": "892764",
+               "repository_owner_id": "4410", "ref": "refs/heads/main"},
+    "scope": "payments-deploy"
+}))]
+pub struct ExplainBody {
+    /// An issuer's `name` (`default` for the single-issuer `[auth]` form).
+    pub issuer: String,
+    /// The token's claims (payload), `sub` included. Nothing is verified: no token is needed.
+    #[schema(value_type = Object)]
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// Also check whether the principal may request keys for this scope.
+    pub scope: Option<String>,
+}
+
+/// One binding of the issuer, and whether it matched.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BindingView {
+    /// Its position among `[[bindings]]`, from 0.
+    pub index: usize,
+    pub teams: Vec<String>,
+    pub matched: bool,
+    /// For a binding that did not match: the first entry that failed (`subject` or
+    /// `claims.<name>`) and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<FailedEntry>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FailedEntry {
+    pub entry: String,
+    pub detail: String,
+}
+
+/// The principal such a token would be.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExplainedPrincipal {
+    pub subject: String,
+    pub teams: Vec<String>,
+    pub roles: Vec<crate::auth::Role>,
+}
+
+/// Whether the principal may request keys for the scope.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScopeVerdict {
+    pub scope: String,
+    pub allowed: bool,
+    pub reasons: Vec<crate::policy::Reason>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Explanation {
+    pub issuer: String,
+    /// `null` when a token with these claims would be refused (`refused` says why).
+    pub principal: Option<ExplainedPrincipal>,
+    pub refused: Option<String>,
+    pub bindings: Vec<BindingView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<ScopeVerdict>,
+}
+
+/// Explain how a token would be read: which bindings match and what teams and roles follow.
+///
+/// For operators writing `[[bindings]]`: give an issuer's name and a token's claims (nothing is
+/// verified, no token is needed), and see every binding of that issuer, the first entry of each
+/// that failed, and, with `scope`, whether the result may use it.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/explain",
+    tag = "admin",
+    request_body = ExplainBody,
+    responses(
+        (status = 200, description = "How such a token would be read", body = Explanation),
+        (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "No issuer has that name", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn explain(
+    State(state): State<AppState>,
+    _admin: AdminCaller,
+    ApiJson(body): ApiJson<ExplainBody>,
+) -> Result<axum::Json<Explanation>, ApiError> {
+    let Some(explained) = state.auth.explain(&body.issuer, &body.claims) else {
+        let known: Vec<&str> = state.auth.issuer_names().collect();
+        return Err(ApiError::Unprocessable(format!(
+            "no issuer is named {:?}; known: {}",
+            body.issuer.chars().take(64).collect::<String>(),
+            known.join(", ")
+        )));
+    };
+    let policy = state.keys.policy();
+    let scope = match (&body.scope, &explained.principal) {
+        (Some(name), Some(principal)) => Some(match policy.authorize(principal, name) {
+            Ok(scope) => ScopeVerdict { scope: scope.name.to_string(), allowed: true, reasons: Vec::new() },
+            Err(e) => {
+                ScopeVerdict { scope: name.chars().take(64).collect(), allowed: false, reasons: vec![e.reason()] }
+            }
+        }),
+        _ => None,
+    };
+    Ok(axum::Json(Explanation {
+        issuer: body.issuer,
+        principal: explained.principal.map(|p| ExplainedPrincipal {
+            subject: p.subject,
+            teams: p.teams.into_iter().collect(),
+            roles: p.roles.into_iter().collect(),
+        }),
+        refused: explained.refused,
+        bindings: explained
+            .bindings
+            .into_iter()
+            .map(|b| BindingView {
+                index: b.index,
+                teams: b.teams.into_iter().collect(),
+                matched: b.mismatch.is_none(),
+                failed: b.mismatch.map(|m| FailedEntry { entry: m.entry, detail: m.detail }),
+            })
+            .collect(),
+        scope,
+    }))
 }

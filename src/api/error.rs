@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use crate::auth::AuthError;
 use crate::issuance::ServiceError;
 use crate::octopus::OctopusError;
-use crate::policy::PolicyError;
+use crate::policy::{PolicyError, Reason};
 use crate::store::StoreError;
 
 tokio::task_local! {
@@ -38,6 +38,9 @@ pub struct Problem {
     /// The `x-request-id` of the request, for support and for the audit trail.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// On refusals (403, 422): each rule the request failed, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasons: Option<Vec<Reason>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +52,12 @@ pub enum ApiError {
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
-    PolicyDenied(String),
+    PolicyDenied(String, Vec<Reason>),
+    /// 422 with the rules the request broke.
+    #[error("{0}")]
+    PolicyViolation(String, Vec<Reason>),
+    #[error("{0}")]
+    UnknownScope(String, Vec<Reason>),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -84,7 +92,12 @@ impl ApiError {
             BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-request", "Invalid request"),
             Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated", "Authentication required"),
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
-            PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy-denied", "Forbidden by policy"),
+            PolicyDenied(..) => (StatusCode::FORBIDDEN, "policy-denied", "Forbidden by policy"),
+            PolicyViolation(..) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "policy-violation", "Request violates the policy")
+            }
+            // 422, never 404: External Secrets Operator takes a 404 for "deleted".
+            UnknownScope(..) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown-scope", "Unknown scope"),
             NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
             Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "policy-violation", "Request violates the policy"),
@@ -117,6 +130,16 @@ fn clip(detail: String) -> String {
 
 /// Builds a problem response; used for errors raised outside handlers too.
 pub fn problem_response(status: StatusCode, kind: &str, title: &str, detail: String) -> Response {
+    problem_with_reasons(status, kind, title, detail, None)
+}
+
+fn problem_with_reasons(
+    status: StatusCode,
+    kind: &str,
+    title: &str,
+    detail: String,
+    reasons: Option<Vec<Reason>>,
+) -> Response {
     let request_id = REQUEST_ID.try_with(Clone::clone).ok();
     let body = Problem {
         kind: format!("urn:keybroker:problem:{kind}"),
@@ -124,6 +147,7 @@ pub fn problem_response(status: StatusCode, kind: &str, title: &str, detail: Str
         status: status.as_u16(),
         detail,
         request_id,
+        reasons,
     };
     let mut response = (status, axum::Json(body)).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
@@ -148,7 +172,14 @@ impl IntoResponse for ApiError {
             }
             other => clip(other.to_string()),
         };
-        let mut response = problem_response(status, kind, title, detail);
+        let reasons = match &self {
+            ApiError::PolicyDenied(_, r) | ApiError::PolicyViolation(_, r) | ApiError::UnknownScope(_, r) => {
+                Some(r.clone())
+            }
+            ApiError::Forbidden(message) => Some(vec![Reason::new("role", message.clone())]),
+            _ => None,
+        };
+        let mut response = problem_with_reasons(status, kind, title, detail, reasons);
         match &self {
             ApiError::Unauthenticated(e) => {
                 let value = format!("Bearer realm=\"keybroker\", error=\"invalid_token\", error_description=\"{e}\"");
@@ -214,13 +245,16 @@ fn octopus_summary(e: &OctopusError) -> String {
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {
-            ServiceError::Policy(p) => match p {
-                PolicyError::UnknownScope(_) => ApiError::NotFound(p.to_string()),
-                PolicyError::NotPermitted(_) => ApiError::PolicyDenied(p.to_string()),
-                PolicyError::InvalidExpiry(_) | PolicyError::TooManyActiveKeys { .. } => {
-                    ApiError::Unprocessable(p.to_string())
+            ServiceError::Policy(p) => {
+                let reasons = vec![p.reason()];
+                match p {
+                    PolicyError::UnknownScope(_) => ApiError::UnknownScope(p.to_string(), reasons),
+                    PolicyError::NotPermitted { .. } => ApiError::PolicyDenied(p.to_string(), reasons),
+                    PolicyError::InvalidExpiry(_) | PolicyError::TooManyActiveKeys { .. } => {
+                        ApiError::PolicyViolation(p.to_string(), reasons)
+                    }
                 }
-            },
+            }
             ServiceError::NotFound => ApiError::NotFound("no such key record".to_owned()),
             ServiceError::Forbidden(m) => ApiError::Forbidden(m),
             ServiceError::Conflict(m) => ApiError::Conflict(m),

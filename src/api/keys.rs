@@ -18,7 +18,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiQuery, AuditorCaller, Caller, Ctx, filter_value};
 use crate::audit::{Action, NewAuditEvent, Outcome};
 use crate::issuance::{IssueOutcome, IssueRequest};
-use crate::policy::{ExpiryClamp, ExpiryRequest, Purpose, parse_ttl};
+use crate::policy::{ExpiryClamp, ExpiryRequest, Purpose, Reason, parse_ttl};
 use crate::store::{Idempotency, KeyFilter, KeyRecord, KeyState, PageRequest};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -44,6 +44,40 @@ pub struct IssueKeyBody {
     pub expires_at: Option<String>,
     /// How long the key lives, such as `"12h"` or `"7d"`; an alternative to `expires_at`.
     pub ttl: Option<String>,
+    /// Run every check (teams, purpose, expiry and its clamping, the active-key limit) and
+    /// answer 200 with a `DryRunView`; nothing is created in Octopus or in keybroker.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Once the new key is active, revoke the caller's other active keys in this scope with the
+    /// same purpose (audited as superseded): a refresh loop holds one key, not one per refresh.
+    #[serde(default)]
+    pub replace_previous: bool,
+}
+
+/// The answer of a dry run.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"allowed": false, "expires_at": "2026-12-08T10:00:00Z",
+    "reasons": [{"rule": "teams", "detail": "your teams [web] share none of payments-deploy's teams [payments]"}]}))]
+pub struct DryRunView {
+    /// Whether the same request without `dry_run` would be issued (Octopus permitting).
+    pub allowed: bool,
+    /// When the key would expire, once the expiry passed its checks.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Set when the scope's default lifetime would be shortened to fit Octopus's limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expiry_clamped_by: Option<ExpiryClamp>,
+    /// Every rule the request breaks; empty when allowed.
+    pub reasons: Vec<Reason>,
+}
+
+/// A 200 answer of `POST /v1/keys`: a replay of an earlier request, or a dry run. (For the
+/// OpenAPI document; handlers send the two views themselves.)
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum IssueOk {
+    Replay(KeyView),
+    DryRun(DryRunView),
 }
 
 /// keybroker's record of an issued key. `api_key` is present only in the issuing response.
@@ -81,6 +115,9 @@ pub struct KeyView {
     /// Set when the scope's default lifetime was shortened to fit Octopus's limits.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expiry_clamped_by: Option<ExpiryClamp>,
+    /// With `replace_previous`: the records this key superseded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<Uuid>,
 }
 
 impl KeyView {
@@ -99,6 +136,7 @@ impl KeyView {
             revoked_at: record.revoked_at,
             api_key: None,
             expiry_clamped_by: None,
+            replaced: Vec::new(),
         }
     }
 }
@@ -119,16 +157,15 @@ impl KeyView {
     responses(
         (status = 201, description = "Issued; the secret is in `api_key`, shown only this once", body = KeyView,
          headers(("Location" = String, description = "The record's URL"), ("Cache-Control" = String, description = "no-store"))),
-        (status = 200, description = "A retry with the same Idempotency-Key and body: the first request's record, without the secret", body = KeyView,
-         headers(("Idempotent-Replayed" = String, description = "true"))),
+        (status = 200, description = "A retry with the same Idempotency-Key and body: the first request's record, without the secret (with `Idempotent-Replayed: true`); or, with `dry_run`, the checks' verdict (`DryRunView`)", body = IssueOk,
+         headers(("Idempotent-Replayed" = String, description = "true, on a replay"))),
         (status = 409, description = "The first request with this Idempotency-Key is still in progress, or failed", body = Problem, content_type = "application/problem+json"),
         (status = 400, description = "Malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The caller's teams may not use this scope", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown scope", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The caller's teams may not use this scope; `reasons` says why", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Expiry or limit violates the policy, or Octopus refused", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown scope (never 404), expiry or limit violates the policy (`reasons` says which), or Octopus refused", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "Octopus failed", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database, audit trail or Octopus credential unavailable", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Octopus timed out", body = Problem, content_type = "application/problem+json"),
@@ -143,6 +180,9 @@ pub async fn issue_key(
     ApiJson(body): ApiJson<IssueKeyBody>,
 ) -> Result<Response, ApiError> {
     let scope_label = state.keys.scope_label(&body.scope);
+    if body.dry_run {
+        return dry_run(&state, &principal, &ctx, body).await;
+    }
     let request = parse_issue_request(&headers, body).inspect_err(|_| {
         state.keys.metrics().issuance(&scope_label, "invalid");
     })?;
@@ -171,6 +211,7 @@ pub async fn issue_key(
     let mut view = KeyView::of(issued.record, now);
     view.api_key = Some(issued.secret.expose_secret().to_owned());
     view.expiry_clamped_by = issued.clamped;
+    view.replaced = issued.replaced;
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/keys/{}", view.id)) {
         headers.insert(header::LOCATION, location);
@@ -180,11 +221,36 @@ pub async fn issue_key(
     Ok((StatusCode::CREATED, headers, axum::Json(view)).into_response())
 }
 
+/// `dry_run: true`: the verdict of every check, nothing created.
+async fn dry_run(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    ctx: &crate::audit::RequestContext,
+    body: IssueKeyBody,
+) -> Result<Response, ApiError> {
+    let expiry = parse_expiry(&body)?;
+    let purpose = Purpose::parse(&body.purpose);
+    let verdict = state.keys.dry_run(principal, &body.scope, purpose, expiry, ctx).await?;
+    let view = DryRunView {
+        allowed: verdict.allowed,
+        expires_at: verdict.expires_at,
+        expiry_clamped_by: verdict.clamped,
+        reasons: verdict.reasons,
+    };
+    Ok((StatusCode::OK, [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))], axum::Json(view))
+        .into_response())
+}
+
 /// Validates an issuance request at the edge.
 fn parse_issue_request(headers: &HeaderMap, body: IssueKeyBody) -> Result<IssueRequest, ApiError> {
     let idempotency = idempotency_of(headers, &body)?;
     let purpose = Purpose::parse(&body.purpose).map_err(ApiError::BadRequest)?;
-    let expiry = match (body.expires_at.as_deref(), body.ttl.as_deref()) {
+    let expiry = parse_expiry(&body)?;
+    Ok(IssueRequest { scope: body.scope, purpose, expiry, idempotency, replace_previous: body.replace_previous })
+}
+
+fn parse_expiry(body: &IssueKeyBody) -> Result<ExpiryRequest, ApiError> {
+    Ok(match (body.expires_at.as_deref(), body.ttl.as_deref()) {
         (Some(_), Some(_)) => return Err(ApiError::BadRequest("give expires_at or ttl, not both".to_owned())),
         (Some(at), None) => ExpiryRequest::At(
             DateTime::parse_from_rfc3339(at.trim())
@@ -195,8 +261,7 @@ fn parse_issue_request(headers: &HeaderMap, body: IssueKeyBody) -> Result<IssueR
         ),
         (None, Some(ttl)) => ExpiryRequest::Ttl(parse_ttl(ttl).map_err(ApiError::BadRequest)?),
         (None, None) => ExpiryRequest::Default,
-    };
-    Ok(IssueRequest { scope: body.scope, purpose, expiry, idempotency })
+    })
 }
 
 /// The `Idempotency-Key` header, if any, with a hash of the request it came with: 1-255
@@ -213,12 +278,17 @@ fn idempotency_of(headers: &HeaderMap, body: &IssueKeyBody) -> Result<Option<Ide
         .map(str::trim)
         .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
         .ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1-255 printable ASCII characters".to_owned()))?;
-    let canonical = crate::audit::canonical_json(&serde_json::json!({
+    let mut request = serde_json::json!({
         "scope": body.scope,
         "purpose": body.purpose,
         "expires_at": body.expires_at,
         "ttl": body.ttl,
-    }));
+    });
+    // Only when set, so that the hashes of requests made before the field existed still match.
+    if body.replace_previous {
+        request["replace_previous"] = serde_json::json!(true);
+    }
+    let canonical = crate::audit::canonical_json(&request);
     let request_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes()));
     Ok(Some(Idempotency { key: key.to_owned(), request_hash }))
 }

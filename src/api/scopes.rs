@@ -71,8 +71,11 @@ pub async fn list_scopes(
 /// Who keybroker thinks the caller is.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MeView {
-    /// The token's `sub`; recorded as `requester` on keys.
+    /// Recorded as `requester` on keys: the token's `sub` for the `default` issuer,
+    /// `<issuer>:<sub>` for every other.
     pub subject: String,
+    /// The name of the issuer entry that verified the token.
+    pub issuer: String,
     pub name: String,
     pub teams: BTreeSet<String>,
     pub roles: BTreeSet<Role>,
@@ -92,6 +95,7 @@ pub struct MeView {
 pub async fn me(Caller(principal): Caller) -> axum::Json<MeView> {
     axum::Json(MeView {
         subject: principal.subject,
+        issuer: principal.issuer,
         name: principal.display_name,
         teams: principal.teams,
         roles: principal.roles,

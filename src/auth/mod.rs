@@ -224,8 +224,10 @@ impl Authenticator {
 
     /// How a token of issuer `issuer` (a name) with `claims` would be read, without verifying
     /// anything: for operators writing bindings. `None` when no issuer has that name.
-    pub fn explain(&self, issuer: &str, claims: &serde_json::Map<String, Value>, hs256: bool) -> Option<Explanation> {
+    pub fn explain(&self, issuer: &str, claims: &serde_json::Map<String, Value>) -> Option<Explanation> {
         let verifier = self.verifiers.iter().find(|v| v.config.name == issuer)?;
+        // As strict as the strictest token the issuer may sign.
+        let hs256 = verifier.config.algorithms.contains(&JwtAlgorithm::Hs256);
         let bindings = self.outcomes(verifier, claims);
         let (principal, refused) = match self.principal(verifier, hs256, claims) {
             Ok(p) => (Some(p), None),
@@ -557,10 +559,10 @@ mod tests {
         let principal = auth.principal(&auth.verifiers[1], false, claims.as_object().unwrap()).unwrap();
         assert_eq!(principal.teams, BTreeSet::from(["payments".to_owned()]));
         let other = json!({"sub": "repo:acme/payments:ref:refs/heads/main", "repository_id": "43"});
-        let explained = auth.explain("bots", other.as_object().unwrap(), false).unwrap();
+        let explained = auth.explain("bots", other.as_object().unwrap()).unwrap();
         assert!(explained.principal.unwrap().teams.is_empty());
         assert_eq!(explained.bindings[0].mismatch.as_ref().unwrap().entry, "claims.repository_id");
-        assert!(auth.explain("nope", other.as_object().unwrap(), false).is_none());
+        assert!(auth.explain("nope", other.as_object().unwrap()).is_none());
     }
 
     #[test]

@@ -31,17 +31,55 @@ impl Scope {
     }
 }
 
+/// One rule a request failed, explained: what a 403 or 422 problem lists in `reasons`, so that a
+/// refusal tells the caller what to change instead of becoming a support ticket.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"rule": "teams", "detail": "your teams [web] share none of payments-deploy's teams [payments]"}))]
+pub struct Reason {
+    /// `scope`, `teams`, `purpose`, `expiry`, `limit` or `role`.
+    pub rule: String,
+    pub detail: String,
+}
+
+impl Reason {
+    pub fn new(rule: &str, detail: impl Into<String>) -> Self {
+        Self { rule: rule.to_owned(), detail: detail.into() }
+    }
+}
+
 /// Why a request was refused by the policy. The messages are shown to callers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
     #[error("scope `{0}` does not exist")]
     UnknownScope(String),
-    #[error("none of your teams may request keys for scope `{0}`")]
-    NotPermitted(ScopeName),
+    #[error("none of your teams may request keys for scope `{scope}`")]
+    NotPermitted { scope: ScopeName, your_teams: Vec<String>, scope_teams: Vec<String> },
     #[error("{0}")]
     InvalidExpiry(String),
     #[error("you already hold {limit} active keys for scope `{scope}`, the most it allows; revoke one first")]
     TooManyActiveKeys { scope: ScopeName, limit: u32 },
+}
+
+impl PolicyError {
+    /// The refusal as a reason, with what the caller needs to fix it.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::UnknownScope(name) => Reason::new(
+                "scope",
+                format!("scope `{name}` does not exist; GET /v1/scopes lists the ones you may use"),
+            ),
+            Self::NotPermitted { scope, your_teams, scope_teams } => Reason::new(
+                "teams",
+                format!(
+                    "your teams [{}] share none of {scope}'s teams [{}]",
+                    your_teams.join(", "),
+                    scope_teams.join(", ")
+                ),
+            ),
+            Self::InvalidExpiry(message) => Reason::new("expiry", message.clone()),
+            Self::TooManyActiveKeys { .. } => Reason::new("limit", self.to_string()),
+        }
+    }
 }
 
 /// All scopes, looked up by name.
@@ -77,7 +115,15 @@ impl Policy {
         let found = self.get(scope).ok_or_else(|| {
             PolicyError::UnknownScope(scope.chars().take(64).collect::<String>().escape_debug().to_string())
         })?;
-        if found.may_request(principal) { Ok(found) } else { Err(PolicyError::NotPermitted(found.name.clone())) }
+        if found.may_request(principal) {
+            Ok(found)
+        } else {
+            Err(PolicyError::NotPermitted {
+                scope: found.name.clone(),
+                your_teams: principal.teams.iter().cloned().collect(),
+                scope_teams: found.teams.iter().cloned().collect(),
+            })
+        }
     }
 }
 
@@ -130,7 +176,11 @@ mod tests {
     fn an_outsider_may_not_request() {
         let policy = Policy::new(vec![scope(&["payments"], 3)]);
         let err = policy.authorize(&principal(&["web"], false), "payments-deploy").unwrap_err();
-        assert!(matches!(err, PolicyError::NotPermitted(_)));
+        assert!(matches!(err, PolicyError::NotPermitted { .. }));
+        assert_eq!(
+            err.reason(),
+            Reason::new("teams", "your teams [web] share none of payments-deploy's teams [payments]")
+        );
     }
 
     #[test]

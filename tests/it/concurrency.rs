@@ -114,9 +114,9 @@ async fn control_characters_in_filters_and_scopes_are_client_errors_on_every_bac
             assert_eq!(res.status(), 400, "{name}: {path}");
         }
         let res = app.issue(&app.alice(), serde_json::json!({"scope": "payments-deploy\u{0}", "purpose": "p"})).await;
-        assert_eq!(res.status(), 404, "{name}");
+        assert_eq!(res.status(), 422, "{name}");
         let res = app.issue(&app.alice(), serde_json::json!({"scope": "x".repeat(10_000), "purpose": "p"})).await;
-        assert_eq!(res.status(), 404, "{name}");
+        assert_eq!(res.status(), 422, "{name}");
         let verify: Value = app.get("/v1/audit/verify", &app.auditor()).await.json().await.unwrap();
         assert_eq!(verify["ok"], true, "{name}");
         let denial = app.audit_events().await.into_iter().rev().find(|e| e.action == "policy.denied").unwrap();

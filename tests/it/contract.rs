@@ -226,7 +226,7 @@ async fn metrics_report_requests_issuances_octopus_calls_and_active_keys() {
     let res = app.issue(&app.bob(), json!({"scope": "payments-deploy", "purpose": "denied"})).await;
     assert_eq!(res.status(), 403);
     let res = app.issue(&app.bob(), json!({"scope": "made-up-scope-name", "purpose": "unknown"})).await;
-    assert_eq!(res.status(), 404);
+    assert_eq!(res.status(), 422);
 
     // The active-key gauges come from the readiness job, not from a query per scrape.
     app.state.readiness.refresh(&app.state.keys).await;

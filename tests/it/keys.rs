@@ -121,11 +121,14 @@ async fn a_team_outsider_is_refused_and_the_denial_is_audited() {
 }
 
 #[tokio::test]
-async fn admins_may_request_any_scope_and_unknown_scopes_are_404() {
+async fn admins_may_request_any_scope_and_unknown_scopes_are_422_never_404() {
     let app = TestApp::spawn().await;
     app.issue_ok(&app.admin(), json!({"scope": "web-deploy", "purpose": "admin"})).await;
     let res = app.issue(&app.admin(), json!({"scope": "no-such-scope", "purpose": "x"})).await;
-    problem(res, 404).await;
+    // External Secrets Operator takes a 404 for "the secret was deleted".
+    let body = problem(res, 422).await;
+    assert_eq!(body["type"], "urn:keybroker:problem:unknown-scope");
+    assert_eq!(body["reasons"][0]["rule"], "scope");
 }
 
 #[tokio::test]

@@ -396,7 +396,7 @@ async fn an_invalid_reload_is_refused_and_a_valid_one_applies_the_removal_rule()
         app.get(&format!("/v1/keys/{}", payments["id"].as_str().unwrap()), &app.alice()).await.json().await.unwrap();
     assert_eq!(read["state"], "revoked");
     let res = app.issue(&app.alice(), json!({"scope": "payments-deploy", "purpose": "gone"})).await;
-    assert_eq!(res.status(), 404);
+    assert_eq!(res.status(), 422);
     app.issue_ok(&app.token("dana@example.com", &["data"]), json!({"scope": "data-export", "purpose": "new scope"}))
         .await;
     assert!(app.audit_events().await.iter().any(|e| e.action == "config.reloaded"));

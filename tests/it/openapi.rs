@@ -41,7 +41,8 @@ async fn the_service_serves_the_document_as_openapi_3_1_with_bearer_security() {
         assert!(served["paths"].get(path).is_some(), "{path} is not documented");
     }
     let issue = &served["paths"]["/v1/keys"]["post"];
-    for status in ["201", "400", "401", "403", "404", "413", "422", "502", "503", "504"] {
+    for status in ["200", "201", "400", "401", "403", "413", "422", "502", "503", "504"] {
         assert!(issue["responses"].get(status).is_some(), "POST /v1/keys does not document {status}");
     }
+    assert!(issue["responses"].get("404").is_none(), "an unknown scope is 422, never 404");
 }
