@@ -74,7 +74,7 @@ pub struct DryRunView {
 /// OpenAPI document; handlers send the two views themselves.)
 #[derive(Serialize, ToSchema)]
 #[serde(untagged)]
-#[allow(dead_code)]
+#[allow(dead_code, clippy::large_enum_variant)]
 pub enum IssueOk {
     Replay(KeyView),
     DryRun(DryRunView),
