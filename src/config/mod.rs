@@ -860,12 +860,18 @@ max_ttl = "30d"
 
     #[test]
     fn the_shipped_example_is_valid_once_its_secret_files_exist() {
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/test-ca.pem");
         let example = include_str!("../../keybroker.example.toml")
             .replace("/run/secrets/octopus-api-key", "octopus-api-key")
-            .replace("/run/secrets/keybroker-hmac", "hmac");
+            .replace("/run/secrets/keybroker-hmac", "hmac")
+            .replace("/run/secrets/chatops-hs256", "hmac")
+            .replace("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt", ca);
         let config = load(&example).unwrap();
         assert_eq!(config.policy.scopes().len(), 1);
         assert!(config.auth.default_issuer().unwrap().jwks_url.is_some());
+        let names: Vec<&str> = config.auth.issuers.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["default", "github", "gitlab", "k8s", "buildkite", "chatops"]);
+        assert_eq!(config.auth.bindings.len(), 4);
     }
 
     #[test]

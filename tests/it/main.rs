@@ -5,6 +5,7 @@
 mod auth;
 mod bad_input;
 mod bench_smoke;
+mod callers;
 mod cli;
 mod concurrency;
 mod contract;
