@@ -163,8 +163,16 @@ impl KeyService {
     /// Reads Octopus's key limits: the server maximum and the broker key's own expiry.
     pub async fn refresh_upstream_limits(&self) -> Result<UpstreamLimits, OctopusError> {
         let settings = self.octopus.key_settings().await?;
-        let broker_key_expires = self.octopus.broker_key_expiry().await?;
-        let limits = UpstreamLimits { server_max_days: settings.max_expiry_days, broker_key_expires };
+        let (broker_key_expires, broker_key_missing_among) = match self.octopus.broker_key_expiry().await? {
+            crate::octopus::BrokerKeyExpiry::Session => (None, None),
+            crate::octopus::BrokerKeyExpiry::Found(expires) => (expires, None),
+            crate::octopus::BrokerKeyExpiry::NotFound { listed } => {
+                tracing::warn!(listed, "keybroker's own key is not among its user's keys; its expiry is unknown");
+                (None, Some(listed))
+            }
+        };
+        let limits =
+            UpstreamLimits { server_max_days: settings.max_expiry_days, broker_key_expires, broker_key_missing_among };
         if let Ok(mut current) = self.upstream.write() {
             *current = limits;
         }

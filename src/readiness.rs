@@ -104,12 +104,22 @@ async fn check_all(keys: &KeyService) -> Verdict {
         Err(_) => Check::failed("octopus", "no answer within 5 s".to_owned()),
     });
     if octopus_ok {
-        if let Some(expires) = keys.upstream_limits().broker_key_expires {
+        let limits = keys.upstream_limits();
+        if let Some(expires) = limits.broker_key_expires {
             checks.push(Check {
                 name: "octopus_credential_expiry".to_owned(),
                 ok: expires > keys.now(),
                 detail: Some(format!("keybroker's Octopus API key expires at {}", expires.to_rfc3339())),
             });
+        } else if let Some(listed) = limits.broker_key_missing_among {
+            // Not a reason to take the replica out: Octopus still enforces the expiry.
+            checks.push(Check::ok(
+                "octopus_credential_expiry",
+                Some(format!(
+                    "unknown: keybroker's own key was not found among the {listed} keys of its user (hints are \
+                     matched as prefixes); keys are issued without that bound"
+                )),
+            ));
         }
         let policy = keys.policy();
         for scope in policy.scopes() {

@@ -84,6 +84,24 @@ pub struct ServerKeySettings {
     pub user_api_keys_enabled: Option<bool>,
 }
 
+/// What keybroker found out about its own key's expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKeyExpiry {
+    /// The credential is a login session: no key.
+    Session,
+    /// Found among its user's keys; `None`: it never expires.
+    Found(Option<DateTime<Utc>>),
+    /// None of the `listed` keys of its user has a hint the credential starts with.
+    NotFound { listed: usize },
+}
+
+/// Whether a listed key's hint (its first 7 or 8 characters, `API-` included) is a prefix of
+/// `secret`. Servers before November 2020 keep no hint; a hint shorter than `API-` and one
+/// character identifies nothing.
+pub fn hint_matches(hint: Option<&str>, secret: &str) -> bool {
+    hint.map(|h| h.trim_end_matches(['•', '*', '.'])).is_some_and(|h| h.len() >= 5 && secret.starts_with(h))
+}
+
 /// What the outcome of a revocation was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Revoked {
@@ -196,9 +214,10 @@ impl OctopusClient {
     /// `GET /api/authentication`: the server's default and maximum key lifetimes.
     pub async fn key_settings(&self) -> Result<ServerKeySettings, OctopusError> {
         let res: AuthenticationResource = self.get_json("get_authentication", "api/authentication", &[]).await?;
+        // 0 (or absent) means "not set", never "no lifetime allowed" (octopus-api.md §8).
         Ok(ServerKeySettings {
-            default_expiry_days: res.api_key_default_expiry_days,
-            max_expiry_days: res.api_key_max_expiry_days,
+            default_expiry_days: res.api_key_default_expiry_days.filter(|d| *d > 0),
+            max_expiry_days: res.api_key_max_expiry_days.filter(|d| *d > 0),
             user_api_keys_enabled: res.user_api_keys_enabled,
         })
     }
@@ -209,15 +228,20 @@ impl OctopusClient {
         Ok(user_from(me))
     }
 
-    /// The broker credential's own expiry: its user's keys, matched by hint. `None` when the
-    /// credential is a login session or the key never expires. When several keys share the
-    /// hint, the earliest expiry wins (the safe side).
-    pub async fn broker_key_expiry(&self) -> Result<Option<DateTime<Utc>>, OctopusError> {
-        let OctopusCredential::ApiKey(key) = &self.credential else { return Ok(None) };
-        let hint = key_hint(key.expose_secret());
+    /// The broker credential's own expiry, from its user's keys. A key's hint is matched as a
+    /// prefix of the credential (servers show 7 or 8 characters; octopus-api.md §5.5). When
+    /// several keys match, the earliest expiry wins (the safe side).
+    pub async fn broker_key_expiry(&self) -> Result<BrokerKeyExpiry, OctopusError> {
+        let OctopusCredential::ApiKey(key) = &self.credential else { return Ok(BrokerKeyExpiry::Session) };
         let me = self.current_user().await?;
         let keys = self.list_api_keys(&me.id, None).await?;
-        Ok(keys.iter().filter(|k| k.hint.as_deref() == Some(hint.as_str())).filter_map(|k| k.expires).min())
+        let matching: Vec<&ApiKeyInfo> =
+            keys.iter().filter(|k| hint_matches(k.hint.as_deref(), key.expose_secret())).collect();
+        if matching.is_empty() {
+            return Ok(BrokerKeyExpiry::NotFound { listed: keys.len() });
+        }
+        // A matching key that never expires only counts when no matching key does expire.
+        Ok(BrokerKeyExpiry::Found(matching.iter().filter_map(|k| k.expires).min()))
     }
 
     /// Resolves a username to its user, from the cache when possible. Octopus's `filter` is a
@@ -680,6 +704,18 @@ mod tests {
         for foreign in [&b"<html><body>404 Not Found</body></html>"[..], b"", b"{}", br#"{"message":"nope"}"#, b"[]"] {
             assert_eq!(octopus_error_message(foreign), None, "{}", String::from_utf8_lossy(foreign));
         }
+    }
+
+    #[test]
+    fn hints_of_seven_or_eight_characters_match_as_prefixes() {
+        let secret = "API-FSXABCDEFGHIJKLMNOPQRSTUV";
+        assert!(hint_matches(Some("API-FSXA"), secret));
+        assert!(hint_matches(Some("API-FSX"), secret));
+        assert!(hint_matches(Some("API-FSX•••••••"), secret));
+        assert!(!hint_matches(Some("API-FSY"), secret));
+        assert!(!hint_matches(Some("API-"), secret));
+        assert!(!hint_matches(Some(""), secret));
+        assert!(!hint_matches(None, secret));
     }
 
     #[test]

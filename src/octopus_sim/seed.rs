@@ -87,6 +87,14 @@ pub struct ServerSettings {
     /// unknown (octopus-api.md §12.3), so it is off by default.
     #[serde(default)]
     pub cookie_session_limits_key_expiry: bool,
+    /// How many characters of a key its hint shows: 8 on current servers, 7 on some (Octopus
+    /// issue 10067), 0 for servers before November 2020, which keep no hint.
+    #[serde(default = "default_hint_length")]
+    pub api_key_hint_length: usize,
+}
+
+fn default_hint_length() -> usize {
+    8
 }
 
 impl Default for ServerSettings {
@@ -99,6 +107,7 @@ impl Default for ServerSettings {
             user_api_keys_enabled: true,
             session_timeout_secs: default_session_timeout(),
             cookie_session_limits_key_expiry: false,
+            api_key_hint_length: default_hint_length(),
         }
     }
 }

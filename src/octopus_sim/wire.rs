@@ -49,12 +49,14 @@ pub(crate) fn user_json(user: &User) -> Value {
 
 /// A key as `ApiKeyResource` (lists and single gets): the secret is a `SensitiveValue` that only
 /// says it exists and gives the hint.
-pub(crate) fn api_key_json(key: &ApiKeyRecord) -> Value {
+/// `hint_length` is the server's (8, 7 on some versions, 0 before November 2020: no hint).
+pub(crate) fn api_key_json(key: &ApiKeyRecord, hint_length: usize) -> Value {
+    let hint: Option<String> = (hint_length > 0).then(|| key.hint.chars().take(hint_length).collect());
     json!({
         "Id": key.id,
         "UserId": key.user_id,
         "Purpose": key.purpose,
-        "ApiKey": { "HasValue": true, "NewValue": null, "Hint": key.hint },
+        "ApiKey": { "HasValue": true, "NewValue": null, "Hint": hint },
         "Created": format_date(key.created),
         "Expires": key.expires.map(format_date),
         "AccessLevel": "FullAccess",

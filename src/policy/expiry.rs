@@ -21,6 +21,9 @@ pub struct UpstreamLimits {
     pub server_max_days: Option<u32>,
     /// The broker credential's own `Expires`, when known.
     pub broker_key_expires: Option<DateTime<Utc>>,
+    /// Set when the broker credential was not found among this many keys of its user, so its
+    /// expiry is unknown (reported by readiness rather than silently ignored).
+    pub broker_key_missing_among: Option<usize>,
 }
 
 /// Why a default lifetime was shortened.
@@ -198,15 +201,22 @@ mod tests {
 
     #[test]
     fn an_explicit_expiry_beyond_the_broker_credential_is_refused() {
-        let limits = UpstreamLimits { server_max_days: None, broker_key_expires: Some(at("2026-11-25T00:00:00Z")) };
+        let limits = UpstreamLimits {
+            server_max_days: None,
+            broker_key_expires: Some(at("2026-11-25T00:00:00Z")),
+            ..Default::default()
+        };
         let err = resolve_expiry(ExpiryRequest::Ttl(Duration::days(3)), &scope(), now(), limits).unwrap_err();
         assert!(matches!(err, PolicyError::InvalidExpiry(m) if m.contains("own Octopus credential")));
     }
 
     #[test]
     fn the_default_is_clamped_to_the_broker_credential() {
-        let limits =
-            UpstreamLimits { server_max_days: Some(366), broker_key_expires: Some(at("2026-11-25T00:00:00Z")) };
+        let limits = UpstreamLimits {
+            server_max_days: Some(366),
+            broker_key_expires: Some(at("2026-11-25T00:00:00Z")),
+            ..Default::default()
+        };
         let d = resolve_expiry(ExpiryRequest::Default, &scope(), now(), limits).unwrap();
         assert_eq!(d.expires_at, at("2026-11-25T00:00:00Z"));
         assert_eq!(d.clamped, Some(ExpiryClamp::BrokerCredentialExpiry));
@@ -214,7 +224,7 @@ mod tests {
 
     #[test]
     fn the_server_maximum_applies_with_a_safety_margin() {
-        let limits = UpstreamLimits { server_max_days: Some(5), broker_key_expires: None };
+        let limits = UpstreamLimits { server_max_days: Some(5), broker_key_expires: None, ..Default::default() };
         let err = resolve_expiry(ExpiryRequest::Ttl(Duration::days(5)), &scope(), now(), limits).unwrap_err();
         assert!(matches!(err, PolicyError::InvalidExpiry(m) if m.contains("5 days")));
         let d = resolve_expiry(ExpiryRequest::Default, &scope(), now(), limits).unwrap();
@@ -225,7 +235,11 @@ mod tests {
 
     #[test]
     fn a_broker_credential_about_to_expire_refuses_everything() {
-        let limits = UpstreamLimits { server_max_days: None, broker_key_expires: Some(now() + Duration::seconds(20)) };
+        let limits = UpstreamLimits {
+            server_max_days: None,
+            broker_key_expires: Some(now() + Duration::seconds(20)),
+            ..Default::default()
+        };
         assert!(resolve_expiry(ExpiryRequest::Default, &scope(), now(), limits).is_err());
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use keybroker::config::{OctopusConfig, OctopusCredential};
-use keybroker::octopus::{OctopusClient, OctopusError, Revoked};
+use keybroker::octopus::{BrokerKeyExpiry, OctopusClient, OctopusError, Revoked};
 use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedUser, Simulator};
 use reqwest::Method;
 use secrecy::SecretString;
@@ -165,9 +165,52 @@ async fn the_broker_key_expiry_and_server_limits_are_read() {
     let settings = client.key_settings().await.unwrap();
     assert_eq!(settings.max_expiry_days, Some(366));
     assert_eq!(settings.default_expiry_days, Some(180));
-    let expiry = client.broker_key_expiry().await.unwrap().expect("the demo broker key expires");
+    let BrokerKeyExpiry::Found(Some(expiry)) = client.broker_key_expiry().await.unwrap() else {
+        panic!("the demo broker key expires");
+    };
     let days = (expiry - chrono::Utc::now()).num_days();
     assert!((360..=366).contains(&days), "{days}");
+}
+
+#[tokio::test]
+async fn the_broker_key_is_found_by_a_seven_character_hint_and_reported_when_missing() {
+    for (hint_length, found) in [(7, true), (8, true), (0, false)] {
+        let mut seed = Seed::demo();
+        seed.server.api_key_hint_length = hint_length;
+        let sim = Simulator::new(seed).unwrap().spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
+        let client = client_for(&sim, api_key()).await;
+        match client.broker_key_expiry().await.unwrap() {
+            BrokerKeyExpiry::Found(Some(_)) => assert!(found, "hint length {hint_length}"),
+            BrokerKeyExpiry::NotFound { listed } => {
+                assert!(!found, "hint length {hint_length}");
+                assert!(listed >= 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_server_maximum_of_zero_days_means_unknown_not_no_lifetime() {
+    // The simulator refuses such a seed; a stand-in answers /api/authentication as a server
+    // without the setting configured might.
+    let app = axum::Router::new().route(
+        "/api/authentication",
+        axum::routing::get(|| async {
+            axum::Json(json!({"ApiKeyDefaultExpiryDays": 0, "ApiKeyMaxExpiryDays": 0, "UserApiKeysEnabled": true}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = OctopusConfig {
+        url: url.parse().unwrap(),
+        credential: api_key(),
+        timeout: Duration::from_secs(5),
+        ca_certificates: Vec::new(),
+    };
+    let settings = OctopusClient::new(&config).unwrap().key_settings().await.unwrap();
+    assert_eq!((settings.max_expiry_days, settings.default_expiry_days), (None, None));
 }
 
 #[tokio::test]
