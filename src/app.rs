@@ -72,7 +72,7 @@ impl App {
         }
         // The first readiness verdict, so /readyz answers truthfully from the start; it also
         // resolves every scope's account into the cache.
-        let readiness = Arc::new(crate::readiness::Readiness::default());
+        let readiness = Arc::new(crate::readiness::Readiness::new(config.jobs.readiness_interval));
         readiness.refresh(&keys).await;
         let policy = keys.policy();
         crate::webhooks::adopt_names(&keys, &config.webhooks).await.context("cannot name the webhook outbox's rows")?;
@@ -132,6 +132,9 @@ impl App {
         let limits = crate::server::Limits {
             max_connections: self.config.server.max_connections,
             header_read_timeout: self.config.server.header_read_timeout,
+            write_stall_timeout: self.config.server.request_timeout,
+            // Requests in flight (an issuance included) get their own timeout to finish.
+            shutdown_grace: self.config.server.request_timeout + std::time::Duration::from_secs(5),
         };
         let result = crate::server::serve(listener, self.router(), limits, shutdown).await;
         for job in jobs {

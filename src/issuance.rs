@@ -68,7 +68,8 @@ pub struct Issued {
     pub record: KeyRecord,
     pub secret: SecretString,
     pub clamped: Option<ExpiryClamp>,
-    /// With `replace_previous`: the records this key superseded (revoked, or retried).
+    /// With `replace_previous`: the records this key supersedes; the caller revokes them with
+    /// [`KeyService::revoke_superseded`] once the answer is on its way.
     pub replaced: Vec<Uuid>,
 }
 
@@ -306,10 +307,10 @@ impl KeyService {
         Ok(held)
     }
 
-    /// After `new` became active: revokes the requester's other active keys in its scope with the
-    /// same purpose, each audited as superseded. A revocation that fails stays requested and is
-    /// retried by the reconciler; the new key is issued either way.
-    async fn supersede(&self, principal: &Principal, new: &KeyRecord, ctx: &RequestContext) -> Vec<Uuid> {
+    /// The requester's other active keys in `new`'s scope with the same purpose, older than
+    /// `new` (so that two refreshes at once never replace each other): what `replace_previous`
+    /// revokes.
+    async fn superseded_by(&self, new: &KeyRecord) -> Vec<Uuid> {
         let filter = KeyFilter {
             requester: Some(new.requester.clone()),
             scope: Some(new.scope.clone()),
@@ -317,30 +318,32 @@ impl KeyService {
             now: Some(self.now()),
             team: None,
         };
-        let mut replaced = Vec::new();
-        let mut before_seq = None;
-        loop {
-            let page = match self.store.list_keys(&filter, PageRequest { before_seq, limit: 200 }).await {
+        let mut older = Vec::new();
+        let mut before_seq = Some(new.seq);
+        while let Some(before) = before_seq {
+            let page = match self.store.list_keys(&filter, PageRequest { before_seq: Some(before), limit: 200 }).await {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list the keys a new one replaces; they stay active");
                     break;
                 }
             };
-            let last = page.last().map(|r| r.seq);
-            for old in page.into_iter().filter(|r| r.id != new.id && r.purpose == new.purpose) {
-                let reason = json!({ "reason": "superseded", "superseded_by": new.id });
-                match self.revoke_with(principal, old.id, ctx, Some(reason)).await {
-                    Ok(_) => replaced.push(old.id),
-                    Err(e) => tracing::warn!(key_id = %old.id, error = %e, "could not revoke a superseded key"),
-                }
-            }
-            match last {
-                Some(seq) => before_seq = Some(seq),
-                None => break,
+            before_seq = page.last().map(|r| r.seq);
+            older.extend(page.into_iter().filter(|r| r.id != new.id && r.purpose == new.purpose).map(|r| r.id));
+        }
+        older
+    }
+
+    /// Revokes keys that `new_id` superseded, each audited as such. A revocation that fails
+    /// stays requested and is retried by the reconciler. Runs after the new key's answer has
+    /// gone out, so that slow revocations never hold up (or time out) the secret.
+    pub async fn revoke_superseded(&self, principal: &Principal, ids: &[Uuid], new_id: Uuid, ctx: &RequestContext) {
+        for id in ids {
+            let why = json!({ "reason": "superseded", "superseded_by": new_id });
+            if let Err(e) = self.revoke_with(principal, *id, ctx, Some(why)).await {
+                tracing::warn!(key_id = %id, error = %e, "could not revoke a superseded key");
             }
         }
-        replaced
     }
 
     /// The readiness job's check of a scope: a fresh look-up of its account.
@@ -476,8 +479,7 @@ impl KeyService {
         match self.store.activate(&activation, &issued_event).await {
             Ok(record) => {
                 tracing::info!(octopus_key_id = %created.id, "issued key");
-                let replaced =
-                    if request.replace_previous { self.supersede(principal, &record, ctx).await } else { Vec::new() };
+                let replaced = if request.replace_previous { self.superseded_by(&record).await } else { Vec::new() };
                 Ok(IssueOutcome::Issued(Issued { record, secret: created.secret, clamped: expiry.clamped, replaced }))
             }
             Err(e) => {

@@ -51,19 +51,44 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Readiness {
     current: RwLock<Arc<Verdict>>,
+    /// A verdict older than this is not believed: the job has stopped.
+    max_age: chrono::Duration,
 }
 
 impl Default for Readiness {
     fn default() -> Self {
-        let unchecked = Verdict {
-            checks: vec![Check::failed("startup", "the dependencies have not been checked yet".to_owned())],
-            checked_at: None,
-        };
-        Self { current: RwLock::new(Arc::new(unchecked)) }
+        Self::new(Duration::from_secs(30))
     }
 }
 
 impl Readiness {
+    /// For a job that runs every `interval`; a verdict three intervals old is stale.
+    pub fn new(interval: Duration) -> Self {
+        let unchecked = Verdict {
+            checks: vec![Check::failed("startup", "the dependencies have not been checked yet".to_owned())],
+            checked_at: None,
+        };
+        let max_age = chrono::Duration::from_std(interval * 3).unwrap_or(chrono::Duration::minutes(5));
+        Self { current: RwLock::new(Arc::new(unchecked)), max_age }
+    }
+
+    /// The verdict to serve at `now`: the last one, or, when it is stale, that one with a failed
+    /// `readiness` check saying so.
+    pub fn served(&self, now: DateTime<Utc>) -> Arc<Verdict> {
+        let verdict = self.current();
+        match verdict.checked_at {
+            Some(at) if now - at > self.max_age => {
+                let mut stale = (*verdict).clone();
+                stale.checks.push(Check::failed(
+                    "readiness",
+                    format!("the last check ran at {}; the readiness job has stopped", at.to_rfc3339()),
+                ));
+                Arc::new(stale)
+            }
+            _ => verdict,
+        }
+    }
+
     pub fn current(&self) -> Arc<Verdict> {
         match self.current.read() {
             Ok(v) => Arc::clone(&v),
@@ -133,4 +158,23 @@ async fn check_all(keys: &KeyService) -> Verdict {
         }
     }
     Verdict { checks, checked_at: Some(keys.now()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verdict_older_than_three_intervals_is_served_as_not_ready() {
+        let readiness = Readiness::new(Duration::from_secs(10));
+        let at = Utc::now();
+        if let Ok(mut current) = readiness.current.write() {
+            *current = Arc::new(Verdict { checks: vec![Check::ok("database", None)], checked_at: Some(at) });
+        }
+        assert!(readiness.served(at + chrono::Duration::seconds(30)).ready());
+        let stale = readiness.served(at + chrono::Duration::seconds(31));
+        assert!(!stale.ready());
+        assert_eq!(stale.checks.last().map(|c| c.name.as_str()), Some("readiness"));
+        assert!(!readiness.served(at).checks.iter().any(|c| c.name == "readiness"));
+    }
 }

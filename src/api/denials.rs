@@ -23,6 +23,11 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// a spread of addresses cannot grow memory without bound.
 const MAX_KINDS: usize = 10_000;
 
+/// First events written per minute across all kinds; past it, new kinds share the overflow
+/// bucket too, so that an attacker with many addresses (an IPv6 /48 holds 65,536 /64s) cannot
+/// write thousands of rows a minute.
+const MAX_FIRST_EVENTS_PER_WINDOW: u32 = 600;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Kind {
     action: Action,
@@ -55,25 +60,45 @@ pub struct Denial {
 
 #[derive(Debug, Default)]
 pub struct Denials {
-    windows: Mutex<HashMap<Kind, Window>>,
+    windows: Mutex<Windows>,
+}
+
+#[derive(Debug, Default)]
+struct Windows {
+    kinds: HashMap<Kind, Window>,
+    /// First events written in the current minute, and when it began.
+    written: u32,
+    written_since: Option<Instant>,
+}
+
+/// Who an aggregated event names: `anonymous` for failed authentications, the caller for role
+/// refusals, `*` for the overflow bucket of many callers.
+fn actor_of(kind: &Kind) -> &str {
+    if kind.action == Action::AuthDenied { "anonymous" } else { kind.who.as_str() }
 }
 
 impl Denials {
     /// The events to append for `denial` at `now`: none while its kind is within its minute,
     /// otherwise this denial's event (after the summary of the previous minute, if one is due).
     pub fn record(&self, denial: Denial, now: Instant, at: chrono::DateTime<chrono::Utc>) -> Vec<NewAuditEvent> {
-        let Ok(mut windows) = self.windows.lock() else { return Vec::new() };
+        let Ok(mut guard) = self.windows.lock() else { return Vec::new() };
+        let windows = &mut *guard;
+        if windows.written_since.is_none_or(|since| now.duration_since(since) >= WINDOW) {
+            windows.written = 0;
+            windows.written_since = Some(now);
+        }
         let mut kind = Kind {
             action: denial.action,
             who: denial.who.clone(),
             reason: denial.reason.clone(),
             route: denial.route.clone(),
         };
-        if windows.len() >= MAX_KINDS && !windows.contains_key(&kind) {
+        let crowded = windows.kinds.len() >= MAX_KINDS || windows.written >= MAX_FIRST_EVENTS_PER_WINDOW;
+        if crowded && !windows.kinds.contains_key(&kind) {
             kind.who = "*".to_owned();
         }
         let mut out = Vec::new();
-        match windows.get_mut(&kind) {
+        match windows.kinds.get_mut(&kind) {
             Some(window) if now.duration_since(window.started) < WINDOW => {
                 window.suppressed += 1;
                 window.context = denial.context;
@@ -81,15 +106,19 @@ impl Denials {
             }
             Some(window) => {
                 if window.suppressed > 0 {
-                    out.push(summary(&kind, &denial.actor, window, at));
+                    out.push(summary(&kind, window, at));
                 }
                 *window = Window { started: now, suppressed: 0, context: denial.context.clone() };
             }
             None => {
-                windows.insert(kind.clone(), Window { started: now, suppressed: 0, context: denial.context.clone() });
+                windows
+                    .kinds
+                    .insert(kind.clone(), Window { started: now, suppressed: 0, context: denial.context.clone() });
             }
         }
-        out.push(event(&denial.actor, &kind, &denial.context, 1, false, at));
+        windows.written += 1;
+        let actor = if kind.who == "*" { actor_of(&kind).to_owned() } else { denial.actor };
+        out.push(event(&actor, &kind, &denial.context, 1, false, at));
         out
     }
 
@@ -97,13 +126,12 @@ impl Denials {
     pub fn flush(&self, now: Instant, at: chrono::DateTime<chrono::Utc>) -> Vec<NewAuditEvent> {
         let Ok(mut windows) = self.windows.lock() else { return Vec::new() };
         let mut out = Vec::new();
-        windows.retain(|kind, window| {
+        windows.kinds.retain(|kind, window| {
             if now.duration_since(window.started) < WINDOW {
                 return true;
             }
             if window.suppressed > 0 {
-                let actor = if kind.action == Action::AuthDenied { "anonymous" } else { kind.who.as_str() };
-                out.push(summary(kind, actor, window, at));
+                out.push(summary(kind, window, at));
             }
             false
         });
@@ -111,8 +139,8 @@ impl Denials {
     }
 }
 
-fn summary(kind: &Kind, actor: &str, window: &Window, at: chrono::DateTime<chrono::Utc>) -> NewAuditEvent {
-    event(actor, kind, &window.context, window.suppressed, true, at)
+fn summary(kind: &Kind, window: &Window, at: chrono::DateTime<chrono::Utc>) -> NewAuditEvent {
+    event(actor_of(kind), kind, &window.context, window.suppressed, true, at)
 }
 
 fn event(
@@ -197,6 +225,23 @@ mod tests {
         assert_eq!(flushed.len(), 1, "only kinds with suppressed denials: {flushed:?}");
         assert_eq!(flushed[0].detail["count"], 1);
         assert!(denials.flush(start + WINDOW * 2, at).is_empty());
+    }
+
+    #[test]
+    fn past_the_per_minute_budget_new_kinds_share_one_overflow_event() {
+        let denials = Denials::default();
+        let start = Instant::now();
+        let at = chrono::Utc::now();
+        let mut written = 0;
+        for i in 0..(MAX_FIRST_EVENTS_PER_WINDOW + 500) {
+            let events = denials.record(denial(&format!("2001:db8:{i:x}::"), "expired"), start, at);
+            written += events.len();
+        }
+        assert_eq!(written, MAX_FIRST_EVENTS_PER_WINDOW as usize + 1, "the budget, then one overflow event");
+        let flushed = denials.flush(start + WINDOW, at);
+        let overflow: Vec<_> = flushed.iter().filter(|e| e.detail["count"] == 499).collect();
+        assert_eq!(overflow.len(), 1, "{flushed:?}");
+        assert_eq!(overflow[0].actor, "anonymous");
     }
 
     #[test]

@@ -111,15 +111,35 @@ pub struct ClientAddr(pub IpAddr);
 
 /// The client's address given the peer and its `X-Forwarded-For`: the peer, unless it is a
 /// trusted proxy; then the rightmost forwarded address that is not one (addresses left of it
-/// were written by the client itself and prove nothing).
+/// were written by the client itself and prove nothing). An entry that does not read as an
+/// address (`unknown`, garbage) ends the walk at the last trusted hop: skipping it would hand
+/// the choice to the client's own entries further left. Ports (`1.2.3.4:5`, `[::1]:5`) are
+/// dropped.
 pub fn client_addr(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[ipnet::IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
     let Some(header) = forwarded_for else { return peer };
-    let hops: Vec<IpAddr> = header.split(',').filter_map(|h| h.trim().parse::<IpAddr>().ok()).collect();
-    hops.iter().rev().find(|ip| !is_trusted(ip)).or(hops.first()).copied().unwrap_or(peer)
+    let mut last_trusted = peer;
+    for hop in header.rsplit(',') {
+        match forwarded_address(hop.trim()) {
+            Some(ip) if is_trusted(&ip) => last_trusted = ip,
+            Some(ip) => return ip,
+            None => return last_trusted,
+        }
+    }
+    last_trusted
+}
+
+fn forwarded_address(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        return rest.split_once(']').and_then(|(ip, _)| ip.parse().ok());
+    }
+    hop.parse::<SocketAddr>().ok().map(|s| s.ip())
 }
 
 fn peer_addr(parts: &Parts) -> Option<IpAddr> {
@@ -250,5 +270,26 @@ pub fn filter_value(name: &str, value: Option<String>) -> Result<Option<String>,
             Err(ApiError::BadRequest(format!("{name} must be at most 256 printable characters")))
         }
         other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_forwarded_address() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let addr = |xff: &str| client_addr(peer, Some(xff), &trusted).to_string();
+        assert_eq!(addr("198.51.100.7, 203.0.113.9, 10.0.0.2"), "203.0.113.9");
+        assert_eq!(addr("203.0.113.9:4711"), "203.0.113.9");
+        assert_eq!(addr("[2001:db8::1]:443, 10.0.0.3"), "2001:db8::1");
+        // An unreadable hop ends the walk: the client's own entry left of it is not believed.
+        assert_eq!(addr("198.51.100.7, unknown, 10.0.0.2"), "10.0.0.2");
+        assert_eq!(addr("198.51.100.7, unknown"), "10.0.0.1");
+        assert_eq!(addr("10.0.0.9"), "10.0.0.9");
+        let untrusted: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(client_addr(untrusted, Some("203.0.113.9"), &trusted), untrusted);
     }
 }

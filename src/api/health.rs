@@ -57,14 +57,22 @@ pub struct Readiness {
         (status = 503, description = "Not ready; `checks` says which dependency", body = Readiness),
     )
 )]
-pub async fn readyz(State(state): State<AppState>, headers: HeaderMap) -> (StatusCode, axum::Json<Readiness>) {
-    let verdict = state.readiness.current();
+pub async fn readyz(
+    State(state): State<AppState>,
+    client: Option<axum::Extension<super::extract::ClientAddr>>,
+    headers: HeaderMap,
+) -> (StatusCode, axum::Json<Readiness>) {
+    let client = client.map(|axum::Extension(c)| c);
+    let verdict = state.readiness.served(state.keys.now());
     // A token is optional here: a bad one is not an error (and not audited), it only sees what
-    // anyone sees.
+    // anyone sees. Tokens are checked within the per-address budget of failed authentications,
+    // so this is no unmetered oracle for guessing them.
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let details = match authorization {
-        Some(value) => state.auth.authenticate(Some(value)).await.is_ok_and(|p| p.is_admin()),
-        None => false,
+    let details = match (authorization, client.map(|c| super::denials::address_bucket(c.0))) {
+        (Some(value), Some(addr)) if state.rate_limits.check_address(addr).is_ok() => {
+            state.auth.authenticate(Some(value)).await.is_ok_and(|p| p.is_admin())
+        }
+        _ => false,
     };
     let checks = verdict
         .checks

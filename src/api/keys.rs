@@ -115,7 +115,7 @@ pub struct KeyView {
     /// Set when the scope's default lifetime was shortened to fit Octopus's limits.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expiry_clamped_by: Option<ExpiryClamp>,
-    /// With `replace_previous`: the records this key superseded.
+    /// With `replace_previous`: the records this key supersedes, revoked right after this answer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replaced: Vec<Uuid>,
 }
@@ -190,9 +190,20 @@ pub async fn issue_key(
     // The protocol runs in its own task: a caller that hangs up or times out must not cut it
     // off between the Octopus call and the record that owns its result.
     let keys = state.keys.clone();
-    let outcome = tokio::spawn(async move { keys.issue(&principal, request, &ctx).await })
-        .await
-        .map_err(|e| ApiError::Internal(format!("issuance task failed: {e}")))??;
+    let outcome = tokio::spawn(async move {
+        let outcome = keys.issue(&principal, request, &ctx).await;
+        if let Ok(IssueOutcome::Issued(issued)) = &outcome {
+            if !issued.replaced.is_empty() {
+                // In the background: the secret's answer must not wait for Octopus's deletes.
+                let (ids, new_id) = (issued.replaced.clone(), issued.record.id);
+                let keys = keys.clone();
+                tokio::spawn(async move { keys.revoke_superseded(&principal, &ids, new_id, &ctx).await });
+            }
+        }
+        outcome
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("issuance task failed: {e}")))??;
 
     let now = state.keys.now();
     let issued = match outcome {

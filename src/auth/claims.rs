@@ -13,10 +13,10 @@ use crate::config::BindingConfig;
 /// otherwise the claim of that exact name (CircleCI's `oidc.circleci.com/context-ids` has dots
 /// in it), and failing that a dotted path into nested objects (`realm_access.roles`).
 pub fn claim<'a>(claims: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
-    if name.starts_with('/') {
+    // RFC 6901: only the first `/` is the pointer's start (`//x` is the key "" then "x").
+    if let Some(rest) = name.strip_prefix('/') {
         let mut value: Option<&Value> = None;
         // `Map` has no `pointer`; the first segment is looked up by hand, the rest by serde_json.
-        let rest = name.trim_start_matches('/');
         let (first, tail) = rest.split_once('/').map_or((rest, ""), |(f, t)| (f, t));
         let first = first.replace("~1", "/").replace("~0", "~");
         if let Some(top) = claims.get(&first) {

@@ -241,8 +241,13 @@ impl Authenticator {
         self.verifiers.iter().map(|v| v.config.name.as_str())
     }
 
+    fn is_privileged_team(&self, team: &str) -> bool {
+        self.admin_teams.contains(team) || self.auditor_teams.contains(team)
+    }
+
     fn outcomes(&self, verifier: &Verifier, claims: &serde_json::Map<String, Value>) -> Vec<BindingOutcome> {
-        let subject = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+        // The subject as the principal gets it (trimmed), so bindings and pins see the same text.
+        let subject = claims.get("sub").and_then(Value::as_str).map(str::trim).unwrap_or_default();
         self.bindings
             .iter()
             .enumerate()
@@ -279,6 +284,12 @@ impl Authenticator {
             Some(name) => teams_from(claims, name, issuer.teams_separator.as_deref()),
             None => BTreeSet::new(),
         };
+        // Whoever controls a claim (a Kubernetes namespace, a CI variable) must not name
+        // themselves admin: claimed admin or auditor teams need a privileged issuer. Bindings
+        // that grant them say `privileged = true` themselves.
+        if !issuer.privileged && teams.iter().any(|t| self.is_privileged_team(t)) {
+            return Err(AuthError::PrivilegedTeams(issuer.name.clone()));
+        }
         if let Some(allowed) = &issuer.allowed_teams {
             if let Some(team) = teams.iter().find(|t| !allowed.contains(*t)) {
                 let shown: String = team.chars().take(64).collect();
@@ -290,8 +301,9 @@ impl Authenticator {
                 teams.extend(outcome.teams);
             }
         }
-        let privileged = teams.iter().any(|t| self.admin_teams.contains(t) || self.auditor_teams.contains(t));
-        if privileged && hs256 && !issuer.privileged {
+        // A shared HS256 secret may mint anything: its tokens never carry admin or auditor teams
+        // unless the issuer entry is privileged, whatever a binding grants.
+        if hs256 && !issuer.privileged && teams.iter().any(|t| self.is_privileged_team(t)) {
             return Err(AuthError::PrivilegedTeams(issuer.name.clone()));
         }
         let display_name = ["name", "preferred_username", "email"]
@@ -396,13 +408,14 @@ fn unverified_issuer(token: &str) -> Result<String, AuthError> {
     }
 }
 
-/// jsonwebtoken before 10.3 (CVE-2026-25537) skips the check of an `exp`, `nbf` or `iat` that is
-/// present but not a number, as if the claim were absent: a signed token with
-/// `"nbf": "2036-01-01"` would be valid today. keybroker refuses such tokens itself, whatever
-/// the library's version.
+/// jsonwebtoken before 10.3 (CVE-2026-25537) skips the check of an `exp`, `nbf` or `iat` it
+/// cannot read as a whole number of seconds, as if the claim were absent: a signed token with
+/// `"nbf": "2036-01-01"`, `"nbf": 1e20` or `"nbf": -1` would be valid today. keybroker accepts
+/// these claims only as non-negative integers that fit in 64 bits, whatever the library's
+/// version.
 fn time_claims_are_numbers(claims: &serde_json::Map<String, Value>) -> Result<(), AuthError> {
     for name in ["exp", "nbf", "iat"] {
-        if claims.get(name).is_some_and(|v| !v.is_number()) {
+        if claims.get(name).is_some_and(|v| v.as_u64().is_none()) {
             return Err(AuthError::BadTimeClaim(name));
         }
     }
@@ -522,7 +535,11 @@ mod tests {
             auth.principal(&auth.verifiers[1], true, claims),
             Err(AuthError::PrivilegedTeams("bots".to_owned()))
         );
-        assert!(auth.principal(&auth.verifiers[1], false, claims).unwrap().is_admin(), "an IdP's signature may");
+        // Nor do the claims of any unprivileged issuer (a namespace named like the admin team).
+        assert_eq!(
+            auth.principal(&auth.verifiers[1], false, claims),
+            Err(AuthError::PrivilegedTeams("bots".to_owned()))
+        );
         assert!(auth.principal(&auth.verifiers[0], true, claims).unwrap().is_admin(), "a privileged issuer may");
     }
 
@@ -568,7 +585,14 @@ mod tests {
     #[test]
     fn time_claims_must_be_numbers_when_present() {
         let claims = |v: Value| v.as_object().unwrap().clone();
-        assert_eq!(time_claims_are_numbers(&claims(json!({"exp": 1, "nbf": 2.5, "iat": 3}))), Ok(()));
+        assert_eq!(time_claims_are_numbers(&claims(json!({"exp": 1, "nbf": 2, "iat": 3}))), Ok(()));
+        for odd in [json!(2.5), json!(1e20), json!(-1)] {
+            assert_eq!(
+                time_claims_are_numbers(&claims(json!({"exp": 1, "nbf": odd}))),
+                Err(AuthError::BadTimeClaim("nbf")),
+                "{odd}"
+            );
+        }
         assert_eq!(time_claims_are_numbers(&claims(json!({"exp": 1}))), Ok(()));
         assert_eq!(
             time_claims_are_numbers(&claims(json!({"exp": 1, "nbf": "2036-01-01T00:00:00Z"}))),

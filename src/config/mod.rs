@@ -641,7 +641,10 @@ fn validate_webhooks(raw: Vec<RawWebhook>, base: &Path) -> Result<Vec<WebhookCon
 }
 
 fn valid_webhook_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        // The outbox's name for rows of webhooks no longer configured.
+        && !name.starts_with("removed-")
 }
 
 fn validate_octopus(raw: Option<RawOctopus>, base: &Path) -> Result<OctopusConfig, ConfigError> {

@@ -289,4 +289,6 @@ fn webhooks_need_a_name_and_a_secret_unless_they_say_unsigned() {
     assert!(err.contains("at least 32 bytes"), "{err}");
     let err = load("name = \"a chat\"\nunsigned = true").unwrap_err();
     assert!(err.starts_with("webhooks[0].name"), "{err}");
+    let err = load("name = \"removed-1\"\nunsigned = true").unwrap_err();
+    assert!(err.starts_with("webhooks[0].name"), "{err}");
 }
