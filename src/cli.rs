@@ -201,12 +201,28 @@ async fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
     for scope in config.policy.scopes() {
         match octopus.find_user(&scope.octopus_user).await {
-            Ok(Some(user)) if user.is_service && user.is_active => {
-                println!(
-                    "ok    scope {}: {} is {} (an active service account)",
+            Ok(Some(user)) if user.is_service && user.is_active => match octopus.probe_keys(&user.id).await {
+                Ok(()) => println!(
+                    "ok    scope {}: {} is {} (an active service account whose keys keybroker may manage)",
                     scope.name, scope.octopus_user, user.id
-                );
-            }
+                ),
+                Err(crate::octopus::OctopusError::Credential { status: 403, message }) => {
+                    problems += 1;
+                    println!(
+                        "FAIL  scope {}: Octopus refuses keybroker the keys of {} ({}): {message}\n      \
+                         fix: give keybroker's account every permission {} has (Octopus's privilege rule), \
+                         or name a less privileged service account",
+                        scope.name, scope.octopus_user, user.id, scope.octopus_user
+                    );
+                }
+                Err(e) => {
+                    problems += 1;
+                    println!(
+                        "FAIL  scope {}: cannot list the keys of {} ({}): {e}",
+                        scope.name, scope.octopus_user, user.id
+                    );
+                }
+            },
             Ok(Some(user)) if !user.is_service => {
                 problems += 1;
                 println!("FAIL  scope {}: {} ({}) is not a service account", scope.name, scope.octopus_user, user.id);

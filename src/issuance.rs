@@ -99,6 +99,17 @@ pub enum ServiceError {
     RevocationDeferred(OctopusError),
 }
 
+/// The operator's account of a 403 on a scope account's keys.
+fn privilege_refusal(scope: &Scope, account: &OctopusUser, message: &str) -> String {
+    format!(
+        "scope `{}`: Octopus refused keybroker access to the API keys of `{}` ({}): {message} Octopus lets an \
+         account with UserEdit manage the keys only of service accounts no more privileged than itself (an \
+         administrator's only with AdministerSystem): give keybroker's account every permission `{}` has, or \
+         name a less privileged service account",
+        scope.name, account.username, account.id, account.username
+    )
+}
+
 /// Issues and revokes keys.
 pub struct KeyService {
     store: Arc<dyn Store>,
@@ -346,9 +357,17 @@ impl KeyService {
         }
     }
 
-    /// The readiness job's check of a scope: a fresh look-up of its account.
+    /// The readiness job's check of a scope: a fresh look-up of its account, and whether
+    /// keybroker's credential may manage its keys (Octopus's privilege rule).
     pub async fn check_scope_account(&self, scope: &Scope) -> Result<OctopusUser, ServiceError> {
-        self.scope_account(scope, true).await
+        let user = self.scope_account(scope, true).await?;
+        match self.octopus.probe_keys(&user.id).await {
+            Ok(()) => Ok(user),
+            Err(OctopusError::Credential { status: 403, message }) => {
+                Err(ServiceError::ScopeMisconfigured(privilege_refusal(scope, &user, &message)))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Issues a key (see the module documentation for the protocol).
@@ -445,6 +464,11 @@ impl KeyService {
                     self.octopus.forget_user(&scope.octopus_user);
                 }
                 self.fail_pending(principal, ctx, scope, id, &account.id, &e).await;
+                // The credential works (it found the account); a 403 on this account's keys is
+                // this scope's misconfiguration, and other scopes keep working.
+                if let OctopusError::Credential { status: 403, message } = &e {
+                    return Err(ServiceError::ScopeMisconfigured(privilege_refusal(scope, &account, message)));
+                }
                 return Err(ServiceError::Octopus(e));
             }
         };

@@ -19,15 +19,23 @@ pub struct Check {
     /// Written for an operator; may name user ids, expiry times and Octopus's messages, so it is
     /// shown to admins only.
     pub detail: Option<String>,
+    /// Whether a failure means this replica can serve no issuance at all (the database,
+    /// Octopus or keybroker's credential). A broken scope is reported but does not make the
+    /// replica unready: one bad scope must not take every replica out of a load balancer.
+    pub critical: bool,
 }
 
 impl Check {
     fn ok(name: impl Into<String>, detail: Option<String>) -> Self {
-        Self { name: name.into(), ok: true, detail }
+        Self { name: name.into(), ok: true, detail, critical: true }
     }
 
     fn failed(name: impl Into<String>, detail: String) -> Self {
-        Self { name: name.into(), ok: false, detail: Some(detail) }
+        Self { name: name.into(), ok: false, detail: Some(detail), critical: true }
+    }
+
+    fn scope(self) -> Self {
+        Self { critical: false, ..self }
     }
 }
 
@@ -40,7 +48,7 @@ pub struct Verdict {
 
 impl Verdict {
     pub fn ready(&self) -> bool {
-        self.checked_at.is_some() && self.checks.iter().all(|c| c.ok)
+        self.checked_at.is_some() && self.checks.iter().all(|c| c.ok || !c.critical)
     }
 }
 
@@ -135,6 +143,7 @@ async fn check_all(keys: &KeyService) -> Verdict {
                 name: "octopus_credential_expiry".to_owned(),
                 ok: expires > keys.now(),
                 detail: Some(format!("keybroker's Octopus API key expires at {}", expires.to_rfc3339())),
+                critical: true,
             });
         } else if let Some(listed) = limits.broker_key_missing_among {
             // Not a reason to take the replica out: Octopus still enforces the expiry.
@@ -150,11 +159,16 @@ async fn check_all(keys: &KeyService) -> Verdict {
         for scope in policy.scopes() {
             let name = format!("scope:{}", scope.name);
             let result = tokio::time::timeout(CHECK_TIMEOUT, keys.check_scope_account(scope)).await;
-            checks.push(match result {
-                Ok(Ok(user)) => Check::ok(name, Some(user.id)),
-                Ok(Err(e)) => Check::failed(name, e.to_string()),
-                Err(_) => Check::failed(name, "no answer within 5 s".to_owned()),
-            });
+            checks.push(
+                match result {
+                    Ok(Ok(user)) => {
+                        Check::ok(name, Some(format!("{} ({}): its keys are manageable", user.username, user.id)))
+                    }
+                    Ok(Err(e)) => Check::failed(name, e.to_string()),
+                    Err(_) => Check::failed(name, "no answer within 5 s".to_owned()),
+                }
+                .scope(),
+            );
         }
     }
     Verdict { checks, checked_at: Some(keys.now()) }
@@ -169,9 +183,11 @@ mod tests {
         let readiness = Readiness::new(Duration::from_secs(10));
         let at = Utc::now();
         if let Ok(mut current) = readiness.current.write() {
-            *current = Arc::new(Verdict { checks: vec![Check::ok("database", None)], checked_at: Some(at) });
+            let broken_scope = Check::failed("scope:x", "403".to_owned()).scope();
+            *current =
+                Arc::new(Verdict { checks: vec![Check::ok("database", None), broken_scope], checked_at: Some(at) });
         }
-        assert!(readiness.served(at + chrono::Duration::seconds(30)).ready());
+        assert!(readiness.served(at + chrono::Duration::seconds(30)).ready(), "a broken scope is not critical");
         let stale = readiness.served(at + chrono::Duration::seconds(31));
         assert!(!stale.ready());
         assert_eq!(stale.checks.last().map(|c| c.name.as_str()), Some("readiness"));

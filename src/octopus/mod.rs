@@ -375,6 +375,14 @@ impl OctopusClient {
         Ok(out)
     }
 
+    /// `GET /api/users/{id}/apikeys?take=1`: whether keybroker's credential may manage that
+    /// account's keys, the cheapest probe of Octopus's privilege rule short of a create.
+    pub async fn probe_keys(&self, user_id: &str) -> Result<(), OctopusError> {
+        let path = format!("api/users/{}/apikeys", seg(user_id));
+        let _: Page<ApiKeyResource> = self.get_json("probe_api_keys", &path, &[("take", "1".to_owned())]).await?;
+        Ok(())
+    }
+
     /// `GET /api/users/{id}/apikeys/{keyId}`; `None` when Octopus answers 404.
     pub async fn get_api_key(&self, user_id: &str, key_id: &str) -> Result<Option<ApiKeyInfo>, OctopusError> {
         let path = format!("api/users/{}/apikeys/{}", seg(user_id), seg(key_id));

@@ -130,10 +130,14 @@ pub struct SeedUser {
     /// Inactive users cannot sign in and their keys answer 401.
     #[serde(default = "yes")]
     pub is_active: bool,
-    /// Our simplification of the `UserEdit` permission: may read other users and manage the keys
-    /// of service accounts.
+    /// Our simplification of the `UserEdit` permission (with `UserView`): may read other users and
+    /// manage the keys of service accounts no more privileged than itself.
     #[serde(default)]
     pub can_edit_users: bool,
+    /// Further system permissions, e.g. `AdministerSystem` for an administrator, `ProjectEdit`:
+    /// what the privilege rule compares (octopus-api.md §5.6).
+    #[serde(default)]
+    pub permissions: Vec<String>,
     /// Enables `POST /api/users/login`; stored only as a salted hash.
     #[serde(default)]
     pub password: Option<String>,
@@ -253,6 +257,7 @@ impl Seed {
             is_service: true,
             is_active: true,
             can_edit_users: false,
+            permissions: Vec::new(),
             password: None,
         };
         let mut broker = service("keybroker", "keybroker broker account");
@@ -266,6 +271,7 @@ impl Seed {
             is_service: false,
             is_active: true,
             can_edit_users: false,
+            permissions: Vec::new(),
             password: password.map(str::to_owned),
         };
         Seed {

@@ -1,7 +1,7 @@
 //! The simulator's in-memory server: users, hashed API keys, login sessions, and the rules Octopus
 //! applies to them. Plain functions over plain data, so the rules are testable without HTTP.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use axum::http::HeaderValue;
@@ -28,6 +28,8 @@ pub(crate) struct User {
     pub is_service: bool,
     pub is_active: bool,
     pub can_edit_users: bool,
+    /// Its effective system permissions (`UserView` and `UserEdit` with `can_edit_users`).
+    pub permissions: BTreeSet<String>,
     /// Made by `extra_users` rather than listed in the seed.
     pub generated: bool,
     password: Option<PasswordHash>,
@@ -120,6 +122,7 @@ pub(crate) enum Credential {
 pub(crate) struct Caller {
     pub user_id: String,
     pub can_edit_users: bool,
+    pub permissions: BTreeSet<String>,
     pub credential: Credential,
 }
 
@@ -188,6 +191,9 @@ impl Shared {
     }
 }
 
+/// The permission an administrator holds and whose holders only another administrator may read.
+const ADMINISTER_SYSTEM: &str = "AdministerSystem";
+
 /// Slack on the maximum-lifetime rule, so that a client computing "now + max" a moment before the
 /// server does is not refused.
 const MAX_EXPIRY_SLACK_SECS: i64 = 60;
@@ -215,7 +221,7 @@ impl SimState {
         let mut users = Vec::with_capacity(seed.users.len() + seed.extra_users);
         for (index, spec) in seed.users.iter().enumerate() {
             let display_name = spec.display_name.clone().unwrap_or_else(|| spec.username.clone());
-            users.push(new_user(
+            let mut user = new_user(
                 index + 1,
                 spec.username.trim().to_owned(),
                 display_name,
@@ -225,7 +231,9 @@ impl SimState {
                 spec.can_edit_users,
                 spec.password.as_deref().map(PasswordHash::new),
                 false,
-            ));
+            );
+            user.permissions.extend(spec.permissions.iter().map(|p| p.trim().to_owned()));
+            users.push(user);
         }
         for n in 1..=seed.extra_users {
             let username = generated_username(n, seed.extra_users);
@@ -393,7 +401,7 @@ impl SimState {
         };
         // A disabled user's keys and sessions stop working at once [C: DOC-UT].
         let user = self.user(&user_id).filter(|u| u.is_active).ok_or(ApiError::Unauthorized)?;
-        Ok(Caller { user_id, can_edit_users: user.can_edit_users, credential })
+        Ok(Caller { user_id, can_edit_users: user.can_edit_users, permissions: user.permissions.clone(), credential })
     }
 
     /// `POST /api/users/login`. Service accounts and inactive users cannot sign in; every failure
@@ -436,10 +444,44 @@ impl SimState {
         }
     }
 
-    /// `GET /api/users/{id}`.
+    /// `GET /api/users/{id}`. An administrator's document also needs `AdministerSystem`
+    /// (Octopus issue 4355).
     pub(crate) fn get_user(&self, caller: &Caller, user_id: &str) -> Result<&User, ApiError> {
         Self::require_self_or_user_edit(caller, user_id)?;
-        self.user(user_id).ok_or_else(|| ApiError::NotFound(user_id.to_owned()))
+        let user = self.user(user_id).ok_or_else(|| ApiError::NotFound(user_id.to_owned()))?;
+        if caller.user_id != user_id
+            && user.permissions.contains(ADMINISTER_SYSTEM)
+            && !caller.permissions.contains(ADMINISTER_SYSTEM)
+        {
+            return Err(ApiError::MissingPermission(ADMINISTER_SYSTEM));
+        }
+        Ok(user)
+    }
+
+    /// The privilege rule (Octopus issue 5766): another user's keys are managed only for service
+    /// accounts, never human users (not even by an administrator), and only for accounts no
+    /// more privileged than the caller, i.e. whose permissions the caller holds too.
+    fn require_may_manage_keys(caller: &Caller, target: &User) -> Result<(), ApiError> {
+        Self::require_may_read_keys(caller, target)?;
+        if caller.user_id != target.id && !target.is_service {
+            return Err(ApiError::Forbidden);
+        }
+        Ok(())
+    }
+
+    /// Listing or reading another user's keys: `UserEdit`, and the privilege rule's "no more
+    /// privileged than the caller" (octopus-api.md §5.6: the cheapest probe of the rule).
+    fn require_may_read_keys(caller: &Caller, target: &User) -> Result<(), ApiError> {
+        if caller.user_id == target.id {
+            return Ok(());
+        }
+        if !caller.can_edit_users {
+            return Err(ApiError::MissingPermission("UserEdit"));
+        }
+        if !target.permissions.is_subset(&caller.permissions) {
+            return Err(ApiError::Forbidden);
+        }
+        Ok(())
     }
 
     /// `GET /api/users/{id}/apikeys`: most recent first, optionally filtered.
@@ -450,7 +492,8 @@ impl SimState {
         partial_purpose: Option<&str>,
         partial_keyword: Option<&str>,
     ) -> Result<Vec<&ApiKeyRecord>, ApiError> {
-        self.get_user(caller, user_id)?;
+        let target = self.get_user(caller, user_id)?;
+        Self::require_may_read_keys(caller, target)?;
         let purpose_lc = partial_purpose.map(str::to_lowercase);
         let keyword_lc = partial_keyword.map(str::to_lowercase);
         let mut keys: Vec<_> = self
@@ -470,7 +513,8 @@ impl SimState {
 
     /// Finds a key through the route `/api/users/{user_id}/apikeys/{key_id}`.
     fn owned_key(&self, caller: &Caller, user_id: &str, key_id: &str) -> Result<&ApiKeyRecord, ApiError> {
-        Self::require_self_or_user_edit(caller, user_id)?;
+        let target = self.get_user(caller, user_id)?;
+        Self::require_may_read_keys(caller, target)?;
         let key = self.keys.get(key_id).ok_or_else(|| ApiError::NotFound(key_id.to_owned()))?;
         if key.user_id != user_id {
             return Err(ApiError::BadRequest(KEY_NOT_OWNED.to_owned()));
@@ -486,6 +530,9 @@ impl SimState {
     /// `DELETE /api/users/{id}/apikeys/{keyId}`: a hard delete; the key stops working at once.
     pub(crate) fn delete_key(&mut self, caller: &Caller, user_id: &str, key_id: &str) -> Result<(), ApiError> {
         self.owned_key(caller, user_id, key_id)?;
+        if let Some(target) = self.user(user_id) {
+            Self::require_may_manage_keys(caller, target)?;
+        }
         self.remove_key(key_id);
         Ok(())
     }
@@ -503,12 +550,11 @@ impl SimState {
         if !for_self && !caller.can_edit_users {
             return Err(ApiError::MissingPermission("UserEdit"));
         }
-        let target = self.user(user_id).ok_or_else(|| ApiError::NotFound(user_id.to_owned()))?;
+        let target = self.get_user(caller, user_id)?;
         // Even administrators cannot create keys for another human user, only for service
-        // accounts [C: ISS-5987, ISS-5920]; the exact 403 text is unknown beyond its prefix.
-        if !for_self && !target.is_service {
-            return Err(ApiError::Forbidden);
-        }
+        // accounts [C: ISS-5987, ISS-5920], and never for a more privileged one [C: ISS-5766];
+        // the exact 403 text is unknown beyond its prefix.
+        Self::require_may_manage_keys(caller, target)?;
         if !target.is_active {
             return Err(ApiError::invalid(format!(
                 "The user '{}' is not active, so API keys cannot be created for it.",
@@ -623,6 +669,11 @@ fn new_user(
         is_service,
         is_active,
         can_edit_users,
+        permissions: if can_edit_users {
+            ["UserView", "UserEdit"].into_iter().map(str::to_owned).collect()
+        } else {
+            BTreeSet::new()
+        },
         generated,
         password,
     }
@@ -658,6 +709,7 @@ mod tests {
         Caller {
             user_id: "Users-1".to_owned(),
             can_edit_users: true,
+            permissions: BTreeSet::new(),
             credential: Credential::ApiKey { key_id: "apikeys-x".to_owned(), expires },
         }
     }

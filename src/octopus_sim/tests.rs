@@ -775,6 +775,7 @@ fn seeds_with_mistakes_are_refused_with_clear_errors() {
         is_service: service,
         is_active: true,
         can_edit_users: false,
+        permissions: Vec::new(),
         password: password.map(str::to_owned),
     };
     let key = |name: &str, secret: &str| SeedApiKey {
@@ -888,4 +889,33 @@ fn seed_key_expiry_may_be_a_string_or_a_toml_date_time() {
     }
     assert!(Seed::from_toml(&key("2027-01-01T00:00:00")).is_err(), "no offset");
     assert!(Seed::from_toml(&key("\"soon\"")).is_err());
+}
+
+#[tokio::test]
+async fn keys_of_a_more_privileged_service_account_are_refused_even_to_user_edit() {
+    let mut seed = test_seed();
+    let svc = seed.users.iter().position(|u| u.username == "svc-payments-deploy").unwrap();
+    seed.users[svc].permissions = vec!["AdministerSystem".to_owned()];
+    let h = start(seed).await;
+    let id = h.id("svc-payments-deploy");
+    let expires = super::wire::format_date(h.sim.now() + Duration::days(5));
+    let body = json!({ "Purpose": "p", "Expires": expires });
+    let (status, answer) = h.post(&format!("/api/users/{id}/apikeys"), BROKER_KEY, body.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let (status, answer) = h.get(&format!("/api/users/{id}/apikeys?take=1"), BROKER_KEY).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert!(
+        answer["ErrorMessage"].as_str().unwrap().contains("AdministerSystem"),
+        "reading an administrator: {answer}"
+    );
+
+    // A broker holding the same permissions may.
+    let mut seed = test_seed();
+    for user in seed.users.iter_mut().filter(|u| u.username == "svc-payments-deploy" || u.can_edit_users) {
+        user.permissions = vec!["ProjectEdit".to_owned()];
+    }
+    let h = start(seed).await;
+    let id = h.id("svc-payments-deploy");
+    let (status, answer) = h.post(&format!("/api/users/{id}/apikeys"), BROKER_KEY, body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
 }

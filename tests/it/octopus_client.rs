@@ -20,6 +20,7 @@ fn human_broker() -> SeedUser {
         is_service: false,
         is_active: true,
         can_edit_users: true,
+        permissions: Vec::new(),
         password: Some("correct horse battery staple".to_owned()),
     }
 }
