@@ -38,6 +38,16 @@ enum Command {
         #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
         config: PathBuf,
     },
+    /// Check a real Octopus Server before going live: version, credential and its expiry, key
+    /// limits, rate limits, and every scope's account; exit 1 when a check fails.
+    Doctor {
+        #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
+        config: PathBuf,
+        /// Also create a 10-minute key for each scope's account, check that it authenticates as
+        /// that account, and delete it.
+        #[arg(long)]
+        probe_create: bool,
+    },
     /// Apply the database migrations, then exit.
     Migrate {
         #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
@@ -120,6 +130,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => check_config(&config).await,
+        Command::Doctor { config, probe_create } => {
+            let config = Config::load(&config)?;
+            let rows = crate::doctor::run(&config, probe_create).await?;
+            print!("{}", crate::doctor::render(&rows));
+            Ok(if crate::doctor::failed(&rows) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
         Command::Migrate { config } => {
             telemetry::init(LogFormat::from_env(LogFormat::Pretty));
             let config = Config::load(&config)?;

@@ -190,7 +190,7 @@ fn spawn_job(
                     }
                 }
             }
-            match run(keys.clone()).await {
+            match crate::octopus::BACKGROUND.scope((), run(keys.clone())).await {
                 Ok(summary) => {
                     if !summary.is_empty() {
                         tracing::info!(job = name, %summary, "job ran");

@@ -11,6 +11,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod doctor;
+pub mod dormant;
 pub mod drift;
 pub mod issuance;
 pub mod jobs;

@@ -96,6 +96,8 @@ pub struct Metrics {
     /// Failed authentications and role refusals left out of the audit trail because an event
     /// of the same kind was written within the minute (they are summed into the next one).
     pub denials_aggregated: Counter,
+    /// Octopus calls that waited for keybroker's own outbound rate limit.
+    pub octopus_paced: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -123,6 +125,12 @@ impl Metrics {
         let credential_expiry = Gauge::default();
         let auth_missing = Counter::default();
         let denials_aggregated = Counter::default();
+        let octopus_paced = Counter::default();
+        registry.register(
+            "octopus_calls_paced",
+            "Octopus calls that waited for octopus.max_requests_per_minute",
+            octopus_paced.clone(),
+        );
         registry.register(
             "auth_missing_credential",
             "Requests to authenticated routes without any credential (not audited)",
@@ -197,6 +205,7 @@ impl Metrics {
             credential_expiry,
             auth_missing,
             denials_aggregated,
+            octopus_paced,
         })
     }
 

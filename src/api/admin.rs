@@ -12,6 +12,7 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{AdminCaller, ApiJson, Ctx, filter_value};
 use crate::drift::UnmanagedKey;
+use crate::issuance::ServiceError;
 use crate::reload::ReloadReport;
 use crate::store::{KeyFilter, KeyState};
 
@@ -37,6 +38,10 @@ pub struct RevokeManyBody {
     /// Every active key whose requester was in this team when it was issued.
     #[schema(min_length = 1)]
     pub team: Option<String>,
+    /// Every active key Octopus says has not been used for this long (never-used keys count
+    /// from their issuance), such as `"30d"`.
+    #[schema(example = "30d")]
+    pub unused_for: Option<String>,
 }
 
 /// One key's outcome.
@@ -59,10 +64,10 @@ pub struct RevokeManyReport {
     pub results: Vec<RevokeResult>,
 }
 
-/// Offboard: revoke every active key of a requester, a scope or a team.
+/// Offboard: revoke every active key of a requester, a scope or a team, or every dormant one.
 ///
 /// Each revocation is audited. A revocation that fails is reported here and retried by the
-/// reconciler until it succeeds.
+/// reconciler until it succeeds. With `unused_for`, Octopus's `LastUsedTimeStamp` decides.
 #[utoipa::path(
     post,
     path = "/v1/keys/revoke",
@@ -75,7 +80,9 @@ pub struct RevokeManyReport {
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "Octopus failed while reading when keys were last used", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database or Octopus unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Octopus timed out while reading when keys were last used", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -90,19 +97,37 @@ pub async fn revoke_many(
     };
     let (requester, scope, team) =
         (clean("requester", body.requester)?, clean("scope", body.scope)?, clean("team", body.team)?);
-    if requester.is_none() && scope.is_none() && team.is_none() {
-        return Err(ApiError::BadRequest("give at least one of requester, scope or team".to_owned()));
+    let unused_for = body
+        .unused_for
+        .as_deref()
+        .map(|d| crate::policy::parse_ttl(d).map_err(|e| ApiError::BadRequest(format!("unused_for: {e}"))))
+        .transpose()?;
+    if requester.is_none() && scope.is_none() && team.is_none() && unused_for.is_none() {
+        return Err(ApiError::BadRequest("give at least one of requester, scope, team or unused_for".to_owned()));
     }
     let keys = state.keys.clone();
-    let report = tokio::spawn(async move {
+    // Offboarding paces its Octopus calls like a background job: it never takes issuance's share.
+    let report = tokio::spawn(crate::octopus::BACKGROUND.scope((), async move {
         let filter = KeyFilter { requester, scope, team, state: Some(KeyState::Active), now: Some(keys.now()) };
         let ids = |records: Vec<crate::store::KeyRecord>| records.into_iter().map(|r| r.id).collect::<Vec<_>>();
-        let matching = ids(keys.store().list_all_keys(&filter).await?);
-        // Keys still being issued are marked too: the reconciler revokes them once active.
-        let in_flight =
-            ids(keys.store().list_all_keys(&KeyFilter { state: Some(KeyState::Pending), ..filter }).await?);
+        let (matching, in_flight) = match unused_for {
+            // Keys still being issued have not been used yet, and are not dormant.
+            Some(unused_for) => {
+                let dormant = crate::dormant::find(&keys, &filter, unused_for).await?;
+                (dormant.into_iter().map(|d| d.record.id).collect(), Vec::new())
+            }
+            None => (
+                ids(keys.store().list_all_keys(&filter).await.map_err(ServiceError::Store)?),
+                // Keys still being issued are marked too: the reconciler revokes them once active.
+                ids(keys
+                    .store()
+                    .list_all_keys(&KeyFilter { state: Some(KeyState::Pending), ..filter })
+                    .await
+                    .map_err(ServiceError::Store)?),
+            ),
+        };
         for id in &in_flight {
-            keys.store().request_revocation(*id, keys.now()).await?;
+            keys.store().request_revocation(*id, keys.now()).await.map_err(ServiceError::Store)?;
         }
         let mut results = Vec::new();
         for id in matching {
@@ -118,8 +143,8 @@ pub async fn revoke_many(
             outcome: "scheduled".to_owned(),
             error: Some("still being issued; the reconciler revokes it once it is active".to_owned()),
         }));
-        Ok::<_, crate::store::StoreError>(RevokeManyReport { complete: failed == 0, revoked, failed, results })
-    })
+        Ok::<_, ServiceError>(RevokeManyReport { complete: failed == 0, revoked, failed, results })
+    }))
     .await
     .map_err(|e| ApiError::Internal(format!("offboarding task failed: {e}")))??;
     Ok(axum::Json(report))

@@ -11,6 +11,7 @@ pub mod health;
 pub mod keys;
 pub mod meta;
 pub mod ratelimit;
+pub mod reports;
 pub mod scopes;
 
 use std::sync::Arc;
@@ -117,6 +118,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(health::router())
         .merge(meta::router())
         .merge(admin::router())
+        .merge(reports::router())
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.

@@ -192,6 +192,13 @@ struct RawOctopus {
     #[serde(default)]
     allow_insecure_http: bool,
     ca_file: Option<PathBuf>,
+    #[serde(default = "default_octopus_rate")]
+    max_requests_per_minute: u32,
+}
+
+/// Under Octopus's default policy of 200 (octopus-api.md §10), leaving room for other clients.
+fn default_octopus_rate() -> u32 {
+    150
 }
 
 fn default_octopus_timeout() -> HumanDuration {
@@ -347,6 +354,9 @@ pub struct OctopusConfig {
     pub timeout: Duration,
     /// Trusted in addition to the public roots (`octopus.ca_file`).
     pub ca_certificates: Vec<reqwest::Certificate>,
+    /// keybroker's own pace towards Octopus, shared by every call; background jobs may use at
+    /// most half of it, so they never starve issuance. 0: no limit.
+    pub max_requests_per_minute: u32,
 }
 
 /// JWT algorithms keybroker accepts; anything else (including `none`) is refused at start.
@@ -682,7 +692,13 @@ fn validate_octopus(raw: Option<RawOctopus>, base: &Path) -> Result<OctopusConfi
             return Err(ConfigError::at("octopus", "give either an API key or a username and password, not both"));
         }
     };
-    Ok(OctopusConfig { url, credential, timeout: nonzero("octopus.timeout", raw.timeout)?, ca_certificates })
+    Ok(OctopusConfig {
+        url,
+        credential,
+        timeout: nonzero("octopus.timeout", raw.timeout)?,
+        ca_certificates,
+        max_requests_per_minute: raw.max_requests_per_minute,
+    })
 }
 
 fn validate_scopes(raw: Vec<RawScope>) -> Result<Policy, ConfigError> {

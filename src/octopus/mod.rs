@@ -19,7 +19,7 @@ use crate::config::{OctopusConfig, OctopusCredential};
 use crate::metrics::Metrics;
 use model::{
     ApiKeyCreatedResource, ApiKeyResource, AuthenticationResource, CreateApiKey, ErrorBody, LoginCommand, Page,
-    UserResource,
+    RootResource, UserResource,
 };
 
 /// True for strings shaped like an Octopus API key: `API-` and upper-case letters and digits.
@@ -60,6 +60,8 @@ pub struct ApiKeyInfo {
     pub created: Option<DateTime<Utc>>,
     pub expires: Option<DateTime<Utc>>,
     pub hint: Option<String>,
+    /// `LastUsedTimeStamp`: when the key last authenticated.
+    pub last_used: Option<DateTime<Utc>>,
 }
 
 /// A freshly created key, with the secret Octopus shows this once.
@@ -82,6 +84,16 @@ pub struct ServerKeySettings {
     pub default_expiry_days: Option<u32>,
     pub max_expiry_days: Option<u32>,
     pub user_api_keys_enabled: Option<bool>,
+}
+
+/// What `GET /api` says about the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub version: Option<String>,
+    /// `Octopus-RateLimit-Policy`, when the server rate-limits.
+    pub rate_limit_policy: Option<String>,
+    /// `Octopus-RateLimit` (`r=<tokens left>;t=<seconds to full>`).
+    pub rate_limit: Option<String>,
 }
 
 /// What keybroker found out about its own key's expiry.
@@ -156,15 +168,36 @@ struct Session {
     csrf: String,
 }
 
+tokio::task_local! {
+    /// Set around background jobs: their calls also pass the background limiter, so that drift,
+    /// offboarding and readiness pace themselves and never take issuance's share.
+    pub static BACKGROUND: ();
+}
+
+/// The longest keybroker waits inside a call for Octopus's `Retry-After`; a longer one is
+/// answered at once (a 503 that says when to retry) rather than holding a caller's request.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
+
+/// Failed logins allowed per window before keybroker stops trying until the window passes:
+/// Octopus locks an account for 10 minutes after 9 failures from one address (octopus-api.md §2).
+const LOGIN_ATTEMPTS: usize = 3;
+const LOGIN_WINDOW: Duration = Duration::from_secs(600);
+
 /// The Octopus client. Cheap to share behind an `Arc`.
 pub struct OctopusClient {
     http: reqwest::Client,
     base: Url,
     credential: OctopusCredential,
     session: Mutex<Option<Session>>,
+    /// When recent logins failed, so that keybroker never locks its own account out.
+    failed_logins: std::sync::Mutex<Vec<std::time::Instant>>,
     users: RwLock<HashMap<String, OctopusUser>>,
     retries: u32,
     metrics: Arc<Metrics>,
+    /// keybroker's own pace towards Octopus (`octopus.max_requests_per_minute`), and the half
+    /// of it background jobs may use.
+    pace: Option<governor::DefaultDirectRateLimiter>,
+    background_pace: Option<governor::DefaultDirectRateLimiter>,
 }
 
 impl std::fmt::Debug for OctopusClient {
@@ -196,14 +229,20 @@ impl OctopusClient {
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
+        let quota = |per_minute: u32| {
+            std::num::NonZeroU32::new(per_minute).map(|n| governor::RateLimiter::direct(governor::Quota::per_minute(n)))
+        };
         Ok(Arc::new(Self {
             http,
             base,
             credential: config.credential.clone(),
             session: Mutex::new(None),
+            failed_logins: std::sync::Mutex::new(Vec::new()),
             users: RwLock::new(HashMap::new()),
             retries: 3,
             metrics,
+            pace: quota(config.max_requests_per_minute),
+            background_pace: quota(config.max_requests_per_minute.div_ceil(2)),
         }))
     }
 
@@ -220,6 +259,17 @@ impl OctopusClient {
             max_expiry_days: res.api_key_max_expiry_days.filter(|d| *d > 0),
             user_api_keys_enabled: res.user_api_keys_enabled,
         })
+    }
+
+    /// `GET /api`: the server's version, and its rate-limit policy when it advertises one
+    /// (`Octopus-RateLimit-Policy: l=200;rpm=600`, 2026.3+).
+    pub async fn server_info(&self) -> Result<ServerInfo, OctopusError> {
+        let response = self.send_idempotent("get_root", Method::GET, "api", &[]).await?;
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let rate_limit_policy = header("Octopus-RateLimit-Policy");
+        let rate_limit = header("Octopus-RateLimit");
+        let root: RootResource = read_json(response).await?;
+        Ok(ServerInfo { version: root.version, rate_limit_policy, rate_limit })
     }
 
     /// `GET /api/users/me`: the cheapest check that the credential works.
@@ -333,7 +383,18 @@ impl OctopusClient {
     ) -> Result<CreatedKey, OctopusError> {
         let path = format!("api/users/{}/apikeys", seg(user_id));
         let body = CreateApiKey { purpose, expires: format_octopus_time(expires), user_id };
-        let response = self.send_once("create_api_key", Method::POST, &path, &[], Some(&body)).await?;
+        // Never a blind retry, with one exception: Octopus does not process a request it rate
+        // limits (octopus-api.md §10), so a 429 made no key and is sent once more after its
+        // `Retry-After`, when that is short.
+        let response = match self.send_once("create_api_key", Method::POST, &path, &[], Some(&body)).await {
+            Err(OctopusError::RateLimited { retry_after })
+                if retry_after.unwrap_or(Duration::from_secs(1)) <= MAX_RETRY_WAIT =>
+            {
+                tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
+                self.send_once("create_api_key", Method::POST, &path, &[], Some(&body)).await?
+            }
+            other => other?,
+        };
         let created: ApiKeyCreatedResource = read_json(response).await?;
         if !looks_like_api_key(&created.api_key) {
             return Err(OctopusError::Unavailable {
@@ -438,12 +499,13 @@ impl OctopusClient {
                 _ => None,
             };
             match retry_after {
-                Some(hint) if attempt < self.retries => {
+                // Never sooner than Octopus's Retry-After; one too long for a caller's request
+                // is reported instead of waited for.
+                Some(hint) if attempt < self.retries && hint <= MAX_RETRY_WAIT => {
                     attempt += 1;
                     let backoff = Duration::from_millis(100 * 2u64.pow(attempt));
                     let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..100));
-                    // Honour Retry-After, but never sleep long inside someone's request.
-                    let wait = hint.max(backoff + jitter).min(Duration::from_secs(5));
+                    let wait = hint.max((backoff + jitter).min(MAX_RETRY_WAIT));
                     tracing::debug!(%method, path, attempt, ?wait, "retrying Octopus call");
                     tokio::time::sleep(wait).await;
                 }
@@ -465,6 +527,7 @@ impl OctopusClient {
         let url = self.base.join(path).map_err(|e| OctopusError::Unavailable { detail: e.to_string() })?;
         let mut relogged = false;
         loop {
+            self.pace().await;
             let mut request = self.http.request(method.clone(), url.clone()).query(query);
             if let Some(body) = body {
                 request = request.json(body);
@@ -506,6 +569,21 @@ impl OctopusClient {
         }
     }
 
+    /// Waits for a slot of keybroker's own rate limit (and, in a background job, of the
+    /// background half of it).
+    async fn pace(&self) {
+        let background = BACKGROUND.try_with(|()| ()).is_ok();
+        let limiters = [self.background_pace.as_ref().filter(|_| background), self.pace.as_ref()];
+        for limiter in limiters.into_iter().flatten() {
+            while let Err(not_until) = limiter.check() {
+                let wait =
+                    not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+                self.metrics.octopus_paced.inc();
+                tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+            }
+        }
+    }
+
     async fn authenticate(&self, request: RequestBuilder, fresh: bool) -> Result<RequestBuilder, OctopusError> {
         match &self.credential {
             OctopusCredential::ApiKey(key) => Ok(request.header("X-Octopus-ApiKey", key.expose_secret())),
@@ -525,6 +603,40 @@ impl OctopusClient {
     /// The login flow (octopus-api.md §2): the cookies' names carry a suffix, so they are found
     /// by prefix, and the CSRF cookie's value goes back as a header on every request.
     async fn login(&self, username: &str, password: &SecretString) -> Result<Session, OctopusError> {
+        if let Some(until) = self.login_backoff() {
+            return Err(OctopusError::Credential {
+                status: 401,
+                message: format!(
+                    "keybroker's last {LOGIN_ATTEMPTS} logins to Octopus failed; it tries again in {} s, not sooner \
+                     (Octopus locks an account for 10 minutes after 9 failed logins): check octopus.username and \
+                     octopus.password_file",
+                    until.as_secs().max(1)
+                ),
+            });
+        }
+        let result = self.try_login(username, password).await;
+        if let Ok(mut failed) = self.failed_logins.lock() {
+            match &result {
+                Ok(_) => failed.clear(),
+                Err(OctopusError::Credential { .. }) => failed.push(std::time::Instant::now()),
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
+    /// How long until keybroker may log in again, when its recent logins failed.
+    fn login_backoff(&self) -> Option<Duration> {
+        let mut failed = self.failed_logins.lock().ok()?;
+        failed.retain(|at| at.elapsed() < LOGIN_WINDOW);
+        if failed.len() < LOGIN_ATTEMPTS {
+            return None;
+        }
+        failed.first().map(|oldest| LOGIN_WINDOW.saturating_sub(oldest.elapsed()))
+    }
+
+    async fn try_login(&self, username: &str, password: &SecretString) -> Result<Session, OctopusError> {
+        self.pace().await;
         let url = self.base.join("api/users/login").map_err(|e| OctopusError::Unavailable { detail: e.to_string() })?;
         let body = LoginCommand { username, password: password.expose_secret(), remember_me: false };
         let response = self.http.post(url).json(&body).send().await.map_err(transport_error)?;
@@ -548,7 +660,10 @@ impl OctopusClient {
             if name.starts_with("OctopusIdentificationToken") {
                 identification = Some(pair.to_owned());
             } else if name.starts_with("Octopus-Csrf-Token") {
-                csrf = Some((pair.to_owned(), value.to_owned()));
+                // The cookie goes back as it came; the header carries its value URL-decoded
+                // (octopus-api.md §2: the value is URL-encoded).
+                let decoded = percent_decode(value);
+                csrf = Some((pair.to_owned(), decoded));
             }
         }
         match (identification, csrf) {
@@ -586,6 +701,14 @@ fn redirected(response: &Response) -> OctopusError {
     OctopusError::Redirected { status: response.status().as_u16(), location_host }
 }
 
+/// `%XX` sequences decoded (a cookie value is not form-encoded: `+` stays `+`).
+fn percent_decode(value: &str) -> String {
+    url::form_urlencoded::parse(format!("v={}", value.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| value.to_owned())
+}
+
 /// Octopus's time format: `2026-11-23T12:00:25.000+00:00` (octopus-api.md §1).
 pub fn format_octopus_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()
@@ -614,6 +737,7 @@ fn key_from(k: ApiKeyResource) -> ApiKeyInfo {
         created: k.created.map(|t| t.with_timezone(&Utc)),
         expires: k.expires.map(|t| t.with_timezone(&Utc)),
         hint: k.api_key.hint,
+        last_used: k.last_used.map(|t| t.with_timezone(&Utc)),
     }
 }
 

@@ -57,6 +57,9 @@ pub(super) struct ApiKeyResource {
     pub expires: Option<DateTime<FixedOffset>>,
     #[serde(default, deserialize_with = "sensitive_or_null")]
     pub api_key: SensitiveValue,
+    /// When the key last authenticated (`null`: never, or not known to this server).
+    #[serde(default, rename = "LastUsedTimeStamp")]
+    pub last_used: Option<DateTime<FixedOffset>>,
 }
 
 fn sensitive_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SensitiveValue, D::Error> {
@@ -114,4 +117,12 @@ pub(super) struct LoginCommand<'a> {
     pub username: &'a str,
     pub password: &'a str,
     pub remember_me: bool,
+}
+
+/// `GET /api`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct RootResource {
+    #[serde(default)]
+    pub version: Option<String>,
 }

@@ -66,6 +66,20 @@ async fn observe(State(shared): State<AppState>, request: Request, next: Next) -
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let method = effective_method(request.method(), request.headers());
     let path = request.uri().path().to_owned();
+    let limited = match route.as_deref() {
+        Some(route) if !route.starts_with("/_sim") => rate_limit(&shared, request.headers(), request.uri()),
+        _ => None,
+    };
+    if let Some(RateLimit { allowed: false, headers }) = &limited {
+        let retry_after = headers.iter().find(|(n, _)| n == "Retry-After").map_or(1, |(_, v)| v.parse().unwrap_or(1));
+        let mut response = faults::rate_limited_response(retry_after);
+        for (name, value) in headers.iter().filter(|(n, _)| n != "Retry-After") {
+            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                response.headers_mut().insert(name, value);
+            }
+        }
+        return response;
+    }
     let mut response = match route.as_deref() {
         Some(route) if !route.starts_with("/_sim") => {
             let fault = {
@@ -96,6 +110,11 @@ async fn observe(State(shared): State<AppState>, request: Request, next: Next) -
     if let Some(node) = &shared.node_header {
         response.headers_mut().insert(HeaderName::from_static("octopus-node"), node.clone());
     }
+    for (name, value) in limited.map(|l| l.headers).unwrap_or_default() {
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+            response.headers_mut().insert(name, value);
+        }
+    }
     tracing::debug!(
         %method,
         route = route.as_deref().unwrap_or(&path),
@@ -118,6 +137,39 @@ fn effective_method(method: &Method, headers: &HeaderMap) -> Method {
         }
     }
     method.clone()
+}
+
+/// The verdict of the rate-limit mode, with the headers every rate-limited request carries.
+struct RateLimit {
+    allowed: bool,
+    headers: Vec<(String, String)>,
+}
+
+/// Octopus 2026.3+'s token bucket per user (octopus-api.md §10): `None` when the mode is off.
+fn rate_limit(shared: &AppState, headers: &HeaderMap, uri: &Uri) -> Option<RateLimit> {
+    let rpm = shared.settings.rate_limit_per_minute.filter(|r| *r > 0)?;
+    let burst = f64::from(shared.settings.rate_limit_burst.unwrap_or(rpm).max(1));
+    let per_second = f64::from(rpm) / 60.0;
+    let presented = presented_credential(headers, uri, &shared.installation_id);
+    let mut state = shared.lock();
+    let who = state.user_of(&presented).unwrap_or_else(|| "anonymous".to_owned());
+    let now = std::time::Instant::now();
+    let (tokens, at) = state.rate_buckets.entry(who).or_insert((burst, now));
+    *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(burst);
+    *at = now;
+    let allowed = *tokens >= 1.0;
+    if allowed {
+        *tokens -= 1.0;
+    }
+    let to_full = ((burst - *tokens) / per_second).ceil();
+    let mut out = vec![
+        ("Octopus-RateLimit-Policy".to_owned(), format!("l={burst};rpm={rpm}")),
+        ("Octopus-RateLimit".to_owned(), format!("r={};t={to_full}", tokens.floor())),
+    ];
+    if !allowed {
+        out.push(("Retry-After".to_owned(), format!("{}", ((1.0 - *tokens) / per_second).ceil().max(1.0))));
+    }
+    Some(RateLimit { allowed, headers: out })
 }
 
 /// The caller of an `/api` route that needs authentication; rejects with Octopus's 401.
@@ -245,7 +297,8 @@ async fn login(State(shared): State<AppState>, body: Bytes) -> Result<Response, 
         "{IDENTIFICATION_COOKIE}_{iid}={}; Path=/; HttpOnly; SameSite=Lax{lifetime}",
         wire::percent_encode(&login.token)
     );
-    let csrf = format!("{CSRF_COOKIE}_{iid}={}; Path=/; SameSite=Lax{lifetime}", login.csrf);
+    // The CSRF cookie's value is URL-encoded (octopus-api.md §2); the header carries it decoded.
+    let csrf = format!("{CSRF_COOKIE}_{iid}={}; Path=/; SameSite=Lax{lifetime}", wire::percent_encode(&login.csrf));
     let mut response = Json(wire::user_json(&login.user)).into_response();
     for cookie in [identification, csrf] {
         let value = HeaderValue::from_str(&cookie)

@@ -91,6 +91,52 @@ pub struct ServerSettings {
     /// issue 10067), 0 for servers before November 2020, which keep no hint.
     #[serde(default = "default_hint_length")]
     pub api_key_hint_length: usize,
+    /// False for servers before 2020.6, which ignore `Expires`: their keys never expire.
+    #[serde(default = "yes")]
+    pub api_key_expiry_supported: bool,
+    /// Octopus 2026.3+ rate limiting: a token bucket per user of this many requests a minute
+    /// (`None`: off), answering 429 with `Retry-After` and the `Octopus-RateLimit` headers.
+    #[serde(default)]
+    pub rate_limit_per_minute: Option<u32>,
+    /// The bucket's size; defaults to the per-minute rate.
+    #[serde(default)]
+    pub rate_limit_burst: Option<u32>,
+    /// A version profile applied over the other settings: `2020.5` (no `Expires` on keys, no
+    /// hints, no limits), `2023.3` (no server maximum), `2025.4` (a 366-day maximum, no keys
+    /// without expiry), `2026.3` (as 2025.4, with rate limiting on).
+    #[serde(default)]
+    pub profile: Option<String>,
+}
+
+impl ServerSettings {
+    /// The settings of a version profile (see [`ServerSettings::profile`]).
+    pub fn for_profile(profile: &str) -> Option<Self> {
+        let base = Self { profile: Some(profile.to_owned()), ..Self::default() };
+        Some(match profile {
+            "2020.5" => Self {
+                version: "2020.5.0".to_owned(),
+                api_key_default_expiry_days: None,
+                api_key_max_expiry_days: None,
+                api_key_hint_length: 0,
+                api_key_expiry_supported: false,
+                ..base
+            },
+            "2023.3" => Self {
+                version: "2023.3.13026".to_owned(),
+                api_key_default_expiry_days: None,
+                api_key_max_expiry_days: None,
+                ..base
+            },
+            "2025.4" => Self { version: "2025.4.10333".to_owned(), ..base },
+            "2026.3" => Self {
+                version: "2026.3.1402".to_owned(),
+                rate_limit_per_minute: Some(600),
+                rate_limit_burst: Some(200),
+                ..base
+            },
+            _ => return None,
+        })
+    }
 }
 
 fn default_hint_length() -> usize {
@@ -108,6 +154,10 @@ impl Default for ServerSettings {
             session_timeout_secs: default_session_timeout(),
             cookie_session_limits_key_expiry: false,
             api_key_hint_length: default_hint_length(),
+            api_key_expiry_supported: true,
+            rate_limit_per_minute: None,
+            rate_limit_burst: None,
+            profile: None,
         }
     }
 }
@@ -310,6 +360,14 @@ impl Seed {
     /// Checks the seed without building a simulator; [`super::Simulator::new`] calls it too.
     pub fn validate(&self) -> Result<(), SeedError> {
         let settings = &self.server;
+        if let Some(profile) = &settings.profile {
+            if ServerSettings::for_profile(profile).is_none() {
+                return Err(SeedError::BadSetting {
+                    key: "profile",
+                    problem: format!("`{profile}` is not one of 2020.5, 2023.3, 2025.4, 2026.3"),
+                });
+            }
+        }
         if let (Some(default), Some(max)) = (settings.api_key_default_expiry_days, settings.api_key_max_expiry_days) {
             if default > max {
                 return Err(SeedError::BadSetting {

@@ -178,7 +178,13 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new(seed: &Seed) -> Result<Self, SeedError> {
         let state = SimState::from_seed(seed)?;
-        let settings = seed.server.clone();
+        let settings = match &seed.server.profile {
+            Some(profile) => ServerSettings {
+                installation_id: seed.server.installation_id.clone(),
+                ..ServerSettings::for_profile(profile).unwrap_or_else(|| seed.server.clone())
+            },
+            None => seed.server.clone(),
+        };
         let installation_id = settings.installation_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let node_header = HeaderValue::from_str(&format!("name=SIM; version={}", settings.version)).ok();
         Ok(Self { state: Mutex::new(state), settings, installation_id, node_header })
@@ -190,6 +196,10 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+/// Octopus's lockout: 9 failed logins lock the account for 10 minutes.
+const LOCKOUT_AFTER: usize = 9;
+const LOCKOUT_MINUTES: i64 = 10;
 
 /// The permission an administrator holds and whose holders only another administrator may read.
 const ADMINISTER_SYSTEM: &str = "AdministerSystem";
@@ -212,6 +222,10 @@ pub(crate) struct SimState {
     clock_offset: Duration,
     pub(crate) counters: BTreeMap<String, u64>,
     pub(crate) faults: Vec<ActiveFault>,
+    /// Recent failed logins per lower-cased username (the lockout).
+    failed_logins: HashMap<String, Vec<DateTime<Utc>>>,
+    /// Token buckets of the rate-limit mode, per user id (or `anonymous`).
+    pub(crate) rate_buckets: HashMap<String, (f64, std::time::Instant)>,
 }
 
 impl SimState {
@@ -264,6 +278,8 @@ impl SimState {
             clock_offset: Duration::zero(),
             counters: BTreeMap::new(),
             faults: Vec::new(),
+            failed_logins: HashMap::new(),
+            rate_buckets: HashMap::new(),
         };
         let now = state.now();
         for (index, spec) in seed.api_keys.iter().enumerate() {
@@ -368,6 +384,17 @@ impl SimState {
     }
 
     /// Checks a credential. Every failure is the same 401, as Octopus does not say why.
+    /// The user a credential belongs to, without using it (for rate limiting).
+    pub(crate) fn user_of(&self, presented: &Presented) -> Option<String> {
+        match presented {
+            Presented::Nothing => None,
+            Presented::ApiKey(secret) => {
+                self.key_by_hash.get(&digest(secret.trim())).and_then(|id| self.keys.get(id)).map(|k| k.user_id.clone())
+            }
+            Presented::Session { token, .. } => self.sessions.get(&digest(token)).map(|s| s.user_id.clone()),
+        }
+    }
+
     pub(crate) fn authenticate(&mut self, presented: &Presented) -> Result<Caller, ApiError> {
         let now = self.now();
         let (user_id, credential) = match presented {
@@ -413,14 +440,27 @@ impl SimState {
         password: &str,
     ) -> Result<Login, ApiError> {
         let invalid = || ApiError::BadRequest(super::error::INVALID_LOGIN.to_owned());
-        let user = self.user_by_name(username).ok_or_else(invalid)?;
-        let verified = user.password.as_ref().is_some_and(|hash| hash.verify(password));
-        if !verified || user.is_service || !user.is_active {
+        let now = self.now();
+        // "Accounts are locked for 10 minutes after 9 failed login attempts" (octopus-api.md §2),
+        // counted here per username; a locked account refuses even the right password.
+        let failures = self.failed_logins.entry(username.trim().to_lowercase()).or_default();
+        failures.retain(|at| *at > now - Duration::minutes(LOCKOUT_MINUTES));
+        if failures.len() >= LOCKOUT_AFTER {
             return Err(invalid());
         }
-        let user = user.clone();
+        let verified = self.user_by_name(username).is_some_and(|user| {
+            user.password.as_ref().is_some_and(|hash| hash.verify(password)) && !user.is_service && user.is_active
+        });
+        let key = username.trim().to_lowercase();
+        if !verified {
+            self.failed_logins.entry(key).or_default().push(now);
+            return Err(invalid());
+        }
+        self.failed_logins.remove(&key);
+        let user = self.user_by_name(username).ok_or_else(invalid)?.clone();
         let token = random_token();
-        let csrf = hex::encode(rand::thread_rng().r#gen::<[u8; 16]>());
+        // Characters that need URL-encoding in a cookie, as Octopus's tokens have.
+        let csrf = random_token();
         let timeout = i64::try_from(settings.session_timeout_secs).unwrap_or(i64::MAX);
         let expires = self.now() + Duration::seconds(timeout);
         self.sessions.insert(digest(&token), Session { user_id: user.id.clone(), csrf: csrf.clone(), expires });
@@ -606,6 +646,10 @@ fn resolve_expiry(
     requested: &RequestedExpiry,
     now: DateTime<Utc>,
 ) -> Result<Option<DateTime<Utc>>, ApiError> {
+    // Servers before 2020.6 have no key expiry: `Expires` is ignored and the key never expires.
+    if !settings.api_key_expiry_supported {
+        return Ok(None);
+    }
     let days_from_now = |days: u32| now + Duration::days(i64::from(days));
     let expires = match requested {
         RequestedExpiry::Omitted => settings.api_key_default_expiry_days.map(days_from_now),

@@ -513,7 +513,8 @@ async fn login_sets_suffixed_cookies_and_requires_the_csrf_header() {
     let csrf_cookie = cookies.iter().find(|c| c.starts_with(&format!("Octopus-Csrf-Token_{INSTALLATION}="))).unwrap();
     let pair = |c: &str| c.split(';').next().unwrap().to_owned();
     let cookie_header = format!("{}; {}", pair(identification), pair(csrf_cookie));
-    let csrf = pair(csrf_cookie).split_once('=').unwrap().1.to_owned();
+    // The cookie value is URL-encoded; the header carries it decoded.
+    let csrf = super::wire::percent_decode(pair(csrf_cookie).split_once('=').unwrap().1);
 
     let me = |csrf: Option<&str>| {
         let mut request = h.http.get(h.url("/api/users/me")).header("Cookie", cookie_header.clone());
@@ -585,7 +586,7 @@ async fn sessions_expire_after_the_timeout() {
         .iter()
         .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
         .collect();
-    let csrf = pairs[1].split_once('=').unwrap().1.to_owned();
+    let csrf = super::wire::percent_decode(pairs[1].split_once('=').unwrap().1);
     let me = || {
         h.http
             .get(h.url("/api/users/me"))

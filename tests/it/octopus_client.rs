@@ -34,6 +34,7 @@ async fn client_for(
         credential,
         timeout: Duration::from_secs(5),
         ca_certificates: Vec::new(),
+        max_requests_per_minute: 0,
     };
     OctopusClient::new(&config).unwrap()
 }
@@ -209,6 +210,7 @@ async fn a_server_maximum_of_zero_days_means_unknown_not_no_lifetime() {
         credential: api_key(),
         timeout: Duration::from_secs(5),
         ca_certificates: Vec::new(),
+        max_requests_per_minute: 0,
     };
     let settings = OctopusClient::new(&config).unwrap().key_settings().await.unwrap();
     assert_eq!((settings.max_expiry_days, settings.default_expiry_days), (None, None));

@@ -73,6 +73,7 @@ fn client(url: &str, credential: OctopusCredential) -> Arc<OctopusClient> {
         credential,
         timeout: Duration::from_secs(5),
         ca_certificates: Vec::new(),
+        max_requests_per_minute: 0,
     })
     .unwrap()
 }

@@ -70,6 +70,7 @@ async fn octopus_behind_an_internal_ca_is_trusted_with_ca_file_and_refused_witho
             credential: OctopusCredential::ApiKey(SecretString::from(DEMO_BROKER_API_KEY.to_owned())),
             timeout: Duration::from_secs(5),
             ca_certificates,
+            max_requests_per_minute: 0,
         })
         .unwrap()
     };
