@@ -18,6 +18,7 @@ mod keys;
 mod lifecycle;
 mod octopus_client;
 mod openapi;
+mod real_octopus;
 mod reconcile;
 mod secrets;
 mod security;
