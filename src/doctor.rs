@@ -242,8 +242,10 @@ async fn scope_rows(octopus: &OctopusClient, scope: &Scope, rows: &mut Vec<Row>)
     }
 }
 
-/// Creates a 10-minute key for the scope's account, checks that it authenticates as that
-/// account, deletes it and checks that it is gone.
+/// Creates a 10-minute key for the scope's account, checks that Octopus honoured its expiry and
+/// that it authenticates as that account, deletes it and checks that it is gone. A probe key is
+/// never left behind knowingly: when the create's outcome is unknown, keys with the probe's
+/// purpose are looked for and deleted.
 async fn probe_create_row(
     octopus: &OctopusClient,
     config: &OctopusConfig,
@@ -251,18 +253,22 @@ async fn probe_create_row(
     account: &OctopusUser,
 ) -> Row {
     let check = format!("probe-create {}", scope.name);
-    let purpose = format!("keybroker:doctor {} probe of scope {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ"), scope.name);
+    let purpose =
+        format!("keybroker:doctor {} probe of scope {}", Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"), scope.name);
     let expires = Utc::now() + chrono::Duration::minutes(10);
     let created = match octopus.create_api_key(&account.id, &purpose, expires).await {
         Ok(created) => created,
         Err(e) => {
+            let cleaned =
+                if e.outcome_unknown() { clean_up(octopus, &account.id, &purpose).await } else { String::new() };
             return Row::fail(
                 &check,
-                format!("creating a key failed: {e}"),
-                "see the scope's row; Octopus must allow UserEdit on this account",
+                format!("creating a key failed: {e}{cleaned}"),
+                "see the scope's row; keybroker's account needs UserEdit on this account",
             );
         }
     };
+    let honoured = created.expires.is_some_and(|at| (at - expires).num_seconds().abs() <= 60);
     let as_key = OctopusConfig { credential: OctopusCredential::ApiKey(created.secret.clone()), ..config.clone() };
     let authenticated = match OctopusClient::new(&as_key) {
         Ok(client) => client.current_user().await.map(|u| u.id),
@@ -270,38 +276,70 @@ async fn probe_create_row(
     };
     let deleted = octopus.delete_api_key(&account.id, &created.id).await;
     let gone = octopus.get_api_key(&account.id, &created.id).await;
-    match (authenticated, deleted, gone) {
-        (Ok(id), _, _) if id != account.id => Row::fail(
+    // Whatever else went wrong, a probe key left behind is said first.
+    let left_behind = match (&deleted, &gone) {
+        (Err(e), _) => Some(format!("deleting probe key {} failed: {e}", created.id)),
+        (_, Ok(Some(_))) => Some(format!("probe key {} still exists after its delete", created.id)),
+        (_, Err(e)) => Some(format!("cannot check that probe key {} is gone: {e}", created.id)),
+        _ => None,
+    };
+    if let Some(problem) = left_behind {
+        return Row::fail(
             &check,
-            format!("the new key authenticated as {id}, not {}", account.id),
-            "report this: Octopus made a key for another user",
-        ),
-        (Ok(id), Ok(_), Ok(None)) => Row::ok(
+            problem,
+            format!("delete key {} of {} in Octopus by hand", created.id, account.username),
+        );
+    }
+    if !honoured {
+        return Row::fail(
+            &check,
+            format!(
+                "Octopus made the key with expiry {:?} instead of {}",
+                created.expires.map(|t| t.to_rfc3339()),
+                expires.to_rfc3339()
+            ),
+            "this server ignores Expires (before 2020.6): keybroker refuses to issue keys that never expire",
+        );
+    }
+    match authenticated {
+        Ok(id) if id == account.id => Row::ok(
             &check,
             format!(
                 "made key {} for {}, it authenticated as {id}, deleted it, and it is gone",
                 created.id, account.username
             ),
         ),
-        (Err(e), _, _) => Row::fail(
+        Ok(id) => Row::fail(
+            &check,
+            format!("the new key authenticated as {id}, not {}", account.id),
+            "report this: Octopus made a key for another user",
+        ),
+        Err(e) => Row::fail(
             &check,
             format!("the new key did not authenticate: {e}"),
             "check the account is active and API keys are enabled",
         ),
-        (_, Err(e), _) => Row::fail(
-            &check,
-            format!("deleting probe key {} failed: {e}", created.id),
-            format!(
-                "delete key {} of {} in Octopus by hand (it expires in 10 minutes anyway)",
-                created.id, account.username
-            ),
-        ),
-        (_, _, Ok(Some(_))) => {
-            Row::fail(&check, format!("probe key {} still exists after its delete", created.id), "delete it by hand")
+    }
+}
+
+/// Deletes any key of `user_id` carrying exactly `purpose` (a probe whose create answer was
+/// lost); says what it did.
+async fn clean_up(octopus: &OctopusClient, user_id: &str, purpose: &str) -> String {
+    match octopus.list_api_keys(user_id, Some(purpose)).await {
+        Ok(keys) => {
+            let mut deleted = Vec::new();
+            for key in keys.iter().filter(|k| k.purpose == purpose) {
+                if octopus.delete_api_key(user_id, &key.id).await.is_ok() {
+                    deleted.push(key.id.clone());
+                }
+            }
+            if deleted.is_empty() {
+                String::new()
+            } else {
+                format!(" (the key it made anyway, {}, was deleted)", deleted.join(", "))
+            }
         }
-        (_, _, Err(e)) => {
-            Row::fail(&check, format!("cannot check that probe key {} is gone: {e}", created.id), "check it by hand")
-        }
+        Err(e) => format!(" (and keys with its purpose could not be looked for: {e}; look for `{purpose}` by hand)"),
     }
 }
 

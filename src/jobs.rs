@@ -190,7 +190,13 @@ fn spawn_job(
                     }
                 }
             }
-            match crate::octopus::BACKGROUND.scope((), run(keys.clone())).await {
+            // The leased jobs (reconcile, expiry, webhooks, drift) are batch work: their Octopus
+            // calls get the background half of the rate limit. Readiness and the credential watch
+            // stay in the foreground half, so that a busy drift scan cannot make a replica look
+            // unready.
+            let pass = run(keys.clone());
+            let result = if leased { crate::octopus::BACKGROUND.scope((), pass).await } else { pass.await };
+            match result {
                 Ok(summary) => {
                     if !summary.is_empty() {
                         tracing::info!(job = name, %summary, "job ran");

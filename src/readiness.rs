@@ -171,6 +171,12 @@ async fn check_all(keys: &KeyService) -> Verdict {
             );
         }
     }
+    // Scopes are not critical one by one, but when every scope fails (keybroker's account lost
+    // UserEdit, say) this replica can serve no issuance at all.
+    let scopes: Vec<&Check> = checks.iter().filter(|c| c.name.starts_with("scope:")).collect();
+    if !scopes.is_empty() && scopes.iter().all(|c| !c.ok) {
+        checks.push(Check::failed("scopes", "no scope's account is usable".to_owned()));
+    }
     Verdict { checks, checked_at: Some(keys.now()) }
 }
 

@@ -12,7 +12,6 @@ use utoipa::ToSchema;
 use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::config::{Config, ScopeRemoval};
 use crate::issuance::KeyService;
-use crate::store::{KeyFilter, KeyState};
 
 /// What a reload changed.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -80,28 +79,16 @@ impl Reloader {
         if config.on_scope_removed == ScopeRemoval::Revoke {
             let system = KeyService::system_principal();
             for scope in &report.removed {
-                let filter = KeyFilter {
-                    scope: Some(scope.clone()),
-                    state: Some(KeyState::Active),
-                    now: Some(keys.now()),
-                    ..Default::default()
-                };
-                let records = match keys.store().list_all_keys(&filter).await {
-                    Ok(records) => records,
-                    Err(e) => {
-                        // The new policy is in force; what is left is retried by hand or on the next reload.
-                        tracing::warn!(error = %e, scope, "cannot list the removed scope's keys");
-                        continue;
+                let selection = crate::offboarding::Selection { scope: Some(scope.clone()), ..Default::default() };
+                match crate::offboarding::revoke_matching(keys, &system, selection, ctx).await {
+                    Ok(done) => {
+                        report.revoked += done.revoked();
+                        // Failed ones stay requested and keys still being issued are marked:
+                        // the reconciler revokes both.
+                        report.revocations_pending += done.results.len() - done.revoked();
                     }
-                };
-                for record in records {
-                    match keys.revoke_requested(&system, record.id, ctx).await {
-                        Ok(_) => report.revoked += 1,
-                        Err(e) => {
-                            tracing::warn!(key_id = %record.id, error = %e, "revocation after scope removal failed; will retry");
-                            report.revocations_pending += 1;
-                        }
-                    }
+                    // The new policy is in force; what is left is retried by hand or on the next reload.
+                    Err(e) => tracing::warn!(error = %e, scope, "cannot revoke the removed scope's keys"),
                 }
             }
         }

@@ -12,9 +12,8 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{AdminCaller, ApiJson, Ctx, filter_value};
 use crate::drift::UnmanagedKey;
-use crate::issuance::ServiceError;
+use crate::offboarding::Outcome;
 use crate::reload::ReloadReport;
-use crate::store::{KeyFilter, KeyState};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -102,51 +101,31 @@ pub async fn revoke_many(
         .as_deref()
         .map(|d| crate::policy::parse_ttl(d).map_err(|e| ApiError::BadRequest(format!("unused_for: {e}"))))
         .transpose()?;
-    if requester.is_none() && scope.is_none() && team.is_none() && unused_for.is_none() {
+    let selection = crate::offboarding::Selection { requester, scope, team, unused_for };
+    if selection.is_empty() {
         return Err(ApiError::BadRequest("give at least one of requester, scope, team or unused_for".to_owned()));
     }
     let keys = state.keys.clone();
-    // Offboarding paces its Octopus calls like a background job: it never takes issuance's share.
-    let report = tokio::spawn(crate::octopus::BACKGROUND.scope((), async move {
-        let filter = KeyFilter { requester, scope, team, state: Some(KeyState::Active), now: Some(keys.now()) };
-        let ids = |records: Vec<crate::store::KeyRecord>| records.into_iter().map(|r| r.id).collect::<Vec<_>>();
-        let (matching, in_flight) = match unused_for {
-            // Keys still being issued have not been used yet, and are not dormant.
-            Some(unused_for) => {
-                let dormant = crate::dormant::find(&keys, &filter, unused_for).await?;
-                (dormant.into_iter().map(|d| d.record.id).collect(), Vec::new())
-            }
-            None => (
-                ids(keys.store().list_all_keys(&filter).await.map_err(ServiceError::Store)?),
-                // Keys still being issued are marked too: the reconciler revokes them once active.
-                ids(keys
-                    .store()
-                    .list_all_keys(&KeyFilter { state: Some(KeyState::Pending), ..filter })
-                    .await
-                    .map_err(ServiceError::Store)?),
-            ),
-        };
-        for id in &in_flight {
-            keys.store().request_revocation(*id, keys.now()).await.map_err(ServiceError::Store)?;
-        }
-        let mut results = Vec::new();
-        for id in matching {
-            results.push(match keys.revoke_requested(&principal, id, &ctx).await {
-                Ok(_) => RevokeResult { id, outcome: "revoked".to_owned(), error: None },
-                Err(e) => RevokeResult { id, outcome: "failed".to_owned(), error: Some(e.to_string()) },
-            });
-        }
-        let failed = results.iter().filter(|r| r.outcome == "failed").count();
-        let revoked = results.len() - failed;
-        results.extend(in_flight.into_iter().map(|id| RevokeResult {
-            id,
-            outcome: "scheduled".to_owned(),
-            error: Some("still being issued; the reconciler revokes it once it is active".to_owned()),
-        }));
-        Ok::<_, ServiceError>(RevokeManyReport { complete: failed == 0, revoked, failed, results })
-    }))
-    .await
-    .map_err(|e| ApiError::Internal(format!("offboarding task failed: {e}")))??;
+    // Its own task: a caller that hangs up must not cut a revocation off half-way.
+    let report =
+        tokio::spawn(async move { crate::offboarding::revoke_matching(&keys, &principal, selection, &ctx).await })
+            .await
+            .map_err(|e| ApiError::Internal(format!("offboarding task failed: {e}")))??;
+    let (revoked, failed) = (report.revoked(), report.failed());
+    let results = report
+        .results
+        .into_iter()
+        .map(|(id, outcome)| match outcome {
+            Outcome::Revoked => RevokeResult { id, outcome: "revoked".to_owned(), error: None },
+            Outcome::Failed(error) => RevokeResult { id, outcome: "failed".to_owned(), error: Some(error) },
+            Outcome::Scheduled => RevokeResult {
+                id,
+                outcome: "scheduled".to_owned(),
+                error: Some("still being issued; the reconciler revokes it once it is active".to_owned()),
+            },
+        })
+        .collect();
+    let report = RevokeManyReport { complete: failed == 0, revoked, failed, results };
     Ok(axum::Json(report))
 }
 

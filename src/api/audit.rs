@@ -12,7 +12,7 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiQuery, AuditorCaller, filter_value};
 use super::keys::{decode_cursor, encode_cursor, page_limit};
-use crate::audit::{AuditRecord, ChainBreak, GENESIS_HASH, verify_chain};
+use crate::audit::{AuditRecord, ChainBreak};
 use crate::store::{AuditFilter, PageRequest};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -77,7 +77,7 @@ pub async fn list_events(
         from: q.from,
         to: q.to,
     };
-    let items = state.keys.store().list_audit(&filter, PageRequest { before_seq, limit }).await?;
+    let items = crate::queries::audit_page(&state.keys, &filter, PageRequest { before_seq, limit }).await?;
     let next_cursor = (items.len() == limit as usize).then(|| items.last().map(|e| encode_cursor(e.seq))).flatten();
     Ok(axum::Json(AuditPage { items, next_cursor }))
 }
@@ -112,32 +112,11 @@ pub async fn verify(
     State(state): State<AppState>,
     _auditor: AuditorCaller,
 ) -> Result<axum::Json<VerifyReport>, ApiError> {
-    const BATCH: u32 = 1000;
-    let mut head = GENESIS_HASH.to_owned();
-    let mut after = 0;
-    let mut checked = 0u64;
-    loop {
-        let batch = state.keys.store().audit_chain(after, BATCH).await?;
-        let Some(last) = batch.last() else { break };
-        after = last.seq;
-        match verify_chain(head.clone(), &batch) {
-            Ok(h) => {
-                head = h;
-                checked += batch.len() as u64;
-            }
-            Err(brk) => {
-                checked += batch.iter().take_while(|e| e.seq < brk.seq).count() as u64;
-                return Ok(axum::Json(VerifyReport {
-                    ok: false,
-                    events_checked: checked,
-                    head_hash: head,
-                    first_break: Some(brk),
-                }));
-            }
-        }
-        if batch.len() < BATCH as usize {
-            break;
-        }
-    }
-    Ok(axum::Json(VerifyReport { ok: true, events_checked: checked, head_hash: head, first_break: None }))
+    let v = crate::queries::verify_trail(&state.keys).await?;
+    Ok(axum::Json(VerifyReport {
+        ok: v.first_break.is_none(),
+        events_checked: v.events_checked,
+        head_hash: v.head_hash,
+        first_break: v.first_break,
+    }))
 }

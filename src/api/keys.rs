@@ -383,22 +383,12 @@ pub async fn list_keys(
         team: filter_value("team", query.team)?,
         ..query
     };
-    let requester = if principal.sees_everything() {
-        query.requester
-    } else {
-        match query.requester {
-            Some(r) if r != principal.subject => {
-                return Err(ApiError::Forbidden("only auditors and admins may list other requesters' keys".to_owned()));
-            }
-            _ => Some(principal.subject.clone()),
-        }
-    };
-    let state_filter = query.state;
     let limit = page_limit(query.limit)?;
     let before_seq = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let filter =
+        KeyFilter { requester: query.requester, scope: query.scope, state: query.state, now: None, team: query.team };
+    let records = crate::queries::key_page(&state.keys, &principal, filter, PageRequest { before_seq, limit }).await?;
     let now = state.keys.now();
-    let filter = KeyFilter { requester, scope: query.scope, state: state_filter, now: Some(now), team: query.team };
-    let records = state.keys.store().list_keys(&filter, PageRequest { before_seq, limit }).await?;
     let next_cursor = (records.len() == limit as usize).then(|| records.last().map(|r| encode_cursor(r.seq))).flatten();
     Ok(axum::Json(KeyPage { items: records.into_iter().map(|r| KeyView::of(r, now)).collect(), next_cursor }))
 }
@@ -431,13 +421,8 @@ pub async fn get_key(
     Path(id): Path<String>,
 ) -> Result<axum::Json<KeyView>, ApiError> {
     let id = parse_id(&id)?;
-    let record = state.keys.store().get_key(id).await?;
-    match record {
-        Some(r) if r.requester == principal.subject || principal.sees_everything() => {
-            Ok(axum::Json(KeyView::of(r, state.keys.now())))
-        }
-        _ => Err(ApiError::NotFound("no such key record".to_owned())),
-    }
+    let record = crate::queries::key(&state.keys, &principal, id).await?;
+    Ok(axum::Json(KeyView::of(record, state.keys.now())))
 }
 
 /// Revoke a key.

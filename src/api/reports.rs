@@ -40,6 +40,9 @@ pub struct DormantReport {
     pub unused_for: String,
     /// Longest unused first.
     pub items: Vec<DormantView>,
+    /// Active keys whose use the server did not track (servers before 2026, keys made before an
+    /// upgrade): never reported or revoked as dormant.
+    pub last_use_unknown: usize,
 }
 
 /// List dormant keys: active keys unused for at least `unused_for`.
@@ -77,7 +80,14 @@ pub async fn dormant(
     .await
     .map_err(|e| ApiError::Internal(format!("report task failed: {e}")))??;
     let now = state.keys.now();
-    let items =
-        found.into_iter().map(|d| DormantView { key: KeyView::of(d.record, now), last_used_at: d.last_used }).collect();
-    Ok(axum::Json(DormantReport { unused_for: query.unused_for.trim().to_owned(), items }))
+    let items = found
+        .dormant
+        .into_iter()
+        .map(|d| DormantView { key: KeyView::of(d.record, now), last_used_at: d.last_used })
+        .collect();
+    Ok(axum::Json(DormantReport {
+        unused_for: query.unused_for.trim().to_owned(),
+        items,
+        last_use_unknown: found.unknown,
+    }))
 }

@@ -565,10 +565,12 @@ impl Config {
 
         // A request must outlive the Octopus call it waits for, or callers would time out while
         // their key is being made.
-        if server.request_timeout <= octopus.timeout * 2 {
+        // The worst case on the issuance path: a look-up and a create, plus one wait for a short
+        // Retry-After (5 s) before the create is sent again.
+        if server.request_timeout <= octopus.timeout * 2 + Duration::from_secs(5) {
             return Err(ConfigError::at(
                 "server.request_timeout",
-                format!("must be longer than twice octopus.timeout ({:?})", octopus.timeout),
+                format!("must be longer than twice octopus.timeout ({:?}) plus 5 s", octopus.timeout),
             ));
         }
         // A pending record younger than an Octopus call could still be in flight.

@@ -62,6 +62,9 @@ pub struct ApiKeyInfo {
     pub hint: Option<String>,
     /// `LastUsedTimeStamp`: when the key last authenticated.
     pub last_used: Option<DateTime<Utc>>,
+    /// `IsLastUsedTimestampKnown`: whether `last_used` can be believed (a `None` then means
+    /// "never used").
+    pub last_used_known: bool,
 }
 
 /// A freshly created key, with the secret Octopus shows this once.
@@ -178,10 +181,20 @@ tokio::task_local! {
 /// answered at once (a 503 that says when to retry) rather than holding a caller's request.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
 
-/// Failed logins allowed per window before keybroker stops trying until the window passes:
-/// Octopus locks an account for 10 minutes after 9 failures from one address (octopus-api.md §2).
-const LOGIN_ATTEMPTS: usize = 3;
-const LOGIN_WINDOW: Duration = Duration::from_secs(600);
+/// How long a call in a caller's request waits for keybroker's own outbound rate limit.
+const MAX_PACE_WAIT: Duration = Duration::from_secs(2);
+
+/// After consecutive failed logins keybroker waits 2, 10, 20, 40 and then 60 minutes before the
+/// next attempt: Octopus locks an account for 10 minutes after 9 failures from one address
+/// (octopus-api.md §2), and several replicas behind one address share that count.
+fn login_backoff_after(failures: u32) -> Duration {
+    let minutes = match failures {
+        0 => 0,
+        1 => 2,
+        n => (10u64 << (n - 2).min(3)).min(60),
+    };
+    Duration::from_secs(minutes * 60)
+}
 
 /// The Octopus client. Cheap to share behind an `Arc`.
 pub struct OctopusClient {
@@ -189,8 +202,9 @@ pub struct OctopusClient {
     base: Url,
     credential: OctopusCredential,
     session: Mutex<Option<Session>>,
-    /// When recent logins failed, so that keybroker never locks its own account out.
-    failed_logins: std::sync::Mutex<Vec<std::time::Instant>>,
+    /// Consecutive failed logins and when the last one was, so that keybroker never locks its
+    /// own account out.
+    failed_logins: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
     users: RwLock<HashMap<String, OctopusUser>>,
     retries: u32,
     metrics: Arc<Metrics>,
@@ -237,7 +251,7 @@ impl OctopusClient {
             base,
             credential: config.credential.clone(),
             session: Mutex::new(None),
-            failed_logins: std::sync::Mutex::new(Vec::new()),
+            failed_logins: std::sync::Mutex::new((0, None)),
             users: RwLock::new(HashMap::new()),
             retries: 3,
             metrics,
@@ -527,7 +541,7 @@ impl OctopusClient {
         let url = self.base.join(path).map_err(|e| OctopusError::Unavailable { detail: e.to_string() })?;
         let mut relogged = false;
         loop {
-            self.pace().await;
+            self.pace().await?;
             let mut request = self.http.request(method.clone(), url.clone()).query(query);
             if let Some(body) = body {
                 request = request.json(body);
@@ -571,7 +585,7 @@ impl OctopusClient {
 
     /// Waits for a slot of keybroker's own rate limit (and, in a background job, of the
     /// background half of it).
-    async fn pace(&self) {
+    async fn pace(&self) -> Result<(), OctopusError> {
         let background = BACKGROUND.try_with(|()| ()).is_ok();
         let limiters = [self.background_pace.as_ref().filter(|_| background), self.pace.as_ref()];
         for limiter in limiters.into_iter().flatten() {
@@ -579,9 +593,15 @@ impl OctopusClient {
                 let wait =
                     not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
                 self.metrics.octopus_paced.inc();
+                // A call in a caller's request waits at most MAX_PACE_WAIT, then fails as rate
+                // limited (503 with the wait) instead of outlasting the request.
+                if !background && wait > MAX_PACE_WAIT {
+                    return Err(OctopusError::RateLimited { retry_after: Some(wait) });
+                }
                 tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
             }
         }
+        Ok(())
     }
 
     async fn authenticate(&self, request: RequestBuilder, fresh: bool) -> Result<RequestBuilder, OctopusError> {
@@ -603,11 +623,11 @@ impl OctopusClient {
     /// The login flow (octopus-api.md §2): the cookies' names carry a suffix, so they are found
     /// by prefix, and the CSRF cookie's value goes back as a header on every request.
     async fn login(&self, username: &str, password: &SecretString) -> Result<Session, OctopusError> {
-        if let Some(until) = self.login_backoff() {
+        if let Some((failures, until)) = self.login_backoff() {
             return Err(OctopusError::Credential {
                 status: 401,
                 message: format!(
-                    "keybroker's last {LOGIN_ATTEMPTS} logins to Octopus failed; it tries again in {} s, not sooner \
+                    "keybroker's last {failures} logins to Octopus failed; it tries again in {} s, not sooner \
                      (Octopus locks an account for 10 minutes after 9 failed logins): check octopus.username and \
                      octopus.password_file",
                     until.as_secs().max(1)
@@ -617,26 +637,25 @@ impl OctopusClient {
         let result = self.try_login(username, password).await;
         if let Ok(mut failed) = self.failed_logins.lock() {
             match &result {
-                Ok(_) => failed.clear(),
-                Err(OctopusError::Credential { .. }) => failed.push(std::time::Instant::now()),
+                Ok(_) => *failed = (0, None),
+                Err(OctopusError::Credential { .. }) => *failed = (failed.0 + 1, Some(std::time::Instant::now())),
                 Err(_) => {}
             }
         }
         result
     }
 
-    /// How long until keybroker may log in again, when its recent logins failed.
-    fn login_backoff(&self) -> Option<Duration> {
-        let mut failed = self.failed_logins.lock().ok()?;
-        failed.retain(|at| at.elapsed() < LOGIN_WINDOW);
-        if failed.len() < LOGIN_ATTEMPTS {
-            return None;
-        }
-        failed.first().map(|oldest| LOGIN_WINDOW.saturating_sub(oldest.elapsed()))
+    /// The consecutive failures and how long until keybroker may log in again, while it waits.
+    fn login_backoff(&self) -> Option<(u32, Duration)> {
+        let failed = self.failed_logins.lock().ok()?;
+        let (failures, last) = (failed.0, failed.1?);
+        let wait = login_backoff_after(failures).saturating_sub(last.elapsed());
+        (!wait.is_zero()).then_some((failures, wait))
     }
 
     async fn try_login(&self, username: &str, password: &SecretString) -> Result<Session, OctopusError> {
-        self.pace().await;
+        // Not paced: this runs under the session mutex, where a wait would hold up every
+        // other call. Logins are rare (a session lasts 20 minutes).
         let url = self.base.join("api/users/login").map_err(|e| OctopusError::Unavailable { detail: e.to_string() })?;
         let body = LoginCommand { username, password: password.expose_secret(), remember_me: false };
         let response = self.http.post(url).json(&body).send().await.map_err(transport_error)?;
@@ -701,12 +720,10 @@ fn redirected(response: &Response) -> OctopusError {
     OctopusError::Redirected { status: response.status().as_u16(), location_host }
 }
 
-/// `%XX` sequences decoded (a cookie value is not form-encoded: `+` stays `+`).
+/// `%XX` sequences decoded (a cookie value is not form-encoded: `+` and `&` stay as they are);
+/// a value that does not decode to UTF-8 is kept as it came.
 fn percent_decode(value: &str) -> String {
-    url::form_urlencoded::parse(format!("v={}", value.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_else(|| value.to_owned())
+    percent_encoding::percent_decode_str(value).decode_utf8().map_or_else(|_| value.to_owned(), |v| v.into_owned())
 }
 
 /// Octopus's time format: `2026-11-23T12:00:25.000+00:00` (octopus-api.md §1).
@@ -738,6 +755,7 @@ fn key_from(k: ApiKeyResource) -> ApiKeyInfo {
         expires: k.expires.map(|t| t.with_timezone(&Utc)),
         hint: k.api_key.hint,
         last_used: k.last_used.map(|t| t.with_timezone(&Utc)),
+        last_used_known: k.is_last_used_timestamp_known == Some(true),
     }
 }
 
@@ -848,6 +866,19 @@ mod tests {
         assert!(!hint_matches(Some("API-"), secret));
         assert!(!hint_matches(Some(""), secret));
         assert!(!hint_matches(None, secret));
+    }
+
+    #[test]
+    fn logins_back_off_further_after_each_failure() {
+        let minutes: Vec<u64> = (0..7).map(|n| login_backoff_after(n).as_secs() / 60).collect();
+        assert_eq!(minutes, [0, 2, 10, 20, 40, 60, 60]);
+    }
+
+    #[test]
+    fn csrf_cookie_values_are_percent_decoded_only() {
+        assert_eq!(percent_decode("a%2Bb%2F%3D"), "a+b/=");
+        assert_eq!(percent_decode("a+b&c=d"), "a+b&c=d");
+        assert_eq!(percent_decode("%FF%FE"), "%FF%FE", "not UTF-8: kept as it came");
     }
 
     #[test]

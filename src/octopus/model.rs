@@ -60,6 +60,10 @@ pub(super) struct ApiKeyResource {
     /// When the key last authenticated (`null`: never, or not known to this server).
     #[serde(default, rename = "LastUsedTimeStamp")]
     pub last_used: Option<DateTime<FixedOffset>>,
+    /// Whether the server tracked this key's use (false or absent: older servers, and keys made
+    /// before an upgrade), so that a `null` last use means "never" only when this is true.
+    #[serde(default)]
+    pub is_last_used_timestamp_known: Option<bool>,
 }
 
 fn sensitive_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SensitiveValue, D::Error> {

@@ -406,8 +406,8 @@ async fn list_keys(
     let keyword = query.get("partialKeyword").filter(|k| !k.is_empty());
     let state = shared.lock();
     let keys = state.list_keys(&caller, &id, purpose, keyword)?;
-    let hint_length = shared.settings.api_key_hint_length;
-    let items = paging.slice(&keys).iter().map(|k| wire::api_key_json(k, hint_length)).collect();
+    let (hint_length, tracks_use) = (shared.settings.api_key_hint_length, shared.settings.api_key_last_use_tracked);
+    let items = paging.slice(&keys).iter().map(|k| wire::api_key_json(k, hint_length, tracks_use)).collect();
     let path = format!("/api/users/{id}/apikeys");
     let template = format!("{path}{{?skip,take,partialPurpose,partialKeyword}}");
     Ok(Json(wire::collection(
@@ -462,7 +462,12 @@ async fn get_key(
     Path((id, key_id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let state = shared.lock();
-    Ok(Json(wire::api_key_json(state.get_key(&caller, &id, &key_id)?, shared.settings.api_key_hint_length)))
+    let settings = &shared.settings;
+    Ok(Json(wire::api_key_json(
+        state.get_key(&caller, &id, &key_id)?,
+        settings.api_key_hint_length,
+        settings.api_key_last_use_tracked,
+    )))
 }
 
 /// `DELETE /api/users/{id}/apikeys/{keyId}`: 200 `{}`; 404 once gone.

@@ -94,6 +94,10 @@ pub struct ServerSettings {
     /// False for servers before 2020.6, which ignore `Expires`: their keys never expire.
     #[serde(default = "yes")]
     pub api_key_expiry_supported: bool,
+    /// Whether key lists carry `LastUsedTimeStamp` and `IsLastUsedTimestampKnown` (false on the
+    /// profiles before 2025.4, whose version of this is unknown to us: the safe assumption).
+    #[serde(default = "yes")]
+    pub api_key_last_use_tracked: bool,
     /// Octopus 2026.3+ rate limiting: a token bucket per user of this many requests a minute
     /// (`None`: off), answering 429 with `Retry-After` and the `Octopus-RateLimit` headers.
     #[serde(default)]
@@ -111,31 +115,37 @@ pub struct ServerSettings {
 impl ServerSettings {
     /// The settings of a version profile (see [`ServerSettings::profile`]).
     pub fn for_profile(profile: &str) -> Option<Self> {
-        let base = Self { profile: Some(profile.to_owned()), ..Self::default() };
-        Some(match profile {
-            "2020.5" => Self {
-                version: "2020.5.0".to_owned(),
-                api_key_default_expiry_days: None,
-                api_key_max_expiry_days: None,
-                api_key_hint_length: 0,
-                api_key_expiry_supported: false,
-                ..base
-            },
-            "2023.3" => Self {
-                version: "2023.3.13026".to_owned(),
-                api_key_default_expiry_days: None,
-                api_key_max_expiry_days: None,
-                ..base
-            },
-            "2025.4" => Self { version: "2025.4.10333".to_owned(), ..base },
-            "2026.3" => Self {
-                version: "2026.3.1402".to_owned(),
-                rate_limit_per_minute: Some(600),
-                rate_limit_burst: Some(200),
-                ..base
-            },
-            _ => return None,
-        })
+        let mut settings = Self::default();
+        settings.apply_profile(profile).then_some(settings)
+    }
+
+    /// Sets the fields a version profile decides, keeping the others; false for an unknown one.
+    pub fn apply_profile(&mut self, profile: &str) -> bool {
+        match profile {
+            "2020.5" => {
+                self.version = "2020.5.0".to_owned();
+                self.api_key_default_expiry_days = None;
+                self.api_key_max_expiry_days = None;
+                self.api_key_hint_length = 0;
+                self.api_key_expiry_supported = false;
+                self.api_key_last_use_tracked = false;
+            }
+            "2023.3" => {
+                self.version = "2023.3.13026".to_owned();
+                self.api_key_default_expiry_days = None;
+                self.api_key_max_expiry_days = None;
+                self.api_key_last_use_tracked = false;
+            }
+            "2025.4" => self.version = "2025.4.10333".to_owned(),
+            "2026.3" => {
+                self.version = "2026.3.1402".to_owned();
+                self.rate_limit_per_minute = Some(600);
+                self.rate_limit_burst = Some(200);
+            }
+            _ => return false,
+        }
+        self.profile = Some(profile.to_owned());
+        true
     }
 }
 
@@ -155,6 +165,7 @@ impl Default for ServerSettings {
             cookie_session_limits_key_expiry: false,
             api_key_hint_length: default_hint_length(),
             api_key_expiry_supported: true,
+            api_key_last_use_tracked: true,
             rate_limit_per_minute: None,
             rate_limit_burst: None,
             profile: None,

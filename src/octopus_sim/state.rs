@@ -178,13 +178,10 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new(seed: &Seed) -> Result<Self, SeedError> {
         let state = SimState::from_seed(seed)?;
-        let settings = match &seed.server.profile {
-            Some(profile) => ServerSettings {
-                installation_id: seed.server.installation_id.clone(),
-                ..ServerSettings::for_profile(profile).unwrap_or_else(|| seed.server.clone())
-            },
-            None => seed.server.clone(),
-        };
+        let mut settings = seed.server.clone();
+        if let Some(profile) = seed.server.profile.clone() {
+            settings.apply_profile(&profile);
+        }
         let installation_id = settings.installation_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let node_header = HeaderValue::from_str(&format!("name=SIM; version={}", settings.version)).ok();
         Ok(Self { state: Mutex::new(state), settings, installation_id, node_header })
@@ -197,8 +194,15 @@ impl Shared {
     }
 }
 
-/// Octopus's lockout: 9 failed logins lock the account for 10 minutes.
+/// Octopus's lockout: 9 failed logins lock the account for 10 minutes, counted from the ninth.
 const LOCKOUT_AFTER: usize = 9;
+
+/// Failed logins of one username since its last success or lock.
+#[derive(Debug, Default)]
+struct FailedLogins {
+    count: usize,
+    locked_until: Option<DateTime<Utc>>,
+}
 const LOCKOUT_MINUTES: i64 = 10;
 
 /// The permission an administrator holds and whose holders only another administrator may read.
@@ -223,7 +227,7 @@ pub(crate) struct SimState {
     pub(crate) counters: BTreeMap<String, u64>,
     pub(crate) faults: Vec<ActiveFault>,
     /// Recent failed logins per lower-cased username (the lockout).
-    failed_logins: HashMap<String, Vec<DateTime<Utc>>>,
+    failed_logins: HashMap<String, FailedLogins>,
     /// Token buckets of the rate-limit mode, per user id (or `anonymous`).
     pub(crate) rate_buckets: HashMap<String, (f64, std::time::Instant)>,
 }
@@ -443,17 +447,23 @@ impl SimState {
         let now = self.now();
         // "Accounts are locked for 10 minutes after 9 failed login attempts" (octopus-api.md §2),
         // counted here per username; a locked account refuses even the right password.
-        let failures = self.failed_logins.entry(username.trim().to_lowercase()).or_default();
-        failures.retain(|at| *at > now - Duration::minutes(LOCKOUT_MINUTES));
-        if failures.len() >= LOCKOUT_AFTER {
-            return Err(invalid());
+        let key = username.trim().to_lowercase();
+        let failures = self.failed_logins.entry(key.clone()).or_default();
+        match failures.locked_until {
+            Some(until) if until > now => return Err(invalid()),
+            // The lock is over: counting starts again.
+            Some(_) => *failures = FailedLogins::default(),
+            None => {}
         }
         let verified = self.user_by_name(username).is_some_and(|user| {
             user.password.as_ref().is_some_and(|hash| hash.verify(password)) && !user.is_service && user.is_active
         });
-        let key = username.trim().to_lowercase();
         if !verified {
-            self.failed_logins.entry(key).or_default().push(now);
+            let failures = self.failed_logins.entry(key).or_default();
+            failures.count += 1;
+            if failures.count >= LOCKOUT_AFTER {
+                failures.locked_until = Some(now + Duration::minutes(LOCKOUT_MINUTES));
+            }
             return Err(invalid());
         }
         self.failed_logins.remove(&key);

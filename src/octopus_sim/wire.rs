@@ -50,9 +50,11 @@ pub(crate) fn user_json(user: &User) -> Value {
 /// A key as `ApiKeyResource` (lists and single gets): the secret is a `SensitiveValue` that only
 /// says it exists and gives the hint.
 /// `hint_length` is the server's (8, 7 on some versions, 0 before November 2020: no hint).
-pub(crate) fn api_key_json(key: &ApiKeyRecord, hint_length: usize) -> Value {
+/// `tracks_use`: whether the server records `LastUsedTimeStamp` (older servers send neither it
+/// nor `IsLastUsedTimestampKnown`).
+pub(crate) fn api_key_json(key: &ApiKeyRecord, hint_length: usize, tracks_use: bool) -> Value {
     let hint: Option<String> = (hint_length > 0).then(|| key.hint.chars().take(hint_length).collect());
-    json!({
+    let mut value = json!({
         "Id": key.id,
         "UserId": key.user_id,
         "Purpose": key.purpose,
@@ -61,10 +63,14 @@ pub(crate) fn api_key_json(key: &ApiKeyRecord, hint_length: usize) -> Value {
         "Expires": key.expires.map(format_date),
         "AccessLevel": "FullAccess",
         "ActorType": key.actor_type,
-        "LastUsedTimeStamp": key.last_used.map(format_date),
-        "IsLastUsedTimestampKnown": key.last_used.is_some(),
         "Links": { "Self": key_self_link(key) },
-    })
+    });
+    if tracks_use {
+        value["LastUsedTimeStamp"] = json!(key.last_used.map(format_date));
+        // The server has tracked this key's use since its creation: a null means never used.
+        value["IsLastUsedTimestampKnown"] = json!(true);
+    }
+    value
 }
 
 /// The create answer, `ApiKeyCreatedResource`: the only place the secret ever appears.

@@ -189,7 +189,8 @@ async fn a_wrong_password_is_tried_a_few_times_and_never_locks_the_account() {
     for _ in 0..20 {
         last = wrong.current_user().await.unwrap_err().to_string();
     }
-    assert_eq!(sim.request_count("POST /api/users/login"), 3, "keybroker kept logging in");
+    // One attempt, then it waits (2 minutes, then longer after each further failure).
+    assert_eq!(sim.request_count("POST /api/users/login"), 1, "keybroker kept logging in");
     assert!(last.contains("tries again in") && last.contains("locks an account"), "{last}");
     // The account is not locked: the right password still works.
     assert_eq!(login_client(&running.url(), "the right one").current_user().await.unwrap().username, "broker-human");
@@ -396,4 +397,28 @@ async fn doctor_reports_a_refused_credential_and_a_failing_probe() {
     let probe = row(&rows, "probe-create payments-deploy");
     assert_eq!(probe.status, Status::Fail, "{rows:?}");
     assert!(probe.detail.contains("creating a key failed"), "{probe:?}");
+}
+
+#[tokio::test]
+async fn keys_whose_use_the_server_did_not_track_are_never_taken_for_dormant() {
+    let clock = ManualClock::starting_now();
+    let mut seed = Seed::demo();
+    seed.server = ServerSettings::for_profile("2023.3").unwrap();
+    let app = TestApp::spawn_with(TestOptions { seed, clock: Some(clock.clone()), ..Default::default() }).await;
+    app.issue_ok(&app.alice(), json!({"scope": "payments-deploy", "purpose": "untracked", "ttl": "30d"})).await;
+    clock.advance(chrono::Duration::days(15));
+    app.sim.advance_clock(chrono::Duration::days(15));
+    let report: Value = app.get("/v1/reports/dormant?unused_for=10d", &app.auditor()).await.json().await.unwrap();
+    assert!(report["items"].as_array().unwrap().is_empty(), "{report}");
+    assert_eq!(report["last_use_unknown"], 1);
+    let res = app
+        .http
+        .post(format!("{}/v1/keys/revoke", app.url))
+        .bearer_auth(app.admin())
+        .json(&json!({"unused_for": "10d"}))
+        .send()
+        .await
+        .unwrap();
+    let revoked: Value = res.json().await.unwrap();
+    assert_eq!(revoked["revoked"], 0, "{revoked}");
 }
