@@ -237,8 +237,14 @@ pub(super) enum InsertPlan {
 
 /// What a record already holding an insert's `Idempotency-Key` makes of it: within the window, a
 /// replay of that record (of the same request or not); past it, nothing (the key may be reused).
+/// A retry of the same request whose first attempt failed is not a replay either: a record is
+/// `failed` only once its Octopus key is gone or was never made, so the retry runs the issuance
+/// again (a pipeline that retries a 502, 503 or 504 with the same key gets its key).
 fn replay(seen: &Found, idem: &Idempotency, now: DateTime<Utc>) -> Option<(Box<KeyRecord>, bool)> {
     let same_request = seen.request_hash.as_deref() == Some(idem.request_hash.as_str());
+    if same_request && seen.record.state == super::KeyState::Failed {
+        return None;
+    }
     (seen.record.created_at > now - IDEMPOTENCY_WINDOW).then(|| (Box::new(seen.record.clone()), same_request))
 }
 

@@ -108,7 +108,7 @@ async fn racing_retries_make_exactly_one_octopus_key() {
 }
 
 #[tokio::test]
-async fn a_retry_of_a_failed_request_is_a_conflict_and_creates_nothing() {
+async fn a_retry_after_a_transient_failure_gets_its_key_with_the_same_idempotency_key() {
     let app = TestApp::spawn().await;
     app.sim.inject(
         Fault::on(
@@ -120,10 +120,38 @@ async fn a_retry_of_a_failed_request_is_a_conflict_and_creates_nothing() {
     );
     let body = json!({"scope": "payments-deploy", "purpose": "flaky"});
     assert_eq!(issue_with_key(&app, "once", body.clone()).await.status(), 502);
-    let res = issue_with_key(&app, "once", body).await;
-    assert_eq!(res.status(), 409);
-    assert_eq!(app.sim.request_count(CREATE_ROUTE), 1);
     assert!(app.keybroker_keys_in_octopus().is_empty());
+    // The retry runs the issuance again and gets the key; a second retry replays it.
+    let res = issue_with_key(&app, "once", body.clone()).await;
+    assert_eq!(res.status(), 201);
+    let issued: Value = res.json().await.unwrap();
+    assert_eq!(app.octopus_me(issued["api_key"].as_str().unwrap()).await.status(), 200);
+    let again = issue_with_key(&app, "once", body.clone()).await;
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], issued["id"]);
+    assert_eq!(app.sim.request_count(CREATE_ROUTE), 2);
+    assert_eq!(app.keybroker_keys_in_octopus().len(), 1);
+    // Another body with that key is still refused.
+    let other = issue_with_key(&app, "once", json!({"scope": "payments-deploy", "purpose": "other"})).await;
+    assert_eq!(other.status(), 422);
+}
+
+#[tokio::test]
+async fn a_retry_with_another_body_after_a_failure_is_refused() {
+    let app = TestApp::spawn().await;
+    app.sim.inject(
+        Fault::on(
+            Method::POST,
+            "/api/users/{id}/apikeys",
+            FaultKind::Status { status: 500, error_message: "boom".to_owned() },
+        )
+        .times(1),
+    );
+    assert_eq!(issue_with_key(&app, "k", json!({"scope": "payments-deploy", "purpose": "a"})).await.status(), 502);
+    let res = issue_with_key(&app, "k", json!({"scope": "payments-deploy", "purpose": "b"})).await;
+    assert_eq!(res.status(), 422);
+    assert_eq!(app.sim.request_count(CREATE_ROUTE), 1);
 }
 
 #[tokio::test]
