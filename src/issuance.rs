@@ -624,7 +624,11 @@ impl KeyService {
             return Err(ServiceError::NotFound);
         }
         match record.state {
-            KeyState::Revoked => return Ok(record),
+            // Already revoked: the answer is the record, and who asked again is on record too.
+            KeyState::Revoked => {
+                self.audit_already_revoked(principal, &record, owner, ctx).await?;
+                return Ok(record);
+            }
             KeyState::Pending => {
                 return Err(ServiceError::Conflict("the key is still being issued; try again in a moment".to_owned()));
             }
@@ -671,7 +675,30 @@ impl KeyService {
                 }
                 detail
             });
-        self.store.mark_revoked(id, now, &event).await.map_err(ServiceError::Store)
+        let revoked = self.store.mark_revoked(id, now, &event).await.map_err(ServiceError::Store)?;
+        // A concurrent revocation got there first (the store leaves a revoked record as it is and
+        // writes no event): this caller's revocation still goes on record.
+        if revoked.revoked_at != Some(crate::audit::store_precision(now)) {
+            self.audit_already_revoked(principal, &revoked, owner, ctx).await?;
+        }
+        Ok(revoked)
+    }
+
+    /// A `key.revoked` event with `"result": "already_revoked"`: a revocation of a key that was
+    /// revoked already, by this caller earlier or by someone else at the same moment.
+    async fn audit_already_revoked(
+        &self,
+        principal: &Principal,
+        record: &KeyRecord,
+        owner: bool,
+        ctx: &RequestContext,
+    ) -> Result<(), ServiceError> {
+        let event = NewAuditEvent::new(self.now(), &principal.subject, Action::KeyRevoked, Outcome::Success, ctx)
+            .scope(&record.scope)
+            .key(record.id)
+            .octopus_key(record.octopus_key_id.as_deref())
+            .detail(json!({ "result": "already_revoked", "revoked_at": record.revoked_at, "by_owner": owner }));
+        self.audit(event).await.map_err(ServiceError::Store)
     }
 
     /// keybroker acting on its own (jobs, retries): an admin named `keybroker`.

@@ -124,3 +124,21 @@ async fn control_characters_in_filters_and_scopes_are_client_errors_on_every_bac
         assert!(denial.detail["reason"].as_str().unwrap().len() < 200, "{name}");
     }
 }
+
+#[tokio::test]
+async fn every_revocation_is_on_record_even_when_another_got_there_first() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let issued = app.issue_ok(&app.alice(), serde_json::json!({"scope": "payments-deploy", "purpose": "twice"})).await;
+    let path = format!("/v1/keys/{}", issued["id"].as_str().unwrap());
+    let (alice, admin) = (app.alice(), app.admin());
+    let (a, b) = tokio::join!(app.delete(&path, &alice), app.delete(&path, &admin));
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    let again = app.delete(&path, &app.alice()).await;
+    assert_eq!(again.status(), 200);
+    let revoked: Vec<_> = app.audit_events().await.into_iter().filter(|e| e.action == "key.revoked").collect();
+    assert_eq!(revoked.len(), 3, "one event per revocation: {revoked:?}");
+    let actors: std::collections::BTreeSet<&str> = revoked.iter().map(|e| e.actor.as_str()).collect();
+    assert!(actors.contains("alice@example.com") && actors.contains("root@example.com"), "{actors:?}");
+    let repeats = revoked.iter().filter(|e| e.detail["result"] == "already_revoked").count();
+    assert_eq!(repeats, 2);
+}
