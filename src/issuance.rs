@@ -93,6 +93,14 @@ pub enum ServiceError {
     Store(#[source] StoreError),
     #[error(transparent)]
     Octopus(#[from] OctopusError),
+    /// The issuance took so long that the reconciler had finished its record: the key Octopus
+    /// made was deleted (or, if `deleted` is false, is left to the reconciler), nothing issued.
+    #[error(
+        "the issuance took longer than jobs.pending_grace and was abandoned: Octopus's key {octopus_key_id} was {}; \
+         nothing was issued, so retry",
+        if *deleted { "deleted" } else { "not deleted yet (the reconciler will)" }
+    )]
+    Abandoned { octopus_key_id: String, deleted: bool },
     /// Octopus could not delete the key now; the revocation is recorded and retried, and the key
     /// keeps working until it succeeds.
     #[error("Octopus could not revoke the key now ({0}); keybroker recorded the revocation and retries it")]
@@ -505,6 +513,26 @@ impl KeyService {
                 tracing::info!(octopus_key_id = %created.id, "issued key");
                 let replaced = if request.replace_previous { self.superseded_by(&record).await } else { Vec::new() };
                 Ok(IssueOutcome::Issued(Issued { record, secret: created.secret, clamped: expiry.clamped, replaced }))
+            }
+            // The reconciler finished the record while Octopus was making the key (the issuance
+            // outlived `jobs.pending_grace`): the key must go, an event must name it, and the
+            // caller must hear what happened, not that the database is down.
+            Err(StoreError::WrongState { actual, .. }) => {
+                let deleted = self.octopus.delete_api_key(&account.id, &created.id).await;
+                let event = self
+                    .event(principal, Action::KeyIssueFailed, Outcome::Failure, ctx, scope, id)
+                    .octopus_key(Some(&created.id))
+                    .detail(json!({
+                        "reason": format!("the record was already {actual} when Octopus's key arrived"),
+                        "octopus_key_deleted": deleted.is_ok(),
+                    }));
+                if let Err(e) = self.store.append_audit(&event).await {
+                    tracing::error!(error = %e, octopus_key_id = %created.id, "could not audit an abandoned issuance");
+                }
+                if let Err(e) = &deleted {
+                    tracing::error!(error = %e, octopus_key_id = %created.id, "could not delete the key of an abandoned issuance");
+                }
+                Err(ServiceError::Abandoned { octopus_key_id: created.id.clone(), deleted: deleted.is_ok() })
             }
             Err(e) => {
                 self.audit_failed(&e);

@@ -573,7 +573,9 @@ impl Config {
                 format!("must be longer than twice octopus.timeout ({:?}) plus 5 s", octopus.timeout),
             ));
         }
-        // A pending record younger than an Octopus call could still be in flight.
+        // A pending record younger than an Octopus call could still be in flight. Should an
+        // issuance outlive the grace anyway, its issuer deletes the key it got and says so
+        // (ServiceError::Abandoned).
         if jobs.pending_grace <= octopus.timeout * 2 {
             return Err(ConfigError::at(
                 "jobs.pending_grace",

@@ -215,3 +215,47 @@ async fn the_reconciler_leaves_young_pending_records_alone() {
     let record = app.state.keys.store().get_key(id).await.unwrap().unwrap();
     assert_eq!(record.state, keybroker::store::KeyState::Pending);
 }
+
+#[tokio::test]
+async fn an_issuance_the_reconciler_finished_meanwhile_deletes_its_key_and_says_so() {
+    use keybroker::octopus_sim::{Fault, FaultKind};
+    let app = TestApp::spawn().await;
+    app.sim.inject(Fault::on(
+        reqwest::Method::POST,
+        "/api/users/{id}/apikeys",
+        FaultKind::Latency(std::time::Duration::from_millis(1500)),
+    ));
+    let alice = app.alice();
+    let slow = app.issue(&alice, serde_json::json!({"scope": "payments-deploy", "purpose": "slow"}));
+    let store = app.state.keys.store().clone();
+    let reconciler = async {
+        // While Octopus is slow, the record is pending; the reconciler (as after a crash) fails it.
+        for _ in 0..100 {
+            let pending = store.pending_before(chrono::Utc::now() + chrono::Duration::hours(1), 10).await.unwrap();
+            if let Some(record) = pending.first() {
+                let event = keybroker::audit::NewAuditEvent::new(
+                    chrono::Utc::now(),
+                    "keybroker",
+                    keybroker::audit::Action::KeyReconciled,
+                    keybroker::audit::Outcome::Failure,
+                    &Default::default(),
+                )
+                .key(record.id);
+                store.mark_failed(record.id, &event).await.unwrap();
+                return record.id;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("the issuance never left a pending record");
+    };
+    let (res, id) = tokio::join!(slow, reconciler);
+    assert_eq!(res.status(), 503);
+    let problem: serde_json::Value = res.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("abandoned") && detail.contains("was deleted"), "{detail}");
+    assert!(!detail.contains("database"), "{detail}");
+    assert!(app.keybroker_keys_in_octopus().is_empty(), "the abandoned key survived");
+    let events = app.audit_events().await;
+    let failed = events.iter().find(|e| e.action == "key.issue_failed" && e.key_id == Some(id)).expect("an event");
+    assert!(failed.octopus_key_id.is_some(), "the event names the Octopus key: {failed:?}");
+}
