@@ -6,7 +6,9 @@ use uuid::Uuid;
 use crate::audit::{AuditRecord, ChainBreak, GENESIS_HASH, verify_chain};
 use crate::auth::Principal;
 use crate::issuance::{KeyService, ServiceError};
-use crate::store::{AuditFilter, KeyFilter, KeyRecord, PageRequest};
+// The domain types of the read side, so that the HTTP layer names them without reaching into
+// storage.
+pub use crate::store::{AuditFilter, Idempotency, KeyFilter, KeyRecord, KeyState, PageRequest, StoreError};
 
 /// A page of key records: a requester's own, or, for auditors and admins, anyone's (the
 /// filter's `requester` then picks whose).

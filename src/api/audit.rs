@@ -13,7 +13,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{ApiQuery, AuditorCaller, filter_value};
 use super::keys::{decode_cursor, encode_cursor, page_limit};
 use crate::audit::{AuditRecord, ChainBreak};
-use crate::store::{AuditFilter, PageRequest};
+use crate::queries::{AuditFilter, PageRequest};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(list_events)).routes(routes!(verify))

@@ -12,7 +12,7 @@ use crate::auth::AuthError;
 use crate::issuance::ServiceError;
 use crate::octopus::OctopusError;
 use crate::policy::{PolicyError, Reason};
-use crate::store::StoreError;
+use crate::queries::StoreError;
 
 tokio::task_local! {
     /// The current request's id, so problem bodies can name it.

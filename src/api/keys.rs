@@ -19,7 +19,7 @@ use super::extract::{ApiJson, ApiQuery, AuditorCaller, Caller, Ctx, filter_value
 use crate::audit::{Action, NewAuditEvent, Outcome};
 use crate::issuance::{IssueOutcome, IssueRequest};
 use crate::policy::{ExpiryClamp, ExpiryRequest, Purpose, Reason, parse_ttl};
-use crate::store::{Idempotency, KeyFilter, KeyRecord, KeyState, PageRequest};
+use crate::queries::{Idempotency, KeyFilter, KeyRecord, KeyState, PageRequest};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

@@ -11,7 +11,7 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiQuery, AuditorCaller};
 use super::keys::KeyView;
-use crate::store::KeyFilter;
+use crate::queries::KeyFilter;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(dormant))
