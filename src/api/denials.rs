@@ -1,7 +1,8 @@
 //! Denials at the HTTP edge, written to the audit trail without letting anyone on the network
 //! fill it: a request with no credential at all is only counted (a metric), and repeated failed
 //! authentications from one address for one reason, or repeated role refusals of one caller,
-//! become one event per minute with a count.
+//! become one event per minute with a count (whatever routes they hit: the event names the first,
+//! a summary the last).
 //!
 //! The first denial of a kind is audited at once, with `count: 1`. Those that follow within the
 //! minute are counted; when the minute is over (at the next denial of that kind, or at the
@@ -34,14 +35,15 @@ struct Kind {
     /// The address bucket (auth.denied) or the subject (authz.denied); `*` on overflow.
     who: String,
     reason: String,
-    route: Option<String>,
 }
 
 #[derive(Debug)]
 struct Window {
     started: Instant,
     suppressed: u64,
+    /// The latest denial's request and route (a summary names the last one).
     context: RequestContext,
+    route: Option<String>,
 }
 
 /// A denial to audit.
@@ -87,12 +89,7 @@ impl Denials {
             windows.written = 0;
             windows.written_since = Some(now);
         }
-        let mut kind = Kind {
-            action: denial.action,
-            who: denial.who.clone(),
-            reason: denial.reason.clone(),
-            route: denial.route.clone(),
-        };
+        let mut kind = Kind { action: denial.action, who: denial.who.clone(), reason: denial.reason.clone() };
         let crowded = windows.kinds.len() >= MAX_KINDS || windows.written >= MAX_FIRST_EVENTS_PER_WINDOW;
         if crowded && !windows.kinds.contains_key(&kind) {
             kind.who = "*".to_owned();
@@ -102,23 +99,35 @@ impl Denials {
             Some(window) if now.duration_since(window.started) < WINDOW => {
                 window.suppressed += 1;
                 window.context = denial.context;
+                window.route = denial.route;
                 return out;
             }
             Some(window) => {
                 if window.suppressed > 0 {
                     out.push(summary(&kind, window, at));
                 }
-                *window = Window { started: now, suppressed: 0, context: denial.context.clone() };
+                *window = Window {
+                    started: now,
+                    suppressed: 0,
+                    context: denial.context.clone(),
+                    route: denial.route.clone(),
+                };
             }
             None => {
-                windows
-                    .kinds
-                    .insert(kind.clone(), Window { started: now, suppressed: 0, context: denial.context.clone() });
+                windows.kinds.insert(
+                    kind.clone(),
+                    Window {
+                        started: now,
+                        suppressed: 0,
+                        context: denial.context.clone(),
+                        route: denial.route.clone(),
+                    },
+                );
             }
         }
         windows.written += 1;
         let actor = if kind.who == "*" { actor_of(&kind).to_owned() } else { denial.actor };
-        out.push(event(&actor, &kind, &denial.context, 1, false, at));
+        out.push(event(&actor, &kind, &denial.context, denial.route.as_deref(), 1, false, at));
         out
     }
 
@@ -140,18 +149,19 @@ impl Denials {
 }
 
 fn summary(kind: &Kind, window: &Window, at: chrono::DateTime<chrono::Utc>) -> NewAuditEvent {
-    event(actor_of(kind), kind, &window.context, window.suppressed, true, at)
+    event(actor_of(kind), kind, &window.context, window.route.as_deref(), window.suppressed, true, at)
 }
 
 fn event(
     actor: &str,
     kind: &Kind,
     context: &RequestContext,
+    route: Option<&str>,
     count: u64,
     repeated: bool,
     at: chrono::DateTime<chrono::Utc>,
 ) -> NewAuditEvent {
-    let mut detail = json!({ "reason": kind.reason, "route": kind.route, "count": count });
+    let mut detail = json!({ "reason": kind.reason, "route": route, "count": count });
     if repeated {
         detail["repeated"] = json!(true);
         detail["window_seconds"] = json!(WINDOW.as_secs());

@@ -196,7 +196,7 @@ async fn assert_refused(app: &TestApp, authorization: Option<&str>, reason: &str
     let credential = authorization.and_then(|a| a.split_once(' ')).map_or("", |(_, c)| c);
     let secrets: Vec<&str> =
         std::iter::once(credential).chain(credential.split('.')).filter(|s| s.len() >= 12).collect();
-    for path in PROTECTED {
+    for (i, path) in PROTECTED.iter().enumerate() {
         let before = app.audit_events().await.len();
         let res = get(app, path, authorization).await;
         assert_eq!(res.status(), 401, "GET {path} did not refuse {authorization:?}");
@@ -217,12 +217,17 @@ async fn assert_refused(app: &TestApp, authorization: Option<&str>, reason: &str
             assert!(denied.is_empty(), "GET {path}: a request without a credential was audited: {new:?}");
             continue;
         }
+        if i > 0 {
+            // The same refusal from the same address within the minute: counted, not written again.
+            assert!(denied.is_empty(), "GET {path}: a repeated refusal was written again: {new:?}");
+            continue;
+        }
         assert_eq!(denied.len(), 1, "GET {path}: one auth.denied event expected, got {new:?}");
         assert_eq!(denied[0].detail["count"], 1);
         assert_eq!(denied[0].outcome, "denied");
         assert_eq!(denied[0].actor, "anonymous");
         assert_eq!(denied[0].detail["reason"], detail);
-        assert_eq!(denied[0].detail["route"], path);
+        assert_eq!(denied[0].detail["route"], *path);
         for secret in &secrets {
             for event in new {
                 assert!(!serde_json::to_string(event).unwrap().contains(secret), "the audit trail holds the token");
