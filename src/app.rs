@@ -51,14 +51,10 @@ impl App {
         let octopus = OctopusClient::with_metrics(&config.octopus, metrics.clone())
             .context("cannot build the Octopus HTTP client")?;
         let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!(e))?;
-        let keys = Arc::new(KeyService::new(
-            store,
-            octopus,
-            clock,
-            config.policy.clone(),
-            config.audit.hmac_secret.clone(),
-            metrics,
-        ));
+        let keys = Arc::new(
+            KeyService::new(store, octopus, clock, config.policy.clone(), config.audit.hmac_secret.clone(), metrics)
+                .with_deadlines(config.server.request_timeout, config.octopus.timeout),
+        );
         match keys.refresh_upstream_limits().await {
             Ok(limits) => {
                 keys.metrics().credential_expiry.set(limits.broker_key_expires.map_or(0, |t| t.timestamp()));

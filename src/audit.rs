@@ -18,6 +18,9 @@ pub enum Action {
     KeyIssued,
     #[serde(rename = "key.issue_failed")]
     KeyIssueFailed,
+    /// The caller was gone when Octopus made the key: it was deleted, nobody got its secret.
+    #[serde(rename = "key.issue_abandoned")]
+    KeyIssueAbandoned,
     #[serde(rename = "key.revoked")]
     KeyRevoked,
     #[serde(rename = "key.revoke_failed")]
@@ -58,6 +61,7 @@ impl Action {
             Self::KeyRequested => "key.requested",
             Self::KeyIssued => "key.issued",
             Self::KeyIssueFailed => "key.issue_failed",
+            Self::KeyIssueAbandoned => "key.issue_abandoned",
             Self::KeyRevoked => "key.revoked",
             Self::KeyRevokeFailed => "key.revoke_failed",
             Self::KeyExpired => "key.expired",

@@ -43,6 +43,9 @@ pub struct IssueRequest {
     /// Once the new key is active, revoke the requester's other active keys in the scope with
     /// the same purpose (a refresh loop, such as External Secrets Operator's, holds one key).
     pub replace_previous: bool,
+    /// Set when the caller is gone (hung up, or its request timed out): a key Octopus makes then
+    /// is deleted at once instead of activated, since nobody would receive its secret.
+    pub caller_gone: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What a dry run found: whether the request would be issued, when the key would expire, and
@@ -93,6 +96,10 @@ pub enum ServiceError {
     Store(#[source] StoreError),
     #[error(transparent)]
     Octopus(#[from] OctopusError),
+    /// The issuance's deadline passed before Octopus was asked to create the key: nothing was
+    /// created.
+    #[error("keybroker ran out of time before asking Octopus for the key ({0}); nothing was created, so retry")]
+    OutOfTime(String),
     /// The issuance took so long that the reconciler had finished its record: the key Octopus
     /// made was deleted (or, if `deleted` is false, is left to the reconciler), nothing issued.
     #[error(
@@ -127,9 +134,26 @@ pub struct KeyService {
     upstream: RwLock<UpstreamLimits>,
     hmac_secret: SecretString,
     metrics: Arc<Metrics>,
+    /// `server.request_timeout`: each issuance's deadline, counted from its start.
+    request_timeout: Option<std::time::Duration>,
+    /// `octopus.timeout`: how long the create may take, so it is sent only while it can still
+    /// finish within the deadline.
+    octopus_timeout: std::time::Duration,
 }
 
 impl KeyService {
+    /// Gives issuances a deadline: `request_timeout` from their start, with the create sent only
+    /// while `octopus_timeout` (and a second) still fits before it.
+    pub fn with_deadlines(
+        mut self,
+        request_timeout: std::time::Duration,
+        octopus_timeout: std::time::Duration,
+    ) -> Self {
+        self.request_timeout = Some(request_timeout);
+        self.octopus_timeout = octopus_timeout;
+        self
+    }
+
     pub fn new(
         store: Arc<dyn Store>,
         octopus: Arc<OctopusClient>,
@@ -146,6 +170,8 @@ impl KeyService {
             policy: RwLock::new(Arc::new(policy)),
             upstream: RwLock::new(UpstreamLimits::default()),
             hmac_secret,
+            request_timeout: None,
+            octopus_timeout: std::time::Duration::from_secs(10),
         }
     }
 
@@ -421,7 +447,18 @@ impl KeyService {
             Ok(expiry) => expiry,
             Err(e) => return Err(self.deny(principal, ctx, &request.scope, e).await),
         };
-        let account = self.scope_account(scope, false).await?;
+        // The deadline: the create is sent only while it can still finish before the caller's
+        // request times out; what comes before it (the account look-up) is bounded by that.
+        let started = tokio::time::Instant::now();
+        let create_by = self
+            .request_timeout
+            .map(|t| started + t.saturating_sub(self.octopus_timeout + std::time::Duration::from_secs(1)));
+        let account = match create_by {
+            Some(by) => tokio::time::timeout_at(by, self.scope_account(scope, false)).await.map_err(|_| {
+                ServiceError::OutOfTime("looking up the scope's Octopus account took too long".to_owned())
+            })??,
+            None => self.scope_account(scope, false).await?,
+        };
 
         // Step 1: the pending record and the "requested" event, or nothing at all.
         let id = Uuid::new_v4();
@@ -462,24 +499,35 @@ impl KeyService {
             }
         }
 
-        // Step 2: Octopus.
-        let octopus_purpose = octopus_purpose(id, &principal.subject, &request.purpose);
-        let created = match self.octopus.create_api_key(&account.id, &octopus_purpose, expiry.expires_at).await {
-            Ok(created) => created,
-            Err(e) => {
-                if matches!(e, OctopusError::NotFound { .. }) {
-                    // The account was deleted (and maybe re-created with another id).
-                    self.octopus.forget_user(&scope.octopus_user);
-                }
-                self.fail_pending(principal, ctx, scope, id, &account.id, &e).await;
-                // The credential works (it found the account); a 403 on this account's keys is
-                // this scope's misconfiguration, and other scopes keep working.
-                if let OctopusError::Credential { status: 403, message } = &e {
-                    return Err(ServiceError::ScopeMisconfigured(privilege_refusal(scope, &account, message)));
-                }
-                return Err(ServiceError::Octopus(e));
+        // Step 2: Octopus, while there is time; otherwise nothing is created.
+        if create_by.is_some_and(|by| tokio::time::Instant::now() >= by) {
+            let event = self
+                .event(principal, Action::KeyIssueFailed, Outcome::Failure, ctx, scope, id)
+                .detail(json!({ "reason": "out of time before Octopus was asked; nothing was created" }));
+            if let Err(e) = self.store.mark_failed(id, &event).await {
+                tracing::warn!(error = %e, "could not fail a record that ran out of time; the reconciler will");
             }
-        };
+            return Err(ServiceError::OutOfTime("writing the pending record took too long".to_owned()));
+        }
+        let octopus_purpose = octopus_purpose(id, &principal.subject, &request.purpose);
+        let ends_at = self.request_timeout.map(|t| started + t);
+        let created =
+            match self.octopus.create_api_key_within(&account.id, &octopus_purpose, expiry.expires_at, ends_at).await {
+                Ok(created) => created,
+                Err(e) => {
+                    if matches!(e, OctopusError::NotFound { .. }) {
+                        // The account was deleted (and maybe re-created with another id).
+                        self.octopus.forget_user(&scope.octopus_user);
+                    }
+                    self.fail_pending(principal, ctx, scope, id, &account.id, &e).await;
+                    // The credential works (it found the account); a 403 on this account's keys is
+                    // this scope's misconfiguration, and other scopes keep working.
+                    if let OctopusError::Credential { status: 403, message } = &e {
+                        return Err(ServiceError::ScopeMisconfigured(privilege_refusal(scope, &account, message)));
+                    }
+                    return Err(ServiceError::Octopus(e));
+                }
+            };
 
         // A key Octopus made with another expiry than the one sent (an old server that ignores
         // `Expires` makes keys that never expire) must not be handed out.
@@ -494,6 +542,31 @@ impl KeyService {
             let error = OctopusError::Unavailable { detail };
             self.fail_pending(principal, ctx, scope, id, &account.id, &error).await;
             return Err(ServiceError::Octopus(error));
+        }
+        // Nobody would receive the secret: the key goes at once, and an event names it.
+        if request.caller_gone.as_ref().is_some_and(|gone| gone.load(std::sync::atomic::Ordering::SeqCst)) {
+            let deleted = self.octopus.delete_api_key(&account.id, &created.id).await;
+            let event = self
+                .event(principal, Action::KeyIssueAbandoned, Outcome::Failure, ctx, scope, id)
+                .octopus_key(Some(&created.id))
+                .detail(json!({
+                    "reason": "the caller was gone when Octopus made the key",
+                    "octopus_key_deleted": deleted.is_ok(),
+                }));
+            match &deleted {
+                // Deleted: the record fails. Not deleted: it stays pending, and the reconciler
+                // revokes the key it finds by its marker.
+                Ok(_) => {
+                    if let Err(e) = self.store.mark_failed(id, &event).await {
+                        tracing::warn!(error = %e, "could not fail an abandoned issuance; the reconciler will");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, octopus_key_id = %created.id, "could not delete an abandoned key");
+                    let _ = self.store.append_audit(&event).await;
+                }
+            }
+            return Err(ServiceError::Abandoned { octopus_key_id: created.id.clone(), deleted: deleted.is_ok() });
         }
         // Step 3: active record and "issued" event; otherwise the key must not survive.
         let expires_at = created.expires.unwrap_or(expiry.expires_at);

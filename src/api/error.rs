@@ -264,7 +264,7 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::Store(e) => e.into(),
             ServiceError::Octopus(e) => e.into(),
-            e @ ServiceError::Abandoned { .. } => ApiError::Unavailable(e.to_string()),
+            e @ (ServiceError::Abandoned { .. } | ServiceError::OutOfTime(_)) => ApiError::Unavailable(e.to_string()),
             ServiceError::RevocationDeferred(e) => ApiError::Unavailable(format!(
                 "Octopus could not revoke the key now ({}); the key still works until keybroker's \
                  reconciler, which retries the revocation, succeeds",

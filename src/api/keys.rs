@@ -183,9 +183,13 @@ pub async fn issue_key(
     if body.dry_run {
         return dry_run(&state, &principal, &ctx, body).await;
     }
-    let request = parse_issue_request(&headers, body).inspect_err(|_| {
+    let mut request = parse_issue_request(&headers, body).inspect_err(|_| {
         state.keys.metrics().issuance(&scope_label, "invalid");
     })?;
+    // Dropped with this handler (the caller hung up, or the request timed out) before the
+    // issuance answered: the issuance then deletes a key Octopus makes instead of activating it.
+    let presence = CallerPresence::default();
+    request.caller_gone = Some(presence.gone.clone());
 
     // The protocol runs in its own task: a caller that hangs up or times out must not cut it
     // off between the Octopus call and the record that owns its result.
@@ -203,7 +207,9 @@ pub async fn issue_key(
         outcome
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("issuance task failed: {e}")))??;
+    .map_err(|e| ApiError::Internal(format!("issuance task failed: {e}")))?;
+    presence.answered();
+    let outcome = outcome?;
 
     let now = state.keys.now();
     let issued = match outcome {
@@ -232,6 +238,27 @@ pub async fn issue_key(
     Ok((StatusCode::CREATED, headers, axum::Json(view)).into_response())
 }
 
+/// Marks the caller gone when dropped before [`CallerPresence::answered`].
+#[derive(Default)]
+struct CallerPresence {
+    gone: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: bool,
+}
+
+impl CallerPresence {
+    fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for CallerPresence {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 /// `dry_run: true`: the verdict of every check, nothing created.
 async fn dry_run(
     state: &AppState,
@@ -257,7 +284,14 @@ fn parse_issue_request(headers: &HeaderMap, body: IssueKeyBody) -> Result<IssueR
     let idempotency = idempotency_of(headers, &body)?;
     let purpose = Purpose::parse(&body.purpose).map_err(ApiError::BadRequest)?;
     let expiry = parse_expiry(&body)?;
-    Ok(IssueRequest { scope: body.scope, purpose, expiry, idempotency, replace_previous: body.replace_previous })
+    Ok(IssueRequest {
+        scope: body.scope,
+        purpose,
+        expiry,
+        idempotency,
+        replace_previous: body.replace_previous,
+        caller_gone: None,
+    })
 }
 
 fn parse_expiry(body: &IssueKeyBody) -> Result<ExpiryRequest, ApiError> {

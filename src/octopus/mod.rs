@@ -208,6 +208,8 @@ pub struct OctopusClient {
     users: RwLock<HashMap<String, OctopusUser>>,
     retries: u32,
     metrics: Arc<Metrics>,
+    /// `octopus.timeout`: how long one call may take.
+    timeout: Duration,
     /// keybroker's own pace towards Octopus (`octopus.max_requests_per_minute`), and the half
     /// of it background jobs may use.
     pace: Option<governor::DefaultDirectRateLimiter>,
@@ -255,6 +257,7 @@ impl OctopusClient {
             users: RwLock::new(HashMap::new()),
             retries: 3,
             metrics,
+            timeout: config.timeout,
             pace: quota(config.max_requests_per_minute),
             background_pace: quota(config.max_requests_per_minute.div_ceil(2)),
         }))
@@ -395,6 +398,18 @@ impl OctopusClient {
         purpose: &str,
         expires: DateTime<Utc>,
     ) -> Result<CreatedKey, OctopusError> {
+        self.create_api_key_within(user_id, purpose, expires, None).await
+    }
+
+    /// [`OctopusClient::create_api_key`] for a caller that must have its answer by `ends_at`:
+    /// a rate-limited create is sent again only if it can still finish by then.
+    pub async fn create_api_key_within(
+        &self,
+        user_id: &str,
+        purpose: &str,
+        expires: DateTime<Utc>,
+        ends_at: Option<tokio::time::Instant>,
+    ) -> Result<CreatedKey, OctopusError> {
         let path = format!("api/users/{}/apikeys", seg(user_id));
         let body = CreateApiKey { purpose, expires: format_octopus_time(expires), user_id };
         // Never a blind retry, with one exception: Octopus does not process a request it rate
@@ -402,7 +417,10 @@ impl OctopusClient {
         // `Retry-After`, when that is short.
         let response = match self.send_once("create_api_key", Method::POST, &path, &[], Some(&body)).await {
             Err(OctopusError::RateLimited { retry_after })
-                if retry_after.unwrap_or(Duration::from_secs(1)) <= MAX_RETRY_WAIT =>
+                if retry_after.unwrap_or(Duration::from_secs(1)) <= MAX_RETRY_WAIT
+                    && ends_at.is_none_or(|end| {
+                        tokio::time::Instant::now() + retry_after.unwrap_or(Duration::from_secs(1)) + self.timeout < end
+                    }) =>
             {
                 tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
                 self.send_once("create_api_key", Method::POST, &path, &[], Some(&body)).await?

@@ -11,6 +11,7 @@ mod concurrency;
 mod contract;
 mod crash;
 mod database;
+mod deadlines;
 mod deploy;
 mod helpers;
 mod idempotency;
