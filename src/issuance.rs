@@ -581,7 +581,23 @@ impl KeyService {
             .event(principal, Action::KeyIssued, Outcome::Success, ctx, scope, id)
             .octopus_key(Some(&created.id))
             .detail(json!({ "expires_at": expires_at, "key_hint": activation.key_hint }));
-        match self.store.activate(&activation, &issued_event).await {
+        let activated = match self.store.activate(&activation, &issued_event).await {
+            // An activation whose COMMIT's answer was lost, retried by the store and then found
+            // "not pending", or an error after a commit that did happen: read the record back
+            // before undoing anything. A key whose activation committed is never deleted.
+            Err(e) => match self.store.get_key(id).await {
+                Ok(Some(record))
+                    if record.state == KeyState::Active
+                        && record.octopus_key_id.as_deref() == Some(created.id.as_str()) =>
+                {
+                    tracing::warn!(error = %e, "the activation's answer was lost, but it committed");
+                    Ok(record)
+                }
+                _ => Err(e),
+            },
+            ok => ok,
+        };
+        match activated {
             Ok(record) => {
                 tracing::info!(octopus_key_id = %created.id, "issued key");
                 let replaced = if request.replace_previous { self.superseded_by(&record).await } else { Vec::new() };

@@ -22,6 +22,8 @@ struct FlakyStore {
     inner: Arc<dyn Store>,
     fail_pending: AtomicBool,
     fail_activate: AtomicBool,
+    /// Commits the activation, then answers as if the connection died during COMMIT.
+    lose_activate_answer: AtomicBool,
 }
 
 fn down() -> StoreError {
@@ -54,7 +56,11 @@ impl Store for FlakyStore {
         if self.fail_activate.load(Ordering::SeqCst) {
             return Err(down());
         }
-        self.inner.activate(activation, event).await
+        let result = self.inner.activate(activation, event).await;
+        if self.lose_activate_answer.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        result
     }
     async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
         self.inner.mark_failed(id, event).await
@@ -134,8 +140,12 @@ async fn flaky_app() -> (TestApp, Arc<FlakyStore>, tempfile::TempDir) {
     let url = format!("sqlite://{}", dir.path().join("flaky.db").display());
     let inner: Arc<dyn Store> = Arc::new(SqliteStore::connect(&url).await.unwrap());
     inner.migrate().await.unwrap();
-    let flaky =
-        Arc::new(FlakyStore { inner, fail_pending: AtomicBool::new(false), fail_activate: AtomicBool::new(false) });
+    let flaky = Arc::new(FlakyStore {
+        inner,
+        fail_pending: AtomicBool::new(false),
+        fail_activate: AtomicBool::new(false),
+        lose_activate_answer: AtomicBool::new(false),
+    });
     let store: Arc<dyn Store> = flaky.clone();
     let app = TestApp::spawn_with(TestOptions { store: Some(store), ..Default::default() }).await;
     (app, flaky, dir)
@@ -258,4 +268,20 @@ async fn an_issuance_the_reconciler_finished_meanwhile_deletes_its_key_and_says_
     let events = app.audit_events().await;
     let failed = events.iter().find(|e| e.action == "key.issue_failed" && e.key_id == Some(id)).expect("an event");
     assert!(failed.octopus_key_id.is_some(), "the event names the Octopus key: {failed:?}");
+}
+
+#[tokio::test]
+async fn an_activation_that_committed_but_lost_its_answer_keeps_its_key() {
+    let (app, flaky, _dir) = flaky_app().await;
+    flaky.lose_activate_answer.store(true, Ordering::SeqCst);
+    // The record is read back before anything is undone: the activation committed, so the key
+    // stays and the caller gets it.
+    let issued = app.issue_ok(&app.alice(), json!({"scope": "payments-deploy", "purpose": "ambiguous commit"})).await;
+    flaky.lose_activate_answer.store(false, Ordering::SeqCst);
+    assert_eq!(app.octopus_me(issued["api_key"].as_str().unwrap()).await.status(), 200);
+    assert_eq!(app.keybroker_keys_in_octopus().len(), 1);
+    let record: Value =
+        app.get(&format!("/v1/keys/{}", issued["id"].as_str().unwrap()), &app.alice()).await.json().await.unwrap();
+    assert_eq!(record["state"], "active");
+    assert_chain_verifies(&app).await;
 }
