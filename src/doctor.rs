@@ -47,17 +47,18 @@ impl Row {
 pub async fn run(config: &Config, probe_create: bool) -> Result<Vec<Row>, reqwest::Error> {
     let octopus = OctopusClient::new(&config.octopus)?;
     let mut rows = Vec::new();
-    rows.push(match octopus.server_info().await {
-        Ok(info) => Row::ok(
-            "server",
-            format!("Octopus {} at {}", info.version.as_deref().unwrap_or("(version not shown)"), config.octopus.url),
-        ),
+    let info = match octopus.server_info().await {
+        Ok(info) => info,
         Err(e) => {
             rows.push(Row::fail("server", e.to_string(), "check octopus.url: keybroker must reach the server's /api"));
             return Ok(rows);
         }
-    });
-    rows.push(rate_limit_row(&octopus, &config.octopus).await);
+    };
+    rows.push(Row::ok(
+        "server",
+        format!("Octopus {} at {}", info.version.as_deref().unwrap_or("(version not shown)"), config.octopus.url),
+    ));
+    rows.push(rate_limit_row(&info, config.octopus.max_requests_per_minute));
     let me = match octopus.current_user().await {
         Ok(me) => me,
         Err(e) => {
@@ -89,34 +90,30 @@ pub async fn run(config: &Config, probe_create: bool) -> Result<Vec<Row>, reqwes
     Ok(rows)
 }
 
-async fn rate_limit_row(octopus: &OctopusClient, config: &OctopusConfig) -> Row {
-    let ours = config.max_requests_per_minute;
-    match octopus.server_info().await {
-        Ok(info) => match info.rate_limit_policy {
-            Some(policy) => {
-                let rpm =
-                    policy.split(';').find_map(|p| p.trim().strip_prefix("rpm=")).and_then(|n| n.parse::<u32>().ok());
-                let detail = format!(
-                    "the server rate-limits ({policy}{}); keybroker paces itself at {ours}/min",
-                    info.rate_limit.map(|r| format!(", now {r}")).unwrap_or_default()
-                );
-                match rpm {
-                    Some(rpm) if ours == 0 || ours > rpm => Row::warn(
-                        "rate limits",
-                        detail,
-                        format!("set octopus.max_requests_per_minute below the server's {rpm}"),
-                    ),
-                    _ => Row::ok("rate limits", detail),
-                }
-            }
-            None => Row::ok(
-                "rate limits",
-                format!(
-                    "no Octopus-RateLimit headers (a server before 2026.3, or policies off); keybroker paces itself at {ours}/min"
+/// The server's rate-limit policy (from the same `GET /api`), against keybroker's own pace.
+fn rate_limit_row(info: &crate::octopus::ServerInfo, ours: u32) -> Row {
+    match &info.rate_limit_policy {
+        Some(policy) => {
+            let rpm = policy.split(';').find_map(|p| p.trim().strip_prefix("rpm=")).and_then(|n| n.parse::<u32>().ok());
+            let detail = format!(
+                "the server rate-limits ({policy}{}); keybroker paces itself at {ours}/min",
+                info.rate_limit.as_ref().map(|r| format!(", now {r}")).unwrap_or_default()
+            );
+            match rpm {
+                Some(rpm) if ours == 0 || ours > rpm => Row::warn(
+                    "rate limits",
+                    detail,
+                    format!("set octopus.max_requests_per_minute below the server's {rpm}"),
                 ),
+                _ => Row::ok("rate limits", detail),
+            }
+        }
+        None => Row::ok(
+            "rate limits",
+            format!(
+                "no Octopus-RateLimit headers (a server before 2026.3, or policies off); keybroker paces itself at {ours}/min"
             ),
-        },
-        Err(e) => Row::fail("rate limits", e.to_string(), "check octopus.url"),
+        ),
     }
 }
 

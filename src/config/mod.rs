@@ -21,7 +21,6 @@ mod auth;
 mod transport;
 pub use auth::{AuthConfig, BindingConfig, DEFAULT_ISSUER, IssuerConfig};
 use auth::{RawAuth, RawBinding};
-pub use transport::is_loopback;
 
 /// A configuration problem; the message names the key and what is wrong with it.
 #[derive(Debug, thiserror::Error)]

@@ -40,7 +40,7 @@ pub(super) fn outbound_url(
 }
 
 /// `localhost`, 127.0.0.0/8 and `::1`: traffic that never leaves the machine.
-pub fn is_loopback(url: &Url) -> bool {
+fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         Some(Host::Ipv4(ip)) => ip.is_loopback(),

@@ -303,6 +303,16 @@ pub fn keybroker_command(args: &[&str]) -> std::process::Command {
     cmd
 }
 
+/// The demo configuration for `octopus_url`, edited, in a folder of its own with its secret files.
+pub fn config_file(octopus_url: &str, edit: impl FnOnce(String) -> String) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    write_secret_files(dir.path());
+    let text = demo_config_toml(octopus_url, "127.0.0.1:0", &dir.path().join("k.db"));
+    let path = dir.path().join("keybroker.toml");
+    std::fs::write(&path, edit(text)).unwrap();
+    (dir, path)
+}
+
 /// Writes the secret files the demo configuration names into `dir`.
 pub fn write_secret_files(dir: &std::path::Path) {
     std::fs::write(dir.join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();

@@ -11,7 +11,7 @@ use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
-use crate::helpers::{ManualClock, TestApp, TestOptions, keybroker_command, write_secret_files};
+use crate::helpers::{ManualClock, TestApp, TestOptions, config_file, keybroker_command};
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap_or(0.0))).unwrap_or(0.0)
@@ -244,6 +244,17 @@ async fn the_issuance_path_runs_against_each_version_profile() {
 // ---------------------------------------------------------------------------------------------
 // Dormant keys.
 
+/// `POST /v1/keys/revoke {"unused_for": ...}` as an admin.
+async fn revoke_unused(app: &TestApp, unused_for: &str) -> reqwest::Response {
+    app.http
+        .post(format!("{}/v1/keys/revoke", app.url))
+        .bearer_auth(app.admin())
+        .json(&json!({ "unused_for": unused_for }))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn dormant_keys_are_listed_from_octopus_and_revoked_on_request() {
     let clock = ManualClock::starting_now();
@@ -272,14 +283,7 @@ async fn dormant_keys_are_listed_from_octopus_and_revoked_on_request() {
     assert_eq!(report(&app, "unused_for=soon").await.status(), 400);
     assert_eq!(app.get("/v1/reports/dormant?unused_for=10d", &app.alice()).await.status(), 403);
 
-    let res = app
-        .http
-        .post(format!("{}/v1/keys/revoke", app.url))
-        .bearer_auth(app.admin())
-        .json(&json!({"unused_for": "10d"}))
-        .send()
-        .await
-        .unwrap();
+    let res = revoke_unused(&app, "10d").await;
     assert_eq!(res.status(), 200);
     let revoked: Value = res.json().await.unwrap();
     assert_eq!(revoked["revoked"], 1, "{revoked}");
@@ -290,15 +294,6 @@ async fn dormant_keys_are_listed_from_octopus_and_revoked_on_request() {
 
 // ---------------------------------------------------------------------------------------------
 // keybroker doctor.
-
-fn config_file(octopus_url: &str, edit: impl FnOnce(String) -> String) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    write_secret_files(dir.path());
-    let text = keybroker::dev::demo_config_toml(octopus_url, "127.0.0.1:0", &dir.path().join("k.db"));
-    let path = dir.path().join("keybroker.toml");
-    std::fs::write(&path, edit(text)).unwrap();
-    (dir, path)
-}
 
 async fn doctor(seed: Seed, probe_create: bool, edit: impl FnOnce(String) -> String) -> Vec<keybroker::doctor::Row> {
     let sim = Simulator::new(seed).unwrap().spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
@@ -411,14 +406,7 @@ async fn keys_whose_use_the_server_did_not_track_are_never_taken_for_dormant() {
     let report: Value = app.get("/v1/reports/dormant?unused_for=10d", &app.auditor()).await.json().await.unwrap();
     assert!(report["items"].as_array().unwrap().is_empty(), "{report}");
     assert_eq!(report["last_use_unknown"], 1);
-    let res = app
-        .http
-        .post(format!("{}/v1/keys/revoke", app.url))
-        .bearer_auth(app.admin())
-        .json(&json!({"unused_for": "10d"}))
-        .send()
-        .await
-        .unwrap();
+    let res = revoke_unused(&app, "10d").await;
     let revoked: Value = res.json().await.unwrap();
     assert_eq!(revoked["revoked"], 0, "{revoked}");
 }

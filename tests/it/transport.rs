@@ -19,7 +19,7 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio_rustls::rustls;
 
-use crate::helpers::{TestApp, TestOptions, keybroker_command, write_secret_files};
+use crate::helpers::{TestApp, TestOptions, config_file, keybroker_command};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -213,28 +213,14 @@ async fn webhook_urls_never_reach_the_database_or_the_audit_trail() {
     }
 }
 
-fn config_with(edit: impl FnOnce(String) -> String) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    write_secret_files(dir.path());
-    let text = keybroker::dev::demo_config_toml("https://octopus.example.com", "127.0.0.1:0", &dir.path().join("k.db"));
-    let path = dir.path().join("keybroker.toml");
-    std::fs::write(&path, edit(text)).unwrap();
-    (dir, path)
-}
-
 #[test]
 fn plain_http_to_another_host_is_refused_by_check_config_and_serve() {
-    let webhook_secret = |dir: &std::path::Path| {
-        let path = dir.join("webhook-secret");
-        std::fs::write(&path, "a-webhook-secret-of-at-least-32-bytes").unwrap();
-        path
-    };
-    type Edit = Box<dyn Fn(String, &std::path::Path) -> String>;
+    type Edit = Box<dyn Fn(String) -> String>;
     let cases: [(&str, Edit); 3] = [
-        ("octopus.url", Box::new(|c, _| c.replace("https://octopus.example.com", "http://octopus.example.com"))),
+        ("octopus.url", Box::new(|c| c.replace("https://octopus.example.com", "http://octopus.example.com"))),
         (
             "auth.jwks_url",
-            Box::new(|c, _| {
+            Box::new(|c| {
                 c.replace(
                     "algorithms = [\"HS256\"]\nhs256_secret_file = \"jwt-hs256\"",
                     "algorithms = [\"RS256\"]\njwks_url = \"http://idp.example.com/jwks\"",
@@ -243,21 +229,16 @@ fn plain_http_to_another_host_is_refused_by_check_config_and_serve() {
         ),
         (
             "webhooks[0].url",
-            Box::new(move |c, dir| {
+            // The harness's HMAC secret file is long enough to sign with.
+            Box::new(|c| {
                 format!(
-                    "{c}\n[[webhooks]]\nname = \"chat\"\nurl = \"http://chat.example.com/hook\"\nsecret_file = \"{}\"\n",
-                    webhook_secret(dir).display()
+                    "{c}\n[[webhooks]]\nname = \"chat\"\nurl = \"http://chat.example.com/hook\"\nsecret_file = \"audit-hmac\"\n"
                 )
             }),
         ),
     ];
     for (key, edit) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        write_secret_files(dir.path());
-        let text =
-            keybroker::dev::demo_config_toml("https://octopus.example.com", "127.0.0.1:0", &dir.path().join("k.db"));
-        let path = dir.path().join("keybroker.toml");
-        std::fs::write(&path, edit(text, dir.path())).unwrap();
+        let (_dir, path) = config_file("https://octopus.example.com", edit);
         for command in ["check-config", "serve"] {
             let out = keybroker_command(&[command, "--config", path.to_str().unwrap()]).output().unwrap();
             assert!(!out.status.success(), "{command} accepted plain http for {key}");
@@ -267,7 +248,7 @@ fn plain_http_to_another_host_is_refused_by_check_config_and_serve() {
         }
     }
     // Allowed explicitly, the same file is valid.
-    let (_dir, path) = config_with(|c| {
+    let (_dir, path) = config_file("https://octopus.example.com", |c| {
         c.replace("https://octopus.example.com\"", "http://octopus.example.com\"\nallow_insecure_http = true")
     });
     let loaded = Config::load(&path);
@@ -277,8 +258,9 @@ fn plain_http_to_another_host_is_refused_by_check_config_and_serve() {
 #[test]
 fn webhooks_need_a_name_and_a_secret_unless_they_say_unsigned() {
     let load = |hook: &str| {
-        let (_dir, path) =
-            config_with(|c| format!("{c}\n[[webhooks]]\nurl = \"https://chat.example.com/h\"\n{hook}\n"));
+        let (_dir, path) = config_file("https://octopus.example.com", |c| {
+            format!("{c}\n[[webhooks]]\nurl = \"https://chat.example.com/h\"\n{hook}\n")
+        });
         Config::load(&path).map(|c| c.webhooks.len()).map_err(|e| e.to_string())
     };
     assert!(load("secret_file = \"audit-hmac\"").unwrap_err().starts_with("webhooks[0].name: required"));
