@@ -85,8 +85,34 @@ impl App {
         }));
         keys.audit(loaded).await.context("cannot write the audit trail")?;
         let rate_limits = Arc::new(crate::api::ratelimit::RateLimits::new(config.server.rate_limit_per_minute));
-        let state =
-            AppState { keys, auth: Arc::new(auth), reloader: None, rate_limits, denials: Arc::default(), readiness };
+        let tickets = Arc::new(crate::tickets::TicketService::new(
+            keys.clone(),
+            config.auth.delegate_teams.clone(),
+            config.tickets.lifetime,
+            config.server.public_url.clone(),
+            config.webhooks.clone(),
+        ));
+        let ui = match &config.ui {
+            Some(ui) => {
+                // The provider is one of the trusted issuers (checked at load): its `ca_file` serves.
+                let same = |i: &&crate::config::IssuerConfig| {
+                    i.issuer.trim_end_matches('/') == ui.issuer.as_str().trim_end_matches('/')
+                };
+                let ca = config.auth.issuers.iter().find(same).map(|i| i.ca_certificates.clone()).unwrap_or_default();
+                Some(Arc::new(crate::ui::Ui::new(ui.clone(), &config.server.public_url, &ca)?))
+            }
+            None => None,
+        };
+        let state = AppState {
+            keys,
+            auth: Arc::new(auth),
+            reloader: None,
+            rate_limits,
+            denials: Arc::default(),
+            readiness,
+            tickets,
+            ui,
+        };
         Ok(Self { state, config })
     }
 
@@ -116,6 +142,20 @@ impl App {
         if let Some(reloader) = self.state.reloader.clone() {
             jobs.push(spawn_sighup_reload(self.state.keys.clone(), reloader));
         }
+        let tickets = self.state.tickets.clone();
+        let sweep = self.config.jobs.expiry_sweep_interval;
+        jobs.push(tokio::spawn(async move {
+            // Unleased: ending a ticket is conditional on its state, so replicas cannot do it twice.
+            let mut tick = tokio::time::interval(sweep);
+            loop {
+                tick.tick().await;
+                match tickets.expire_due().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(expired = n, "tickets expired"),
+                    Err(e) => tracing::warn!(error = %e, "cannot expire tickets"),
+                }
+            }
+        }));
         let state = self.state.clone();
         jobs.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(crate::api::denials::WINDOW);

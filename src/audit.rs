@@ -53,6 +53,16 @@ pub enum Action {
     DriftUnmanaged,
     #[serde(rename = "credential.expiring")]
     CredentialExpiring,
+    /// A bot asked for a key on someone's behalf (a pickup ticket); nothing exists in Octopus yet.
+    #[serde(rename = "ticket.created")]
+    TicketCreated,
+    /// The named person claimed the ticket: a key was issued to them.
+    #[serde(rename = "ticket.claimed")]
+    TicketClaimed,
+    #[serde(rename = "ticket.expired")]
+    TicketExpired,
+    #[serde(rename = "ticket.cancelled")]
+    TicketCancelled,
 }
 
 impl Action {
@@ -77,6 +87,10 @@ impl Action {
             Self::WebhookDelivery => "webhook.delivery",
             Self::DriftUnmanaged => "drift.unmanaged",
             Self::CredentialExpiring => "credential.expiring",
+            Self::TicketCreated => "ticket.created",
+            Self::TicketClaimed => "ticket.claimed",
+            Self::TicketExpired => "ticket.expired",
+            Self::TicketCancelled => "ticket.cancelled",
         }
     }
 }
@@ -105,6 +119,16 @@ pub struct RequestContext {
     pub request_id: Option<String>,
     pub client_addr: Option<String>,
     pub user_agent: Option<String>,
+    /// Set when the caller is claiming a pickup ticket: every event then names the bot too.
+    pub on_behalf: Option<OnBehalf>,
+}
+
+/// The pickup ticket a request claims, and the bot that created it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnBehalf {
+    pub ticket: String,
+    /// The bot's principal.
+    pub requested_by: String,
 }
 
 /// An event to append. Never put a secret in any field.
@@ -130,6 +154,11 @@ impl NewAuditEvent {
         outcome: Outcome,
         context: &RequestContext,
     ) -> Self {
+        let mut detail = serde_json::Map::new();
+        if let Some(on_behalf) = &context.on_behalf {
+            detail.insert("requested_by".to_owned(), on_behalf.requested_by.clone().into());
+            detail.insert("ticket".to_owned(), on_behalf.ticket.clone().into());
+        }
         Self {
             id: Uuid::new_v4(),
             occurred_at,
@@ -140,7 +169,7 @@ impl NewAuditEvent {
             key_id: None,
             octopus_key_id: None,
             context: context.clone(),
-            detail: serde_json::Value::Object(serde_json::Map::new()),
+            detail: serde_json::Value::Object(detail),
         }
     }
 
@@ -159,8 +188,13 @@ impl NewAuditEvent {
         self
     }
 
+    /// Adds `detail`'s members to the event's detail (which names the ticket and its bot when
+    /// the request claims one); a detail that is not an object replaces it.
     pub fn detail(mut self, detail: serde_json::Value) -> Self {
-        self.detail = detail;
+        match (&mut self.detail, detail) {
+            (serde_json::Value::Object(into), serde_json::Value::Object(from)) => into.extend(from),
+            (into, other) => *into = other,
+        }
         self
     }
 }

@@ -474,6 +474,7 @@ impl KeyService {
             max_active: scope.max_active_keys_per_requester,
             idempotency: request.idempotency.clone(),
             requester_teams: principal.teams.iter().cloned().collect(),
+            requested_by: ctx.on_behalf.as_ref().map(|b| b.requested_by.clone()),
         };
         let requested = self.event(principal, Action::KeyRequested, Outcome::Success, ctx, scope, id).detail(json!({
             "purpose": request.purpose.as_str(),

@@ -72,7 +72,7 @@ pub fn notices_for(record: &KeyRecord, now: DateTime<Utc>) -> Vec<(&'static str,
 /// The body of every webhook delivery (a stable schema; the secret is never part of it).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct WebhookPayload {
-    /// `key.issued`, `key.expiring`, `key.expired` or `key.revoked`.
+    /// `key.issued`, `key.expiring`, `key.expired`, `key.revoked` or `ticket.claimed`.
     pub event: String,
     /// For `key.expiring`: the warning threshold in days (20 or 10).
     pub threshold_days: Option<i64>,
@@ -81,6 +81,21 @@ pub struct WebhookPayload {
     pub scope: String,
     pub requester: String,
     pub key: WebhookKey,
+    /// For `ticket.claimed`: the pickup ticket the requester claimed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<WebhookTicket>,
+}
+
+/// The pickup ticket in a `ticket.claimed` payload.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WebhookTicket {
+    pub id: String,
+    /// The person who claimed it (the key's requester).
+    #[serde(rename = "for")]
+    pub for_subject: String,
+    /// The bot that asked.
+    pub requested_by: String,
+    pub pickup_url: String,
 }
 
 /// The key record in a webhook payload, without any secret.
@@ -98,7 +113,28 @@ pub struct WebhookKey {
 }
 
 fn payload(record: &KeyRecord, event: &str, threshold: &str, now: DateTime<Utc>) -> serde_json::Value {
-    let body = WebhookPayload {
+    serde_json::to_value(payload_of(record, event, threshold, now)).unwrap_or_default()
+}
+
+/// The `ticket.claimed` payload: the new key's record (never its secret) and the ticket.
+pub fn ticket_payload(
+    record: &KeyRecord,
+    ticket: &crate::tickets::Ticket,
+    pickup_url: &str,
+    now: DateTime<Utc>,
+) -> serde_json::Value {
+    let mut body = payload_of(record, "ticket.claimed", "", now);
+    body.ticket = Some(WebhookTicket {
+        id: ticket.id.to_string(),
+        for_subject: ticket.for_subject.clone(),
+        requested_by: ticket.requested_by.clone(),
+        pickup_url: pickup_url.to_owned(),
+    });
+    serde_json::to_value(body).unwrap_or_default()
+}
+
+fn payload_of(record: &KeyRecord, event: &str, threshold: &str, now: DateTime<Utc>) -> WebhookPayload {
+    WebhookPayload {
         event: event.to_owned(),
         threshold_days: threshold.trim_end_matches('d').parse().ok(),
         occurred_at: now,
@@ -115,8 +151,8 @@ fn payload(record: &KeyRecord, event: &str, threshold: &str, now: DateTime<Utc>)
             expires_at: record.expires_at,
             revoked_at: record.revoked_at,
         },
-    };
-    serde_json::to_value(body).unwrap_or_default()
+        ticket: None,
+    }
 }
 
 /// A configured webhook with its own HTTP client (no redirects, its `ca_file`).
@@ -306,6 +342,7 @@ mod tests {
             created_at: now - chrono::Duration::days(created_days_ago),
             expires_at: now + chrono::Duration::days(expires_in_days),
             revoked_at: None,
+            requested_by: None,
         }
     }
 

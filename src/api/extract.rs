@@ -162,6 +162,7 @@ fn context_of(parts: &Parts) -> RequestContext {
         request_id: header("x-request-id", 128),
         client_addr: peer_addr(parts).map(|ip| ip.to_string()),
         user_agent: header("user-agent", 256),
+        on_behalf: None,
     }
 }
 

@@ -109,6 +109,9 @@ pub struct KeyView {
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The bot whose pickup ticket the requester claimed (chat-ops), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
     /// The secret: returned once, in the issuing response, and stored nowhere.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
@@ -134,6 +137,7 @@ impl KeyView {
             created_at: record.created_at,
             expires_at: record.expires_at,
             revoked_at: record.revoked_at,
+            requested_by: record.requested_by,
             api_key: None,
             expiry_clamped_by: None,
             replaced: Vec::new(),
@@ -211,20 +215,14 @@ pub async fn issue_key(
     presence.answered();
     let outcome = outcome?;
 
-    let now = state.keys.now();
-    let issued = match outcome {
-        IssueOutcome::Issued(issued) => issued,
-        IssueOutcome::Replayed(record) => {
-            let view = KeyView::of(record, now);
-            let mut headers = HeaderMap::new();
-            if let Ok(location) = HeaderValue::from_str(&format!("/v1/keys/{}", view.id)) {
-                headers.insert(header::LOCATION, location);
-            }
-            headers.insert(HeaderName::from_static("idempotent-replayed"), HeaderValue::from_static("true"));
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            return Ok((StatusCode::OK, headers, axum::Json(view)).into_response());
-        }
-    };
+    Ok(match outcome {
+        IssueOutcome::Issued(issued) => issued_response(issued, state.keys.now()),
+        IssueOutcome::Replayed(record) => replayed_response(record, state.keys.now()),
+    })
+}
+
+/// 201 with the secret, shown this once (never cached).
+pub(super) fn issued_response(issued: crate::issuance::Issued, now: DateTime<Utc>) -> Response {
     let mut view = KeyView::of(issued.record, now);
     view.api_key = Some(issued.secret.expose_secret().to_owned());
     view.expiry_clamped_by = issued.clamped;
@@ -235,18 +233,30 @@ pub async fn issue_key(
     }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    Ok((StatusCode::CREATED, headers, axum::Json(view)).into_response())
+    (StatusCode::CREATED, headers, axum::Json(view)).into_response()
+}
+
+/// 200 with the first request's record, without the secret.
+pub(super) fn replayed_response(record: KeyRecord, now: DateTime<Utc>) -> Response {
+    let view = KeyView::of(record, now);
+    let mut headers = HeaderMap::new();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/keys/{}", view.id)) {
+        headers.insert(header::LOCATION, location);
+    }
+    headers.insert(HeaderName::from_static("idempotent-replayed"), HeaderValue::from_static("true"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    (StatusCode::OK, headers, axum::Json(view)).into_response()
 }
 
 /// Marks the caller gone when dropped before [`CallerPresence::answered`].
 #[derive(Default)]
-struct CallerPresence {
-    gone: std::sync::Arc<std::sync::atomic::AtomicBool>,
+pub(super) struct CallerPresence {
+    pub(super) gone: std::sync::Arc<std::sync::atomic::AtomicBool>,
     answered: bool,
 }
 
 impl CallerPresence {
-    fn answered(mut self) {
+    pub(super) fn answered(mut self) {
         self.answered = true;
     }
 }
@@ -312,17 +322,7 @@ fn parse_expiry(body: &IssueKeyBody) -> Result<ExpiryRequest, ApiError> {
 /// The `Idempotency-Key` header, if any, with a hash of the request it came with: 1-255
 /// printable ASCII characters.
 fn idempotency_of(headers: &HeaderMap, body: &IssueKeyBody) -> Result<Option<Idempotency>, ApiError> {
-    let mut values = headers.get_all("idempotency-key").iter();
-    let Some(value) = values.next() else { return Ok(None) };
-    if values.next().is_some() {
-        return Err(ApiError::BadRequest("send one Idempotency-Key header, not several".to_owned()));
-    }
-    let key = value
-        .to_str()
-        .ok()
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
-        .ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1-255 printable ASCII characters".to_owned()))?;
+    let Some(key) = idempotency_key(headers)? else { return Ok(None) };
     let mut request = serde_json::json!({
         "scope": body.scope,
         "purpose": body.purpose,
@@ -335,7 +335,23 @@ fn idempotency_of(headers: &HeaderMap, body: &IssueKeyBody) -> Result<Option<Ide
     }
     let canonical = crate::audit::canonical_json(&request);
     let request_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes()));
-    Ok(Some(Idempotency { key: key.to_owned(), request_hash }))
+    Ok(Some(Idempotency { key, request_hash }))
+}
+
+/// The `Idempotency-Key` header's value, if any: one header of 1-255 printable ASCII characters.
+pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest("send one Idempotency-Key header, not several".to_owned()));
+    }
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        .ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1-255 printable ASCII characters".to_owned()))?;
+    Ok(Some(key.to_owned()))
 }
 
 /// Filters and paging for `GET /v1/keys`.

@@ -13,6 +13,7 @@ pub mod meta;
 pub mod ratelimit;
 pub mod reports;
 pub mod scopes;
+pub mod tickets;
 
 use std::sync::Arc;
 
@@ -52,6 +53,9 @@ pub struct AppState {
     pub denials: Arc<denials::Denials>,
     /// The readiness job's last verdict, which `/readyz` serves.
     pub readiness: Arc<crate::readiness::Readiness>,
+    pub tickets: Arc<crate::tickets::TicketService>,
+    /// The page at `/`, with `[ui]`.
+    pub ui: Option<Arc<crate::ui::Ui>>,
 }
 
 impl AppState {
@@ -95,6 +99,7 @@ impl AppState {
         (name = "health", description = "Liveness and readiness"),
         (name = "meta", description = "Metrics and this document; Swagger UI is at /docs"),
         (name = "admin", description = "Offboarding, unmanaged keys and policy reloads (admins)"),
+        (name = "tickets", description = "Pickup tickets: a chat-ops bot asks on a person's behalf, the person claims the key in their own browser"),
     )
 )]
 struct ApiDoc;
@@ -119,6 +124,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .merge(meta::router())
         .merge(admin::router())
         .merge(reports::router())
+        .merge(tickets::router())
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.
@@ -171,8 +177,10 @@ pub fn router(state: AppState, server: &ServerConfig) -> Router {
     // reads the same /openapi.json as every other client.
     let swagger: Router<AppState> =
         SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")).into();
+    let page: Router<AppState> = state.ui.clone().map(crate::ui::router).unwrap_or_default();
     let routes = routes
         .merge(swagger)
+        .merge(page)
         .fallback(|| async {
             problem_response(StatusCode::NOT_FOUND, "not-found", "Not found", "no such route".to_owned())
         })

@@ -495,6 +495,7 @@ mod tests {
             bindings: Vec::new(),
             admin_teams: BTreeSet::from(["admins".to_owned()]),
             auditor_teams: BTreeSet::new(),
+            delegate_teams: BTreeSet::new(),
             leeway,
         }
     }

@@ -65,6 +65,9 @@ pub(super) struct RawAuth {
     admin_teams: Vec<String>,
     #[serde(default)]
     auditor_teams: Vec<String>,
+    /// Members of these teams (chat-ops bots) may create pickup tickets for someone else.
+    #[serde(default)]
+    delegate_teams: Vec<String>,
     #[serde(default = "default_leeway")]
     leeway: HumanDuration,
     #[serde(default)]
@@ -168,6 +171,8 @@ pub struct AuthConfig {
     pub bindings: Vec<BindingConfig>,
     pub admin_teams: BTreeSet<String>,
     pub auditor_teams: BTreeSet<String>,
+    /// Members may create pickup tickets for someone else (`POST /v1/tickets`).
+    pub delegate_teams: BTreeSet<String>,
     pub leeway: Duration,
 }
 
@@ -294,7 +299,9 @@ pub(super) fn validate(
     }
     let privileged_teams: BTreeSet<&String> = admin_teams.iter().chain(&auditor_teams).collect();
     let bindings = validate_bindings(bindings, &issuers, &privileged_teams)?;
-    Ok(AuthConfig { issuers, bindings, admin_teams, auditor_teams, leeway: raw.leeway.0 })
+    let delegate_teams: BTreeSet<String> =
+        raw.delegate_teams.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
+    Ok(AuthConfig { issuers, bindings, admin_teams, auditor_teams, delegate_teams, leeway: raw.leeway.0 })
 }
 
 fn valid_name(name: &str) -> bool {

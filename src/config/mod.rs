@@ -19,8 +19,10 @@ use crate::policy::{Policy, Scope, ScopeName};
 
 mod auth;
 mod transport;
+mod ui;
 pub use auth::{AuthConfig, BindingConfig, DEFAULT_ISSUER, IssuerConfig};
 use auth::{RawAuth, RawBinding};
+pub use ui::{TicketsConfig, UiConfig, UiToken};
 
 /// A configuration problem; the message names the key and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,9 @@ struct RawConfig {
     webhooks: Vec<RawWebhook>,
     #[serde(default)]
     lifecycle: RawLifecycle,
+    ui: Option<ui::RawUi>,
+    #[serde(default)]
+    tickets: ui::RawTickets,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +132,7 @@ struct RawServer {
     header_read_timeout: HumanDuration,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    public_url: Option<String>,
 }
 
 fn default_max_connections() -> usize {
@@ -151,6 +157,7 @@ impl Default for RawServer {
             max_connections: default_max_connections(),
             header_read_timeout: default_header_read_timeout(),
             trusted_proxies: Vec::new(),
+            public_url: None,
         }
     }
 }
@@ -310,6 +317,9 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub webhooks: Vec<WebhookConfig>,
     pub on_scope_removed: ScopeRemoval,
+    /// The page at `/`; `None` without `[ui]`.
+    pub ui: Option<UiConfig>,
+    pub tickets: TicketsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -327,6 +337,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The address people open (the page, pickup links); an origin ending in `/`.
+    pub public_url: Url,
 }
 
 #[derive(Debug, Clone)]
@@ -416,7 +428,7 @@ pub struct WebhookConfig {
     pub ca_certificates: Vec<reqwest::Certificate>,
 }
 
-const WEBHOOK_EVENTS: &[&str] = &["key.issued", "key.expiring", "key.expired", "key.revoked"];
+const WEBHOOK_EVENTS: &[&str] = &["key.issued", "key.expiring", "key.expired", "key.revoked", "ticket.claimed"];
 
 /// Shortest HMAC and HS256 secret accepted: 32 bytes, the output size of SHA-256.
 const MIN_SECRET_BYTES: usize = 32;
@@ -484,13 +496,14 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Self, ConfigError> {
+        let listen: SocketAddr = raw.server.listen.parse().map_err(|_| {
+            ConfigError::at(
+                "server.listen",
+                format!("`{}` is not an address such as 127.0.0.1:8080", raw.server.listen),
+            )
+        })?;
         let server = ServerConfig {
-            listen: raw.server.listen.parse().map_err(|_| {
-                ConfigError::at(
-                    "server.listen",
-                    format!("`{}` is not an address such as 127.0.0.1:8080", raw.server.listen),
-                )
-            })?,
+            listen,
             cors_allowed_origins: validate_origins(raw.server.cors_allowed_origins)?,
             request_body_limit_bytes: match raw.server.request_body_limit_bytes {
                 0 => return Err(ConfigError::at("server.request_body_limit_bytes", "must be greater than 0")),
@@ -504,6 +517,7 @@ impl Config {
             },
             header_read_timeout: nonzero("server.header_read_timeout", raw.server.header_read_timeout)?,
             trusted_proxies: transport::trusted_proxies(&raw.server.trusted_proxies)?,
+            public_url: ui::public_url(raw.server.public_url.as_deref(), listen)?,
         };
 
         let db_url = match (raw.database.url, raw.database.url_file) {
@@ -583,6 +597,8 @@ impl Config {
         }
 
         let webhooks = validate_webhooks(raw.webhooks, base)?;
+        let ui = ui::validate_ui(raw.ui, &auth)?;
+        let tickets = ui::validate_tickets(raw.tickets)?;
 
         Ok(Self {
             server,
@@ -594,6 +610,8 @@ impl Config {
             jobs,
             webhooks,
             on_scope_removed: raw.lifecycle.on_scope_removed,
+            ui,
+            tickets,
         })
     }
 }

@@ -3,6 +3,7 @@
 
 mod expiry;
 mod names;
+pub mod tickets;
 
 use std::collections::{BTreeSet, HashMap};
 

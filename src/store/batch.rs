@@ -527,6 +527,7 @@ mod tests {
             max_active,
             idempotency: idem.map(|(k, h)| super::super::Idempotency { key: k.to_owned(), request_hash: h.to_owned() }),
             requester_teams: Vec::new(),
+            requested_by: None,
         }
     }
 
@@ -546,6 +547,7 @@ mod tests {
                 created_at,
                 expires_at: k.expires_at,
                 revoked_at: None,
+                requested_by: None,
             },
             idempotency_key: idem.key.clone(),
             request_hash: Some(hash.to_owned()),

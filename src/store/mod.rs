@@ -13,6 +13,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::audit::{AuditRecord, NewAuditEvent};
+use crate::tickets::{Ticket, TicketEnd, TicketId};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -67,6 +68,8 @@ pub struct KeyRecord {
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Who asked on the requester's behalf (a chat-ops bot's pickup ticket), if anyone.
+    pub requested_by: Option<String>,
 }
 
 impl KeyRecord {
@@ -93,6 +96,8 @@ pub struct NewKey {
     pub idempotency: Option<Idempotency>,
     /// The requester's teams at issuance (offboarding can revoke by team).
     pub requester_teams: Vec<String>,
+    /// The bot whose pickup ticket the requester claimed, if any.
+    pub requested_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,6 +295,44 @@ pub trait Store: Send + Sync + 'static {
 
     /// Events in chain order (oldest first), strictly after `after_seq`, at most `limit`.
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// In one transaction: writes a `waiting` ticket and appends `event`.
+    async fn insert_ticket(&self, ticket: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError>;
+
+    async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError>;
+
+    /// Marks a claim as started on a waiting, unexpired ticket that no other claim holds (or
+    /// whose claim started before `stale_before`). False, and nothing written, otherwise.
+    async fn begin_ticket_claim(
+        &self,
+        id: &TicketId,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Lets go of a claim whose issuance did not happen.
+    async fn release_ticket_claim(&self, id: &TicketId) -> Result<(), StoreError>;
+
+    /// In one transaction: a waiting ticket ends as `end` says at `at`, and `event` is appended.
+    /// A claim ends only a ticket its claim holds; a cancel or an expiry only one no claim
+    /// holds (a claim started before `stale_before` no longer counts). False, and nothing
+    /// written, otherwise.
+    async fn end_ticket(
+        &self,
+        id: &TicketId,
+        end: TicketEnd,
+        at: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        event: &NewAuditEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// Waiting tickets past their expiry at `now` that no claim holds, oldest first.
+    async fn tickets_due_for_expiry(
+        &self,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Ticket>, StoreError>;
 }
 
 /// A webhook notice to deliver (the outbox row).

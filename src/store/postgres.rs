@@ -28,6 +28,7 @@ use super::{
     NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
+use crate::tickets::{Ticket, TicketEnd, TicketId, TicketState};
 
 /// Advisory lock namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
 const LIMIT_LOCK: i32 = 0x6b62_0001;
@@ -183,7 +184,7 @@ async fn insert_events(
 }
 
 const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
-                           created_at, expires_at, revoked_at";
+                           created_at, expires_at, revoked_at, requested_by";
 
 fn key_from_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
     let state: String = row.try_get("state").map_err(db_err)?;
@@ -200,6 +201,7 @@ fn key_from_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
         created_at: row.try_get("created_at").map_err(db_err)?,
         expires_at: row.try_get("expires_at").map_err(db_err)?,
         revoked_at: row.try_get("revoked_at").map_err(db_err)?,
+        requested_by: row.try_get("requested_by").map_err(db_err)?,
     })
 }
 
@@ -377,12 +379,13 @@ impl BatchTx for PgBatch<'_, '_> {
             .collect::<Result<Vec<_>, _>>()?;
         let inserted = sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
-             expires_at, updated_at, idempotency_key, request_hash, requester_teams) \
+             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by) \
              SELECT k.id, k.scope, k.requester, k.purpose, 'pending', k.uid, k.created, k.expires, k.created, \
-                    k.idem, k.rhash, k.teams::jsonb \
+                    k.idem, k.rhash, k.teams::jsonb, k.by \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
-                         $7::timestamptz[], $8::text[], $9::text[], $10::text[]) \
-                  WITH ORDINALITY AS k(id, scope, requester, purpose, uid, created, expires, idem, rhash, teams, ord) \
+                         $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[]) \
+                  WITH ORDINALITY AS k(id, scope, requester, purpose, uid, created, expires, idem, rhash, teams, by, \
+                                       ord) \
              ORDER BY k.ord",
         )
         .bind(keys.iter().map(|k| k.id).collect::<Vec<_>>())
@@ -395,6 +398,7 @@ impl BatchTx for PgBatch<'_, '_> {
         .bind(text(|k| k.idempotency.as_ref().map(|i| i.key.as_str())))
         .bind(text(|k| k.idempotency.as_ref().map(|i| i.request_hash.as_str())))
         .bind(teams)
+        .bind(text(|k| k.requested_by.as_deref()))
         .execute(&mut **self.tx)
         .await
         .map_err(db_err)?
@@ -823,4 +827,145 @@ impl Store for PgStore {
             .map_err(db_err)?;
         rows.iter().map(audit_from_row).collect()
     }
+
+    async fn insert_ticket(&self, t: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO tickets (id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, \
+             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'waiting', $8, $9)",
+        )
+        .bind(t.id.as_str())
+        .bind(&t.for_subject)
+        .bind(&t.scope)
+        .bind(&t.purpose)
+        .bind(t.ttl.as_deref())
+        .bind(&t.requested_by)
+        .bind(&t.requested_by_name)
+        .bind(store_precision(t.created_at))
+        .bind(store_precision(t.expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        append_in(&mut tx, &self.head, &[event]).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(ticket_from_row).transpose()
+    }
+
+    async fn begin_ticket_claim(
+        &self,
+        id: &TicketId,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE tickets SET claim_started_at = $1 WHERE id = $2 AND state = 'waiting' AND expires_at > $1 \
+             AND (claim_started_at IS NULL OR claim_started_at < $3)",
+        )
+        .bind(store_precision(now))
+        .bind(id.as_str())
+        .bind(store_precision(stale_before))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        Ok(done)
+    }
+
+    async fn release_ticket_claim(&self, id: &TicketId) -> Result<(), StoreError> {
+        sqlx::query("UPDATE tickets SET claim_started_at = NULL WHERE id = $1 AND state = 'waiting'")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn end_ticket(
+        &self,
+        id: &TicketId,
+        end: TicketEnd,
+        at: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        event: &NewAuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let holder = match end {
+            // (`$5` is bound either way.)
+            TicketEnd::Claimed(_) => "claim_started_at IS NOT NULL AND $5::timestamptz IS NOT NULL",
+            TicketEnd::Cancelled | TicketEnd::Expired => "(claim_started_at IS NULL OR claim_started_at < $5)",
+        };
+        let done = sqlx::query(&format!(
+            "UPDATE tickets SET state = $1, key_id = $2, ended_at = $3, claim_started_at = NULL \
+             WHERE id = $4 AND state = 'waiting' AND {holder}"
+        ))
+        .bind(end.state().as_str())
+        .bind(end.key_id())
+        .bind(store_precision(at))
+        .bind(id.as_str())
+        .bind(store_precision(stale_before))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        if !done {
+            tx.rollback().await.map_err(db_err)?;
+            return Ok(false);
+        }
+        append_in(&mut tx, &self.head, &[event]).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
+    }
+
+    async fn tickets_due_for_expiry(
+        &self,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Ticket>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TICKET_COLUMNS} FROM tickets WHERE state = 'waiting' AND expires_at <= $1 \
+             AND (claim_started_at IS NULL OR claim_started_at < $2) ORDER BY expires_at LIMIT $3"
+        ))
+        .bind(store_precision(now))
+        .bind(store_precision(stale_before))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(ticket_from_row).collect()
+    }
+}
+
+const TICKET_COLUMNS: &str = "id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, key_id, \
+                              created_at, expires_at, claim_started_at, ended_at";
+
+fn ticket_from_row(row: &PgRow) -> Result<Ticket, StoreError> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    let state: String = row.try_get("state").map_err(db_err)?;
+    Ok(Ticket {
+        id: TicketId::parse(&id).ok_or_else(|| StoreError::Unavailable(format!("malformed ticket id {id}")))?,
+        for_subject: row.try_get("for_subject").map_err(db_err)?,
+        scope: row.try_get("scope").map_err(db_err)?,
+        purpose: row.try_get("purpose").map_err(db_err)?,
+        ttl: row.try_get("ttl").map_err(db_err)?,
+        requested_by: row.try_get("requested_by").map_err(db_err)?,
+        requested_by_name: row.try_get("requested_by_name").map_err(db_err)?,
+        state: TicketState::parse(&state)
+            .ok_or_else(|| StoreError::Unavailable(format!("unknown ticket state {state}")))?,
+        key_id: row.try_get("key_id").map_err(db_err)?,
+        created_at: row.try_get("created_at").map_err(db_err)?,
+        expires_at: row.try_get("expires_at").map_err(db_err)?,
+        claim_started_at: row.try_get("claim_started_at").map_err(db_err)?,
+        ended_at: row.try_get("ended_at").map_err(db_err)?,
+    })
 }

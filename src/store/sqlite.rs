@@ -20,6 +20,7 @@ use super::{
     NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
+use crate::tickets::{Ticket, TicketEnd, TicketId, TicketState};
 
 pub struct SqliteStore {
     /// Readers.
@@ -226,7 +227,7 @@ async fn insert_events(
 }
 
 const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
-                           created_at, expires_at, revoked_at";
+                           created_at, expires_at, revoked_at, requested_by";
 
 fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let id: String = row.try_get("id").map_err(db_err)?;
@@ -245,6 +246,7 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
         created_at: parse_time(&row.try_get::<String, _>("created_at").map_err(db_err)?)?,
         expires_at: parse_time(&row.try_get::<String, _>("expires_at").map_err(db_err)?)?,
         revoked_at: revoked_at.as_deref().map(parse_time).transpose()?,
+        requested_by: row.try_get("requested_by").map_err(db_err)?,
     })
 }
 
@@ -264,12 +266,13 @@ type KeyJsonRow = (
     String,
     String,
     Option<String>,
+    Option<String>,
 );
 
 fn keys_from_json(text: &str) -> Result<Vec<KeyRecord>, StoreError> {
     let rows: Vec<KeyJsonRow> = serde_json::from_str(text).map_err(|e| StoreError::Unavailable(e.to_string()))?;
     rows.into_iter()
-        .map(|(seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, c, e, r)| {
+        .map(|(seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, c, e, r, by)| {
             Ok(KeyRecord {
                 seq,
                 id: Uuid::parse_str(&id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
@@ -284,6 +287,7 @@ fn keys_from_json(text: &str) -> Result<Vec<KeyRecord>, StoreError> {
                 created_at: parse_time(&c)?,
                 expires_at: parse_time(&e)?,
                 revoked_at: r.as_deref().map(parse_time).transpose()?,
+                requested_by: by,
             })
         })
         .collect()
@@ -452,14 +456,15 @@ impl BatchTx for SqliteBatch<'_> {
                 k.idempotency.as_ref().map(|i| &i.key),
                 k.idempotency.as_ref().map(|i| &i.request_hash),
                 to_json(&k.requester_teams)?,
+                k.requested_by.as_deref(),
             ));
         }
         let inserted = sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
-             expires_at, updated_at, idempotency_key, request_hash, requester_teams) \
+             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by) \
              SELECT k.value ->> '$[0]', k.value ->> '$[1]', k.value ->> '$[2]', k.value ->> '$[3]', 'pending', \
                     k.value ->> '$[4]', k.value ->> '$[5]', k.value ->> '$[6]', k.value ->> '$[5]', \
-                    k.value ->> '$[7]', k.value ->> '$[8]', k.value ->> '$[9]' \
+                    k.value ->> '$[7]', k.value ->> '$[8]', k.value ->> '$[9]', k.value ->> '$[10]' \
              FROM json_each(?) AS k ORDER BY k.key",
         )
         .bind(to_json(&rows)?)
@@ -869,6 +874,161 @@ impl Store for SqliteStore {
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
         self.writes.append(event).await
     }
+
+    async fn insert_ticket(&self, t: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
+        let (mut head, mut tx) = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO tickets (id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, \
+             created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'waiting', ?, ?)",
+        )
+        .bind(t.id.as_str())
+        .bind(&t.for_subject)
+        .bind(&t.scope)
+        .bind(&t.purpose)
+        .bind(t.ttl.as_deref())
+        .bind(&t.requested_by)
+        .bind(&t.requested_by_name)
+        .bind(fmt_time(t.created_at))
+        .bind(fmt_time(t.expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        append_in(&mut tx, &mut head, &[event]).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = ?"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(ticket_from_row).transpose()
+    }
+
+    async fn begin_ticket_claim(
+        &self,
+        id: &TicketId,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let (_write, mut tx) = self.write_tx().await?;
+        let done = sqlx::query(
+            "UPDATE tickets SET claim_started_at = ?1 WHERE id = ?2 AND state = 'waiting' AND expires_at > ?1 \
+             AND (claim_started_at IS NULL OR claim_started_at < ?3)",
+        )
+        .bind(fmt_time(now))
+        .bind(id.as_str())
+        .bind(fmt_time(stale_before))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        tx.commit().await.map_err(db_err)?;
+        Ok(done)
+    }
+
+    async fn release_ticket_claim(&self, id: &TicketId) -> Result<(), StoreError> {
+        let (_write, mut tx) = self.write_tx().await?;
+        sqlx::query("UPDATE tickets SET claim_started_at = NULL WHERE id = ? AND state = 'waiting'")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn end_ticket(
+        &self,
+        id: &TicketId,
+        end: TicketEnd,
+        at: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        event: &NewAuditEvent,
+    ) -> Result<bool, StoreError> {
+        let (mut head, mut tx) = self.write_tx().await?;
+        let holder = match end {
+            // (`?5` is bound either way.)
+            TicketEnd::Claimed(_) => "claim_started_at IS NOT NULL AND ?5 IS NOT NULL",
+            TicketEnd::Cancelled | TicketEnd::Expired => "(claim_started_at IS NULL OR claim_started_at < ?5)",
+        };
+        let done = sqlx::query(&format!(
+            "UPDATE tickets SET state = ?1, key_id = ?2, ended_at = ?3, claim_started_at = NULL \
+             WHERE id = ?4 AND state = 'waiting' AND {holder}"
+        ))
+        .bind(end.state().as_str())
+        .bind(end.key_id().map(|k| k.to_string()))
+        .bind(fmt_time(at))
+        .bind(id.as_str())
+        .bind(fmt_time(stale_before))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        if !done {
+            tx.rollback().await.map_err(db_err)?;
+            return Ok(false);
+        }
+        append_in(&mut tx, &mut head, &[event]).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
+    }
+
+    async fn tickets_due_for_expiry(
+        &self,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Ticket>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TICKET_COLUMNS} FROM tickets WHERE state = 'waiting' AND expires_at <= ? \
+             AND (claim_started_at IS NULL OR claim_started_at < ?) ORDER BY expires_at LIMIT ?"
+        ))
+        .bind(fmt_time(now))
+        .bind(fmt_time(stale_before))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(ticket_from_row).collect()
+    }
+}
+
+const TICKET_COLUMNS: &str = "id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, key_id, \
+                              created_at, expires_at, claim_started_at, ended_at";
+
+fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    let state: String = row.try_get("state").map_err(db_err)?;
+    let key_id: Option<String> = row.try_get("key_id").map_err(db_err)?;
+    let time = |column: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
+        let text: Option<String> = row.try_get(column).map_err(db_err)?;
+        text.as_deref().map(parse_time).transpose()
+    };
+    Ok(Ticket {
+        id: TicketId::parse(&id).ok_or_else(|| StoreError::Unavailable(format!("malformed ticket id {id}")))?,
+        for_subject: row.try_get("for_subject").map_err(db_err)?,
+        scope: row.try_get("scope").map_err(db_err)?,
+        purpose: row.try_get("purpose").map_err(db_err)?,
+        ttl: row.try_get("ttl").map_err(db_err)?,
+        requested_by: row.try_get("requested_by").map_err(db_err)?,
+        requested_by_name: row.try_get("requested_by_name").map_err(db_err)?,
+        state: TicketState::parse(&state)
+            .ok_or_else(|| StoreError::Unavailable(format!("unknown ticket state {state}")))?,
+        key_id: key_id
+            .as_deref()
+            .map(Uuid::parse_str)
+            .transpose()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+        created_at: time("created_at")?
+            .ok_or_else(|| StoreError::Unavailable("ticket without created_at".to_owned()))?,
+        expires_at: time("expires_at")?
+            .ok_or_else(|| StoreError::Unavailable("ticket without expires_at".to_owned()))?,
+        claim_started_at: time("claim_started_at")?,
+        ended_at: time("ended_at")?,
+    })
 }
 
 /// A page of key records as one JSON array. Without statistics (keybroker never runs `ANALYZE`)

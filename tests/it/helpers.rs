@@ -335,6 +335,7 @@ pub async fn stage_pending(app: &TestApp, created_at: chrono::DateTime<chrono::U
         max_active: 3,
         idempotency: None,
         requester_teams: vec!["payments".to_owned()],
+        requested_by: None,
     };
     let event = keybroker::audit::NewAuditEvent::new(
         created_at,

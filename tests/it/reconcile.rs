@@ -12,6 +12,7 @@ use keybroker::store::{
     Activation, AuditFilter, Delivery, DeliveryResult, KeyFilter, KeyRecord, NewDelivery, NewKey, PageRequest, Pending,
     SqliteStore, Store, StoreError,
 };
+use keybroker::tickets::{Ticket, TicketEnd, TicketId};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -132,6 +133,41 @@ impl Store for FlakyStore {
     }
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.audit_chain(after_seq, limit).await
+    }
+    async fn insert_ticket(&self, ticket: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
+        self.inner.insert_ticket(ticket, event).await
+    }
+    async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
+        self.inner.get_ticket(id).await
+    }
+    async fn begin_ticket_claim(
+        &self,
+        id: &TicketId,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.inner.begin_ticket_claim(id, now, stale_before).await
+    }
+    async fn release_ticket_claim(&self, id: &TicketId) -> Result<(), StoreError> {
+        self.inner.release_ticket_claim(id).await
+    }
+    async fn end_ticket(
+        &self,
+        id: &TicketId,
+        end: TicketEnd,
+        at: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        event: &NewAuditEvent,
+    ) -> Result<bool, StoreError> {
+        self.inner.end_ticket(id, end, at, stale_before, event).await
+    }
+    async fn tickets_due_for_expiry(
+        &self,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Ticket>, StoreError> {
+        self.inner.tickets_due_for_expiry(now, stale_before, limit).await
     }
 }
 

@@ -25,6 +25,7 @@ fn new_key(requester: &str, scope: &str, now: DateTime<Utc>, max_active: u32) ->
         max_active,
         idempotency: None,
         requester_teams: vec!["team-a".to_owned(), "team-b".to_owned()],
+        requested_by: Some("chatops-bot".to_owned()),
     }
 }
 
@@ -38,6 +39,7 @@ fn event(actor: &str, action: Action, id: Option<Uuid>) -> NewAuditEvent {
             request_id: Some("req-1".to_owned()),
             client_addr: Some("127.0.0.1".to_owned()),
             user_agent: Some("contract-test".to_owned()),
+            on_behalf: None,
         },
     )
     .scope("payments-deploy")

@@ -111,6 +111,7 @@ async fn a_jwks_behind_an_internal_ca_is_trusted_with_ca_file_and_refused_withou
             bindings: Vec::new(),
             admin_teams: BTreeSet::new(),
             auditor_teams: BTreeSet::new(),
+            delegate_teams: BTreeSet::new(),
             leeway: Duration::from_secs(30),
         })
         .unwrap()
