@@ -405,7 +405,8 @@ impl TicketService {
         let claimed_at = self.keys.now();
         let event = NewAuditEvent::new(claimed_at, &person.subject, Action::TicketClaimed, Outcome::Success, ctx)
             .scope(&ticket.scope)
-            .key(key_id);
+            .key(key_id)
+            .detail(json!({ "ticket": id.as_str(), "requested_by": ticket.requested_by }));
         // The key exists and its secret is on its way: a failure to mark the ticket must not
         // withhold it. The claim then lapses, and the ticket expires.
         match store.end_ticket(id, TicketEnd::Claimed(key_id), claimed_at, claimed_at, &event).await {

@@ -105,6 +105,29 @@ impl From<TicketError> for ApiError {
     }
 }
 
+/// A refused ticket operation (someone else's ticket, or no delegate team) is audited as
+/// `authz.denied`, aggregated like every role refusal.
+async fn audited(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    route: &str,
+    ctx: &crate::audit::RequestContext,
+    e: TicketError,
+) -> ApiError {
+    if let TicketError::Forbidden(reason) = &e {
+        let denial = super::denials::Denial {
+            action: crate::audit::Action::AuthzDenied,
+            actor: principal.subject.clone(),
+            who: principal.subject.clone(),
+            reason: reason.clone(),
+            route: Some(route.to_owned()),
+            context: ctx.clone(),
+        };
+        state.audit_denial(denial).await;
+    }
+    e.into()
+}
+
 fn parse_ticket_id(text: &str) -> Result<TicketId, ApiError> {
     TicketId::parse(text)
         .ok_or_else(|| ApiError::BadRequest("a ticket id is `tkt_` and 26 characters of a-z and 2-7".to_owned()))
@@ -141,7 +164,10 @@ pub async fn create_ticket(
 ) -> Result<Response, ApiError> {
     let purpose = Purpose::parse(&body.purpose).map_err(ApiError::BadRequest)?;
     let request = NewTicket { for_subject: body.for_subject, scope: body.scope, purpose, ttl: body.ttl };
-    let ticket = state.tickets.create(&bot, request, &ctx).await?;
+    let ticket = match state.tickets.create(&bot, request, &ctx).await {
+        Ok(ticket) => ticket,
+        Err(e) => return Err(audited(&state, &bot, "/v1/tickets", &ctx, e).await),
+    };
     let view = view(&state, ticket);
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/tickets/{}", view.id)) {
@@ -171,10 +197,14 @@ pub async fn create_ticket(
 pub async fn get_ticket(
     State(state): State<AppState>,
     Caller(principal): Caller,
+    Ctx(ctx): Ctx,
     Path(id): Path<String>,
 ) -> Result<axum::Json<TicketView>, ApiError> {
     let id = parse_ticket_id(&id)?;
-    let ticket = state.tickets.get(&principal, &id).await?;
+    let ticket = match state.tickets.get(&principal, &id).await {
+        Ok(ticket) => ticket,
+        Err(e) => return Err(audited(&state, &principal, "/v1/tickets/{id}", &ctx, e).await),
+    };
     Ok(axum::Json(view(&state, ticket)))
 }
 
@@ -204,7 +234,10 @@ pub async fn cancel_ticket(
     Path(id): Path<String>,
 ) -> Result<axum::Json<TicketView>, ApiError> {
     let id = parse_ticket_id(&id)?;
-    let ticket = state.tickets.cancel(&principal, &id, &ctx).await?;
+    let ticket = match state.tickets.cancel(&principal, &id, &ctx).await {
+        Ok(ticket) => ticket,
+        Err(e) => return Err(audited(&state, &principal, "/v1/tickets/{id}", &ctx, e).await),
+    };
     Ok(axum::Json(view(&state, ticket)))
 }
 
@@ -251,11 +284,15 @@ pub async fn claim_ticket(
     // As for POST /v1/keys: the issuance runs in its own task, so a caller who hangs up cannot
     // cut it off between Octopus's answer and the record that owns it.
     let tickets = state.tickets.clone();
-    let claimed = tokio::spawn(async move { tickets.claim(&person, &id, idempotency, gone, &ctx).await })
+    let (claimer, claim_ctx) = (person.clone(), ctx.clone());
+    let claimed = tokio::spawn(async move { tickets.claim(&claimer, &id, idempotency, gone, &claim_ctx).await })
         .await
         .map_err(|e| ApiError::Internal(format!("claim task failed: {e}")))?;
     presence.answered();
-    let (_, outcome) = claimed?;
+    let (_, outcome) = match claimed {
+        Ok(claimed) => claimed,
+        Err(e) => return Err(audited(&state, &person, "/v1/tickets/{id}/claim", &ctx, e).await),
+    };
     Ok(match outcome {
         IssueOutcome::Issued(issued) => issued_response(issued, state.keys.now()),
         IssueOutcome::Replayed(record) => replayed_response(record, state.keys.now()),

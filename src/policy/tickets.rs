@@ -36,7 +36,7 @@ pub fn ticket_access(principal: &Principal, ticket: &Ticket, access: TicketAcces
     }
     Err(match access {
         TicketAccess::Claim => format!("this ticket is for `{person}`; only they may claim it"),
-        TicketAccess::View => "this ticket is for someone else".to_owned(),
+        TicketAccess::View => format!("this ticket is for someone else, not for `{me}`"),
         TicketAccess::Cancel => "only the bot that asked, the person it is for or an admin may cancel it".to_owned(),
     })
 }

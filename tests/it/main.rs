@@ -5,7 +5,9 @@
 mod auth;
 mod bad_input;
 mod bench_smoke;
+mod browser;
 mod callers;
+mod cdp;
 mod cli;
 mod concurrency;
 mod contract;
@@ -24,4 +26,5 @@ mod reconcile;
 mod secrets;
 mod security;
 mod storage;
+mod tickets;
 mod transport;
