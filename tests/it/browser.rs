@@ -208,6 +208,35 @@ async fn a_person_signs_in_gets_a_key_once_revokes_it_and_claims_a_bots_ticket_b
         running.get_as(&format!("/v1/tickets/{}", second["id"].as_str().unwrap()), &running.alice_token).await;
     assert_eq!(status, 200);
 
+    // An auditor: the trail with its verification, and a leaked secret identified.
+    let sam_page = browser.new_page().await.unwrap();
+    sam_page.goto(&base).await.unwrap();
+    sign_in_as(&sam_page, "sam", "sam@example.com").await;
+    sam_page.click("#nav-audit").await.unwrap();
+    sam_page
+        .wait_for(
+            "(document.querySelector('#audit-body')||{textContent: ''}).textContent.includes('ticket.claimed')",
+            WAIT,
+        )
+        .await
+        .unwrap();
+    sam_page.click("#audit-verify").await.unwrap();
+    sam_page
+        .wait_for("(document.querySelector('#verify-result')||{textContent: ''}).textContent.includes('intact')", WAIT)
+        .await
+        .unwrap();
+    sam_page.click("#nav-identify").await.unwrap();
+    sam_page.type_text("#identify-secret", &claimed_secret).await.unwrap();
+    sam_page.click("#identify-submit").await.unwrap();
+    sam_page
+        .wait_for(
+            "(document.querySelector('#identify-result')||{textContent: ''}).textContent.includes('alice@example.com')",
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sam_page.eval("document.querySelector('#identify-secret').value").await.unwrap(), json!(""));
+
     // At phone width nothing is wider than the screen.
     page.set_viewport(360, 740, true).await.unwrap();
     page.click("#nav-keys").await.unwrap();
@@ -216,7 +245,7 @@ async fn a_person_signs_in_gets_a_key_once_revokes_it_and_claims_a_bots_ticket_b
     screenshot(&page, "phone.png").await;
 
     // Every request stayed on loopback, and the CSP refused nothing.
-    for (who, p) in [("alice", &page), ("bob", &bob_page)] {
+    for (who, p) in [("alice", &page), ("bob", &bob_page), ("sam", &sam_page)] {
         let requests = p.requests();
         assert!(requests.len() > 10, "{who}'s page made {} requests", requests.len());
         for url in &requests {

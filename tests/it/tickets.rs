@@ -290,3 +290,13 @@ async fn a_claim_holds_its_ticket_against_a_second_claim_and_a_cancel_on_both_ba
         assert_eq!(actions, ["ticket.created", "ticket.claimed"], "{name}: one event per change that happened");
     }
 }
+
+#[tokio::test]
+async fn without_ui_there_is_no_page_and_tickets_still_work_for_bots() {
+    let app = app().await;
+    for path in ["/", "/tickets/tkt_aaaaaaaaaaaaaaaaaaaaaaaaaa", "/ui/app.js", "/ui/config.json"] {
+        let res = app.http.get(format!("{}{path}", app.url)).send().await.unwrap();
+        assert_eq!(res.status(), 404, "{path}");
+    }
+    ticket_for_alice(&app, "payments-deploy").await;
+}
