@@ -87,10 +87,13 @@ impl App {
         let rate_limits = Arc::new(crate::api::ratelimit::RateLimits::new(config.server.rate_limit_per_minute));
         let tickets = Arc::new(crate::tickets::TicketService::new(
             keys.clone(),
-            config.auth.delegate_teams.clone(),
-            config.tickets.lifetime,
-            config.server.public_url.clone(),
-            config.webhooks.clone(),
+            crate::tickets::TicketSettings {
+                delegate_teams: config.auth.delegate_teams.clone(),
+                lifetime: config.tickets.lifetime,
+                request_timeout: config.server.request_timeout,
+                public_url: config.server.public_url.clone(),
+                webhooks: config.webhooks.clone(),
+            },
         ));
         let ui = match &config.ui {
             Some(ui) => {

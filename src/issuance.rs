@@ -475,6 +475,7 @@ impl KeyService {
             idempotency: request.idempotency.clone(),
             requester_teams: principal.teams.iter().cloned().collect(),
             requested_by: ctx.on_behalf.as_ref().map(|b| b.requested_by.clone()),
+            ticket: ctx.on_behalf.as_ref().map(|b| b.ticket.clone()),
         };
         let requested = self.event(principal, Action::KeyRequested, Outcome::Success, ctx, scope, id).detail(json!({
             "purpose": request.purpose.as_str(),

@@ -16,9 +16,18 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// How long a started claim holds its ticket before another may take over (a claim's issuance
-/// is bounded by `server.request_timeout`, at most a few minutes).
-pub const CLAIM_HOLD: chrono::Duration = chrono::Duration::minutes(10);
+/// How long a started claim holds its ticket before another may take over, beyond the claim's
+/// own deadline (`server.request_timeout`; see [`TicketService::new`]).
+pub const CLAIM_HOLD_MARGIN: chrono::Duration = chrono::Duration::minutes(1);
+
+/// Who must hold a waiting ticket for it to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold<'a> {
+    /// The claim with this token (it ends the ticket as claimed, or lets go).
+    Claim(&'a str),
+    /// No claim, or only one started before this time (cancel, expiry, repair).
+    Nobody { stale_before: DateTime<Utc> },
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -78,17 +87,17 @@ pub struct Ticket {
 impl Ticket {
     /// The state callers see at `now`: a waiting ticket past its expiry is expired, even
     /// before the job has marked it.
-    pub fn effective_state(&self, now: DateTime<Utc>) -> TicketState {
-        if self.state == TicketState::Waiting && self.expires_at <= now && !self.claim_in_progress(now) {
+    pub fn effective_state(&self, now: DateTime<Utc>, hold: chrono::Duration) -> TicketState {
+        if self.state == TicketState::Waiting && self.expires_at <= now && !self.claim_in_progress(now, hold) {
             TicketState::Expired
         } else {
             self.state
         }
     }
 
-    /// A claim started less than [`CLAIM_HOLD`] ago and not finished.
-    pub fn claim_in_progress(&self, now: DateTime<Utc>) -> bool {
-        self.state == TicketState::Waiting && self.claim_started_at.is_some_and(|at| at > now - CLAIM_HOLD)
+    /// A claim started less than `hold` ago and not finished.
+    pub fn claim_in_progress(&self, now: DateTime<Utc>, hold: chrono::Duration) -> bool {
+        self.state == TicketState::Waiting && self.claim_started_at.is_some_and(|at| at > now - hold)
     }
 }
 
@@ -190,13 +199,14 @@ mod tests {
             claim_started_at: None,
             ended_at: None,
         };
-        assert_eq!(ticket.effective_state(now), TicketState::Expired);
+        let hold = chrono::Duration::minutes(10);
+        assert_eq!(ticket.effective_state(now, hold), TicketState::Expired);
         ticket.claim_started_at = Some(now - chrono::Duration::minutes(6));
-        assert_eq!(ticket.effective_state(now), TicketState::Waiting);
-        ticket.claim_started_at = Some(now - CLAIM_HOLD - chrono::Duration::seconds(1));
-        assert_eq!(ticket.effective_state(now), TicketState::Expired);
+        assert_eq!(ticket.effective_state(now, hold), TicketState::Waiting);
+        ticket.claim_started_at = Some(now - hold - chrono::Duration::seconds(1));
+        assert_eq!(ticket.effective_state(now, hold), TicketState::Expired);
         ticket.state = TicketState::Claimed;
-        assert_eq!(ticket.effective_state(now), TicketState::Claimed);
+        assert_eq!(ticket.effective_state(now, hold), TicketState::Claimed);
     }
 }
 
@@ -214,7 +224,7 @@ use crate::config::WebhookConfig;
 use crate::issuance::{IssueOutcome, IssueRequest, KeyService, ServiceError};
 use crate::policy::tickets::{TicketAccess, may_delegate, ticket_access};
 use crate::policy::{ExpiryRequest, PolicyError, Purpose, parse_ttl};
-use crate::store::{Idempotency, NewDelivery, StoreError};
+use crate::store::{Idempotency, KeyRecord, NewDelivery, StoreError};
 
 /// What a bot asks for.
 #[derive(Debug, Clone)]
@@ -244,29 +254,44 @@ pub enum TicketError {
     Store(#[from] StoreError),
 }
 
+/// What the ticket service is configured with.
+#[derive(Debug, Clone)]
+pub struct TicketSettings {
+    /// `auth.delegate_teams`.
+    pub delegate_teams: BTreeSet<String>,
+    /// `[tickets] lifetime`.
+    pub lifetime: std::time::Duration,
+    /// `server.request_timeout`: a claim's issuance ends within it.
+    pub request_timeout: std::time::Duration,
+    /// `server.public_url`.
+    pub public_url: url::Url,
+    pub webhooks: Vec<WebhookConfig>,
+}
+
 pub struct TicketService {
     keys: Arc<KeyService>,
-    delegate_teams: BTreeSet<String>,
+    settings: TicketSettings,
     lifetime: chrono::Duration,
-    public_url: url::Url,
-    webhooks: Vec<WebhookConfig>,
+    /// How long a started claim holds its ticket: its deadline and a margin.
+    hold: chrono::Duration,
 }
 
 impl TicketService {
-    pub fn new(
-        keys: Arc<KeyService>,
-        delegate_teams: BTreeSet<String>,
-        lifetime: std::time::Duration,
-        public_url: url::Url,
-        webhooks: Vec<WebhookConfig>,
-    ) -> Self {
-        let lifetime = chrono::Duration::from_std(lifetime).unwrap_or(chrono::Duration::minutes(15));
-        Self { keys, delegate_teams, lifetime, public_url, webhooks }
+    pub fn new(keys: Arc<KeyService>, settings: TicketSettings) -> Self {
+        let lifetime = chrono::Duration::from_std(settings.lifetime).unwrap_or(chrono::Duration::minutes(15));
+        let hold = chrono::Duration::from_std(settings.request_timeout).unwrap_or(chrono::Duration::minutes(5))
+            + CLAIM_HOLD_MARGIN;
+        Self { keys, settings, lifetime, hold }
+    }
+
+    /// How long a started claim holds its ticket.
+    pub fn claim_hold(&self) -> chrono::Duration {
+        self.hold
     }
 
     /// The link the bot posts: the page's pickup view.
     pub fn pickup_url(&self, id: &TicketId) -> String {
-        format!("{}tickets/{id}", self.public_url)
+        format!("{}tickets/{id}", self.settings.public_url)
     }
 
     /// A bot's request for `for_subject`. Checked now: the bot's right to delegate, the scope's
@@ -278,7 +303,7 @@ impl TicketService {
         request: NewTicket,
         ctx: &RequestContext,
     ) -> Result<Ticket, TicketError> {
-        if !may_delegate(bot, &self.delegate_teams) {
+        if !may_delegate(bot, &self.settings.delegate_teams) {
             return Err(TicketError::Forbidden(
                 "only members of auth.delegate_teams may ask for keys on someone else's behalf".to_owned(),
             ));
@@ -358,12 +383,13 @@ impl TicketService {
         let ticket = self.keys.store().get_ticket(id).await?.ok_or(TicketError::NotFound)?;
         ticket_access(principal, &ticket, TicketAccess::Cancel).map_err(TicketError::Forbidden)?;
         let now = self.keys.now();
-        refuse_unless_waiting(&ticket, now)?;
+        self.refuse_unless_waiting(&ticket, now).await?;
         let event = NewAuditEvent::new(now, &principal.subject, Action::TicketCancelled, Outcome::Success, ctx)
             .scope(&ticket.scope)
             .detail(json!({ "ticket": id.as_str(), "for": ticket.for_subject, "requested_by": ticket.requested_by }));
         let store = self.keys.store();
-        if !store.end_ticket(id, TicketEnd::Cancelled, now, now - CLAIM_HOLD, &event).await? {
+        let nobody = Hold::Nobody { stale_before: now - self.hold };
+        if !store.end_ticket(id, TicketEnd::Cancelled, now, nobody, &event).await? {
             return Err(TicketError::Conflict("the ticket is being claimed or is no longer waiting".to_owned()));
         }
         store.get_ticket(id).await?.ok_or(TicketError::NotFound)
@@ -382,8 +408,11 @@ impl TicketService {
         let ticket = store.get_ticket(id).await?.ok_or(TicketError::NotFound)?;
         ticket_access(person, &ticket, TicketAccess::Claim).map_err(TicketError::Forbidden)?;
         let now = self.keys.now();
-        refuse_unless_waiting(&ticket, now)?;
-        if !store.begin_ticket_claim(id, now, now - CLAIM_HOLD).await? {
+        self.refuse_unless_waiting(&ticket, now).await?;
+        // The token makes this claim the only one that may end or release the ticket, even if
+        // it outlives its hold and another claim takes over.
+        let token = Uuid::new_v4().to_string();
+        if !store.begin_ticket_claim(id, &token, now, now - self.hold).await? {
             return Err(TicketError::Conflict("the ticket is being claimed or is no longer waiting".to_owned()));
         }
         let result = self.issue_for(person, &ticket, idempotency_key, caller_gone, ctx).await;
@@ -392,30 +421,80 @@ impl TicketService {
             Err(e) => {
                 // Nothing was issued: the person may try again (after fixing their teams, or
                 // once Octopus is back).
-                if let Err(release) = store.release_ticket_claim(id).await {
+                if let Err(release) = store.release_ticket_claim(id, &token).await {
                     tracing::warn!(error = %release, "could not release a failed claim; it lapses by itself");
                 }
                 return Err(e);
             }
         };
-        let key_id = match &outcome {
-            IssueOutcome::Issued(issued) => issued.record.id,
-            IssueOutcome::Replayed(record) => record.id,
+        let record = match &outcome {
+            IssueOutcome::Issued(issued) => issued.record.clone(),
+            IssueOutcome::Replayed(record) => record.clone(),
         };
-        let claimed_at = self.keys.now();
-        let event = NewAuditEvent::new(claimed_at, &person.subject, Action::TicketClaimed, Outcome::Success, ctx)
-            .scope(&ticket.scope)
-            .key(key_id)
-            .detail(json!({ "ticket": id.as_str(), "requested_by": ticket.requested_by }));
         // The key exists and its secret is on its way: a failure to mark the ticket must not
-        // withhold it. The claim then lapses, and the ticket expires.
-        match store.end_ticket(id, TicketEnd::Claimed(key_id), claimed_at, claimed_at, &event).await {
-            Ok(true) => self.announce_claim(&ticket, key_id, claimed_at).await,
-            Ok(false) => tracing::warn!(ticket = %id, "a claimed ticket was no longer held by its claim"),
-            Err(e) => tracing::error!(ticket = %id, error = %e, "could not mark a ticket claimed"),
+        // withhold it. The key names the ticket, so a later claim or the expiry sweep finds the
+        // ticket claimed and finishes marking it.
+        if let Err(e) = self.mark_claimed(&ticket, &record, Hold::Claim(&token), person, ctx).await {
+            tracing::error!(ticket = %id, error = %e, "could not mark a ticket claimed; the sweep will");
         }
         let ticket = store.get_ticket(id).await.ok().flatten().unwrap_or(ticket);
         Ok((ticket, outcome))
+    }
+
+    /// Ends a ticket as claimed by `record` (audited, announced by webhook). False when `hold`
+    /// did not hold.
+    async fn mark_claimed(
+        &self,
+        ticket: &Ticket,
+        record: &KeyRecord,
+        hold: Hold<'_>,
+        person: &Principal,
+        ctx: &RequestContext,
+    ) -> Result<bool, StoreError> {
+        let at = self.keys.now();
+        let event = NewAuditEvent::new(at, &person.subject, Action::TicketClaimed, Outcome::Success, ctx)
+            .scope(&ticket.scope)
+            .key(record.id)
+            .detail(json!({ "ticket": ticket.id.as_str(), "requested_by": ticket.requested_by }));
+        let done = self.keys.store().end_ticket(&ticket.id, TicketEnd::Claimed(record.id), at, hold, &event).await?;
+        if done {
+            self.announce_claim(ticket, record, at).await;
+        }
+        Ok(done)
+    }
+
+    /// A waiting ticket through which a key was already issued (its claim lost the answer) is
+    /// marked claimed now: the key's requester claimed it.
+    async fn repair(&self, ticket: &Ticket, now: DateTime<Utc>) -> Result<Option<KeyRecord>, StoreError> {
+        let Some(record) = self.keys.store().ticket_key(&ticket.id).await? else { return Ok(None) };
+        let claimer = crate::auth::Principal {
+            subject: record.requester.clone(),
+            issuer: String::new(),
+            display_name: record.requester.clone(),
+            teams: BTreeSet::new(),
+            roles: BTreeSet::new(),
+        };
+        let ctx = RequestContext::default();
+        self.mark_claimed(ticket, &record, Hold::Nobody { stale_before: now - self.hold }, &claimer, &ctx).await?;
+        Ok(Some(record))
+    }
+
+    /// 409 for a ticket that can no longer be claimed or cancelled, saying why.
+    async fn refuse_unless_waiting(&self, ticket: &Ticket, now: DateTime<Utc>) -> Result<(), TicketError> {
+        match ticket.effective_state(now, self.hold) {
+            TicketState::Waiting if ticket.claim_in_progress(now, self.hold) => {
+                Err(TicketError::Conflict("the ticket is being claimed right now".to_owned()))
+            }
+            TicketState::Waiting => match self.repair(ticket, now).await? {
+                Some(record) => Err(claimed_conflict(Some(record.id))),
+                None => Ok(()),
+            },
+            TicketState::Claimed => Err(claimed_conflict(ticket.key_id)),
+            TicketState::Expired => {
+                Err(TicketError::Conflict(format!("the ticket expired at {}", ticket.expires_at.to_rfc3339())))
+            }
+            TicketState::Cancelled => Err(TicketError::Conflict("the ticket was cancelled".to_owned())),
+        }
     }
 
     async fn issue_for(
@@ -452,24 +531,19 @@ impl TicketService {
     }
 
     /// Queues `ticket.claimed` for every webhook that wants it (the bot tells the channel).
-    async fn announce_claim(&self, ticket: &Ticket, key_id: Uuid, at: DateTime<Utc>) {
-        let wanted =
-            self.webhooks.iter().filter(|h| h.events.is_empty() || h.events.iter().any(|e| e == "ticket.claimed"));
-        let record = match self.keys.store().get_key(key_id).await {
-            Ok(Some(record)) => record,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read a claimed ticket's key for its webhook notice");
-                return;
-            }
-        };
+    async fn announce_claim(&self, ticket: &Ticket, record: &KeyRecord, at: DateTime<Utc>) {
+        let wanted = self
+            .settings
+            .webhooks
+            .iter()
+            .filter(|h| h.events.is_empty() || h.events.iter().any(|e| e == "ticket.claimed"));
         for hook in wanted {
             let delivery = NewDelivery {
                 webhook: hook.name.clone(),
                 event: "ticket.claimed".to_owned(),
-                key_id,
+                key_id: record.id,
                 threshold: String::new(),
-                payload: crate::webhooks::ticket_payload(&record, ticket, &self.pickup_url(&ticket.id), at),
+                payload: crate::webhooks::ticket_payload(record, ticket, &self.pickup_url(&ticket.id), at),
                 created_at: at,
             };
             if let Err(e) = self.keys.store().enqueue_delivery(&delivery).await {
@@ -478,12 +552,16 @@ impl TicketService {
         }
     }
 
-    /// Marks waiting tickets past their expiry as expired, one event each. Returns how many.
+    /// Marks waiting tickets past their expiry as expired, one event each (or claimed, when a
+    /// key was issued through one whose claim lost its answer). Returns how many expired.
     pub async fn expire_due(&self) -> Result<usize, StoreError> {
         let now = self.keys.now();
         let store = self.keys.store();
         let mut expired = 0;
-        for ticket in store.tickets_due_for_expiry(now, now - CLAIM_HOLD, 500).await? {
+        for ticket in store.tickets_due_for_expiry(now, now - self.hold, 500).await? {
+            if self.repair(&ticket, now).await?.is_some() {
+                continue;
+            }
             let event = NewAuditEvent::new(
                 now,
                 "keybroker",
@@ -498,7 +576,8 @@ impl TicketService {
                 "requested_by": ticket.requested_by,
                 "expires_at": ticket.expires_at,
             }));
-            if store.end_ticket(&ticket.id, TicketEnd::Expired, now, now - CLAIM_HOLD, &event).await? {
+            let nobody = Hold::Nobody { stale_before: now - self.hold };
+            if store.end_ticket(&ticket.id, TicketEnd::Expired, now, nobody, &event).await? {
                 expired += 1;
             }
         }
@@ -506,20 +585,9 @@ impl TicketService {
     }
 }
 
-/// 409 for a ticket that can no longer be claimed or cancelled, saying why.
-fn refuse_unless_waiting(ticket: &Ticket, now: DateTime<Utc>) -> Result<(), TicketError> {
-    match ticket.effective_state(now) {
-        TicketState::Waiting if ticket.claim_in_progress(now) => {
-            Err(TicketError::Conflict("the ticket is being claimed right now".to_owned()))
-        }
-        TicketState::Waiting => Ok(()),
-        TicketState::Claimed => Err(TicketError::Conflict(format!(
-            "the ticket was already claimed{}; its secret was shown once",
-            ticket.key_id.map(|k| format!(" (key {k})")).unwrap_or_default()
-        ))),
-        TicketState::Expired => {
-            Err(TicketError::Conflict(format!("the ticket expired at {}", ticket.expires_at.to_rfc3339())))
-        }
-        TicketState::Cancelled => Err(TicketError::Conflict("the ticket was cancelled".to_owned())),
-    }
+fn claimed_conflict(key_id: Option<Uuid>) -> TicketError {
+    TicketError::Conflict(format!(
+        "the ticket was already claimed{}; its secret was shown once",
+        key_id.map(|k| format!(" (key {k})")).unwrap_or_default()
+    ))
 }

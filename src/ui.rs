@@ -33,8 +33,19 @@ pub struct Ui {
     config: UiConfig,
     redirect_uri: String,
     http: reqwest::Client,
-    endpoints: tokio::sync::Mutex<Option<(Instant, Endpoints)>>,
+    cache: std::sync::Mutex<Cache>,
+    /// One fetch at a time; others serve what is cached meanwhile.
+    fetching: tokio::sync::Mutex<()>,
 }
+
+#[derive(Default)]
+struct Cache {
+    endpoints: Option<(Instant, Endpoints)>,
+    failed_at: Option<Instant>,
+}
+
+/// After a failed fetch, the next one waits this long (page loads meanwhile get what is cached).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 struct Endpoints {
@@ -44,6 +55,7 @@ struct Endpoints {
 
 #[derive(Deserialize)]
 struct Discovery {
+    issuer: String,
     authorization_endpoint: String,
     token_endpoint: String,
 }
@@ -51,43 +63,73 @@ struct Discovery {
 impl Ui {
     pub fn new(config: UiConfig, public_url: &Url, ca_certificates: &[reqwest::Certificate]) -> anyhow::Result<Self> {
         let http = crate::outbound::client_builder(ca_certificates).timeout(Duration::from_secs(3)).build()?;
-        Ok(Self { config, redirect_uri: public_url.to_string(), http, endpoints: tokio::sync::Mutex::new(None) })
+        Ok(Self {
+            config,
+            redirect_uri: public_url.to_string(),
+            http,
+            cache: std::sync::Mutex::default(),
+            fetching: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// The provider's endpoints, read from its discovery document (cached for an hour). `None`
-    /// when it cannot be read now: the page then reads it itself, and says so if it fails.
+    /// when it cannot be read: the page then reads it itself, and says so if it fails. A page
+    /// load waits for at most one fetch, never for a provider that is down (a failure is
+    /// retried after 30 s).
     async fn endpoints(&self) -> Option<Endpoints> {
-        let mut cached = self.endpoints.lock().await;
-        if let Some((at, endpoints)) = cached.as_ref() {
-            if at.elapsed() < DISCOVERY_TTL {
-                return Some(endpoints.clone());
+        let cached = |fresh_only: bool| {
+            let cache = self.cache.lock().ok()?;
+            let (at, endpoints) = cache.endpoints.as_ref()?;
+            (!fresh_only || at.elapsed() < DISCOVERY_TTL).then(|| endpoints.clone())
+        };
+        if let Some(fresh) = cached(true) {
+            return Some(fresh);
+        }
+        let recently_failed =
+            self.cache.lock().ok().and_then(|c| c.failed_at).is_some_and(|at| at.elapsed() < RETRY_AFTER_FAILURE);
+        if recently_failed {
+            return cached(false);
+        }
+        let Ok(_one_fetch) = self.fetching.try_lock() else { return cached(false) };
+        let fetched = self.fetch().await;
+        if let Ok(mut cache) = self.cache.lock() {
+            match &fetched {
+                Some(endpoints) => {
+                    cache.endpoints = Some((Instant::now(), endpoints.clone()));
+                    cache.failed_at = None;
+                }
+                None => cache.failed_at = Some(Instant::now()),
             }
         }
-        let url = format!("{}/.well-known/openid-configuration", self.config.issuer.as_str().trim_end_matches('/'));
+        fetched.or_else(|| cached(false))
+    }
+
+    async fn fetch(&self) -> Option<Endpoints> {
+        let issuer = self.config.issuer.as_str().trim_end_matches('/');
+        let url = format!("{issuer}/.well-known/openid-configuration");
         let fetched = async {
             let response = self.http.get(&url).send().await.ok()?.error_for_status().ok()?;
             let doc: Discovery = response.json().await.ok()?;
+            // The document must be this issuer's, and its endpoints as secure as the issuer.
+            if doc.issuer.trim_end_matches('/') != issuer {
+                tracing::warn!(issuer, named = %doc.issuer, "the discovery document names another issuer");
+                return None;
+            }
             let endpoints = Endpoints {
                 authorization_endpoint: Url::parse(&doc.authorization_endpoint).ok()?,
                 token_endpoint: Url::parse(&doc.token_endpoint).ok()?,
             };
-            // Only http(s) endpoints; a provider's document must not point the page elsewhere.
+            let scheme = self.config.issuer.scheme();
             [&endpoints.authorization_endpoint, &endpoints.token_endpoint]
                 .iter()
-                .all(|u| matches!(u.scheme(), "https" | "http"))
+                .all(|u| u.scheme() == scheme || u.scheme() == "https")
                 .then_some(endpoints)
         }
         .await;
-        match fetched {
-            Some(endpoints) => {
-                *cached = Some((Instant::now(), endpoints.clone()));
-                Some(endpoints)
-            }
-            None => {
-                tracing::warn!(issuer = %self.config.issuer, "cannot read the identity provider's discovery document");
-                cached.as_ref().map(|(_, e)| e.clone())
-            }
+        if fetched.is_none() {
+            tracing::warn!(issuer = %self.config.issuer, "cannot read the identity provider's discovery document");
         }
+        fetched
     }
 
     fn content_security_policy(&self, endpoints: Option<&Endpoints>) -> String {

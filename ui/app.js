@@ -40,6 +40,7 @@ let currentView = null;
 let requestScopes = []; // ScopeView[] behind the request form's <select>
 let requestIdem = null; // Idempotency-Key of the current request-form attempt
 let claimIdem = null; // { ticket, key } for the current claim attempt
+let shownTicket = null; // the TicketView on screen
 let copiedTimer = null;
 
 const $ = (id) => document.getElementById(id);
@@ -356,16 +357,18 @@ function loginFailed(detail, title = 'Sign-in failed', status) {
 
 /** Exchange the code for tokens; sets `token` and returns true on success. */
 async function finishLogin({ params, login }) {
+  if (!login || typeof login !== 'object') {
+    return loginFailed('No sign-in was in progress in this tab, so the answer cannot be checked. Press "Sign in" to try again.');
+  }
+  // Checked before anything in the answer is believed, an error included: a crafted link must
+  // not put its own text on this page.
+  if (params.get('state') !== login.state) {
+    return loginFailed('The answer does not belong to the sign-in this page started (state mismatch). Nothing was exchanged; sign in again.');
+  }
   if (params.has('error')) {
     return loginFailed(
       params.get('error_description') || 'The identity provider did not sign you in.',
       `Sign-in refused: ${params.get('error')}`);
-  }
-  if (!login || typeof login !== 'object') {
-    return loginFailed('No sign-in was in progress in this tab, so the answer cannot be checked. Press "Sign in" to try again.');
-  }
-  if (params.get('state') !== login.state) {
-    return loginFailed('The answer does not belong to the sign-in this page started (state mismatch). Nothing was exchanged; sign in again.');
   }
   if (!oidc) return loginFailed('The identity provider\'s configuration could not be loaded, so the sign-in cannot be completed.');
 
@@ -395,11 +398,13 @@ async function finishLogin({ params, login }) {
       str(err.error) ? `Sign-in failed: ${err.error}` : 'Sign-in failed',
       response.status);
   }
+  // The scopes always hold `openid`, so an OpenID provider answers with an id_token; its nonce
+  // proves the answer belongs to this sign-in.
   const wanted = config.token === 'id_token' ? 'id_token' : 'access_token';
-  const other = wanted === 'id_token' ? 'access_token' : 'id_token';
-  const bearer = answer[wanted] || answer[other];
-  if (!bearer) return loginFailed('The identity provider answered without a token.');
-  if (answer.id_token) {
+  const bearer = answer[wanted];
+  if (!bearer) return loginFailed(`The identity provider answered without an ${wanted}.`);
+  if (!answer.id_token) return loginFailed('The identity provider answered without an id_token.');
+  {
     let claims = null;
     try {
       claims = decodeJwtPayload(answer.id_token);
@@ -1027,6 +1032,7 @@ const TICKET_NOTES = {
 };
 
 function renderTicket(ticket) {
+  shownTicket = ticket;
   const asker = ticket.requested_by_name
     ? `${ticket.requested_by_name} (${ticket.requested_by})`
     : ticket.requested_by;
@@ -1057,8 +1063,10 @@ function renderTicket(ticket) {
   mismatch.hidden = mine;
 
   const waiting = ticket.state === 'waiting';
+  const admin = Array.isArray(me.roles) && me.roles.includes('admin');
   $('ticket-claim').hidden = !(waiting && mine);
-  $('ticket-cancel').hidden = !waiting;
+  // As the API decides: the bot that asked, the person, or an admin.
+  $('ticket-cancel').hidden = !(waiting && (mine || ticket.requested_by === me.subject || admin));
   $('ticket-details').hidden = false;
 }
 
@@ -1099,9 +1107,11 @@ async function claimTicket() {
     setStatus('');
     return;
   }
+  // The ticket is shown claimed from the answer itself: a refresh now could meet an expired
+  // token, and signing out would take the secret off the page before it was copied.
+  if (shownTicket && res.body) renderTicket({ ...shownTicket, state: 'claimed', key_id: res.body.id });
   if (res.status === 201 && res.body && res.body.api_key) showSecret(res.body);
   else showReplay(res.body);
-  await loadTicket();
 }
 
 async function cancelTicket() {

@@ -1,5 +1,8 @@
 -- Pickup tickets (mirrors migrations/sqlite/0006_tickets.sql with PostgreSQL's native types).
 ALTER TABLE key_records ADD COLUMN requested_by TEXT;
+-- The ticket a key was claimed through: a ticket whose claim lost its answer is still found claimed.
+ALTER TABLE key_records ADD COLUMN ticket_id TEXT;
+CREATE INDEX key_records_ticket ON key_records (ticket_id) WHERE ticket_id IS NOT NULL;
 
 CREATE TABLE tickets (
     seq               BIGINT      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -15,6 +18,7 @@ CREATE TABLE tickets (
     created_at        TIMESTAMPTZ NOT NULL,
     expires_at        TIMESTAMPTZ NOT NULL,
     claim_started_at  TIMESTAMPTZ,
+    claim_token       TEXT,
     ended_at          TIMESTAMPTZ
 );
 CREATE INDEX tickets_due ON tickets (state, expires_at);

@@ -76,7 +76,7 @@ pub struct TicketView {
 fn view(state: &AppState, ticket: Ticket) -> TicketView {
     let now = state.keys.now();
     TicketView {
-        state: ticket.effective_state(now),
+        state: ticket.effective_state(now, state.tickets.claim_hold()),
         pickup_url: state.tickets.pickup_url(&ticket.id),
         id: ticket.id.to_string(),
         for_subject: ticket.for_subject,

@@ -598,6 +598,7 @@ impl Config {
 
         let webhooks = validate_webhooks(raw.webhooks, base)?;
         let ui = ui::validate_ui(raw.ui, &auth)?;
+        ui::check_page_settings(ui.as_ref(), &auth, raw.server.public_url.as_deref(), listen)?;
         let tickets = ui::validate_tickets(raw.tickets)?;
 
         Ok(Self {

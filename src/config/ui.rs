@@ -123,6 +123,32 @@ pub(super) fn validate_ui(raw: Option<RawUi>, auth: &AuthConfig) -> Result<Optio
     Ok(Some(UiConfig { issuer, client_id, scopes, token: raw.token }))
 }
 
+/// Tickets' links open the page, so delegating needs `[ui]`; and the page's sign-in comes back
+/// to `server.public_url`, which cannot be guessed from a wildcard listen address.
+pub(super) fn check_page_settings(
+    ui: Option<&UiConfig>,
+    auth: &AuthConfig,
+    public_url: Option<&str>,
+    listen: std::net::SocketAddr,
+) -> Result<(), ConfigError> {
+    if ui.is_none() && !auth.delegate_teams.is_empty() {
+        return Err(ConfigError::at(
+            "auth.delegate_teams",
+            "pickup tickets' links open the page: set [ui] too (or leave delegate_teams empty)",
+        ));
+    }
+    if ui.is_some() && public_url.is_none_or(|u| u.trim().is_empty()) && listen.ip().is_unspecified() {
+        return Err(ConfigError::at(
+            "server.public_url",
+            format!(
+                "required with [ui] when server.listen is {listen}: the address people open (and the provider \
+                 sends them back to), such as https://keybroker.example.com"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn validate_tickets(raw: RawTickets) -> Result<TicketsConfig, ConfigError> {
     let lifetime = raw.lifetime.0;
     if lifetime < Duration::from_secs(60) || lifetime > Duration::from_secs(24 * 3600) {

@@ -528,6 +528,7 @@ mod tests {
             idempotency: idem.map(|(k, h)| super::super::Idempotency { key: k.to_owned(), request_hash: h.to_owned() }),
             requester_teams: Vec::new(),
             requested_by: None,
+            ticket: None,
         }
     }
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::audit::{AuditRecord, NewAuditEvent};
-use crate::tickets::{Ticket, TicketEnd, TicketId};
+use crate::tickets::{Hold, Ticket, TicketEnd, TicketId};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -98,6 +98,8 @@ pub struct NewKey {
     pub requester_teams: Vec<String>,
     /// The bot whose pickup ticket the requester claimed, if any.
     pub requested_by: Option<String>,
+    /// That pickup ticket.
+    pub ticket: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,30 +303,33 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError>;
 
-    /// Marks a claim as started on a waiting, unexpired ticket that no other claim holds (or
-    /// whose claim started before `stale_before`). False, and nothing written, otherwise.
+    /// Marks a claim holding `token` as started on a waiting, unexpired ticket that no other
+    /// claim holds (a claim started before `stale_before` no longer counts) and through which no
+    /// key was issued yet. False, and nothing written, otherwise.
     async fn begin_ticket_claim(
         &self,
         id: &TicketId,
+        token: &str,
         now: DateTime<Utc>,
         stale_before: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
 
-    /// Lets go of a claim whose issuance did not happen.
-    async fn release_ticket_claim(&self, id: &TicketId) -> Result<(), StoreError>;
+    /// Lets go of the claim holding `token`, whose issuance did not happen.
+    async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError>;
 
-    /// In one transaction: a waiting ticket ends as `end` says at `at`, and `event` is appended.
-    /// A claim ends only a ticket its claim holds; a cancel or an expiry only one no claim
-    /// holds (a claim started before `stale_before` no longer counts). False, and nothing
-    /// written, otherwise.
+    /// In one transaction: a waiting ticket ends as `end` says at `at`, and `event` is appended,
+    /// if `hold` holds. False, and nothing written, otherwise.
     async fn end_ticket(
         &self,
         id: &TicketId,
         end: TicketEnd,
         at: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
+        hold: Hold<'_>,
         event: &NewAuditEvent,
     ) -> Result<bool, StoreError>;
+
+    /// The key issued through a ticket (any state but `failed`), if any.
+    async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Waiting tickets past their expiry at `now` that no claim holds, oldest first.
     async fn tickets_due_for_expiry(

@@ -28,7 +28,7 @@ use super::{
     NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
-use crate::tickets::{Ticket, TicketEnd, TicketId, TicketState};
+use crate::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
 
 /// Advisory lock namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
 const LIMIT_LOCK: i32 = 0x6b62_0001;
@@ -379,13 +379,13 @@ impl BatchTx for PgBatch<'_, '_> {
             .collect::<Result<Vec<_>, _>>()?;
         let inserted = sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
-             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by) \
+             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id) \
              SELECT k.id, k.scope, k.requester, k.purpose, 'pending', k.uid, k.created, k.expires, k.created, \
-                    k.idem, k.rhash, k.teams::jsonb, k.by \
+                    k.idem, k.rhash, k.teams::jsonb, k.by, k.ticket \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
-                         $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[]) \
+                         $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[]) \
                   WITH ORDINALITY AS k(id, scope, requester, purpose, uid, created, expires, idem, rhash, teams, by, \
-                                       ord) \
+                                       ticket, ord) \
              ORDER BY k.ord",
         )
         .bind(keys.iter().map(|k| k.id).collect::<Vec<_>>())
@@ -399,6 +399,7 @@ impl BatchTx for PgBatch<'_, '_> {
         .bind(text(|k| k.idempotency.as_ref().map(|i| i.request_hash.as_str())))
         .bind(teams)
         .bind(text(|k| k.requested_by.as_deref()))
+        .bind(text(|k| k.ticket.as_deref()))
         .execute(&mut **self.tx)
         .await
         .map_err(db_err)?
@@ -862,16 +863,20 @@ impl Store for PgStore {
     async fn begin_ticket_claim(
         &self,
         id: &TicketId,
+        token: &str,
         now: DateTime<Utc>,
         stale_before: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE tickets SET claim_started_at = $1 WHERE id = $2 AND state = 'waiting' AND expires_at > $1 \
-             AND (claim_started_at IS NULL OR claim_started_at < $3)",
+            "UPDATE tickets SET claim_started_at = $1, claim_token = $4 \
+             WHERE id = $2 AND state = 'waiting' AND expires_at > $1 \
+             AND (claim_started_at IS NULL OR claim_started_at < $3) \
+             AND NOT EXISTS (SELECT 1 FROM key_records WHERE ticket_id = $2 AND state <> 'failed')",
         )
         .bind(store_precision(now))
         .bind(id.as_str())
         .bind(store_precision(stale_before))
+        .bind(token)
         .execute(&self.pool)
         .await
         .map_err(db_err)?
@@ -880,12 +885,16 @@ impl Store for PgStore {
         Ok(done)
     }
 
-    async fn release_ticket_claim(&self, id: &TicketId) -> Result<(), StoreError> {
-        sqlx::query("UPDATE tickets SET claim_started_at = NULL WHERE id = $1 AND state = 'waiting'")
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
+    async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE tickets SET claim_started_at = NULL, claim_token = NULL \
+             WHERE id = $1 AND state = 'waiting' AND claim_token = $2",
+        )
+        .bind(id.as_str())
+        .bind(token)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
         Ok(())
     }
 
@@ -894,29 +903,28 @@ impl Store for PgStore {
         id: &TicketId,
         end: TicketEnd,
         at: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
+        hold: Hold<'_>,
         event: &NewAuditEvent,
     ) -> Result<bool, StoreError> {
         let mut tx = self.write_tx().await?;
-        let holder = match end {
-            // (`$5` is bound either way.)
-            TicketEnd::Claimed(_) => "claim_started_at IS NOT NULL AND $5::timestamptz IS NOT NULL",
-            TicketEnd::Cancelled | TicketEnd::Expired => "(claim_started_at IS NULL OR claim_started_at < $5)",
+        let holder = match hold {
+            Hold::Claim(_) => "claim_token = $5",
+            Hold::Nobody { .. } => "(claim_started_at IS NULL OR claim_started_at < $5)",
         };
-        let done = sqlx::query(&format!(
-            "UPDATE tickets SET state = $1, key_id = $2, ended_at = $3, claim_started_at = NULL \
+        let text = format!(
+            "UPDATE tickets SET state = $1, key_id = $2, ended_at = $3, claim_started_at = NULL, claim_token = NULL \
              WHERE id = $4 AND state = 'waiting' AND {holder}"
-        ))
-        .bind(end.state().as_str())
-        .bind(end.key_id())
-        .bind(store_precision(at))
-        .bind(id.as_str())
-        .bind(store_precision(stale_before))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?
-        .rows_affected()
-            == 1;
+        );
+        let query = sqlx::query(&text)
+            .bind(end.state().as_str())
+            .bind(end.key_id())
+            .bind(store_precision(at))
+            .bind(id.as_str());
+        let query = match hold {
+            Hold::Claim(token) => query.bind(token.to_owned()),
+            Hold::Nobody { stale_before } => query.bind(store_precision(stale_before)),
+        };
+        let done = query.execute(&mut *tx).await.map_err(db_err)?.rows_affected() == 1;
         if !done {
             tx.rollback().await.map_err(db_err)?;
             return Ok(false);
@@ -924,6 +932,17 @@ impl Store for PgStore {
         append_in(&mut tx, &self.head, &[event]).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
+    }
+
+    async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE ticket_id = $1 AND state <> 'failed' ORDER BY seq LIMIT 1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
     }
 
     async fn tickets_due_for_expiry(

@@ -20,7 +20,7 @@ use super::{
     NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
-use crate::tickets::{Ticket, TicketEnd, TicketId, TicketState};
+use crate::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
 
 pub struct SqliteStore {
     /// Readers.
@@ -457,14 +457,16 @@ impl BatchTx for SqliteBatch<'_> {
                 k.idempotency.as_ref().map(|i| &i.request_hash),
                 to_json(&k.requester_teams)?,
                 k.requested_by.as_deref(),
+                k.ticket.as_deref(),
             ));
         }
         let inserted = sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
-             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by) \
+             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id) \
              SELECT k.value ->> '$[0]', k.value ->> '$[1]', k.value ->> '$[2]', k.value ->> '$[3]', 'pending', \
                     k.value ->> '$[4]', k.value ->> '$[5]', k.value ->> '$[6]', k.value ->> '$[5]', \
-                    k.value ->> '$[7]', k.value ->> '$[8]', k.value ->> '$[9]', k.value ->> '$[10]' \
+                    k.value ->> '$[7]', k.value ->> '$[8]', k.value ->> '$[9]', k.value ->> '$[10]', \
+                    k.value ->> '$[11]' \
              FROM json_each(?) AS k ORDER BY k.key",
         )
         .bind(to_json(&rows)?)
@@ -909,17 +911,21 @@ impl Store for SqliteStore {
     async fn begin_ticket_claim(
         &self,
         id: &TicketId,
+        token: &str,
         now: DateTime<Utc>,
         stale_before: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         let done = sqlx::query(
-            "UPDATE tickets SET claim_started_at = ?1 WHERE id = ?2 AND state = 'waiting' AND expires_at > ?1 \
-             AND (claim_started_at IS NULL OR claim_started_at < ?3)",
+            "UPDATE tickets SET claim_started_at = ?1, claim_token = ?4 \
+             WHERE id = ?2 AND state = 'waiting' AND expires_at > ?1 \
+             AND (claim_started_at IS NULL OR claim_started_at < ?3) \
+             AND NOT EXISTS (SELECT 1 FROM key_records WHERE ticket_id = ?2 AND state <> 'failed')",
         )
         .bind(fmt_time(now))
         .bind(id.as_str())
         .bind(fmt_time(stale_before))
+        .bind(token)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?
@@ -929,13 +935,17 @@ impl Store for SqliteStore {
         Ok(done)
     }
 
-    async fn release_ticket_claim(&self, id: &TicketId) -> Result<(), StoreError> {
+    async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
-        sqlx::query("UPDATE tickets SET claim_started_at = NULL WHERE id = ? AND state = 'waiting'")
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        sqlx::query(
+            "UPDATE tickets SET claim_started_at = NULL, claim_token = NULL \
+             WHERE id = ? AND state = 'waiting' AND claim_token = ?",
+        )
+        .bind(id.as_str())
+        .bind(token)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -944,24 +954,25 @@ impl Store for SqliteStore {
         id: &TicketId,
         end: TicketEnd,
         at: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
+        hold: Hold<'_>,
         event: &NewAuditEvent,
     ) -> Result<bool, StoreError> {
         let (mut head, mut tx) = self.write_tx().await?;
-        let holder = match end {
-            // (`?5` is bound either way.)
-            TicketEnd::Claimed(_) => "claim_started_at IS NOT NULL AND ?5 IS NOT NULL",
-            TicketEnd::Cancelled | TicketEnd::Expired => "(claim_started_at IS NULL OR claim_started_at < ?5)",
+        let (holder, bound) = match hold {
+            Hold::Claim(token) => ("claim_token = ?5", token.to_owned()),
+            Hold::Nobody { stale_before } => {
+                ("(claim_started_at IS NULL OR claim_started_at < ?5)", fmt_time(stale_before))
+            }
         };
         let done = sqlx::query(&format!(
-            "UPDATE tickets SET state = ?1, key_id = ?2, ended_at = ?3, claim_started_at = NULL \
+            "UPDATE tickets SET state = ?1, key_id = ?2, ended_at = ?3, claim_started_at = NULL, claim_token = NULL \
              WHERE id = ?4 AND state = 'waiting' AND {holder}"
         ))
         .bind(end.state().as_str())
         .bind(end.key_id().map(|k| k.to_string()))
         .bind(fmt_time(at))
         .bind(id.as_str())
-        .bind(fmt_time(stale_before))
+        .bind(bound)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?
@@ -974,6 +985,17 @@ impl Store for SqliteStore {
         append_in(&mut tx, &mut head, &[event]).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
+    }
+
+    async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE ticket_id = ? AND state <> 'failed' ORDER BY seq LIMIT 1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
     }
 
     async fn tickets_due_for_expiry(

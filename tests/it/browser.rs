@@ -15,6 +15,8 @@ const WAIT: Duration = Duration::from_secs(15);
 
 struct Running {
     env_url: String,
+    idp_url: String,
+    bob_token: String,
     octopus_url: String,
     bot_token: String,
     alice_token: String,
@@ -26,13 +28,15 @@ impl Running {
     async fn start() -> Self {
         let env = DevEnvironment::start(0).await.expect("keybroker dev starts");
         let (env_url, octopus_url) = (env.url.clone(), env.octopus_url.clone());
+        let idp_url = env.idp.issuer().to_owned();
+        let bob_token = env.token("bob@example.com").unwrap();
         let bot_token = env.token("chatops-bot").unwrap();
         let alice_token = env.token("alice@example.com").unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(env.serve(async move {
             let _ = stopped.await;
         }));
-        Self { env_url, octopus_url, bot_token, alice_token, stop: Some(stop), task }
+        Self { env_url, idp_url, bob_token, octopus_url, bot_token, alice_token, stop: Some(stop), task }
     }
 
     async fn stop(mut self) {
@@ -207,6 +211,13 @@ async fn a_person_signs_in_gets_a_key_once_revokes_it_and_claims_a_bots_ticket_b
     let (status, _) =
         running.get_as(&format!("/v1/tickets/{}", second["id"].as_str().unwrap()), &running.alice_token).await;
     assert_eq!(status, 200);
+    let bob_claim = reqwest::Client::new()
+        .post(format!("{}/v1/tickets/{}/claim", running.env_url, second["id"].as_str().unwrap()))
+        .bearer_auth(&running.bob_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bob_claim.status(), 403, "bob's own claim is refused by the API too");
 
     // An auditor: the trail with its verification, and a leaked secret identified.
     let sam_page = browser.new_page().await.unwrap();
@@ -225,6 +236,19 @@ async fn a_person_signs_in_gets_a_key_once_revokes_it_and_claims_a_bots_ticket_b
         .wait_for("(document.querySelector('#verify-result')||{textContent: ''}).textContent.includes('intact')", WAIT)
         .await
         .unwrap();
+    // Sam may read alice's waiting ticket: whose it is is shown, and neither claim nor cancel is offered.
+    sam_page.goto(second["pickup_url"].as_str().unwrap()).await.unwrap();
+    sign_in_as(&sam_page, "sam", "sam@example.com").await;
+    sam_page.wait_for("(document.querySelector('#ticket-state')||{}).textContent === 'waiting'", WAIT).await.unwrap();
+    let mismatch = sam_page.text("#ticket-mismatch").await.unwrap().unwrap_or_default();
+    assert!(mismatch.contains("alice@example.com") && mismatch.contains("sam@example.com"), "{mismatch}");
+    let offered = sam_page
+        .eval("['#ticket-claim', '#ticket-cancel'].map(s => { const b = document.querySelector(s); return !!b && !b.hidden && !b.closest('[hidden]'); })")
+        .await
+        .unwrap();
+    assert_eq!(offered, json!([false, false]), "an auditor may neither claim nor cancel");
+    sam_page.goto(&base).await.unwrap();
+    sign_in_as(&sam_page, "sam", "sam@example.com").await;
     sam_page.click("#nav-identify").await.unwrap();
     sam_page.type_text("#identify-secret", &claimed_secret).await.unwrap();
     sam_page.click("#identify-submit").await.unwrap();
@@ -248,10 +272,13 @@ async fn a_person_signs_in_gets_a_key_once_revokes_it_and_claims_a_bots_ticket_b
     for (who, p) in [("alice", &page), ("bob", &bob_page), ("sam", &sam_page)] {
         let requests = p.requests();
         assert!(requests.len() > 10, "{who}'s page made {} requests", requests.len());
+        // keybroker's and the identity provider's origins, exactly: nothing else, not even
+        // another service on loopback.
+        let allowed = [running.env_url.as_str(), running.idp_url.as_str()];
         for url in &requests {
-            let host = url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned));
+            let origin = url::Url::parse(url).map(|u| u.origin().ascii_serialization()).unwrap_or_default();
             assert!(
-                url.starts_with("data:") || url == "about:blank" || host.as_deref() == Some("127.0.0.1"),
+                url.starts_with("data:") || url == "about:blank" || allowed.contains(&origin.as_str()),
                 "{who}'s page requested {url}"
             );
         }

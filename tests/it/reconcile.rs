@@ -12,7 +12,7 @@ use keybroker::store::{
     Activation, AuditFilter, Delivery, DeliveryResult, KeyFilter, KeyRecord, NewDelivery, NewKey, PageRequest, Pending,
     SqliteStore, Store, StoreError,
 };
-use keybroker::tickets::{Ticket, TicketEnd, TicketId};
+use keybroker::tickets::{Hold, Ticket, TicketEnd, TicketId};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -143,23 +143,27 @@ impl Store for FlakyStore {
     async fn begin_ticket_claim(
         &self,
         id: &TicketId,
+        token: &str,
         now: DateTime<Utc>,
         stale_before: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        self.inner.begin_ticket_claim(id, now, stale_before).await
+        self.inner.begin_ticket_claim(id, token, now, stale_before).await
     }
-    async fn release_ticket_claim(&self, id: &TicketId) -> Result<(), StoreError> {
-        self.inner.release_ticket_claim(id).await
+    async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError> {
+        self.inner.release_ticket_claim(id, token).await
     }
     async fn end_ticket(
         &self,
         id: &TicketId,
         end: TicketEnd,
         at: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
+        hold: Hold<'_>,
         event: &NewAuditEvent,
     ) -> Result<bool, StoreError> {
-        self.inner.end_ticket(id, end, at, stale_before, event).await
+        self.inner.end_ticket(id, end, at, hold, event).await
+    }
+    async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.ticket_key(id).await
     }
     async fn tickets_due_for_expiry(
         &self,

@@ -26,6 +26,7 @@ fn new_key(requester: &str, scope: &str, now: DateTime<Utc>, max_active: u32) ->
         idempotency: None,
         requester_teams: vec!["team-a".to_owned(), "team-b".to_owned()],
         requested_by: Some("chatops-bot".to_owned()),
+        ticket: None,
     }
 }
 

@@ -23,7 +23,7 @@ fn options(extra: String) -> TestOptions {
                 "auditor_teams = [\"security\"]\ndelegate_teams = [\"chatops\"]",
             );
             let c = c.replace("[server]\n", "[server]\npublic_url = \"https://keybroker.example.com\"\n");
-            format!("{c}{extra}")
+            format!("{c}\n[ui]\nissuer = \"https://keybroker-dev.local/\"\nclient_id = \"keybroker\"\n{extra}")
         }),
         ..Default::default()
     }
@@ -83,13 +83,22 @@ impl Sink {
 }
 
 #[tokio::test]
-async fn a_bot_asks_alice_claims_once_and_the_secret_reaches_only_her() {
+async fn a_bot_asks_alice_claims_once_and_the_secret_reaches_only_her_on_both_backends() {
+    for (name, store, _guard) in backends().await {
+        eprintln!("backend: {name}");
+        the_ticket_flow(store).await;
+    }
+}
+
+async fn the_ticket_flow(store: Arc<dyn keybroker::store::Store>) {
     let sink = Sink::default();
     let hook = format!(
         "\n[[webhooks]]\nname = \"chat\"\nurl = \"{}\"\nevents = [\"ticket.claimed\"]\nsecret_file = \"audit-hmac\"\n",
         sink.serve().await
     );
-    let app = TestApp::spawn_with(options(hook)).await;
+    let mut options = options(hook);
+    options.store = Some(store);
+    let app = TestApp::spawn_with(options).await;
     let before = app.keybroker_keys_in_octopus().len();
 
     let ticket = ticket_for_alice(&app, "payments-deploy").await;
@@ -245,9 +254,9 @@ async fn an_unclaimed_ticket_expires_and_its_expiry_is_audited_once() {
 }
 
 #[tokio::test]
-async fn a_claim_holds_its_ticket_against_a_second_claim_and_a_cancel_on_both_backends() {
+async fn a_claim_holds_its_ticket_and_only_its_own_token_ends_or_releases_it_on_both_backends() {
     use keybroker::audit::{Action, NewAuditEvent, Outcome, RequestContext};
-    use keybroker::tickets::{CLAIM_HOLD, Ticket, TicketEnd, TicketId, TicketState};
+    use keybroker::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
     for (name, store, _guard) in backends().await {
         let now = keybroker::audit::store_precision(chrono::Utc::now());
         let ticket = Ticket {
@@ -268,35 +277,104 @@ async fn a_claim_holds_its_ticket_against_a_second_claim_and_a_cancel_on_both_ba
         let event = |action| NewAuditEvent::new(now, BOT, action, Outcome::Success, &RequestContext::default());
         store.insert_ticket(&ticket, &event(Action::TicketCreated)).await.unwrap();
         assert_eq!(store.get_ticket(&ticket.id).await.unwrap().as_ref(), Some(&ticket), "{name}");
-        let stale = now - CLAIM_HOLD;
-        assert!(store.begin_ticket_claim(&ticket.id, now, stale).await.unwrap(), "{name}");
-        assert!(!store.begin_ticket_claim(&ticket.id, now, stale).await.unwrap(), "{name}: a second claim waits");
+        let hold = Duration::minutes(6);
+        let nobody = Hold::Nobody { stale_before: now - hold };
+        assert!(store.begin_ticket_claim(&ticket.id, "a", now, now - hold).await.unwrap(), "{name}");
+        assert!(!store.begin_ticket_claim(&ticket.id, "b", now, now - hold).await.unwrap(), "{name}: b waits");
         let cancelled = event(Action::TicketCancelled);
-        let cancel = store.end_ticket(&ticket.id, TicketEnd::Cancelled, now, stale, &cancelled).await.unwrap();
+        let cancel = store.end_ticket(&ticket.id, TicketEnd::Cancelled, now, nobody, &cancelled).await.unwrap();
         assert!(!cancel, "{name}: a held ticket is not cancelled");
-        store.release_ticket_claim(&ticket.id).await.unwrap();
-        assert!(store.begin_ticket_claim(&ticket.id, now, stale).await.unwrap(), "{name}: released, claimable");
-        let key = uuid::Uuid::new_v4();
+        store.release_ticket_claim(&ticket.id, "b").await.unwrap();
+        assert!(
+            !store.begin_ticket_claim(&ticket.id, "b", now, now - hold).await.unwrap(),
+            "{name}: b cannot release a's"
+        );
+
+        // a outlives its hold; b takes over. a can then neither end nor release the ticket.
+        let later = now + hold + Duration::seconds(1);
+        assert!(store.begin_ticket_claim(&ticket.id, "b", later, later - hold).await.unwrap(), "{name}: takeover");
         let claimed_event = event(Action::TicketClaimed);
-        let claimed = store.end_ticket(&ticket.id, TicketEnd::Claimed(key), now, stale, &claimed_event).await.unwrap();
-        assert!(claimed, "{name}");
+        let key_a = uuid::Uuid::new_v4();
+        let stale = store.end_ticket(&ticket.id, TicketEnd::Claimed(key_a), later, Hold::Claim("a"), &claimed_event);
+        assert!(!stale.await.unwrap(), "{name}: a stale claim does not end the ticket");
+        store.release_ticket_claim(&ticket.id, "a").await.unwrap();
+        assert!(
+            store.get_ticket(&ticket.id).await.unwrap().unwrap().claim_started_at.is_some(),
+            "{name}: b still holds"
+        );
+        let key_b = uuid::Uuid::new_v4();
+        let claimed = store.end_ticket(&ticket.id, TicketEnd::Claimed(key_b), later, Hold::Claim("b"), &claimed_event);
+        assert!(claimed.await.unwrap(), "{name}");
         let stored = store.get_ticket(&ticket.id).await.unwrap().unwrap();
-        assert_eq!((stored.state, stored.key_id, stored.claim_started_at), (TicketState::Claimed, Some(key), None));
+        assert_eq!((stored.state, stored.key_id, stored.claim_started_at), (TicketState::Claimed, Some(key_b), None));
         let expired = event(Action::TicketExpired);
-        let again = store.end_ticket(&ticket.id, TicketEnd::Expired, now, stale, &expired).await.unwrap();
+        let again = store.end_ticket(&ticket.id, TicketEnd::Expired, later, nobody, &expired).await.unwrap();
         assert!(!again, "{name}: a claimed ticket stays claimed");
-        assert!(store.tickets_due_for_expiry(now + Duration::hours(1), stale, 10).await.unwrap().is_empty());
+        assert!(store.tickets_due_for_expiry(now + Duration::hours(1), now, 10).await.unwrap().is_empty());
         let actions: Vec<String> = store.audit_chain(0, 100).await.unwrap().into_iter().map(|e| e.action).collect();
         assert_eq!(actions, ["ticket.created", "ticket.claimed"], "{name}: one event per change that happened");
+
+        // A key issued through a ticket (its claim's answer lost) is found, and blocks a new claim.
+        let lost = Ticket { id: TicketId::generate(), ..ticket.clone() };
+        store.insert_ticket(&lost, &event(Action::TicketCreated)).await.unwrap();
+        let key = keybroker::store::NewKey {
+            id: uuid::Uuid::new_v4(),
+            scope: lost.scope.clone(),
+            requester: "alice".to_owned(),
+            purpose: "p".to_owned(),
+            octopus_user_id: "Users-2".to_owned(),
+            created_at: now,
+            expires_at: now + Duration::days(1),
+            max_active: 5,
+            idempotency: None,
+            requester_teams: Vec::new(),
+            requested_by: Some(BOT.to_owned()),
+            ticket: Some(lost.id.to_string()),
+        };
+        store.insert_pending(&key, &event(Action::KeyRequested), now).await.unwrap();
+        let found = store.ticket_key(&lost.id).await.unwrap().unwrap();
+        assert_eq!((found.id, found.requested_by.as_deref()), (key.id, Some(BOT)), "{name}");
+        assert!(!store.begin_ticket_claim(&lost.id, "c", now, now - hold).await.unwrap(), "{name}: already issued");
+        assert_eq!(store.ticket_key(&ticket.id).await.unwrap(), None, "{name}");
     }
 }
 
 #[tokio::test]
-async fn without_ui_there_is_no_page_and_tickets_still_work_for_bots() {
-    let app = app().await;
+async fn without_ui_there_is_no_page_and_nobody_may_create_tickets() {
+    let app = TestApp::spawn().await;
     for path in ["/", "/tickets/tkt_aaaaaaaaaaaaaaaaaaaaaaaaaa", "/ui/app.js", "/ui/config.json"] {
         let res = app.http.get(format!("{}{path}", app.url)).send().await.unwrap();
         assert_eq!(res.status(), 404, "{path}");
     }
-    ticket_for_alice(&app, "payments-deploy").await;
+    let body = json!({"for": "alice@example.com", "scope": "payments-deploy", "purpose": "p"});
+    assert_eq!(create(&app, &bot(&app), body).await.0, 403, "no delegate teams without the page");
+}
+
+#[test]
+fn the_page_and_tickets_are_refused_at_start_when_their_links_could_not_work() {
+    let load = |edit: fn(String) -> String| {
+        let (_dir, path) = crate::helpers::config_file("http://127.0.0.1:9", edit);
+        Config::load(&path).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let delegates = |c: String| {
+        c.replace("auditor_teams = [\"security\"]", "auditor_teams = [\"security\"]\ndelegate_teams = [\"chatops\"]")
+    };
+    let err = load(delegates).unwrap_err();
+    assert!(err.starts_with("auth.delegate_teams"), "{err}");
+    let wildcard_page = |c: String| {
+        let c = c.replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:8080\"");
+        format!("{c}\n[ui]\nissuer = \"https://keybroker-dev.local/\"\nclient_id = \"keybroker\"\n")
+    };
+    let err = load(wildcard_page).unwrap_err();
+    assert!(err.starts_with("server.public_url"), "{err}");
+    let untrusted = |c: String| format!("{c}\n[ui]\nissuer = \"https://other.example/\"\nclient_id = \"keybroker\"\n");
+    let err = load(untrusted).unwrap_err();
+    assert!(err.starts_with("ui.issuer") && err.contains("not a trusted issuer"), "{err}");
+    let id_token = |c: String| {
+        format!("{c}\n[ui]\nissuer = \"https://keybroker-dev.local/\"\nclient_id = \"page\"\ntoken = \"id_token\"\n")
+    };
+    let err = load(id_token).unwrap_err();
+    assert!(err.starts_with("ui.token"), "{err}");
+    let fine = |c: String| format!("{c}\n[ui]\nissuer = \"https://keybroker-dev.local/\"\nclient_id = \"keybroker\"\n");
+    assert_eq!(load(fine), Ok(()));
 }
