@@ -43,10 +43,29 @@ impl App {
                 let store = store::connect(config.database.url.expose_secret())
                     .await
                     .context("cannot open the database (database.url)")?;
-                store.migrate().await.context("cannot apply the database migrations")?;
+                if config.database.run_migrations {
+                    store.migrate().await.context("cannot apply the database migrations")?;
+                } else {
+                    store.check_migrated().await.context("the database schema is not current")?;
+                }
                 store
             }
         };
+        // Before the first append (config.loaded below): every new event is keyed from here.
+        let chain_key = config.audit.chain_key.clone().map(crate::audit::ChainKey::new);
+        match &chain_key {
+            Some(key) => {
+                store.set_chain_key(key.clone());
+                tracing::info!("audit chain: new events are keyed with HMAC-SHA256 under audit.chain_key_file");
+            }
+            None => tracing::warn!(
+                "audit chain: audit.chain_key_file is not set, so events are chained with plain SHA-256. That \
+                 detects edits by anyone who does not recompute the hashes, not by someone who can write the \
+                 database; the published head (log, metric, webhook) still shows deleted newest events. Set \
+                 audit.chain_key_file (32+ bytes, not the identify secret) to key the chain"
+            ),
+        }
+        let audit = Arc::new(crate::audit_watch::AuditWatch::new(chain_key));
         let metrics = Metrics::new();
         let octopus = OctopusClient::with_metrics(&config.octopus, metrics.clone())
             .context("cannot build the Octopus HTTP client")?;
@@ -115,6 +134,7 @@ impl App {
             readiness,
             tickets,
             ui,
+            audit,
         };
         Ok(Self { state, config })
     }
@@ -145,6 +165,18 @@ impl App {
         if let Some(reloader) = self.state.reloader.clone() {
             jobs.push(spawn_sighup_reload(self.state.keys.clone(), reloader));
         }
+        let (audit, keys) = (self.state.audit.clone(), self.state.keys.clone());
+        let (head_interval, webhooks) = (self.config.audit.head_interval, self.config.webhooks.clone());
+        jobs.push(tokio::spawn(async move {
+            // Every replica publishes what it sees: the head leaves the database on an interval.
+            let mut tick = tokio::time::interval(head_interval);
+            loop {
+                tick.tick().await;
+                if let Err(e) = audit.publish(keys.store().as_ref(), keys.metrics(), &webhooks, keys.now()).await {
+                    tracing::warn!(error = %e, "cannot read the audit trail's head");
+                }
+            }
+        }));
         let tickets = self.state.tickets.clone();
         let sweep = self.config.jobs.expiry_sweep_interval;
         jobs.push(tokio::spawn(async move {

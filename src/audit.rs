@@ -9,6 +9,40 @@ use uuid::Uuid;
 /// The hash the first event of the chain points back to.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// The prefix of a keyed hash: `hmac:` and the hex HMAC-SHA256, under `audit.chain_key_file`,
+/// of the same input a plain hash covers (the previous hash and the event's canonical form).
+/// Without the key nobody can compute one, so whoever can write the database can delete or
+/// change keyed events but cannot make the chain verify again.
+pub const KEYED_PREFIX: &str = "hmac:";
+
+/// The chain's key (`audit.chain_key_file`); never the identify secret.
+#[derive(Clone)]
+pub struct ChainKey(std::sync::Arc<secrecy::SecretString>);
+
+impl ChainKey {
+    pub fn new(secret: secrecy::SecretString) -> Self {
+        Self(std::sync::Arc::new(secret))
+    }
+
+    fn mac(&self, input: &[&[u8]]) -> String {
+        use hmac::Mac;
+        use secrecy::ExposeSecret;
+        let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(self.0.expose_secret().as_bytes()) else {
+            return String::new();
+        };
+        for part in input {
+            mac.update(part);
+        }
+        format!("{KEYED_PREFIX}{}", hex::encode(mac.finalize().into_bytes()))
+    }
+}
+
+impl std::fmt::Debug for ChainKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChainKey(..)")
+    }
+}
+
 /// What happened. The string forms are stable: auditors query by them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum Action {
@@ -278,6 +312,7 @@ fn canonical_hash(
     client_addr: Option<&str>,
     user_agent: Option<&str>,
     detail: &serde_json::Value,
+    key: Option<&ChainKey>,
 ) -> String {
     let canonical = Canonical {
         id: id.to_string(),
@@ -295,6 +330,9 @@ fn canonical_hash(
     };
     // serde_json writes struct fields in declaration order; `detail` is canonical on its own.
     let encoded = serde_json::to_vec(&canonical).unwrap_or_default();
+    if let Some(key) = key {
+        return key.mac(&[prev_hash.as_bytes(), b"\n", &encoded]);
+    }
     let mut hasher = Sha256::new();
     hasher.update(prev_hash.as_bytes());
     hasher.update(b"\n");
@@ -303,8 +341,8 @@ fn canonical_hash(
 }
 
 impl NewAuditEvent {
-    /// The hash of this event chained after `prev_hash`.
-    pub fn chain_hash(&self, prev_hash: &str) -> String {
+    /// The hash of this event chained after `prev_hash`: keyed with `key` when there is one.
+    pub fn chain_hash(&self, prev_hash: &str, key: Option<&ChainKey>) -> String {
         canonical_hash(
             prev_hash,
             self.id,
@@ -319,14 +357,26 @@ impl NewAuditEvent {
             self.context.client_addr.as_deref(),
             self.context.user_agent.as_deref(),
             &self.detail,
+            key,
         )
     }
 }
 
 impl AuditRecord {
-    /// Recomputes this record's hash from its fields.
-    pub fn recompute_hash(&self) -> String {
-        canonical_hash(
+    /// Whether its hash is keyed (see [`KEYED_PREFIX`]).
+    pub fn is_keyed(&self) -> bool {
+        self.hash.starts_with(KEYED_PREFIX)
+    }
+
+    /// Recomputes this record's hash from its fields, keyed when its stored hash is (with `key`;
+    /// `None` when it is keyed and there is no key to check it with).
+    pub fn recompute_hash(&self, key: Option<&ChainKey>) -> Option<String> {
+        let key = match (self.is_keyed(), key) {
+            (true, None) => return None,
+            (true, Some(key)) => Some(key),
+            (false, _) => None,
+        };
+        Some(canonical_hash(
             &self.prev_hash,
             self.id,
             self.occurred_at,
@@ -340,7 +390,8 @@ impl AuditRecord {
             self.client_addr.as_deref(),
             self.user_agent.as_deref(),
             &self.detail,
-        )
+            key,
+        ))
     }
 }
 
@@ -353,25 +404,39 @@ pub struct ChainBreak {
 }
 
 /// Checks records given in chain order, starting after `prev_hash`. Returns the last hash.
+///
+/// A keyed event needs `key` to be checked. Once the chain is keyed it stays keyed: an unkeyed
+/// event after a keyed one was written by someone without the key (an edit of the newest
+/// events, recomputed with plain hashes).
 pub fn verify_chain<'a>(
     mut prev_hash: String,
     records: impl IntoIterator<Item = &'a AuditRecord>,
+    key: Option<&ChainKey>,
 ) -> Result<String, ChainBreak> {
     for record in records {
+        let broken = |reason: &str| ChainBreak { seq: record.seq, event_id: record.id, reason: reason.to_owned() };
         if record.prev_hash != prev_hash {
-            return Err(ChainBreak {
-                seq: record.seq,
-                event_id: record.id,
-                reason: "prev_hash does not match the previous event's hash (an event was removed or reordered)"
-                    .to_owned(),
-            });
+            return Err(broken(
+                "prev_hash does not match the previous event's hash (an event was removed or reordered)",
+            ));
         }
-        if record.recompute_hash() != record.hash {
-            return Err(ChainBreak {
-                seq: record.seq,
-                event_id: record.id,
-                reason: "the event's content does not match its hash (it was changed)".to_owned(),
-            });
+        if prev_hash.starts_with(KEYED_PREFIX) && !record.is_keyed() {
+            return Err(broken(
+                "an unkeyed event follows keyed ones: it was written without the chain key (the trail was rewritten)",
+            ));
+        }
+        match record.recompute_hash(key) {
+            None => {
+                return Err(broken("the event is keyed, and no audit.chain_key_file is configured here to check it"));
+            }
+            Some(hash) if hash != record.hash => {
+                return Err(broken(if record.is_keyed() {
+                    "the event's content does not match its keyed hash (it was changed, or keyed with another key)"
+                } else {
+                    "the event's content does not match its hash (it was changed)"
+                }));
+            }
+            Some(_) => {}
         }
         prev_hash = record.hash.clone();
     }
@@ -382,7 +447,7 @@ pub fn verify_chain<'a>(
 mod tests {
     use super::*;
 
-    fn record_from(event: &NewAuditEvent, seq: i64, prev: &str) -> AuditRecord {
+    fn keyed_record_from(event: &NewAuditEvent, seq: i64, prev: &str, key: Option<&ChainKey>) -> AuditRecord {
         AuditRecord {
             seq,
             id: event.id,
@@ -398,12 +463,16 @@ mod tests {
             user_agent: event.context.user_agent.clone(),
             detail: event.detail.clone(),
             prev_hash: prev.to_owned(),
-            hash: event.chain_hash(prev),
+            hash: event.chain_hash(prev, key),
         }
     }
 
     fn chain(n: usize) -> Vec<AuditRecord> {
-        let mut prev = GENESIS_HASH.to_owned();
+        keyed_chain(n, None, GENESIS_HASH, 1)
+    }
+
+    fn keyed_chain(n: usize, key: Option<&ChainKey>, after: &str, first_seq: i64) -> Vec<AuditRecord> {
+        let mut prev = after.to_owned();
         (0..n)
             .map(|i| {
                 let e = NewAuditEvent::new(
@@ -415,7 +484,7 @@ mod tests {
                 )
                 .scope("payments")
                 .detail(serde_json::json!({"n": i}));
-                let r = record_from(&e, i as i64 + 1, &prev);
+                let r = keyed_record_from(&e, i as i64 + first_seq, &prev, key);
                 prev = r.hash.clone();
                 r
             })
@@ -433,14 +502,14 @@ mod tests {
     #[test]
     fn an_intact_chain_verifies() {
         let records = chain(5);
-        assert_eq!(verify_chain(GENESIS_HASH.to_owned(), &records).unwrap(), records[4].hash);
+        assert_eq!(verify_chain(GENESIS_HASH.to_owned(), &records, None).unwrap(), records[4].hash);
     }
 
     #[test]
     fn a_changed_event_breaks_the_chain_at_that_event() {
         let mut records = chain(5);
         records[2].actor = "mallory".to_owned();
-        let err = verify_chain(GENESIS_HASH.to_owned(), &records).unwrap_err();
+        let err = verify_chain(GENESIS_HASH.to_owned(), &records, None).unwrap_err();
         assert_eq!(err.seq, 3);
         assert!(err.reason.contains("changed"));
     }
@@ -449,8 +518,40 @@ mod tests {
     fn a_removed_event_breaks_the_chain_after_the_gap() {
         let mut records = chain(5);
         records.remove(1);
-        let err = verify_chain(GENESIS_HASH.to_owned(), &records).unwrap_err();
+        let err = verify_chain(GENESIS_HASH.to_owned(), &records, None).unwrap_err();
         assert_eq!(err.seq, 3);
         assert!(err.reason.contains("removed"));
+    }
+
+    fn key(text: &str) -> ChainKey {
+        ChainKey::new(secrecy::SecretString::from(text.to_owned()))
+    }
+
+    #[test]
+    fn a_keyed_chain_verifies_only_with_its_key_and_cannot_be_rewritten_without_it() {
+        let k = key("chain-key-0123456789abcdef0123456789abcdef");
+        // History from before the key, then keyed events.
+        let mut records = chain(2);
+        records.extend(keyed_chain(3, Some(&k), &records[1].hash.clone(), 3));
+        assert!(records[2].hash.starts_with(KEYED_PREFIX));
+        assert_eq!(verify_chain(GENESIS_HASH.to_owned(), &records, Some(&k)).unwrap(), records[4].hash);
+
+        let err = verify_chain(GENESIS_HASH.to_owned(), &records, None).unwrap_err();
+        assert_eq!(err.seq, 3, "a keyed event cannot be checked without the key");
+        let err = verify_chain(GENESIS_HASH.to_owned(), &records, Some(&key("another-key-0123456789abcdef0123456789")))
+            .unwrap_err();
+        assert_eq!(err.seq, 3);
+
+        // Whoever edits the newest events without the key can only recompute plain hashes.
+        let mut rewritten = records[..3].to_vec();
+        rewritten.extend(keyed_chain(2, None, &records[2].hash.clone(), 4));
+        let err = verify_chain(GENESIS_HASH.to_owned(), &rewritten, Some(&k)).unwrap_err();
+        assert_eq!(err.seq, 4);
+        assert!(err.reason.contains("unkeyed event follows keyed ones"), "{}", err.reason);
+
+        let mut changed = records.clone();
+        changed[3].actor = "mallory".to_owned();
+        let err = verify_chain(GENESIS_HASH.to_owned(), &changed, Some(&k)).unwrap_err();
+        assert_eq!((err.seq, err.reason.contains("keyed hash")), (4, true));
     }
 }

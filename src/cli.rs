@@ -20,6 +20,16 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Walk the whole hash chain from its first event (keyed events with audit.chain_key_file),
+    /// printing progress; exit 1 at the first broken link.
+    Verify {
+        #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Run the service (secrets come from files or the environment, never from arguments).
     Serve {
@@ -52,6 +62,11 @@ enum Command {
     Migrate {
         #[arg(long, env = "KEYBROKER_CONFIG", default_value = "keybroker.toml")]
         config: PathBuf,
+    },
+    /// The audit trail: `keybroker audit verify` re-verifies every event, with progress.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Print the OpenAPI document.
     Openapi,
@@ -136,6 +151,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             print!("{}", crate::doctor::render(&rows));
             Ok(if crate::doctor::failed(&rows) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
+        Command::Audit { command: AuditCommand::Verify { config } } => audit_verify(&config).await,
         Command::Migrate { config } => {
             telemetry::init(LogFormat::from_env(LogFormat::Pretty));
             let config = Config::load(&config)?;
@@ -258,4 +274,38 @@ async fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `keybroker audit verify`: every event, in chunks, with a progress line per chunk.
+async fn audit_verify(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let store = crate::store::connect(config.database.url.expose_secret())
+        .await
+        .context("cannot open the database (database.url)")?;
+    let key = config.audit.chain_key.clone().map(crate::audit::ChainKey::new);
+    if key.is_none() {
+        eprintln!("note: audit.chain_key_file is not set; keyed events cannot be checked, plain ones are");
+    }
+    let watch = crate::audit_watch::AuditWatch::new(key);
+    let started = std::time::Instant::now();
+    let mut checked = 0u64;
+    loop {
+        let v = watch.verify(store.as_ref(), 50_000).await?;
+        checked += v.events_checked;
+        if let Some(brk) = &v.first_break {
+            println!("BROKEN at event #{} ({}): {}", brk.seq, brk.event_id, brk.reason);
+            println!("{checked} events checked before it, in {:.1} s", started.elapsed().as_secs_f64());
+            return Ok(ExitCode::FAILURE);
+        }
+        eprintln!("verified {checked} events (through #{}), {:.1} s", v.last_seq, started.elapsed().as_secs_f64());
+        if v.complete {
+            println!(
+                "OK: {checked} events, head #{} {} ({})",
+                v.last_seq,
+                v.head_hash,
+                if v.keyed { "new events keyed" } else { "not keyed" }
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
 }

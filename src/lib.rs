@@ -6,6 +6,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod audit_watch;
 pub mod auth;
 pub mod cli;
 pub mod clock;

@@ -91,6 +91,8 @@ pub struct Metrics {
     pub job_duration_ms: Family<JobLabels, Gauge>,
     pub unmanaged_keys: Gauge,
     pub credential_expiry: Gauge,
+    /// The audit trail's newest event, as last published (compare it with what the trail holds).
+    pub audit_head_seq: Gauge,
     /// Requests to authenticated routes that carried no credential at all (never audited).
     pub auth_missing: Counter,
     /// Failed authentications and role refusals left out of the audit trail because an event
@@ -123,6 +125,7 @@ impl Metrics {
         let job_duration_ms = Family::<JobLabels, Gauge>::default();
         let unmanaged_keys = Gauge::default();
         let credential_expiry = Gauge::default();
+        let audit_head_seq = Gauge::default();
         let auth_missing = Counter::default();
         let denials_aggregated = Counter::default();
         let octopus_paced = Counter::default();
@@ -157,6 +160,11 @@ impl Metrics {
             "unmanaged_octopus_keys",
             "Octopus keys carrying a keybroker marker without an active record (last drift scan)",
             unmanaged_keys.clone(),
+        );
+        registry.register(
+            "audit_head_seq",
+            "The audit trail's newest event (its seq), published every audit.head_interval",
+            audit_head_seq.clone(),
         );
         registry.register(
             "octopus_credential_expiry_timestamp_seconds",
@@ -203,6 +211,7 @@ impl Metrics {
             job_duration_ms,
             unmanaged_keys,
             credential_expiry,
+            audit_head_seq,
             auth_missing,
             denials_aggregated,
             octopus_paced,

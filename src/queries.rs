@@ -3,7 +3,7 @@
 
 use uuid::Uuid;
 
-use crate::audit::{AuditRecord, ChainBreak, GENESIS_HASH, verify_chain};
+use crate::audit::AuditRecord;
 use crate::auth::Principal;
 use crate::issuance::{KeyService, ServiceError};
 // The domain types of the read side, so that the HTTP layer names them without reaching into
@@ -49,38 +49,12 @@ pub async fn audit_page(
     keys.store().list_audit(filter, page).await.map_err(ServiceError::Store)
 }
 
-/// The result of walking the hash chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verification {
-    pub events_checked: u64,
-    /// The hash of the last event that checked out (the chain's head when there is no break).
-    pub head_hash: String,
-    pub first_break: Option<ChainBreak>,
-}
-
-/// Walks the whole chain, oldest first, in batches, and stops at the first broken link.
-pub async fn verify_trail(keys: &KeyService) -> Result<Verification, ServiceError> {
-    const BATCH: u32 = 1000;
-    let mut head = GENESIS_HASH.to_owned();
-    let mut after = 0;
-    let mut checked = 0u64;
-    loop {
-        let batch = keys.store().audit_chain(after, BATCH).await.map_err(ServiceError::Store)?;
-        let Some(last) = batch.last() else { break };
-        after = last.seq;
-        match verify_chain(head.clone(), &batch) {
-            Ok(h) => {
-                head = h;
-                checked += batch.len() as u64;
-            }
-            Err(brk) => {
-                checked += batch.iter().take_while(|e| e.seq < brk.seq).count() as u64;
-                return Ok(Verification { events_checked: checked, head_hash: head, first_break: Some(brk) });
-            }
-        }
-        if batch.len() < BATCH as usize {
-            break;
-        }
-    }
-    Ok(Verification { events_checked: checked, head_hash: head, first_break: None })
+/// Verifies the audit trail from where this process last did, at most `bound` events (see
+/// [`AuditWatch::verify`](crate::audit_watch::AuditWatch::verify)).
+pub async fn verify_trail(
+    keys: &KeyService,
+    watch: &crate::audit_watch::AuditWatch,
+    bound: u64,
+) -> Result<crate::audit_watch::Verification, ServiceError> {
+    watch.verify(keys.store().as_ref(), bound).await.map_err(ServiceError::Store)
 }

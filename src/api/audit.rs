@@ -85,15 +85,32 @@ pub async fn list_events(
 /// The result of walking the hash chain.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct VerifyReport {
-    /// True when every event links to the one before it and matches its hash.
+    /// True when every event checked links to the one before it and matches its hash, and the
+    /// events this process verified or published before are still there, unchanged.
     pub ok: bool,
-    /// How many events were checked.
+    /// How many events this call checked (new ones since the last verification).
     pub events_checked: u64,
-    /// The hash of the last event checked (the chain's head when `ok`).
+    /// The hash of the last event checked (the chain's head when `ok` and `complete`).
     pub head_hash: String,
     /// The first broken link, when there is one.
     pub first_break: Option<ChainBreak>,
+    /// This call checked the events after this one (0: from the first); earlier calls checked
+    /// those before.
+    pub from_seq: i64,
+    /// The last event checked.
+    pub last_seq: i64,
+    /// False when the call stopped at its bound (100,000 events); call again to go on.
+    pub complete: bool,
+    /// Whether new events are keyed with `audit.chain_key_file` (HMAC-SHA256). Without it the
+    /// chain is plain SHA-256, which someone who can write the database can recompute.
+    pub keyed: bool,
+    /// The last head this process published (log line, `keybroker_audit_head_seq`,
+    /// `audit.checkpoint`), which the trail must still hold.
+    pub published_seq: Option<i64>,
 }
+
+/// Events one verification call checks at most.
+const VERIFY_BOUND: u64 = 100_000;
 
 /// Verify the audit trail's hash chain.
 #[utoipa::path(
@@ -112,11 +129,16 @@ pub async fn verify(
     State(state): State<AppState>,
     _auditor: AuditorCaller,
 ) -> Result<axum::Json<VerifyReport>, ApiError> {
-    let v = crate::queries::verify_trail(&state.keys).await?;
+    let v = crate::queries::verify_trail(&state.keys, &state.audit, VERIFY_BOUND).await?;
     Ok(axum::Json(VerifyReport {
         ok: v.first_break.is_none(),
         events_checked: v.events_checked,
         head_hash: v.head_hash,
         first_break: v.first_break,
+        from_seq: v.from_seq,
+        last_seq: v.last_seq,
+        complete: v.complete,
+        keyed: v.keyed,
+        published_seq: v.published.map(|h| h.seq),
     }))
 }

@@ -56,6 +56,8 @@ pub struct AppState {
     pub tickets: Arc<crate::tickets::TicketService>,
     /// The page at `/`, with `[ui]`.
     pub ui: Option<Arc<crate::ui::Ui>>,
+    /// The trail's published head and where verification got to.
+    pub audit: Arc<crate::audit_watch::AuditWatch>,
 }
 
 impl AppState {

@@ -178,6 +178,9 @@ struct RawDatabase {
     url: Option<String>,
     /// A file holding the URL, for URLs that carry a password.
     url_file: Option<PathBuf>,
+    /// Whether `serve` applies the migrations (false: the runtime role may not; it checks the
+    /// schema is current, and `keybroker migrate` runs as the owner).
+    run_migrations: Option<bool>,
 }
 
 fn default_database_url() -> String {
@@ -211,11 +214,24 @@ fn default_octopus_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     hmac_secret_file: Option<PathBuf>,
     hmac_secret: Option<SecretString>,
+    chain_key_file: Option<PathBuf>,
+    #[serde(default = "default_head_interval")]
+    head_interval: HumanDuration,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self { hmac_secret_file: None, hmac_secret: None, chain_key_file: None, head_interval: default_head_interval() }
+    }
+}
+
+fn default_head_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +361,8 @@ pub struct ServerConfig {
 pub struct DatabaseConfig {
     /// `sqlite://...` or `postgres://...`. May hold a password, so it is never logged whole.
     pub url: SecretString,
+    /// `database.run_migrations` (`true`).
+    pub run_migrations: bool,
 }
 
 /// How keybroker authenticates to Octopus.
@@ -404,6 +422,10 @@ impl JwtAlgorithm {
 pub struct AuditConfig {
     /// Keys the HMAC of issued secrets (for `/v1/keys/identify`).
     pub hmac_secret: SecretString,
+    /// Keys the audit chain's hashes (`audit.chain_key_file`); `None`: plain SHA-256.
+    pub chain_key: Option<SecretString>,
+    /// How often the chain's head is published.
+    pub head_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -428,7 +450,8 @@ pub struct WebhookConfig {
     pub ca_certificates: Vec<reqwest::Certificate>,
 }
 
-const WEBHOOK_EVENTS: &[&str] = &["key.issued", "key.expiring", "key.expired", "key.revoked", "ticket.claimed"];
+const WEBHOOK_EVENTS: &[&str] =
+    &["key.issued", "key.expiring", "key.expired", "key.revoked", "ticket.claimed", "audit.checkpoint"];
 
 /// Shortest HMAC and HS256 secret accepted: 32 bytes, the output size of SHA-256.
 const MIN_SECRET_BYTES: usize = 32;
@@ -544,7 +567,10 @@ impl Config {
                 "must start with sqlite:// (embedded) or postgres:// (several replicas)",
             ));
         }
-        let database = DatabaseConfig { url: SecretString::from(db_url) };
+        let database = DatabaseConfig {
+            url: SecretString::from(db_url),
+            run_migrations: raw.database.run_migrations.unwrap_or(true),
+        };
 
         let octopus = validate_octopus(raw.octopus, base)?;
         let auth = auth::validate(raw.auth, raw.bindings, base)?;
@@ -606,7 +632,11 @@ impl Config {
             database,
             octopus,
             auth,
-            audit: AuditConfig { hmac_secret },
+            audit: AuditConfig {
+                chain_key: chain_key(raw.audit.chain_key_file.as_deref(), &hmac_secret, base)?,
+                hmac_secret,
+                head_interval: nonzero("audit.head_interval", raw.audit.head_interval)?,
+            },
             policy,
             jobs,
             webhooks,
@@ -615,6 +645,28 @@ impl Config {
             tickets,
         })
     }
+}
+
+/// `audit.chain_key_file`: at least 32 bytes, and not the identify secret (which keys what is
+/// kept of every issued key: one key must not do both jobs).
+fn chain_key(
+    file: Option<&Path>,
+    hmac_secret: &SecretString,
+    base: &Path,
+) -> Result<Option<SecretString>, ConfigError> {
+    let Some(file) = file else { return Ok(None) };
+    let key = "audit.chain_key_file";
+    let path = base.join(file);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ConfigError::at(key, format!("cannot read {}: {e}", path.display())))?;
+    let secret = text.trim();
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(ConfigError::at(key, format!("the key must be at least {MIN_SECRET_BYTES} bytes long")));
+    }
+    if secret == hmac_secret.expose_secret() {
+        return Err(ConfigError::at(key, "must differ from audit.hmac_secret_file (the identify secret)"));
+    }
+    Ok(Some(SecretString::from(secret.to_owned())))
 }
 
 fn validate_webhooks(raw: Vec<RawWebhook>, base: &Path) -> Result<Vec<WebhookConfig>, ConfigError> {

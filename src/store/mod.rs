@@ -181,8 +181,16 @@ pub enum StoreError {
 /// The storage contract both backends implement.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Keys every event appended from now on with `key` (`audit.chain_key_file`; set once, at
+    /// start, before the first append).
+    fn set_chain_key(&self, key: crate::audit::ChainKey);
+
     /// Applies the migrations.
     async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Checks, without changing anything, that every migration has been applied (for a runtime
+    /// role that may not apply them).
+    async fn check_migrated(&self) -> Result<(), StoreError>;
 
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -382,4 +390,16 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     } else {
         Err(StoreError::Unavailable("database.url must start with sqlite:// or postgres://".to_owned()))
     }
+}
+
+/// How many of `migrator`'s migrations are applied, per `_sqlx_migrations`, against how many it has.
+pub(crate) fn migration_gap(migrator: &sqlx::migrate::Migrator, applied: i64) -> Result<(), StoreError> {
+    let needed = migrator.iter().filter(|m| m.migration_type.is_up_migration()).count() as i64;
+    if applied < needed {
+        return Err(StoreError::Unavailable(format!(
+            "the database has {applied} of keybroker's {needed} migrations: run `keybroker migrate` as the schema's \
+             owner (database.run_migrations = false here)"
+        )));
+    }
+    Ok(())
 }

@@ -27,7 +27,7 @@ use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
     NewKey, PageRequest, Pending, Store, StoreError,
 };
-use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
+use crate::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
 use crate::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
 
 /// Advisory lock namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
@@ -40,6 +40,8 @@ pub struct PgStore {
     /// checks it against the table inside its INSERT and reads the head afresh when it is stale
     /// (another replica appended, or the transaction that appended it rolled back).
     head: Arc<Mutex<Option<String>>>,
+    /// `audit.chain_key_file`'s key, once set: appended events are keyed with it.
+    chain_key: Arc<std::sync::OnceLock<ChainKey>>,
     /// The issuance path's writes, committed in batches.
     writes: WriteQueue,
     /// The connection the batches run on.
@@ -70,9 +72,14 @@ impl PgStore {
             .map_err(db_err)?;
         let head: Arc<Mutex<Option<String>>> = Arc::default();
         let committing = HeldConnection::default();
-        let writes =
-            WriteQueue::start(PgCommitter { pool: pool.clone(), head: head.clone(), conn: committing.clone() });
-        Ok(Self { pool, head, writes, committing })
+        let chain_key = Arc::<std::sync::OnceLock<ChainKey>>::default();
+        let writes = WriteQueue::start(PgCommitter {
+            pool: pool.clone(),
+            head: head.clone(),
+            chain_key: chain_key.clone(),
+            conn: committing.clone(),
+        });
+        Ok(Self { pool, head, chain_key, writes, committing })
     }
 
     async fn write_tx(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
@@ -86,6 +93,7 @@ impl PgStore {
 async fn append_in(
     tx: &mut Transaction<'_, Postgres>,
     head: &Mutex<Option<String>>,
+    key: Option<&ChainKey>,
     events: &[&NewAuditEvent],
 ) -> Result<(), StoreError> {
     if events.is_empty() {
@@ -95,7 +103,7 @@ async fn append_in(
     sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(CHAIN_LOCK).execute(&mut **tx).await.map_err(db_err)?;
     let cached = head.lock().map(|mut h| h.take()).unwrap_or_default();
     if let Some(prev) = cached {
-        if let Some(last) = insert_events(tx, events, &prev).await? {
+        if let Some(last) = insert_events(tx, events, &prev, key).await? {
             remember(head, last);
             return Ok(());
         }
@@ -105,7 +113,7 @@ async fn append_in(
         .await
         .map_err(db_err)?;
     let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
-    let Some(last) = insert_events(tx, events, &prev).await? else {
+    let Some(last) = insert_events(tx, events, &prev, key).await? else {
         // Impossible while this transaction holds the chain lock.
         return Err(StoreError::Unavailable("the audit chain's head moved during an append".to_owned()));
     };
@@ -131,12 +139,13 @@ async fn insert_events(
     tx: &mut Transaction<'_, Postgres>,
     events: &[&NewAuditEvent],
     prev: &str,
+    key: Option<&ChainKey>,
 ) -> Result<Option<String>, StoreError> {
     let mut prevs = Vec::with_capacity(events.len());
     let mut hashes = Vec::with_capacity(events.len());
     let mut last = prev.to_owned();
     for event in events {
-        let hash = event.chain_hash(&last);
+        let hash = event.chain_hash(&last, key);
         prevs.push(std::mem::replace(&mut last, hash.clone()));
         hashes.push(hash);
     }
@@ -240,6 +249,7 @@ async fn key_in(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<KeyRecor
 struct PgCommitter {
     pool: PgPool,
     head: Arc<Mutex<Option<String>>>,
+    chain_key: Arc<std::sync::OnceLock<ChainKey>>,
     /// The connection batches run on, kept from one batch to the next: taking one from the pool
     /// costs a round trip (the pool pings it first). After any failure it is closed, so the
     /// next batch (or the retry of each write alone) starts on a fresh, pinged connection.
@@ -259,7 +269,7 @@ impl PgCommitter {
         writes: &[&Write],
     ) -> Result<Vec<Outcome>, (bool, StoreError)> {
         let mut tx = conn.begin().await.map_err(|e| (false, db_err(e)))?;
-        match batch::apply(&mut PgBatch { tx: &mut tx, head: &self.head }, writes).await {
+        match batch::apply(&mut PgBatch { tx: &mut tx, head: &self.head, key: self.chain_key.get() }, writes).await {
             Ok(outcomes) => {
                 tx.commit().await.map_err(|e| (true, db_err(e)))?;
                 Ok(outcomes)
@@ -309,6 +319,7 @@ impl Committer for PgCommitter {
 struct PgBatch<'a, 'c> {
     tx: &'a mut Transaction<'c, Postgres>,
     head: &'a Mutex<Option<String>>,
+    key: Option<&'a ChainKey>,
 }
 
 #[async_trait]
@@ -448,17 +459,29 @@ impl BatchTx for PgBatch<'_, '_> {
     }
 
     async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError> {
-        append_in(self.tx, self.head, events).await
+        append_in(self.tx, self.head, self.key, events).await
     }
 }
 
 #[async_trait]
 impl Store for PgStore {
+    fn set_chain_key(&self, key: ChainKey) {
+        let _ = self.chain_key.set(key);
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("migrations/postgres")
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    async fn check_migrated(&self) -> Result<(), StoreError> {
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot read the applied migrations: {e}")))?;
+        super::migration_gap(&sqlx::migrate!("migrations/postgres"), applied)
     }
 
     async fn close(&self) {
@@ -496,7 +519,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, &self.head, &[event]).await?;
+        append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -520,7 +543,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, &self.head, &[event]).await?;
+        append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
         let record = key_in(&mut tx, id).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(record)
@@ -602,7 +625,7 @@ impl Store for PgStore {
                 .rows_affected()
                 == 1;
         if done {
-            append_in(&mut tx, &self.head, &[event]).await?;
+            append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(done)
@@ -847,7 +870,7 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        append_in(&mut tx, &self.head, &[event]).await?;
+        append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -929,7 +952,7 @@ impl Store for PgStore {
             tx.rollback().await.map_err(db_err)?;
             return Ok(false);
         }
-        append_in(&mut tx, &self.head, &[event]).await?;
+        append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
     }

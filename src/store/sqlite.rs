@@ -19,7 +19,7 @@ use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
     NewKey, PageRequest, Pending, Store, StoreError,
 };
-use crate::audit::{AuditRecord, GENESIS_HASH, NewAuditEvent, store_precision};
+use crate::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
 use crate::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
 
 pub struct SqliteStore {
@@ -32,6 +32,8 @@ pub struct SqliteStore {
     /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
     /// guards the audit chain's head as this process last wrote it; see [`append_in`].
     write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
+    /// `audit.chain_key_file`'s key, once set: appended events are keyed with it.
+    chain_key: Arc<std::sync::OnceLock<ChainKey>>,
     /// The issuance path's writes, committed in batches on `writer` under `write_lock`.
     writes: WriteQueue,
     /// The background checkpoint task; stopped when the store goes.
@@ -91,8 +93,13 @@ impl SqliteStore {
             .map_err(db_err)?;
         let checkpointer = tokio::spawn(checkpoint_in_background(pool.clone())).abort_handle();
         let write_lock = Arc::new(tokio::sync::Mutex::new(None));
-        let writes = WriteQueue::start(SqliteCommitter { writer: writer.clone(), write_lock: write_lock.clone() });
-        Ok(Self { pool, writer, write_lock, writes, checkpointer })
+        let chain_key = Arc::<std::sync::OnceLock<ChainKey>>::default();
+        let writes = WriteQueue::start(SqliteCommitter {
+            writer: writer.clone(),
+            write_lock: write_lock.clone(),
+            chain_key: chain_key.clone(),
+        });
+        Ok(Self { pool, writer, write_lock, writes, checkpointer, chain_key })
     }
 
     /// A write transaction that holds the write lock from its start; the guard must live until
@@ -126,13 +133,14 @@ async fn checkpoint_in_background(pool: SqlitePool) {
 async fn append_in(
     tx: &mut Transaction<'static, Sqlite>,
     head: &mut ChainHead,
+    key: Option<&ChainKey>,
     events: &[&NewAuditEvent],
 ) -> Result<(), StoreError> {
     if events.is_empty() {
         return Ok(());
     }
     if let Some(prev) = head.take() {
-        if let Some(last) = insert_events(tx, events, &prev).await? {
+        if let Some(last) = insert_events(tx, events, &prev, key).await? {
             *head = Some(last);
             return Ok(());
         }
@@ -142,7 +150,7 @@ async fn append_in(
         .await
         .map_err(db_err)?;
     let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
-    let Some(last) = insert_events(tx, events, &prev).await? else {
+    let Some(last) = insert_events(tx, events, &prev, key).await? else {
         // Impossible while this transaction holds the write lock.
         return Err(StoreError::Unavailable("the audit chain's head moved during an append".to_owned()));
     };
@@ -175,11 +183,12 @@ async fn insert_events(
     tx: &mut Transaction<'static, Sqlite>,
     events: &[&NewAuditEvent],
     prev: &str,
+    key: Option<&ChainKey>,
 ) -> Result<Option<String>, StoreError> {
     let mut rows: Vec<EventRow<'_>> = Vec::with_capacity(events.len());
     let mut last = prev.to_owned();
     for event in events {
-        let hash = event.chain_hash(&last);
+        let hash = event.chain_hash(&last, key);
         rows.push((
             event.id.to_string(),
             fmt_time(store_precision(event.occurred_at)),
@@ -356,6 +365,7 @@ async fn key_in(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> Result<KeyRe
 struct SqliteCommitter {
     writer: SqlitePool,
     write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
+    chain_key: Arc<std::sync::OnceLock<ChainKey>>,
 }
 
 #[async_trait]
@@ -363,7 +373,7 @@ impl Committer for SqliteCommitter {
     async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
         let mut head = self.write_lock.lock().await;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
-        match batch::apply(&mut SqliteBatch { tx: &mut tx, head: &mut head }, writes).await {
+        match batch::apply(&mut SqliteBatch { tx: &mut tx, head: &mut head, key: self.chain_key.get() }, writes).await {
             Ok(outcomes) => {
                 tx.commit().await.map_err(db_err)?;
                 Ok(outcomes)
@@ -382,6 +392,7 @@ impl Committer for SqliteCommitter {
 struct SqliteBatch<'a> {
     tx: &'a mut Transaction<'static, Sqlite>,
     head: &'a mut ChainHead,
+    key: Option<&'a ChainKey>,
 }
 
 fn to_json<T: serde::Serialize>(rows: &T) -> Result<String, StoreError> {
@@ -526,17 +537,29 @@ impl BatchTx for SqliteBatch<'_> {
     }
 
     async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError> {
-        append_in(self.tx, self.head, events).await
+        append_in(self.tx, self.head, self.key, events).await
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn set_chain_key(&self, key: ChainKey) {
+        let _ = self.chain_key.set(key);
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("migrations/sqlite")
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    async fn check_migrated(&self) -> Result<(), StoreError> {
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot read the applied migrations: {e}")))?;
+        super::migration_gap(&sqlx::migrate!("migrations/sqlite"), applied)
     }
 
     async fn close(&self) {
@@ -685,7 +708,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, &mut head, &[event]).await?;
+        append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -710,7 +733,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        append_in(&mut tx, &mut head, &[event]).await?;
+        append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
         let record = key_in(&mut tx, id).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(record)
@@ -728,7 +751,7 @@ impl Store for SqliteStore {
                 .rows_affected()
                 == 1;
         if done {
-            append_in(&mut tx, &mut head, &[event]).await?;
+            append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(done)
@@ -895,7 +918,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        append_in(&mut tx, &mut head, &[event]).await?;
+        append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -982,7 +1005,7 @@ impl Store for SqliteStore {
             tx.rollback().await.map_err(db_err)?;
             return Ok(false);
         }
-        append_in(&mut tx, &mut head, &[event]).await?;
+        append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
     }

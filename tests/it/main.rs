@@ -2,6 +2,7 @@
 //! spoken to over HTTP. One test binary, so the crate is linked once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit_trail;
 mod auth;
 mod bad_input;
 mod bench_smoke;

@@ -134,6 +134,12 @@ impl Store for FlakyStore {
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.audit_chain(after_seq, limit).await
     }
+    async fn check_migrated(&self) -> Result<(), StoreError> {
+        self.inner.check_migrated().await
+    }
+    fn set_chain_key(&self, key: keybroker::audit::ChainKey) {
+        self.inner.set_chain_key(key)
+    }
     async fn insert_ticket(&self, ticket: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
         self.inner.insert_ticket(ticket, event).await
     }

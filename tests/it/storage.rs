@@ -63,7 +63,7 @@ fn activation(id: Uuid, n: u32) -> Activation {
 
 async fn verify(store: &Arc<dyn Store>) -> usize {
     let chain = store.audit_chain(0, 100_000).await.unwrap();
-    verify_chain(GENESIS_HASH.to_owned(), &chain).unwrap();
+    verify_chain(GENESIS_HASH.to_owned(), &chain, None).unwrap();
     chain.len()
 }
 
@@ -281,7 +281,7 @@ async fn audit_events_round_trip_filter_and_chain() {
         assert_eq!(chain[0].id, first.id, "{name}");
         assert_eq!(chain[0].detail, first.detail, "{name}");
         assert_eq!(chain[0].request_id.as_deref(), Some("req-1"), "{name}");
-        verify_chain(GENESIS_HASH.to_owned(), &chain).unwrap();
+        verify_chain(GENESIS_HASH.to_owned(), &chain, None).unwrap();
 
         let page = PageRequest { before_seq: None, limit: 10 };
         let by_actor = store
