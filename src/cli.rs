@@ -220,6 +220,13 @@ async fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     // Builds the token verifier too: PEM keys must parse and match the pinned algorithms.
     crate::auth::Authenticator::new(&config.auth)?;
     println!("{}: configuration is valid ({} scopes)", path.display(), config.policy.scopes().len());
+    let worst = crate::config::issuance_worst_case(config.octopus.timeout);
+    println!(
+        "ok    an issuance waits for Octopus at most {} ({}); server.request_timeout is {}",
+        humantime::format_duration(worst.total),
+        worst.derivation,
+        humantime::format_duration(config.server.request_timeout)
+    );
     let octopus = crate::octopus::OctopusClient::new(&config.octopus)?;
     let mut problems = 0;
     match octopus.current_user().await {

@@ -521,7 +521,7 @@ impl KeyService {
                         // The account was deleted (and maybe re-created with another id).
                         self.octopus.forget_user(&scope.octopus_user);
                     }
-                    self.fail_pending(principal, ctx, scope, id, &account.id, &e).await;
+                    self.fail_pending(principal, ctx, scope, id, &account.id, &e, ends_at).await;
                     // The credential works (it found the account); a 403 on this account's keys is
                     // this scope's misconfiguration, and other scopes keep working.
                     if let OctopusError::Credential { status: 403, message } = &e {
@@ -542,7 +542,7 @@ impl KeyService {
             );
             let _ = self.octopus.delete_api_key(&account.id, &created.id).await;
             let error = OctopusError::Unavailable { detail };
-            self.fail_pending(principal, ctx, scope, id, &account.id, &error).await;
+            self.fail_pending(principal, ctx, scope, id, &account.id, &error, ends_at).await;
             return Err(ServiceError::Octopus(error));
         }
         // Nobody would receive the secret: the key goes at once, and an event names it.
@@ -674,8 +674,10 @@ impl KeyService {
     }
 
     /// After a failed create: when the outcome is unknown (timeout, lost answer), look for a key
-    /// carrying our marker and revoke it; then mark the record failed. If any of that fails the
-    /// record stays pending for the reconciler.
+    /// carrying our marker and revoke it, within the issuance's deadline (`ends_at`); then mark
+    /// the record failed. If any of that fails or runs out of time the record stays pending for
+    /// the reconciler, which searches again after `jobs.pending_grace`.
+    #[allow(clippy::too_many_arguments)]
     async fn fail_pending(
         &self,
         principal: &Principal,
@@ -684,13 +686,23 @@ impl KeyService {
         id: Uuid,
         octopus_user_id: &str,
         error: &OctopusError,
+        ends_at: Option<tokio::time::Instant>,
     ) {
         let mut detail = json!({ "reason": error.to_string() });
         if error.outcome_unknown() {
-            match self.revoke_by_marker(octopus_user_id, id).await {
-                Ok(found) => detail["revoked_orphans"] = json!(found),
-                Err(e) => {
+            let search = self.revoke_by_marker(octopus_user_id, id);
+            let searched = match ends_at {
+                Some(at) => tokio::time::timeout_at(at, search).await.ok(),
+                None => Some(search.await),
+            };
+            match searched {
+                Some(Ok(found)) => detail["revoked_orphans"] = json!(found),
+                Some(Err(e)) => {
                     tracing::warn!(error = %e, "could not look for an orphan key; leaving the record pending");
+                    return;
+                }
+                None => {
+                    tracing::warn!("out of time looking for an orphan key; leaving the record pending");
                     return;
                 }
             }

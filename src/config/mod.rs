@@ -602,14 +602,13 @@ impl Config {
             readiness_interval: nonzero("jobs.readiness_interval", raw.jobs.readiness_interval)?,
         };
 
-        // A request must outlive the Octopus call it waits for, or callers would time out while
-        // their key is being made.
-        // The worst case on the issuance path: a look-up and a create, plus one wait for a short
-        // Retry-After (5 s) before the create is sent again.
-        if server.request_timeout <= octopus.timeout * 2 + Duration::from_secs(5) {
+        // A request must outlive the Octopus calls it waits for, or callers would time out while
+        // their key is being made (see `issuance_worst_case`).
+        let worst = issuance_worst_case(octopus.timeout);
+        if server.request_timeout <= worst.total {
             return Err(ConfigError::at(
                 "server.request_timeout",
-                format!("must be longer than twice octopus.timeout ({:?}) plus 5 s", octopus.timeout),
+                format!("must be longer than {} ({})", humantime::format_duration(worst.total), worst.derivation),
             ));
         }
         // A pending record younger than an Octopus call could still be in flight. Should an
@@ -644,6 +643,30 @@ impl Config {
             ui,
             tickets,
         })
+    }
+}
+
+/// The longest the Octopus calls an issuance must wait for can take, once its account is known:
+/// the create (sent once, at most `octopus.timeout`), one wait for a short `Retry-After` (at most
+/// 5 s) and the create sent again. The account look-up before it (GETs, each up to 4 attempts
+/// with back-off, and cached) is not part of it: it is bounded by the issuance's deadline, and a
+/// look-up that would leave too little time answers 503 before anything is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorstCase {
+    pub total: Duration,
+    pub derivation: String,
+}
+
+pub fn issuance_worst_case(octopus_timeout: Duration) -> WorstCase {
+    let retry_wait = Duration::from_secs(5);
+    let total = octopus_timeout * 2 + retry_wait;
+    let t = humantime::format_duration(octopus_timeout);
+    WorstCase {
+        total,
+        derivation: format!(
+            "the create's 2 attempts × octopus.timeout {t} + one Retry-After wait of at most 5s; the account \
+             look-up (up to 4 attempts × {t} per page, cached) is bounded by the issuance's deadline instead"
+        ),
     }
 }
 
