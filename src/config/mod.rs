@@ -922,6 +922,7 @@ mod tests {
         std::fs::write(dir.path().join("octopus-api-key"), BROKER_KEY).unwrap();
         std::fs::write(dir.path().join("jwt"), "j".repeat(40)).unwrap();
         std::fs::write(dir.path().join("hmac"), "h".repeat(40)).unwrap();
+        std::fs::write(dir.path().join("chain-key"), "c".repeat(40)).unwrap();
         dir
     }
 
@@ -981,6 +982,7 @@ max_ttl = "30d"
             .replace("/run/secrets/octopus-api-key", "octopus-api-key")
             .replace("/run/secrets/keybroker-hmac", "hmac")
             .replace("/run/secrets/chatops-hs256", "hmac")
+            .replace("/run/secrets/keybroker-chain-key", "chain-key")
             .replace("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt", ca);
         let config = load(&example).unwrap();
         assert_eq!(config.policy.scopes().len(), 1);
@@ -988,6 +990,15 @@ max_ttl = "30d"
         let names: Vec<&str> = config.auth.issuers.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["default", "github", "gitlab", "k8s", "buildkite", "chatops"]);
         assert_eq!(config.auth.bindings.len(), 4);
+        assert!(config.audit.chain_key.is_some() && config.ui.is_some());
+    }
+
+    #[test]
+    fn the_chain_key_is_not_the_identify_secret() {
+        let text = sample().replace("[audit]\n", "[audit]\nchain_key_file = \"hmac\"\n");
+        assert!(error(&text).starts_with("audit.chain_key_file"), "{}", error(&text));
+        let text = sample().replace("[audit]\n", "[audit]\nchain_key_file = \"chain-key\"\n");
+        assert!(load(&text).unwrap().audit.chain_key.is_some());
     }
 
     #[test]
