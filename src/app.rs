@@ -103,6 +103,11 @@ impl App {
             "octopus_url": config.octopus.url.as_str(),
         }));
         keys.audit(loaded).await.context("cannot write the audit trail")?;
+        keys.set_scope_removal(config.on_scope_removed);
+        // The configuration file is the source at start: its policy is published for every
+        // replica (one that started with another file takes it within jobs.policy_sync_interval).
+        let policy_sync = Arc::new(crate::policy_sync::PolicySync::new());
+        policy_sync.publish(&keys, "keybroker (start)").await.context("cannot publish the policy")?;
         let rate_limits = Arc::new(crate::api::ratelimit::RateLimits::new(config.server.rate_limit_per_minute));
         let tickets = Arc::new(crate::tickets::TicketService::new(
             keys.clone(),
@@ -135,6 +140,8 @@ impl App {
             tickets,
             ui,
             audit,
+            policy_sync,
+            policy_sync_interval: config.jobs.policy_sync_interval,
         };
         Ok(Self { state, config })
     }
@@ -142,7 +149,7 @@ impl App {
     /// Remembers where the configuration came from, so it can be reloaded (SIGHUP,
     /// `POST /v1/admin/reload`).
     pub fn with_config_path(mut self, path: &std::path::Path) -> Self {
-        self.state.reloader = Some(Arc::new(crate::reload::Reloader::new(path)));
+        self.state.reloader = Some(Arc::new(crate::reload::Reloader::new(path, self.state.policy_sync.clone())));
         self
     }
 
@@ -165,6 +172,18 @@ impl App {
         if let Some(reloader) = self.state.reloader.clone() {
             jobs.push(spawn_sighup_reload(self.state.keys.clone(), reloader));
         }
+        let (sync, keys, interval) =
+            (self.state.policy_sync.clone(), self.state.keys.clone(), self.config.jobs.policy_sync_interval);
+        jobs.push(tokio::spawn(async move {
+            // Every replica: a reload through another one reaches this one within the interval.
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                if let Err(e) = sync.sync_once(&keys).await {
+                    tracing::warn!(error = %e, "cannot check the database for a newer policy");
+                }
+            }
+        }));
         let (audit, keys) = (self.state.audit.clone(), self.state.keys.clone());
         let (head_interval, webhooks) = (self.config.audit.head_interval, self.config.webhooks.clone());
         jobs.push(tokio::spawn(async move {

@@ -131,6 +131,8 @@ pub struct KeyService {
     octopus: Arc<OctopusClient>,
     clock: Arc<dyn Clock>,
     policy: RwLock<Arc<Policy>>,
+    /// `[lifecycle] on_scope_removed`, as the policy in force says.
+    scope_removal: RwLock<crate::config::ScopeRemoval>,
     upstream: RwLock<UpstreamLimits>,
     hmac_secret: SecretString,
     metrics: Arc<Metrics>,
@@ -168,6 +170,7 @@ impl KeyService {
             octopus,
             clock,
             policy: RwLock::new(Arc::new(policy)),
+            scope_removal: RwLock::new(crate::config::ScopeRemoval::default()),
             upstream: RwLock::new(UpstreamLimits::default()),
             hmac_secret,
             request_timeout: None,
@@ -600,6 +603,19 @@ impl KeyService {
             ok => ok,
         };
         match activated {
+            Ok(record)
+                if self.policy().get(&record.scope).is_none()
+                    && self.scope_removal() == crate::config::ScopeRemoval::Revoke =>
+            {
+                // A reload removed the scope while the key was being made, and says to revoke
+                // that scope's keys: this one too, before anyone receives it.
+                let why =
+                    json!({ "reason": "its scope was removed while it was being issued (on_scope_removed = revoke)" });
+                if let Err(e) = self.revoke_with(&Self::system_principal(), record.id, ctx, Some(why)).await {
+                    tracing::warn!(error = %e, "could not revoke a key of a removed scope; the reconciler retries");
+                }
+                Err(ServiceError::Policy(PolicyError::UnknownScope(record.scope.clone())))
+            }
             Ok(record) => {
                 tracing::info!(octopus_key_id = %created.id, "issued key");
                 let replaced = if request.replace_previous { self.superseded_by(&record).await } else { Vec::new() };
@@ -856,6 +872,17 @@ impl KeyService {
     }
 
     /// Replaces the policy (a reload). Returns the previous one.
+    /// What a removed scope's keys become (`[lifecycle] on_scope_removed`).
+    pub fn scope_removal(&self) -> crate::config::ScopeRemoval {
+        self.scope_removal.read().map(|r| *r).unwrap_or_default()
+    }
+
+    pub fn set_scope_removal(&self, rule: crate::config::ScopeRemoval) {
+        if let Ok(mut r) = self.scope_removal.write() {
+            *r = rule;
+        }
+    }
+
     pub fn replace_policy(&self, policy: Policy) -> Arc<Policy> {
         let new = Arc::new(policy);
         match self.policy.write() {

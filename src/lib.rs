@@ -24,6 +24,7 @@ pub mod octopus_sim;
 pub mod offboarding;
 pub mod outbound;
 pub mod policy;
+pub mod policy_sync;
 pub mod queries;
 pub mod readiness;
 pub mod reload;

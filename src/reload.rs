@@ -31,13 +31,15 @@ pub struct ReloadReport {
 #[derive(Debug)]
 pub struct Reloader {
     pub path: PathBuf,
+    /// Where the reloaded policy is published for the other replicas.
+    sync: std::sync::Arc<crate::policy_sync::PolicySync>,
     /// One reload at a time (SIGHUP and the endpoint may race).
     running: tokio::sync::Mutex<()>,
 }
 
 impl Reloader {
-    pub fn new(path: &Path) -> Self {
-        Self { path: path.to_owned(), running: tokio::sync::Mutex::new(()) }
+    pub fn new(path: &Path, sync: std::sync::Arc<crate::policy_sync::PolicySync>) -> Self {
+        Self { path: path.to_owned(), sync, running: tokio::sync::Mutex::new(()) }
     }
 
     pub async fn reload(&self, keys: &KeyService, actor: &str, ctx: &RequestContext) -> Result<ReloadReport, String> {
@@ -76,6 +78,12 @@ impl Reloader {
             .detail(serde_json::to_value(&report).unwrap_or_default());
         keys.audit(event).await.map_err(|e| format!("the audit trail is unavailable: {e}"))?;
         keys.replace_policy(config.policy);
+        keys.set_scope_removal(config.on_scope_removed);
+        // The other replicas take it within jobs.policy_sync_interval; the reload holds here
+        // whether or not the database takes it now (the next sync publishes nothing older).
+        if let Err(e) = self.sync.publish(keys, actor).await {
+            tracing::error!(error = %e, "cannot publish the reloaded policy; other replicas keep theirs");
+        }
         if config.on_scope_removed == ScopeRemoval::Revoke {
             let system = KeyService::system_principal();
             for scope in &report.removed {

@@ -74,11 +74,16 @@ pub async fn readyz(
         }
         _ => false,
     };
-    let checks = verdict
+    let mut checks: Vec<Check> = verdict
         .checks
         .iter()
         .map(|c| Check { name: c.name.clone(), ok: c.ok, detail: if details { c.detail.clone() } else { None } })
         .collect();
+    // Not critical: a replica that has not taken a reload yet still serves (it converges within
+    // jobs.policy_sync_interval).
+    let recent = chrono::Duration::from_std(state.policy_sync_interval * 3).unwrap_or(chrono::Duration::seconds(30));
+    let (agree, detail) = state.policy_sync.check(state.keys.now(), recent);
+    checks.push(Check { name: "policy".to_owned(), ok: agree, detail: details.then_some(detail) });
     let ready = verdict.ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(Readiness { status: if ready { "ready" } else { "not_ready" }.to_owned(), checks }))

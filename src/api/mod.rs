@@ -58,6 +58,10 @@ pub struct AppState {
     pub ui: Option<Arc<crate::ui::Ui>>,
     /// The trail's published head and where verification got to.
     pub audit: Arc<crate::audit_watch::AuditWatch>,
+    /// The policy version this replica runs, published for the others, and theirs.
+    pub policy_sync: Arc<crate::policy_sync::PolicySync>,
+    /// `jobs.policy_sync_interval`: replicas not heard from in three are left out of the view.
+    pub policy_sync_interval: std::time::Duration,
 }
 
 impl AppState {

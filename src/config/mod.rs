@@ -269,10 +269,16 @@ struct RawJobs {
     credential_check_interval: HumanDuration,
     #[serde(default = "default_readiness_interval")]
     readiness_interval: HumanDuration,
+    #[serde(default = "default_policy_sync_interval")]
+    policy_sync_interval: HumanDuration,
 }
 
 fn default_readiness_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
+}
+
+fn default_policy_sync_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 impl Default for RawJobs {
@@ -285,6 +291,7 @@ impl Default for RawJobs {
             drift_interval: default_expiry_sweep_interval(),
             credential_check_interval: default_expiry_sweep_interval(),
             readiness_interval: default_readiness_interval(),
+            policy_sync_interval: default_policy_sync_interval(),
         }
     }
 }
@@ -437,6 +444,8 @@ pub struct JobsConfig {
     pub drift_interval: Duration,
     pub credential_check_interval: Duration,
     pub readiness_interval: Duration,
+    /// How often each replica checks the database for a newer policy (a reload elsewhere).
+    pub policy_sync_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -600,6 +609,7 @@ impl Config {
             drift_interval: nonzero("jobs.drift_interval", raw.jobs.drift_interval)?,
             credential_check_interval: nonzero("jobs.credential_check_interval", raw.jobs.credential_check_interval)?,
             readiness_interval: nonzero("jobs.readiness_interval", raw.jobs.readiness_interval)?,
+            policy_sync_interval: nonzero("jobs.policy_sync_interval", raw.jobs.policy_sync_interval)?,
         };
 
         // A request must outlive the Octopus calls it waits for, or callers would time out while

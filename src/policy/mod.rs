@@ -1,6 +1,7 @@
 //! The policy: which scopes exist, who may request keys for them, and the rules every issuance
 //! must pass. Plain types and functions, reachable by unit tests without HTTP or SQL.
 
+pub mod document;
 mod expiry;
 mod names;
 pub mod tickets;

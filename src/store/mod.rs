@@ -336,6 +336,25 @@ pub trait Store: Send + Sync + 'static {
         event: &NewAuditEvent,
     ) -> Result<bool, StoreError>;
 
+    /// Publishes a policy document for every replica, unless the newest published one already has
+    /// this `version`. Returns the newest one's position afterwards.
+    async fn publish_policy(
+        &self,
+        version: &str,
+        document: &str,
+        at: DateTime<Utc>,
+        by: &str,
+    ) -> Result<i64, StoreError>;
+
+    /// The newest published policy: (position, version, document).
+    async fn latest_policy(&self) -> Result<Option<(i64, String, String)>, StoreError>;
+
+    /// Records the policy version `replica` runs, at `at`.
+    async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Every replica's last report: (replica, version, when), newest first.
+    async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError>;
+
     /// The key issued through a ticket (any state but `failed`), if any.
     async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError>;
 

@@ -33,6 +33,7 @@ use crate::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
 /// Advisory lock namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
 const LIMIT_LOCK: i32 = 0x6b62_0001;
 const CHAIN_LOCK: i32 = 0x6b62_0002;
+const POLICY_LOCK: i32 = 0x6b62_0003;
 
 pub struct PgStore {
     pool: PgPool,
@@ -955,6 +956,61 @@ impl Store for PgStore {
         append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(true)
+    }
+
+    async fn publish_policy(
+        &self,
+        version: &str,
+        document: &str,
+        at: DateTime<Utc>,
+        by: &str,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.write_tx().await?;
+        // One publisher at a time, so the "unless it is the newest already" check holds.
+        sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(POLICY_LOCK).execute(&mut *tx).await.map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO policy_versions (version, document, published_at, published_by) SELECT $1, $2, $3, $4 \
+             WHERE COALESCE((SELECT version FROM policy_versions ORDER BY seq DESC LIMIT 1), '') <> $1",
+        )
+        .bind(version)
+        .bind(document)
+        .bind(store_precision(at))
+        .bind(by)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let seq: i64 =
+            sqlx::query_scalar("SELECT MAX(seq) FROM policy_versions").fetch_one(&mut *tx).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(seq)
+    }
+
+    async fn latest_policy(&self) -> Result<Option<(i64, String, String)>, StoreError> {
+        sqlx::query_as("SELECT seq, version, document FROM policy_versions ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replica_policies (replica, version, seen_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (replica) DO UPDATE SET version = $2, seen_at = $3",
+        )
+        .bind(replica)
+        .bind(version)
+        .bind(store_precision(at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
+        sqlx::query_as("SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)
     }
 
     async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {

@@ -1010,6 +1010,62 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    async fn publish_policy(
+        &self,
+        version: &str,
+        document: &str,
+        at: DateTime<Utc>,
+        by: &str,
+    ) -> Result<i64, StoreError> {
+        let (_write, mut tx) = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO policy_versions (version, document, published_at, published_by) SELECT ?1, ?2, ?3, ?4 \
+             WHERE COALESCE((SELECT version FROM policy_versions ORDER BY seq DESC LIMIT 1), '') <> ?1",
+        )
+        .bind(version)
+        .bind(document)
+        .bind(fmt_time(at))
+        .bind(by)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let seq: i64 =
+            sqlx::query_scalar("SELECT MAX(seq) FROM policy_versions").fetch_one(&mut *tx).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(seq)
+    }
+
+    async fn latest_policy(&self) -> Result<Option<(i64, String, String)>, StoreError> {
+        sqlx::query_as("SELECT seq, version, document FROM policy_versions ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let (_write, mut tx) = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO replica_policies (replica, version, seen_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (replica) DO UPDATE SET version = ?2, seen_at = ?3",
+        )
+        .bind(replica)
+        .bind(version)
+        .bind(fmt_time(at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+        rows.into_iter().map(|(r, v, at)| Ok((r, v, parse_time(&at)?))).collect()
+    }
+
     async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM key_records WHERE ticket_id = ? AND state <> 'failed' ORDER BY seq LIMIT 1"

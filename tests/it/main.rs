@@ -22,6 +22,7 @@ mod keys;
 mod lifecycle;
 mod octopus_client;
 mod openapi;
+mod policy_sync;
 mod real_octopus;
 mod reconcile;
 mod secrets;

@@ -168,6 +168,18 @@ impl Store for FlakyStore {
     ) -> Result<bool, StoreError> {
         self.inner.end_ticket(id, end, at, hold, event).await
     }
+    async fn publish_policy(&self, v: &str, d: &str, at: DateTime<Utc>, by: &str) -> Result<i64, StoreError> {
+        self.inner.publish_policy(v, d, at, by).await
+    }
+    async fn latest_policy(&self) -> Result<Option<(i64, String, String)>, StoreError> {
+        self.inner.latest_policy().await
+    }
+    async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.report_replica_policy(replica, version, at).await
+    }
+    async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
+        self.inner.replica_policies().await
+    }
     async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.ticket_key(id).await
     }
