@@ -48,6 +48,9 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileRepo
         }
     };
     for record in pending {
+        if !lease_held() {
+            break;
+        }
         let revoked = match keys.revoke_by_marker(&record.octopus_user_id, record.id).await {
             Ok(revoked) => revoked,
             Err(e) => {
@@ -87,6 +90,9 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileRepo
         Ok(records) => {
             let system = KeyService::system_principal();
             for record in records {
+                if !lease_held() {
+                    break;
+                }
                 match keys.revoke(&system, record.id, &RequestContext::default()).await {
                     Ok(_) => report.revocations_retried += 1,
                     Err(e) => tracing::warn!(key_id = %record.id, error = %e, "revocation still failing; will retry"),
@@ -104,6 +110,9 @@ pub async fn expire_once(keys: &KeyService) -> Result<usize, String> {
     let due = keys.store().due_for_expiry(now, 500).await.map_err(|e| e.to_string())?;
     let mut expired = 0;
     for record in due {
+        if !lease_held() {
+            break;
+        }
         let event =
             NewAuditEvent::new(now, "keybroker", Action::KeyExpired, Outcome::Success, &RequestContext::default())
                 .scope(&record.scope)
@@ -157,6 +166,19 @@ pub async fn watch_credential(keys: &KeyService, warned: &std::sync::Mutex<Vec<i
 
 type JobFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
 
+tokio::task_local! {
+    /// Set while a leased pass runs: true once its lease was lost (another replica holds it).
+    static LEASE_LOST: Arc<std::sync::atomic::AtomicBool>;
+}
+
+/// Whether the pass running here still holds its job's lease (always true outside a leased
+/// pass). Passes check it between units of work and stop when it is lost, so they never act
+/// after another replica has taken over, and never stop halfway through one unit (a delivery
+/// sent but not recorded).
+pub fn lease_held() -> bool {
+    LEASE_LOST.try_with(|lost| !lost.load(std::sync::atomic::Ordering::SeqCst)).unwrap_or(true)
+}
+
 /// Runs `run` every `interval`; when `leased`, only while holding the job's lease.
 fn spawn_job(
     keys: Arc<KeyService>,
@@ -195,7 +217,32 @@ fn spawn_job(
             // stay in the foreground half, so that a busy drift scan cannot make a replica look
             // unready.
             let pass = run(keys.clone());
-            let result = if leased { crate::octopus::BACKGROUND.scope((), pass).await } else { pass.await };
+            let result = if leased {
+                // The lease is renewed while the pass runs; once it is lost, the pass stops at
+                // its next unit of work.
+                let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let renew = {
+                    let (keys, holder, lost) = (keys.clone(), holder.clone(), lost.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(interval).await;
+                            match keys.store().try_lease(name, &holder, keys.now(), ttl).await {
+                                Ok(true) => {}
+                                Ok(false) | Err(_) => {
+                                    tracing::warn!(job = name, "lost the job lease; the pass stops");
+                                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                                    return;
+                                }
+                            }
+                        }
+                    })
+                };
+                let result = LEASE_LOST.scope(lost, crate::octopus::BACKGROUND.scope((), pass)).await;
+                renew.abort();
+                result
+            } else {
+                pass.await
+            };
             match result {
                 Ok(summary) => {
                     if !summary.is_empty() {

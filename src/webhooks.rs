@@ -241,15 +241,23 @@ pub struct DeliveryReport {
 /// Delivers the due notices once each.
 pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryReport {
     let mut report = DeliveryReport::default();
-    let now = keys.now();
-    let due = match keys.store().due_deliveries(now, 100).await {
-        Ok(due) => due,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the webhook outbox");
-            return report;
+    // One claim per delivery, just before it is sent: a claim (DELIVERY_CLAIM) always outlives
+    // its one send (5 s at most), so another worker never sends it too, however slow the
+    // receivers; a batch claimed up front could outlive its claim behind slow receivers.
+    for _ in 0..100 {
+        if !crate::jobs::lease_held() {
+            break;
         }
-    };
-    for delivery in due {
+        let delivery = match keys.store().due_deliveries(keys.now(), 1).await {
+            Ok(mut due) => match due.pop() {
+                Some(delivery) => delivery,
+                None => break,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the webhook outbox");
+                break;
+            }
+        };
         let hook = webhooks.iter().find(|h| h.config.name == delivery.webhook);
         let body = delivery.payload.to_string();
         let attempt = match hook {
@@ -301,9 +309,16 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryRep
             DeliveryResult::Retry { error, .. } | DeliveryResult::GaveUp { error } => Some(error.clone()),
             DeliveryResult::Delivered { .. } => None,
         };
-        if let Err(e) = keys.store().finish_delivery(delivery.id, &result).await {
-            tracing::warn!(error = %e, delivery = delivery.id, webhook = %delivery.webhook, "cannot record a webhook delivery");
-            continue;
+        match keys.store().finish_delivery(&delivery, &result).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(delivery = delivery.id, webhook = %delivery.webhook, "a delivery's claim lapsed; its new claimer records it");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, delivery = delivery.id, webhook = %delivery.webhook, "cannot record a webhook delivery");
+                continue;
+            }
         }
         let event = NewAuditEvent::new(now, "keybroker", Action::WebhookDelivery, outcome, &RequestContext::default())
             .key(delivery.key_id)

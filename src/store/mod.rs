@@ -281,7 +281,9 @@ pub trait Store: Send + Sync + 'static {
     /// finishing them lets them fall due again after the claim.
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError>;
 
-    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError>;
+    /// Records what became of a delivery, if `delivery`'s claim still holds it (its claim did not
+    /// lapse and go to another worker, which then owns the outcome). Returns whether it did.
+    async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError>;
 
     /// Takes or renews the lease of a job for `holder` until `now + ttl`. False when another
     /// holder's lease is still running.
@@ -390,6 +392,8 @@ pub struct Delivery {
     pub payload: serde_json::Value,
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
+    /// Until when this worker's claim holds it: the claim's token (its `next_attempt_at`).
+    pub claimed_until: DateTime<Utc>,
 }
 
 /// What became of one delivery attempt.

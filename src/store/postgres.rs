@@ -739,6 +739,7 @@ impl Store for PgStore {
                     payload: payload.0,
                     attempts: row.try_get("attempts").map_err(db_err)?,
                     created_at: row.try_get("created_at").map_err(db_err)?,
+                    claimed_until: store_precision(now + DELIVERY_CLAIM),
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -746,25 +747,31 @@ impl Store for PgStore {
         Ok(out)
     }
 
-    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
+    async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError> {
+        // Only while this worker's claim holds the row (`next_attempt_at` is the claim's token).
         let query = match result {
             DeliveryResult::Delivered { at } => sqlx::query(
                 "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = $1, \
-                 last_error = NULL WHERE id = $2",
+                 last_error = NULL WHERE id = $2 AND status = 'pending' AND next_attempt_at = $3",
             )
             .bind(store_precision(*at)),
-            DeliveryResult::Retry { next_attempt_at, error } => sqlx::query(
-                "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2 WHERE id = $3",
+            DeliveryResult::Retry { next_attempt_at, .. } => sqlx::query(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = $1, last_error = $4 \
+                 WHERE id = $2 AND status = 'pending' AND next_attempt_at = $3",
             )
-            .bind(store_precision(*next_attempt_at))
-            .bind(error.clone()),
+            .bind(store_precision(*next_attempt_at)),
             DeliveryResult::GaveUp { error } => sqlx::query(
-                "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, last_error = $1 WHERE id = $2",
+                "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, last_error = $1 \
+                 WHERE id = $2 AND status = 'pending' AND next_attempt_at = $3",
             )
             .bind(error.clone()),
         };
-        query.bind(id).execute(&self.pool).await.map_err(db_err)?;
-        Ok(())
+        let query = query.bind(delivery.id).bind(store_precision(delivery.claimed_until));
+        let query = match result {
+            DeliveryResult::Retry { error, .. } => query.bind(error.clone()),
+            _ => query,
+        };
+        Ok(query.execute(&self.pool).await.map_err(db_err)?.rows_affected() == 1)
     }
 
     async fn try_lease(

@@ -820,7 +820,7 @@ impl Store for SqliteStore {
              WHERE status = 'pending' AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3) \
              RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at",
         )
-        .bind(fmt_time(now + DELIVERY_CLAIM))
+        .bind(fmt_time(store_precision(now + DELIVERY_CLAIM)))
         .bind(fmt_time(now))
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
@@ -841,6 +841,7 @@ impl Store for SqliteStore {
                     payload: serde_json::from_str(&payload).map_err(|e| StoreError::Unavailable(e.to_string()))?,
                     attempts: row.try_get("attempts").map_err(db_err)?,
                     created_at: parse_time(&row.try_get::<String, _>("created_at").map_err(db_err)?)?,
+                    claimed_until: store_precision(now + DELIVERY_CLAIM),
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -848,26 +849,36 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
+    async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         let query = match result {
             DeliveryResult::Delivered { at } => sqlx::query(
                 "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = ?, \
-                 last_error = NULL WHERE id = ?",
+                 last_error = NULL WHERE id = ? AND status = 'pending' AND next_attempt_at = ?",
             )
             .bind(fmt_time(*at)),
             DeliveryResult::Retry { next_attempt_at, error } => sqlx::query(
-                "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? \
+                 WHERE id = ? AND status = 'pending' AND next_attempt_at = ?",
             )
             .bind(fmt_time(*next_attempt_at))
             .bind(error.clone()),
             DeliveryResult::GaveUp { error } => sqlx::query(
-                "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, last_error = ? WHERE id = ?",
+                "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, last_error = ? \
+                 WHERE id = ? AND status = 'pending' AND next_attempt_at = ?",
             )
             .bind(error.clone()),
         };
-        query.bind(id).execute(&mut *tx).await.map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        let done = query
+            .bind(delivery.id)
+            .bind(fmt_time(store_precision(delivery.claimed_until)))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected()
+            == 1;
+        tx.commit().await.map_err(db_err)?;
+        Ok(done)
     }
 
     async fn try_lease(

@@ -19,6 +19,7 @@ mod deploy;
 mod helpers;
 mod idempotency;
 mod keys;
+mod leases;
 mod lifecycle;
 mod octopus_client;
 mod openapi;

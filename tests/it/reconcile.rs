@@ -110,8 +110,8 @@ impl Store for FlakyStore {
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
         self.inner.due_deliveries(now, limit).await
     }
-    async fn finish_delivery(&self, id: i64, result: &DeliveryResult) -> Result<(), StoreError> {
-        self.inner.finish_delivery(id, result).await
+    async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError> {
+        self.inner.finish_delivery(delivery, result).await
     }
     async fn try_lease(
         &self,

@@ -580,13 +580,14 @@ async fn the_outbox_holds_each_notice_once_and_tracks_attempts() {
         );
         assert_eq!(due[0].payload, json!({"event": "key.expiring", "n": 1}), "{name}");
         let retry = DeliveryResult::Retry { next_attempt_at: now + Duration::minutes(1), error: "503".to_owned() };
-        store.finish_delivery(due[0].id, &retry).await.unwrap();
-        store.finish_delivery(due[1].id, &DeliveryResult::Delivered { at: now }).await.unwrap();
+        assert!(store.finish_delivery(&due[0], &retry).await.unwrap());
+        assert!(store.finish_delivery(&due[1], &DeliveryResult::Delivered { at: now }).await.unwrap());
+        assert!(!store.finish_delivery(&due[1], &DeliveryResult::Delivered { at: now }).await.unwrap(), "{name}: once");
         assert!(store.due_deliveries(now, 10).await.unwrap().is_empty(), "{name}");
         let later = store.due_deliveries(now + Duration::minutes(2), 10).await.unwrap();
         assert_eq!(later.len(), 1, "{name}");
         assert_eq!(later[0].attempts, 1, "{name}");
-        store.finish_delivery(later[0].id, &DeliveryResult::GaveUp { error: "down".to_owned() }).await.unwrap();
+        assert!(store.finish_delivery(&later[0], &DeliveryResult::GaveUp { error: "down".to_owned() }).await.unwrap());
         assert!(store.due_deliveries(now + Duration::days(3), 10).await.unwrap().is_empty(), "{name}");
     }
 }
