@@ -479,6 +479,11 @@ impl KeyService {
             requester_teams: principal.teams.iter().cloned().collect(),
             requested_by: ctx.on_behalf.as_ref().map(|b| b.requested_by.clone()),
             ticket: ctx.on_behalf.as_ref().map(|b| b.ticket.clone()),
+            // The issuance gives up by then; a second more for the record's own writes.
+            deadline: self
+                .request_timeout
+                .and_then(|t| chrono::Duration::from_std(t + std::time::Duration::from_secs(1)).ok())
+                .map(|t| now + t),
         };
         let requested = self.event(principal, Action::KeyRequested, Outcome::Success, ctx, scope, id).detail(json!({
             "purpose": request.purpose.as_str(),

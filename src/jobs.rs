@@ -40,7 +40,7 @@ const BATCH: u32 = 100;
 pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileReport {
     let mut report = ReconcileReport::default();
     let cutoff = keys.now() - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::minutes(2));
-    let pending = match keys.store().pending_before(cutoff, BATCH).await {
+    let pending = match keys.store().pending_before(cutoff, keys.now(), BATCH).await {
         Ok(pending) => pending,
         Err(e) => {
             tracing::warn!(error = %e, "reconciler cannot read pending records");

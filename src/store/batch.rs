@@ -529,6 +529,7 @@ mod tests {
             requester_teams: Vec::new(),
             requested_by: None,
             ticket: None,
+            deadline: None,
         }
     }
 

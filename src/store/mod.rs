@@ -100,6 +100,9 @@ pub struct NewKey {
     pub requested_by: Option<String>,
     /// That pickup ticket.
     pub ticket: Option<String>,
+    /// When the issuance writing it gives up (`server.request_timeout` after it began): until
+    /// then the record is its issuer's, and the reconciler leaves it alone.
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,9 +244,14 @@ pub trait Store: Send + Sync + 'static {
         Ok(all)
     }
 
-    /// Pending records created before `cutoff`, oldest first: orphan candidates for the
-    /// reconciler.
-    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Pending records created before `cutoff` whose issuance's deadline has passed at `now`,
+    /// oldest first: orphan candidates for the reconciler.
+    async fn pending_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
 
     /// Active records whose expiry has passed at `now`, oldest expiry first.
     async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;

@@ -391,13 +391,15 @@ impl BatchTx for PgBatch<'_, '_> {
             .collect::<Result<Vec<_>, _>>()?;
         let inserted = sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
-             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id) \
+             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id, \
+             deadline) \
              SELECT k.id, k.scope, k.requester, k.purpose, 'pending', k.uid, k.created, k.expires, k.created, \
-                    k.idem, k.rhash, k.teams::jsonb, k.by, k.ticket \
+                    k.idem, k.rhash, k.teams::jsonb, k.by, k.ticket, k.deadline \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
-                         $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[]) \
+                         $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], \
+                         $13::timestamptz[]) \
                   WITH ORDINALITY AS k(id, scope, requester, purpose, uid, created, expires, idem, rhash, teams, by, \
-                                       ticket, ord) \
+                                       ticket, deadline, ord) \
              ORDER BY k.ord",
         )
         .bind(keys.iter().map(|k| k.id).collect::<Vec<_>>())
@@ -412,6 +414,7 @@ impl BatchTx for PgBatch<'_, '_> {
         .bind(teams)
         .bind(text(|k| k.requested_by.as_deref()))
         .bind(text(|k| k.ticket.as_deref()))
+        .bind(keys.iter().map(|k| k.deadline.map(store_precision)).collect::<Vec<_>>())
         .execute(&mut **self.tx)
         .await
         .map_err(db_err)?
@@ -590,12 +593,19 @@ impl Store for PgStore {
         rows.iter().map(key_from_row).collect()
     }
 
-    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn pending_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < $1 ORDER BY seq ASC LIMIT $2"
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < $1 \
+             AND (deadline IS NULL OR deadline < $3) ORDER BY seq ASC LIMIT $2"
         ))
         .bind(cutoff)
         .bind(i64::from(limit))
+        .bind(now)
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;

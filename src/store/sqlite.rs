@@ -469,15 +469,17 @@ impl BatchTx for SqliteBatch<'_> {
                 to_json(&k.requester_teams)?,
                 k.requested_by.as_deref(),
                 k.ticket.as_deref(),
+                k.deadline.map(fmt_time),
             ));
         }
         let inserted = sqlx::query(
             "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
-             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id) \
+             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id, \
+             deadline) \
              SELECT k.value ->> '$[0]', k.value ->> '$[1]', k.value ->> '$[2]', k.value ->> '$[3]', 'pending', \
                     k.value ->> '$[4]', k.value ->> '$[5]', k.value ->> '$[6]', k.value ->> '$[5]', \
                     k.value ->> '$[7]', k.value ->> '$[8]', k.value ->> '$[9]', k.value ->> '$[10]', \
-                    k.value ->> '$[11]' \
+                    k.value ->> '$[11]', k.value ->> '$[12]' \
              FROM json_each(?) AS k ORDER BY k.key",
         )
         .bind(to_json(&rows)?)
@@ -587,11 +589,18 @@ impl Store for SqliteStore {
         keys_from_json(&page)
     }
 
-    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn pending_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < ? ORDER BY seq ASC LIMIT ?"
+            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < ? \
+             AND (deadline IS NULL OR deadline < ?) ORDER BY seq ASC LIMIT ?"
         ))
         .bind(fmt_time(cutoff))
+        .bind(fmt_time(now))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await

@@ -52,7 +52,10 @@ async fn a_kill_between_create_and_activate_is_cleaned_up_after_restart() {
     crate::helpers::write_secret_files(dir.path());
     let db = dir.path().join("keybroker.db");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut text = demo_config_toml(&running.url(), &listen, &db).replace("timeout = \"10s\"", "timeout = \"1s\"");
+    // A short request timeout: the pending record is the issuer's until its deadline (8 s + 1 s).
+    let mut text = demo_config_toml(&running.url(), &listen, &db)
+        .replace("timeout = \"10s\"", "timeout = \"1s\"")
+        .replacen("[server]\n", "[server]\nrequest_timeout = \"8s\"\n", 1);
     text.push_str("\n[jobs]\nreconcile_interval = \"1s\"\npending_grace = \"3s\"\n");
     let config = dir.path().join("keybroker.toml");
     std::fs::write(&config, text).unwrap();
@@ -127,7 +130,7 @@ async fn a_kill_between_create_and_activate_is_cleaned_up_after_restart() {
     let mut second = serve(&config);
     wait_healthy(&http, &url).await;
     let mut cleaned = false;
-    for _ in 0..150 {
+    for _ in 0..250 {
         let orphans = sim.api_keys().iter().filter(|k| k.purpose.starts_with("keybroker:")).count();
         if orphans == 0 && record_state(&db_url).await.as_deref() == Some("failed") {
             cleaned = true;

@@ -63,3 +63,30 @@ async fn a_key_made_after_the_caller_hung_up_is_deleted_and_named() {
         app.get(&format!("/v1/keys/{}", event.key_id.unwrap()), &app.alice()).await.json().await.unwrap();
     assert_eq!(record["state"], "failed");
 }
+
+#[tokio::test]
+async fn the_reconciler_leaves_a_pending_record_alone_until_its_issuance_deadline() {
+    let app = TestApp::spawn().await;
+    app.sim.inject(Fault::on(Method::POST, "/api/users/{id}/apikeys", FaultKind::Latency(Duration::from_millis(1500))));
+    let (url, alice, http) = (app.url.clone(), app.alice(), app.http.clone());
+    let issuing = tokio::spawn(async move {
+        http.post(format!("{url}/v1/keys"))
+            .bearer_auth(alice)
+            .json(&json!({"scope": "payments-deploy", "purpose": "slow but alive"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A reconciler with no grace at all: the record is pending and older than the cutoff, but
+    // its issuance is within its deadline.
+    let report = keybroker::jobs::reconcile_once(&app.state.keys, Duration::ZERO).await;
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!(issuing.await.unwrap(), 201, "the live issuance got its key");
+    let events: Vec<Value> = app.audit_events().await.iter().map(|e| json!(e.action)).collect();
+    assert!(
+        !events.contains(&json!("key.issue_abandoned")) && !events.contains(&json!("key.reconciled")),
+        "{events:?}"
+    );
+}

@@ -337,6 +337,7 @@ pub async fn stage_pending(app: &TestApp, created_at: chrono::DateTime<chrono::U
         requester_teams: vec!["payments".to_owned()],
         requested_by: None,
         ticket: None,
+        deadline: None,
     };
     let event = keybroker::audit::NewAuditEvent::new(
         created_at,

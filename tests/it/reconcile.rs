@@ -75,8 +75,13 @@ impl Store for FlakyStore {
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner.list_keys(filter, page).await
     }
-    async fn pending_before(&self, cutoff: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.pending_before(cutoff, limit).await
+    async fn pending_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.pending_before(cutoff, now, limit).await
     }
     async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
         self.inner.active_counts(now).await
@@ -299,7 +304,14 @@ async fn an_issuance_the_reconciler_finished_meanwhile_deletes_its_key_and_says_
     let reconciler = async {
         // While Octopus is slow, the record is pending; the reconciler (as after a crash) fails it.
         for _ in 0..100 {
-            let pending = store.pending_before(chrono::Utc::now() + chrono::Duration::hours(1), 10).await.unwrap();
+            let pending = store
+                .pending_before(
+                    chrono::Utc::now() + chrono::Duration::hours(1),
+                    chrono::Utc::now() + chrono::Duration::hours(1),
+                    10,
+                )
+                .await
+                .unwrap();
             if let Some(record) = pending.first() {
                 let event = keybroker::audit::NewAuditEvent::new(
                     chrono::Utc::now(),

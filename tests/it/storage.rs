@@ -27,6 +27,7 @@ fn new_key(requester: &str, scope: &str, now: DateTime<Utc>, max_active: u32) ->
         requester_teams: vec!["team-a".to_owned(), "team-b".to_owned()],
         requested_by: Some("chatops-bot".to_owned()),
         ticket: None,
+        deadline: None,
     }
 }
 
@@ -257,9 +258,15 @@ async fn pending_records_older_than_a_cutoff_are_listed_for_the_reconciler() {
         let c = new_key("alice", "s", old, 5);
         store.insert_pending(&c, &event("alice", Action::KeyRequested, Some(c.id)), old).await.unwrap();
         store.activate(&activation(c.id, 7), &event("alice", Action::KeyIssued, Some(c.id))).await.unwrap();
+        // An old record whose issuance is still within its deadline is its issuer's.
+        let mut d = new_key("alice", "s", old, 5);
+        d.deadline = Some(Utc::now() + Duration::seconds(30));
+        store.insert_pending(&d, &event("alice", Action::KeyRequested, Some(d.id)), old).await.unwrap();
         let cutoff = Utc::now() - Duration::minutes(2);
-        let pending = store.pending_before(cutoff, 10).await.unwrap();
+        let pending = store.pending_before(cutoff, Utc::now(), 10).await.unwrap();
         assert_eq!(pending.iter().map(|k| k.id).collect::<Vec<_>>(), vec![a.id], "{name}");
+        let later = store.pending_before(cutoff, Utc::now() + Duration::minutes(1), 10).await.unwrap();
+        assert_eq!(later.iter().map(|k| k.id).collect::<Vec<_>>(), vec![a.id, d.id], "{name}: past its deadline");
     }
 }
 

@@ -330,6 +330,7 @@ async fn a_claim_holds_its_ticket_and_only_its_own_token_ends_or_releases_it_on_
             requester_teams: Vec::new(),
             requested_by: Some(BOT.to_owned()),
             ticket: Some(lost.id.to_string()),
+            deadline: None,
         };
         store.insert_pending(&key, &event(Action::KeyRequested), now).await.unwrap();
         let found = store.ticket_key(&lost.id).await.unwrap().unwrap();
