@@ -520,7 +520,10 @@ impl KeyService {
             return Err(ServiceError::OutOfTime("writing the pending record took too long".to_owned()));
         }
         let octopus_purpose = octopus_purpose(id, &principal.subject, &request.purpose);
-        let ends_at = self.request_timeout.map(|t| started + t);
+        // A second short of the caller's timeout (counted from the request's arrival, a little
+        // before `started`): the answer, a 5xx that says what happened, must reach the caller
+        // before its request is cut off with 408.
+        let ends_at = self.request_timeout.map(|t| started + t.saturating_sub(std::time::Duration::from_secs(1)));
         let created =
             match self.octopus.create_api_key_within(&account.id, &octopus_purpose, expiry.expires_at, ends_at).await {
                 Ok(created) => created,

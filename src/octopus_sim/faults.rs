@@ -33,12 +33,24 @@ pub struct Fault {
     /// How many requests it affects; `None` until [`super::Simulator::clear_faults`].
     #[serde(default)]
     pub times: Option<u32>,
+    /// Affects each matching request with this chance, in thousandths (`100`: 10 %). Faults with
+    /// a chance share one roll per request, in order, so they never overlap: 100, 50 and 50 give
+    /// 10 %, 5 % and 5 % of requests, and 85 % none. `None`: every matching request.
+    #[serde(default)]
+    pub per_mille: Option<u32>,
 }
 
 impl Fault {
     /// A fault on every request of `method` to `route`, until cleared.
     pub fn on(method: Method, route: &str, kind: FaultKind) -> Self {
-        Self { method: Some(method), route: route.to_owned(), kind, times: None }
+        Self { method: Some(method), route: route.to_owned(), kind, times: None, per_mille: None }
+    }
+
+    /// Makes the fault affect each matching request with a chance of `per_mille` thousandths.
+    #[must_use]
+    pub fn per_mille(mut self, per_mille: u32) -> Self {
+        self.per_mille = Some(per_mille.min(1000));
+        self
     }
 
     /// Limits the fault to the next `n` matching requests.
@@ -102,7 +114,20 @@ impl ActiveFault {
 
 /// Takes one use of the first fault matching the request, dropping used-up faults.
 pub(crate) fn take_fault(faults: &mut Vec<ActiveFault>, method: &Method, route: &str) -> Option<FaultKind> {
-    let index = faults.iter().position(|f| f.remaining != Some(0) && f.fault.matches(method, route))?;
+    let roll = rand::Rng::gen_range(&mut rand::thread_rng(), 0..1000u32);
+    let mut chances = 0u32;
+    let index = faults.iter().position(|f| {
+        if f.remaining == Some(0) || !f.fault.matches(method, route) {
+            return false;
+        }
+        match f.fault.per_mille {
+            None => true,
+            Some(p) => {
+                chances += p;
+                roll < chances
+            }
+        }
+    })?;
     let active = faults.get_mut(index)?;
     let kind = active.fault.kind.clone();
     if let Some(remaining) = active.remaining.as_mut() {
@@ -196,6 +221,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn faults_with_a_chance_share_one_roll_and_never_overlap() {
+        let route = "/api/users/{id}/apikeys";
+        let mut faults = vec![
+            ActiveFault::new(
+                Fault::on(Method::POST, route, FaultKind::Latency(Duration::from_millis(1))).per_mille(100),
+            ),
+            ActiveFault::new(Fault::on(Method::POST, route, FaultKind::LoseResponseAfterCreate).per_mille(50)),
+            ActiveFault::new(
+                Fault::on(Method::POST, route, FaultKind::RateLimited { retry_after_secs: 1 }).per_mille(50),
+            ),
+        ];
+        let (mut slow, mut lost, mut limited, mut none) = (0, 0, 0, 0);
+        for _ in 0..20_000 {
+            match take_fault(&mut faults, &Method::POST, route) {
+                Some(FaultKind::Latency(_)) => slow += 1,
+                Some(FaultKind::LoseResponseAfterCreate) => lost += 1,
+                Some(FaultKind::RateLimited { .. }) => limited += 1,
+                None => none += 1,
+                Some(other) => panic!("{other:?}"),
+            }
+        }
+        // 10 %, 5 %, 5 % and 80 %, within a few standard deviations.
+        assert!((1700..2300).contains(&slow), "{slow}");
+        assert!((800..1200).contains(&lost) && (800..1200).contains(&limited), "{lost} {limited}");
+        assert!((15_400..16_600).contains(&none), "{none}");
+    }
+
+    #[test]
     fn faults_match_by_method_and_route_and_run_out() {
         let mut faults = vec![ActiveFault::new(
             Fault::on(Method::POST, "/api/users/{id}/apikeys", FaultKind::RateLimited { retry_after_secs: 1 }).times(2),
@@ -215,6 +268,7 @@ mod tests {
             route: "DELETE /api/users/{id}/apikeys/{keyId}".to_owned(),
             kind: FaultKind::LoseResponseAfterCreate,
             times: None,
+            per_mille: None,
         };
         assert!(with_method.matches(&Method::DELETE, "/api/users/{id}/apikeys/{keyId}"));
         assert!(!with_method.matches(&Method::GET, "/api/users/{id}/apikeys/{keyId}"));

@@ -685,6 +685,7 @@ async fn status_rate_limit_and_latency_faults() {
         route: "*".to_owned(),
         kind: FaultKind::RateLimited { retry_after_secs: 7 },
         times: None,
+        per_mille: None,
     });
     let (status, body, headers) =
         h.send(h.http.get(h.url("/api/users/me")).header("X-Octopus-ApiKey", BROKER_KEY)).await;

@@ -9,6 +9,7 @@ mod bench_smoke;
 mod browser;
 mod callers;
 mod cdp;
+mod chaos;
 mod cli;
 mod concurrency;
 mod contract;
