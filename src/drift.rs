@@ -42,6 +42,8 @@ pub struct DriftReport {
     pub unmanaged: Vec<UnmanagedKey>,
     /// Keys of failed issuances that were still in Octopus, now revoked.
     pub orphans_revoked: Vec<String>,
+    /// Records whose key is gone while a revocation of theirs is running: left to it.
+    pub left_to_revoker: Vec<Uuid>,
 }
 
 impl DriftReport {
@@ -85,6 +87,12 @@ pub async fn scan(keys: &KeyService, state: &DriftState) -> Result<DriftReport, 
             }
             // Confirm with a direct read before acting on a listing.
             if keys.octopus().get_api_key(&user_id, octopus_key_id).await.map_err(|e| e.to_string())?.is_some() {
+                continue;
+            }
+            // Someone is revoking it right now: theirs is the event that names who revoked it.
+            let since = now - keys.revocation_window();
+            if keys.store().revocation_in_progress(record.id, since).await.map_err(|e| e.to_string())? {
+                report.left_to_revoker.push(record.id);
                 continue;
             }
             let event = NewAuditEvent::new(

@@ -794,6 +794,10 @@ impl KeyService {
             return Err(ServiceError::Conflict("the record has no Octopus key".to_owned()));
         };
         let scope_name = record.scope.clone();
+        // Drift, seeing the key gone from Octopus in a moment, leaves the record to this revoker.
+        if let Err(e) = self.store.begin_revocation(id, self.now()).await {
+            tracing::warn!(error = %e, "could not mark a revocation as started");
+        }
         let outcome = match self.octopus.delete_api_key(&record.octopus_user_id, &octopus_key_id).await {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -897,6 +901,12 @@ impl KeyService {
             Ok(mut current) => std::mem::replace(&mut *current, new),
             Err(_) => new,
         }
+    }
+
+    /// How long a started revocation keeps drift away from its record: its Octopus calls (a
+    /// delete and, for a 404, a confirming read), with room to spare.
+    pub fn revocation_window(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.octopus_timeout * 4).unwrap_or(chrono::Duration::minutes(1))
     }
 
     /// The record a leaked secret belongs to, via its keyed hash.

@@ -260,6 +260,12 @@ pub trait Store: Send + Sync + 'static {
     /// false (and writes nothing) when it was no longer active.
     async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError>;
 
+    /// Records that a revocation of `id` started at `at` (before Octopus is asked).
+    async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Whether a revocation of `id` started after `since` (and the record is not revoked yet).
+    async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError>;
+
     /// Records that a revocation was asked for, so a failed one is retried.
     async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
 

@@ -642,6 +642,28 @@ impl Store for PgStore {
         Ok(done)
     }
 
+    async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE key_records SET revoking_since = $1 WHERE id = $2")
+            .bind(store_precision(at))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
+        let found: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM key_records WHERE id = $1 AND state <> 'revoked' AND revoking_since > $2",
+        )
+        .bind(id)
+        .bind(store_precision(since))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
     async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
         sqlx::query("UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, $1) WHERE id = $2")
             .bind(store_precision(at))

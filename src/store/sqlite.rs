@@ -766,6 +766,28 @@ impl Store for SqliteStore {
         Ok(done)
     }
 
+    async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let (_write, mut tx) = self.write_tx().await?;
+        sqlx::query("UPDATE key_records SET revoking_since = ? WHERE id = ?")
+            .bind(fmt_time(at))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM key_records WHERE id = ? AND state <> 'revoked' AND revoking_since > ?")
+                .bind(id.to_string())
+                .bind(fmt_time(since))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
     async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         sqlx::query("UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, ?) WHERE id = ?")

@@ -2,6 +2,7 @@
 //! Time is driven by a manual clock, never by sleeping for days.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use keybroker::jobs::{expire_once, reconcile_once, watch_credential};
@@ -546,4 +547,32 @@ async fn offboarding_schedules_keys_still_being_issued() {
     let retried = reconcile_once(&app.state.keys, std::time::Duration::from_secs(3600)).await;
     assert_eq!(retried.revocations_retried, 1);
     assert!(app.keybroker_keys_in_octopus().is_empty());
+}
+
+#[tokio::test]
+async fn drift_leaves_a_key_being_revoked_to_its_revoker_so_the_revoker_is_on_record() {
+    let app = TestApp::spawn().await;
+    let key = app.issue_ok(&app.alice(), json!({"scope": "payments-deploy", "purpose": "revoked by alice"})).await;
+    let (id, octopus_id) = (key["id"].as_str().unwrap().to_owned(), key["octopus_key_id"].as_str().unwrap().to_owned());
+    // Alice's revocation is under way (its delete is slow); meanwhile the key is already gone
+    // from Octopus's listing, as it is once a delete has gone through.
+    app.sim.inject(
+        Fault::on(Method::DELETE, "/api/users/{id}/apikeys/{keyId}", FaultKind::Latency(Duration::from_millis(800)))
+            .times(1),
+    );
+    let (url, alice, http, path) = (app.url.clone(), app.alice(), app.http.clone(), format!("/v1/keys/{id}"));
+    let revoking =
+        tokio::spawn(
+            async move { http.delete(format!("{url}{path}")).bearer_auth(alice).send().await.unwrap().status() },
+        );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(app.sim.delete_api_key_behind_the_back(&octopus_id));
+    let report = keybroker::drift::scan(&app.state.keys, &keybroker::drift::DriftState::default()).await.unwrap();
+    assert!(report.revoked_behind_back.is_empty(), "{report:?}");
+    assert_eq!(report.left_to_revoker.len(), 1);
+    assert_eq!(revoking.await.unwrap(), 200);
+    let events = app.audit_events().await;
+    let revoked: Vec<_> = events.iter().filter(|e| e.action == "key.revoked").collect();
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].actor, "alice@example.com", "the person who revoked is on record");
 }

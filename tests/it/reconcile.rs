@@ -139,6 +139,12 @@ impl Store for FlakyStore {
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.audit_chain(after_seq, limit).await
     }
+    async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.begin_revocation(id, at).await
+    }
+    async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
+        self.inner.revocation_in_progress(id, since).await
+    }
     async fn check_migrated(&self) -> Result<(), StoreError> {
         self.inner.check_migrated().await
     }
