@@ -494,7 +494,14 @@ impl KeyService {
         match self.store.insert_pending(&new_key, &requested, now).await {
             Ok(Pending::Inserted) => {}
             Ok(Pending::Existing { same_request: false, .. }) => return Err(ServiceError::IdempotencyMismatch),
-            Ok(Pending::Existing { record, same_request: true }) => return self.replay(*record).await,
+            Ok(Pending::Existing { record, same_request: true }) => {
+                // As long as the caller would wait (10 s at most), a second short of its timeout.
+                let wait = self
+                    .request_timeout
+                    .map_or(std::time::Duration::from_secs(10), |t| t.saturating_sub(std::time::Duration::from_secs(2)))
+                    .min(std::time::Duration::from_secs(10));
+                return self.replay(*record, started + wait).await;
+            }
             Err(StoreError::LimitReached { .. }) => {
                 let err = PolicyError::TooManyActiveKeys {
                     scope: scope.name.clone(),
@@ -673,9 +680,14 @@ impl KeyService {
 
     /// A retry of a request that already has a record. While the first request is still in
     /// flight, wait a little for it to finish, so that racing retries get the same answer.
-    async fn replay(&self, mut record: KeyRecord) -> Result<IssueOutcome, ServiceError> {
-        for _ in 0..100 {
-            if record.state != KeyState::Pending {
+    /// A retry's answer: the first attempt's record once it is no longer pending, waiting for it
+    /// until `until` (the retry's own deadline: a first attempt that died pending waits for the
+    /// reconciler, and the retry must answer 409 before it is cut off with 408).
+    async fn replay(&self, mut record: KeyRecord, until: tokio::time::Instant) -> Result<IssueOutcome, ServiceError> {
+        loop {
+            if record.state != KeyState::Pending
+                || tokio::time::Instant::now() + std::time::Duration::from_millis(100) > until
+            {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;

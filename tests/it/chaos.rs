@@ -295,6 +295,8 @@ async fn a_chaos_soak_leaves_the_books_balanced() {
         distinct.len()
     );
     assert!(tally.violations.is_empty(), "5xx beyond 502/503/504: {:?}", tally.violations);
+    // Every issuance answers within its deadline: never the request timeout's 408.
+    assert_eq!(tally.statuses.get(&408), None, "{:?}", tally.statuses);
     assert_eq!(verification.first_break, None, "the trail verifies");
     assert_eq!(distinct.len(), received.len(), "no notice arrived twice");
     // Each recorded delivery arrived; one a killed replica was sending may have arrived too.
