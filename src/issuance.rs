@@ -466,13 +466,16 @@ impl KeyService {
         // Step 1: the pending record and the "requested" event, or nothing at all.
         let id = Uuid::new_v4();
         tracing::Span::current().record("key_id", tracing::field::display(id));
+        // Taken after the look-up, as the record is written: its age is the record's own, not the
+        // request's (the reconciler goes by the deadline anyway).
+        let created_at = self.now();
         let new_key = NewKey {
             id,
             scope: scope.name.to_string(),
             requester: principal.subject.clone(),
             purpose: request.purpose.as_str().to_owned(),
             octopus_user_id: account.id.clone(),
-            created_at: now,
+            created_at,
             expires_at: expiry.expires_at,
             max_active: scope.max_active_keys_per_requester,
             idempotency: request.idempotency.clone(),
