@@ -104,10 +104,9 @@ impl App {
         }));
         keys.audit(loaded).await.context("cannot write the audit trail")?;
         keys.set_scope_removal(config.on_scope_removed);
-        // The configuration file is the source at start: its policy is published for every
-        // replica (one that started with another file takes it within jobs.policy_sync_interval).
+        // The policy in force across replicas wins over this file (see PolicySync::start).
         let policy_sync = Arc::new(crate::policy_sync::PolicySync::new());
-        policy_sync.publish(&keys, "keybroker (start)").await.context("cannot publish the policy")?;
+        policy_sync.start(&keys, config.modified_at).await.context("cannot read or publish the policy in force")?;
         let rate_limits = Arc::new(crate::api::ratelimit::RateLimits::new(config.server.rate_limit_per_minute));
         let tickets = Arc::new(crate::tickets::TicketService::new(
             keys.clone(),

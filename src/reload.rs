@@ -77,12 +77,10 @@ impl Reloader {
         let event = NewAuditEvent::new(keys.now(), actor, Action::ConfigReloaded, Outcome::Success, ctx)
             .detail(serde_json::to_value(&report).unwrap_or_default());
         keys.audit(event).await.map_err(|e| format!("the audit trail is unavailable: {e}"))?;
-        keys.replace_policy(config.policy);
-        keys.set_scope_removal(config.on_scope_removed);
         // The other replicas take it within jobs.policy_sync_interval; the reload holds here
-        // whether or not the database takes it now (the next sync publishes nothing older).
-        if let Err(e) = self.sync.publish(keys, actor).await {
-            tracing::error!(error = %e, "cannot publish the reloaded policy; other replicas keep theirs");
+        // whether or not the database takes it now (then the next sync publishes it).
+        if let Err(e) = self.sync.reloaded(keys, config.policy, config.on_scope_removed, actor).await {
+            tracing::error!(error = %e, "cannot publish the reloaded policy yet; the next sync retries");
         }
         if config.on_scope_removed == ScopeRemoval::Revoke {
             let system = KeyService::system_principal();

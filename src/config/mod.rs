@@ -343,6 +343,9 @@ pub struct Config {
     /// The page at `/`; `None` without `[ui]`.
     pub ui: Option<UiConfig>,
     pub tickets: TicketsConfig,
+    /// When the file was last changed (`None` for a configuration from text): at start, a
+    /// policy published by another replica after it wins over this file's (see `policy_sync`).
+    pub modified_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Clone)]
@@ -481,7 +484,10 @@ impl Config {
             Env::prefixed("KEYBROKER_").filter(|key| key.as_str().contains("__")).split("__"),
         );
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::from_figment(&figment, base)
+        let mut config = Self::from_figment(&figment, base)?;
+        config.modified_at =
+            std::fs::metadata(path).and_then(|m| m.modified()).ok().map(chrono::DateTime::<chrono::Utc>::from);
+        Ok(config)
     }
 
     /// Checks only the shape of a configuration (TOML text plus `KEYBROKER_<SECTION>__<KEY>`
@@ -652,6 +658,7 @@ impl Config {
             on_scope_removed: raw.lifecycle.on_scope_removed,
             ui,
             tickets,
+            modified_at: None,
         })
     }
 }

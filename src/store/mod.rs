@@ -362,8 +362,8 @@ pub trait Store: Send + Sync + 'static {
         by: &str,
     ) -> Result<i64, StoreError>;
 
-    /// The newest published policy: (position, version, document).
-    async fn latest_policy(&self) -> Result<Option<(i64, String, String)>, StoreError>;
+    /// The newest published policy: (position, version, document, when it was published).
+    async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError>;
 
     /// Records the policy version `replica` runs, at `at`.
     async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError>;

@@ -1024,8 +1024,8 @@ impl Store for PgStore {
         Ok(seq)
     }
 
-    async fn latest_policy(&self) -> Result<Option<(i64, String, String)>, StoreError> {
-        sqlx::query_as("SELECT seq, version, document FROM policy_versions ORDER BY seq DESC LIMIT 1")
+    async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
+        sqlx::query_as("SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)

@@ -1077,11 +1077,14 @@ impl Store for SqliteStore {
         Ok(seq)
     }
 
-    async fn latest_policy(&self) -> Result<Option<(i64, String, String)>, StoreError> {
-        sqlx::query_as("SELECT seq, version, document FROM policy_versions ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)
+    async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
+        let row: Option<(i64, String, String, String)> = sqlx::query_as(
+            "SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.map(|(seq, v, d, at)| Ok((seq, v, d, parse_time(&at)?))).transpose()
     }
 
     async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {

@@ -75,6 +75,24 @@ async fn a_reload_through_one_replica_reaches_the_other_within_the_interval_on_b
         assert_eq!(check["ok"], true, "{name}: {check}");
         let detail = check["detail"].as_str().unwrap();
         assert_eq!(detail.matches(" runs ").count(), 3, "{name}: this replica and both in the list: {detail}");
+
+        // b restarts with the file it had (older than a's reload): it runs the policy in force,
+        // and does not put the removed scope back for everyone.
+        let config = keybroker::config::Config::load(&b.dir.path().join("keybroker.toml")).unwrap();
+        let restarted = keybroker::app::App::build_with(
+            config,
+            std::sync::Arc::new(keybroker::clock::SystemClock),
+            Some(second_store(&guard).await),
+        )
+        .await
+        .unwrap();
+        assert!(
+            restarted.state.keys.policy().get("web-deploy").is_none(),
+            "{name}: the restart took the policy in force"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let res = a.issue(&a.bob(), json!({"scope": "web-deploy", "purpose": "after b's restart"})).await;
+        assert_eq!(res.status(), 422, "{name}: a still refuses the removed scope");
         b.stop().await;
         a.stop().await;
     }

@@ -182,7 +182,7 @@ impl Store for FlakyStore {
     async fn publish_policy(&self, v: &str, d: &str, at: DateTime<Utc>, by: &str) -> Result<i64, StoreError> {
         self.inner.publish_policy(v, d, at, by).await
     }
-    async fn latest_policy(&self) -> Result<Option<(i64, String, String)>, StoreError> {
+    async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
         self.inner.latest_policy().await
     }
     async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
