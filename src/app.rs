@@ -58,12 +58,24 @@ impl App {
                 store.set_chain_key(key.clone());
                 tracing::info!("audit chain: new events are keyed with HMAC-SHA256 under audit.chain_key_file");
             }
-            None => tracing::warn!(
-                "audit chain: audit.chain_key_file is not set, so events are chained with plain SHA-256. That \
+            None => {
+                let newest = store
+                    .list_audit(&Default::default(), crate::store::PageRequest { before_seq: None, limit: 1 })
+                    .await
+                    .context("cannot read the audit trail")?;
+                if newest.first().is_some_and(crate::audit::AuditRecord::is_keyed) {
+                    anyhow::bail!(
+                        "audit.chain_key_file: required: this database's audit chain is keyed, and a replica \
+                         without the key could append nothing to it"
+                    );
+                }
+                tracing::warn!(
+                    "audit chain: audit.chain_key_file is not set, so events are chained with plain SHA-256. That \
                  detects edits by anyone who does not recompute the hashes, not by someone who can write the \
                  database; the published head (log, metric, webhook) still shows deleted newest events. Set \
                  audit.chain_key_file (32+ bytes, not the identify secret) to key the chain"
-            ),
+                );
+            }
         }
         let audit = Arc::new(crate::audit_watch::AuditWatch::new(chain_key));
         let metrics = Metrics::new();

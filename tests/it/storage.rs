@@ -565,7 +565,7 @@ async fn a_job_lease_has_one_holder_until_it_expires() {
 
 #[tokio::test]
 async fn the_outbox_holds_each_notice_once_and_tracks_attempts() {
-    use keybroker::store::{DeliveryResult, NewDelivery};
+    use keybroker::store::{DELIVERY_CLAIM, DeliveryResult, NewDelivery};
     for (name, store, _guard) in backends().await {
         let now = Utc::now();
         let notice = |threshold: &str| NewDelivery {
@@ -596,6 +596,16 @@ async fn the_outbox_holds_each_notice_once_and_tracks_attempts() {
         assert_eq!(later[0].attempts, 1, "{name}");
         assert!(store.finish_delivery(&later[0], &DeliveryResult::GaveUp { error: "down".to_owned() }).await.unwrap());
         assert!(store.due_deliveries(now + Duration::days(3), 10).await.unwrap().is_empty(), "{name}");
+
+        // A claim that lapsed belongs to its new claimer: the old one can no longer record it.
+        let lapsing = NewDelivery { threshold: "lapse".to_owned(), ..notice("") };
+        assert!(store.enqueue_delivery(&lapsing).await.unwrap());
+        let first = store.due_deliveries(now, 1).await.unwrap().pop().unwrap();
+        let second = store.due_deliveries(now + DELIVERY_CLAIM + Duration::seconds(1), 1).await.unwrap().pop().unwrap();
+        assert_eq!(first.id, second.id, "{name}");
+        let done = DeliveryResult::Delivered { at: now };
+        assert!(!store.finish_delivery(&first, &done).await.unwrap(), "{name}: the lapsed claim records nothing");
+        assert!(store.finish_delivery(&second, &done).await.unwrap(), "{name}");
     }
 }
 
