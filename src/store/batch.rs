@@ -66,6 +66,11 @@ pub(super) trait Committer: Send + Sync + 'static {
     /// write, and an `Err` outcome means that write changed nothing. `Err` means the
     /// transaction failed (and was rolled back): nothing of the batch was written.
     async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError>;
+
+    /// Whether the event with this id is in the chain: after a failed batch (its `COMMIT`'s
+    /// answer may have been lost with the connection while the commit went through), each
+    /// write's event is looked up before that write is tried again.
+    async fn event_committed(&self, id: Uuid) -> Result<bool, StoreError>;
 }
 
 struct Job {
@@ -149,6 +154,18 @@ async fn commit_queued(committer: impl Committer, mut queue: mpsc::Receiver<Job>
                     tracing::warn!(error = %e, writes = writes.len(), "a batch of writes failed; trying each alone");
                     let mut outcomes = Vec::with_capacity(writes.len());
                     for write in &writes {
+                        // An ambiguous commit: read back before retrying anything.
+                        match committer.event_committed(write.event().id).await {
+                            Ok(true) => {
+                                outcomes.push(committed_outcome(write));
+                                continue;
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                outcomes.push(Err(e));
+                                continue;
+                            }
+                        }
                         let outcome = match committer.commit_batch(&[write]).await {
                             Ok(mut one) if one.len() == 1 => one.remove(0),
                             Ok(_) => Err(unexpected()),
@@ -165,6 +182,20 @@ async fn commit_queued(committer: impl Committer, mut queue: mpsc::Receiver<Job>
             // the answer been lost on the way.
             let _ = job.reply.send(outcome);
         }
+    }
+}
+
+/// What a write whose event is found committed (its batch's answer lost) has done.
+fn committed_outcome(write: &Write) -> Outcome {
+    match write {
+        Write::Insert { .. } => Ok(Written::Pending(Pending::Inserted)),
+        // The record is active; the issuer reads it back (a key whose activation committed is
+        // never deleted).
+        Write::Activate { activation, .. } => Err(StoreError::Unavailable(format!(
+            "the activation of {} committed but its answer was lost; read the record back",
+            activation.id
+        ))),
+        Write::Append { .. } => Ok(Written::Appended),
     }
 }
 
@@ -436,11 +467,13 @@ mod tests {
     struct Recorder {
         batches: Arc<Mutex<Vec<Vec<String>>>>,
         gate: Arc<Semaphore>,
+        /// Events of batches whose commit went through although it answered an error.
+        committed: Arc<Mutex<Vec<Uuid>>>,
     }
 
     impl Default for Recorder {
         fn default() -> Self {
-            Self { batches: Arc::default(), gate: Arc::new(Semaphore::new(0)) }
+            Self { batches: Arc::default(), gate: Arc::new(Semaphore::new(0)), committed: Arc::default() }
         }
     }
 
@@ -453,7 +486,15 @@ mod tests {
             if actors.iter().any(|a| a == "poison") {
                 return Err(StoreError::Unavailable("poisoned".to_owned()));
             }
+            if actors.iter().any(|a| a == "lost") {
+                self.committed.lock().unwrap().extend(writes.iter().map(|w| w.event().id));
+                return Err(StoreError::Unavailable("the connection died during COMMIT".to_owned()));
+            }
             Ok(writes.iter().map(|_| Ok(Written::Appended)).collect())
+        }
+
+        async fn event_committed(&self, id: Uuid) -> Result<bool, StoreError> {
+            Ok(self.committed.lock().unwrap().contains(&id))
         }
     }
 
@@ -473,6 +514,24 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_commit_answer_was_lost_is_read_back_not_written_again() {
+        let recorder = Recorder::default();
+        let queue = Arc::new(WriteQueue::start(recorder.clone()));
+        let first = append(&queue, "first");
+        settle().await;
+        let queued: Vec<_> = ["b", "lost"].iter().map(|a| append(&queue, a)).collect();
+        settle().await;
+        recorder.gate.add_permits(100);
+        first.await.unwrap().unwrap();
+        for task in queued {
+            task.await.unwrap().unwrap();
+        }
+        // The failed batch's events were found committed: nothing was tried again.
+        let batches = recorder.batches.lock().unwrap().clone();
+        assert_eq!(batches, [vec!["first"], vec!["b", "lost"]]);
     }
 
     #[tokio::test]

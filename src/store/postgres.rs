@@ -293,6 +293,15 @@ impl PgCommitter {
 
 #[async_trait]
 impl Committer for PgCommitter {
+    async fn event_committed(&self, id: Uuid) -> Result<bool, StoreError> {
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM audit_events WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
     async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
         let mut held = self.conn.lock().await;
         let (mut conn, kept) = match held.take() {

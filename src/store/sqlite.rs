@@ -376,6 +376,15 @@ struct SqliteCommitter {
 
 #[async_trait]
 impl Committer for SqliteCommitter {
+    async fn event_committed(&self, id: Uuid) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM audit_events WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.writer)
+            .await
+            .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
     async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
         let mut head = self.write_lock.lock().await;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
