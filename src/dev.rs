@@ -53,7 +53,7 @@ fn random_secret() -> String {
 
 /// The demo configuration: three scopes on the simulator's service accounts.
 pub fn demo_config_toml(octopus_url: &str, listen: &str, db_path: &Path) -> String {
-    demo_config(octopus_url, listen, db_path, &hs256_auth())
+    demo_config(octopus_url, listen, db_path, &hs256_auth(), "")
 }
 
 /// `[auth]` for tests and `keybroker mint-token`: HS256 tokens from a shared secret file.
@@ -72,8 +72,9 @@ auditor_teams = ["security"]
     )
 }
 
-/// The demo configuration with `auth` as its `[auth]` section (and whatever follows it).
-fn demo_config(octopus_url: &str, listen: &str, db_path: &Path, auth: &str) -> String {
+/// The demo configuration with `auth` as its `[auth]` section (and whatever follows it), and
+/// `audit` added to its `[audit]` section.
+fn demo_config(octopus_url: &str, listen: &str, db_path: &Path, auth: &str, audit: &str) -> String {
     format!(
         r#"# Written by `keybroker dev`; a commented reference is keybroker.example.toml.
 [server]
@@ -90,7 +91,7 @@ timeout = "10s"
 
 {auth}[audit]
 hmac_secret_file = "audit-hmac"
-
+{audit}
 [[scopes]]
 name = "payments-deploy"
 description = "Deploy the payments services"
@@ -189,6 +190,8 @@ impl DevEnvironment {
         std::fs::write(dir.path().join("octopus-api-key"), DEMO_BROKER_API_KEY)?;
         std::fs::write(dir.path().join("jwt-hs256"), random_secret())?;
         std::fs::write(dir.path().join("audit-hmac"), random_secret())?;
+        // The audit chain is keyed in dev too, with a key of its own.
+        std::fs::write(dir.path().join("chain-key"), random_secret())?;
 
         let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
             Ok(l) => l,
@@ -212,8 +215,13 @@ impl DevEnvironment {
         let idp_task = idp.clone().spawn(idp_listener);
 
         let config_path = dir.path().join("keybroker.toml");
-        let text =
-            demo_config(&octopus_url, &listen.to_string(), &dir.path().join("keybroker.db"), &dev_auth(&idp_issuer));
+        let text = demo_config(
+            &octopus_url,
+            &listen.to_string(),
+            &dir.path().join("keybroker.db"),
+            &dev_auth(&idp_issuer),
+            "chain_key_file = \"chain-key\"\n",
+        );
         std::fs::write(&config_path, text)?;
         let config = Config::load(&config_path)?;
         let app = App::build(config).await?.with_config_path(&config_path);
