@@ -156,6 +156,12 @@ impl KeyService {
         self
     }
 
+    /// How long a handler waits for an issuance before it answers 503: a second short of
+    /// `server.request_timeout`, so the caller hears what happened rather than a bare 408.
+    pub fn answer_within(&self) -> Option<std::time::Duration> {
+        self.request_timeout.map(|t| t.saturating_sub(std::time::Duration::from_secs(1)))
+    }
+
     pub fn new(
         store: Arc<dyn Store>,
         octopus: Arc<OctopusClient>,

@@ -198,7 +198,7 @@ pub async fn issue_key(
     // The protocol runs in its own task: a caller that hangs up or times out must not cut it
     // off between the Octopus call and the record that owns its result.
     let keys = state.keys.clone();
-    let outcome = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let outcome = keys.issue(&principal, request, &ctx).await;
         if let Ok(IssueOutcome::Issued(issued)) = &outcome {
             if !issued.replaced.is_empty() {
@@ -209,11 +209,8 @@ pub async fn issue_key(
             }
         }
         outcome
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("issuance task failed: {e}")))?;
-    presence.answered();
-    let outcome = outcome?;
+    });
+    let outcome = within_deadline(&state, task, presence).await??;
 
     Ok(match outcome {
         IssueOutcome::Issued(issued) => issued_response(issued, state.keys.now()),
@@ -246,6 +243,33 @@ pub(super) fn replayed_response(record: KeyRecord, now: DateTime<Utc>) -> Respon
     headers.insert(HeaderName::from_static("idempotent-replayed"), HeaderValue::from_static("true"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     (StatusCode::OK, headers, axum::Json(view)).into_response()
+}
+
+/// Waits for an issuance task until a second short of `server.request_timeout`. Past that, the
+/// caller gets 503 (never the timeout's bare 408) and is marked gone, so that a key Octopus makes
+/// from then on is deleted at once; the task itself runs to its end.
+pub(super) async fn within_deadline<T, E>(
+    state: &AppState,
+    task: tokio::task::JoinHandle<Result<T, E>>,
+    presence: CallerPresence,
+) -> Result<Result<T, E>, ApiError> {
+    let joined = match state.keys.answer_within() {
+        Some(limit) => match tokio::time::timeout(limit, task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                drop(presence);
+                return Err(ApiError::Unavailable(
+                    "the issuance did not finish within its deadline (server.request_timeout); a key Octopus makes \
+                     for it from now on is deleted at once. Retry with the same Idempotency-Key"
+                        .to_owned(),
+                ));
+            }
+        },
+        None => task.await,
+    };
+    let outcome = joined.map_err(|e| ApiError::Internal(format!("issuance task failed: {e}")))?;
+    presence.answered();
+    Ok(outcome)
 }
 
 /// Marks the caller gone when dropped before [`CallerPresence::answered`].

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, Caller, Ctx};
-use super::keys::{CallerPresence, idempotency_key, issued_response, replayed_response};
+use super::keys::{CallerPresence, idempotency_key, issued_response, replayed_response, within_deadline};
 use crate::issuance::IssueOutcome;
 use crate::policy::Purpose;
 use crate::tickets::{NewTicket, Ticket, TicketError, TicketId, TicketState};
@@ -285,11 +285,8 @@ pub async fn claim_ticket(
     // cut it off between Octopus's answer and the record that owns it.
     let tickets = state.tickets.clone();
     let (claimer, claim_ctx) = (person.clone(), ctx.clone());
-    let claimed = tokio::spawn(async move { tickets.claim(&claimer, &id, idempotency, gone, &claim_ctx).await })
-        .await
-        .map_err(|e| ApiError::Internal(format!("claim task failed: {e}")))?;
-    presence.answered();
-    let (_, outcome) = match claimed {
+    let task = tokio::spawn(async move { tickets.claim(&claimer, &id, idempotency, gone, &claim_ctx).await });
+    let (_, outcome) = match within_deadline(&state, task, presence).await? {
         Ok(claimed) => claimed,
         Err(e) => return Err(audited(&state, &person, "/v1/tickets/{id}/claim", &ctx, e).await),
     };
