@@ -171,7 +171,7 @@ impl KeyView {
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown scope (never 404), expiry or limit violates the policy (`reasons` says which), or Octopus refused", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "Octopus failed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Database, audit trail or Octopus credential unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database, audit trail or Octopus credential unavailable, or the issuance did not finish within its deadline (retry with the same Idempotency-Key)", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Octopus timed out", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))

@@ -265,7 +265,7 @@ pub async fn cancel_ticket(
         (status = 409, description = "Already claimed, expired or cancelled, or being claimed", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The issuance broke a rule (`reasons` says which)", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "Octopus failed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Database, audit trail or Octopus credential unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database, audit trail or Octopus credential unavailable, or the issuance did not finish within its deadline (retry with the same Idempotency-Key)", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Octopus timed out", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
