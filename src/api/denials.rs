@@ -60,6 +60,26 @@ pub struct Denial {
     pub context: RequestContext,
 }
 
+impl Denial {
+    /// An authenticated caller refused for its role or for someone else's resource
+    /// (`authz.denied`), aggregated per caller, reason and route.
+    pub fn role(
+        principal: &crate::auth::Principal,
+        reason: &str,
+        route: Option<String>,
+        context: RequestContext,
+    ) -> Self {
+        Self {
+            action: Action::AuthzDenied,
+            actor: principal.subject.clone(),
+            who: principal.subject.clone(),
+            reason: reason.to_owned(),
+            route,
+            context,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Denials {
     windows: Mutex<Windows>,

@@ -251,15 +251,8 @@ impl FromRequestParts<AppState> for AuditorCaller {
 
 /// Audits a role refusal (aggregated per caller, reason and route) and returns its 403.
 pub async fn refuse_role(parts: &Parts, state: &AppState, principal: &Principal, message: &str) -> ApiError {
-    let denial = Denial {
-        action: Action::AuthzDenied,
-        actor: principal.subject.clone(),
-        who: principal.subject.clone(),
-        reason: message.to_owned(),
-        route: parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned()),
-        context: context_of(parts),
-    };
-    state.audit_denial(denial).await;
+    let route = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    state.audit_denial(Denial::role(principal, message, route, context_of(parts))).await;
     ApiError::Forbidden(message.to_owned())
 }
 

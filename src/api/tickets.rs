@@ -115,14 +115,7 @@ async fn audited(
     e: TicketError,
 ) -> ApiError {
     if let TicketError::Forbidden(reason) = &e {
-        let denial = super::denials::Denial {
-            action: crate::audit::Action::AuthzDenied,
-            actor: principal.subject.clone(),
-            who: principal.subject.clone(),
-            reason: reason.clone(),
-            route: Some(route.to_owned()),
-            context: ctx.clone(),
-        };
+        let denial = super::denials::Denial::role(principal, reason, Some(route.to_owned()), ctx.clone());
         state.audit_denial(denial).await;
     }
     e.into()
