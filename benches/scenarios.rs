@@ -312,7 +312,8 @@ impl Rig {
         let sim_url = running.url();
         let path = write_config(store.dir.path(), &sim_url, "127.0.0.1:0")?;
         let config = Config::load(&path)?;
-        let app = App::build_with(config, Arc::new(keybroker::clock::SystemClock), Some(store.store.clone())).await?;
+        let app =
+            App::build_with(config, Arc::new(keybroker::domain::clock::SystemClock), Some(store.store.clone())).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = oneshot::channel();

@@ -8,13 +8,13 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
-use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::auth::Authenticator;
-use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::issuance::KeyService;
+use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::domain::clock::{Clock, SystemClock};
 use crate::metrics::Metrics;
 use crate::octopus::OctopusClient;
+use crate::services::issuance::KeyService;
 use crate::store::{self, Store};
 
 /// Everything a running keybroker holds.
@@ -52,7 +52,7 @@ impl App {
             }
         };
         // Before the first append (config.loaded below): every new event is keyed from here.
-        let chain_key = config.audit.chain_key.clone().map(crate::audit::ChainKey::new);
+        let chain_key = config.audit.chain_key.clone().map(crate::domain::audit::ChainKey::new);
         match &chain_key {
             Some(key) => {
                 store.set_chain_key(key.clone());
@@ -63,7 +63,7 @@ impl App {
                     .list_audit(&Default::default(), crate::store::PageRequest { before_seq: None, limit: 1 })
                     .await
                     .context("cannot read the audit trail")?;
-                if newest.first().is_some_and(crate::audit::AuditRecord::is_keyed) {
+                if newest.first().is_some_and(crate::domain::audit::AuditRecord::is_keyed) {
                     anyhow::bail!(
                         "audit.chain_key_file: required: this database's audit chain is keyed, and a replica \
                          without the key could append nothing to it"
@@ -77,7 +77,7 @@ impl App {
                 );
             }
         }
-        let audit = Arc::new(crate::audit_watch::AuditWatch::new(chain_key));
+        let audit = Arc::new(crate::services::audit_watch::AuditWatch::new(chain_key));
         let metrics = Metrics::new();
         let octopus = OctopusClient::with_metrics(&config.octopus, metrics.clone())
             .context("cannot build the Octopus HTTP client")?;
@@ -99,10 +99,12 @@ impl App {
         }
         // The first readiness verdict, so /readyz answers truthfully from the start; it also
         // resolves every scope's account into the cache.
-        let readiness = Arc::new(crate::readiness::Readiness::new(config.jobs.readiness_interval));
+        let readiness = Arc::new(crate::services::readiness::Readiness::new(config.jobs.readiness_interval));
         readiness.refresh(&keys).await;
         let policy = keys.policy();
-        crate::webhooks::adopt_names(&keys, &config.webhooks).await.context("cannot name the webhook outbox's rows")?;
+        crate::services::webhooks::adopt_names(&keys, &config.webhooks)
+            .await
+            .context("cannot name the webhook outbox's rows")?;
         let loaded = NewAuditEvent::new(
             keys.now(),
             "keybroker",
@@ -117,12 +119,12 @@ impl App {
         keys.audit(loaded).await.context("cannot write the audit trail")?;
         keys.set_scope_removal(config.on_scope_removed);
         // The policy in force across replicas wins over this file (see PolicySync::start).
-        let policy_sync = Arc::new(crate::policy_sync::PolicySync::new());
+        let policy_sync = Arc::new(crate::services::policy_sync::PolicySync::new());
         policy_sync.start(&keys, config.modified_at).await.context("cannot read or publish the policy in force")?;
         let rate_limits = Arc::new(crate::api::ratelimit::RateLimits::new(config.server.rate_limit_per_minute));
-        let tickets = Arc::new(crate::tickets::TicketService::new(
+        let tickets = Arc::new(crate::services::tickets::TicketService::new(
             keys.clone(),
-            crate::tickets::TicketSettings {
+            crate::services::tickets::TicketSettings {
                 delegate_teams: config.auth.delegate_teams.clone(),
                 lifetime: config.tickets.lifetime,
                 request_timeout: config.server.request_timeout,
@@ -160,7 +162,8 @@ impl App {
     /// Remembers where the configuration came from, so it can be reloaded (SIGHUP,
     /// `POST /v1/admin/reload`).
     pub fn with_config_path(mut self, path: &std::path::Path) -> Self {
-        self.state.reloader = Some(Arc::new(crate::reload::Reloader::new(path, self.state.policy_sync.clone())));
+        self.state.reloader =
+            Some(Arc::new(crate::services::reload::Reloader::new(path, self.state.policy_sync.clone())));
         self
     }
 
@@ -174,7 +177,7 @@ impl App {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let mut jobs = crate::jobs::spawn_all(
+        let mut jobs = crate::services::jobs::spawn_all(
             self.state.keys.clone(),
             &self.config.jobs,
             &self.config.webhooks,
@@ -248,7 +251,10 @@ impl App {
 }
 
 /// Reloads the policy on SIGHUP.
-fn spawn_sighup_reload(keys: Arc<KeyService>, reloader: Arc<crate::reload::Reloader>) -> tokio::task::JoinHandle<()> {
+fn spawn_sighup_reload(
+    keys: Arc<KeyService>,
+    reloader: Arc<crate::services::reload::Reloader>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         #[cfg(unix)]
         {

@@ -178,7 +178,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let secret = entry.hs256_secret.as_ref().ok_or_else(|| {
                 anyhow::anyhow!("issuer `{issuer}` has no hs256_secret_file: its tokens come from elsewhere")
             })?;
-            let ttl = crate::policy::parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
+            let ttl = crate::domain::policy::parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
             let now = chrono::Utc::now().timestamp();
             let mut claims = serde_json::json!({
                 "iss": entry.issuer, "aud": entry.audiences[0], "sub": sub, "name": sub,
@@ -289,11 +289,11 @@ async fn audit_verify(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let store = crate::store::connect(config.database.url.expose_secret())
         .await
         .context("cannot open the database (database.url)")?;
-    let key = config.audit.chain_key.clone().map(crate::audit::ChainKey::new);
+    let key = config.audit.chain_key.clone().map(crate::domain::audit::ChainKey::new);
     if key.is_none() {
         eprintln!("note: audit.chain_key_file is not set; keyed events cannot be checked, plain ones are");
     }
-    let watch = crate::audit_watch::AuditWatch::new(key);
+    let watch = crate::services::audit_watch::AuditWatch::new(key);
     let started = std::time::Instant::now();
     let mut checked = 0u64;
     loop {

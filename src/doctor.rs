@@ -9,8 +9,8 @@ use chrono::Utc;
 use secrecy::ExposeSecret;
 
 use crate::config::{Config, OctopusConfig, OctopusCredential};
+use crate::domain::policy::Scope;
 use crate::octopus::{BrokerKeyExpiry, OctopusClient, OctopusError, OctopusUser};
-use crate::policy::Scope;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {

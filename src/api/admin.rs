@@ -11,9 +11,9 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{AdminCaller, ApiJson, Ctx, filter_value};
-use crate::drift::UnmanagedKey;
-use crate::offboarding::Outcome;
-use crate::reload::ReloadReport;
+use crate::services::drift::UnmanagedKey;
+use crate::services::offboarding::Outcome;
+use crate::services::reload::ReloadReport;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -99,18 +99,20 @@ pub async fn revoke_many(
     let unused_for = body
         .unused_for
         .as_deref()
-        .map(|d| crate::policy::parse_ttl(d).map_err(|e| ApiError::BadRequest(format!("unused_for: {e}"))))
+        .map(|d| crate::domain::policy::parse_ttl(d).map_err(|e| ApiError::BadRequest(format!("unused_for: {e}"))))
         .transpose()?;
-    let selection = crate::offboarding::Selection { requester, scope, team, unused_for };
+    let selection = crate::services::offboarding::Selection { requester, scope, team, unused_for };
     if selection.is_empty() {
         return Err(ApiError::BadRequest("give at least one of requester, scope, team or unused_for".to_owned()));
     }
     let keys = state.keys.clone();
     // Its own task: a caller that hangs up must not cut a revocation off half-way.
     let report =
-        tokio::spawn(async move { crate::offboarding::revoke_matching(&keys, &principal, selection, &ctx).await })
-            .await
-            .map_err(|e| ApiError::Internal(format!("offboarding task failed: {e}")))??;
+        tokio::spawn(
+            async move { crate::services::offboarding::revoke_matching(&keys, &principal, selection, &ctx).await },
+        )
+        .await
+        .map_err(|e| ApiError::Internal(format!("offboarding task failed: {e}")))??;
     let (revoked, failed) = (report.revoked(), report.failed());
     let results = report
         .results
@@ -156,10 +158,11 @@ pub async fn revoke_unmanaged(
     Ctx(ctx): Ctx,
 ) -> Result<axum::Json<UnmanagedReport>, ApiError> {
     let keys = state.keys.clone();
-    let revoked = tokio::spawn(async move { crate::drift::revoke_unmanaged(&keys, &principal.subject, &ctx).await })
-        .await
-        .map_err(|e| ApiError::Internal(format!("drift task failed: {e}")))?
-        .map_err(ApiError::BadGateway)?;
+    let revoked =
+        tokio::spawn(async move { crate::services::drift::revoke_unmanaged(&keys, &principal.subject, &ctx).await })
+            .await
+            .map_err(|e| ApiError::Internal(format!("drift task failed: {e}")))?
+            .map_err(ApiError::BadGateway)?;
     Ok(axum::Json(UnmanagedReport { revoked }))
 }
 
@@ -239,7 +242,7 @@ pub struct FailedEntry {
 pub struct ExplainedPrincipal {
     pub subject: String,
     pub teams: Vec<String>,
-    pub roles: Vec<crate::auth::Role>,
+    pub roles: Vec<crate::domain::principal::Role>,
 }
 
 /// Whether the principal may request keys for the scope.
@@ -247,7 +250,7 @@ pub struct ExplainedPrincipal {
 pub struct ScopeVerdict {
     pub scope: String,
     pub allowed: bool,
-    pub reasons: Vec<crate::policy::Reason>,
+    pub reasons: Vec<crate::domain::policy::Reason>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

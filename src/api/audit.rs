@@ -12,8 +12,8 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiQuery, AuditorCaller, filter_value};
 use super::keys::{decode_cursor, encode_cursor, page_limit};
-use crate::audit::{AuditRecord, ChainBreak};
-use crate::queries::{AuditFilter, PageRequest};
+use crate::domain::audit::{AuditRecord, ChainBreak};
+use crate::services::queries::{AuditFilter, PageRequest};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(list_events)).routes(routes!(verify))
@@ -77,7 +77,7 @@ pub async fn list_events(
         from: q.from,
         to: q.to,
     };
-    let items = crate::queries::audit_page(&state.keys, &filter, PageRequest { before_seq, limit }).await?;
+    let items = crate::services::queries::audit_page(&state.keys, &filter, PageRequest { before_seq, limit }).await?;
     let next_cursor = (items.len() == limit as usize).then(|| items.last().map(|e| encode_cursor(e.seq))).flatten();
     Ok(axum::Json(AuditPage { items, next_cursor }))
 }
@@ -129,7 +129,7 @@ pub async fn verify(
     State(state): State<AppState>,
     _auditor: AuditorCaller,
 ) -> Result<axum::Json<VerifyReport>, ApiError> {
-    let v = crate::queries::verify_trail(&state.keys, &state.audit, VERIFY_BOUND).await?;
+    let v = crate::services::queries::verify_trail(&state.keys, &state.audit, VERIFY_BOUND).await?;
     Ok(axum::Json(VerifyReport {
         ok: v.first_break.is_none(),
         events_checked: v.events_checked,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 
 /// One event per kind of denial per this long.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -64,7 +64,7 @@ impl Denial {
     /// An authenticated caller refused for its role or for someone else's resource
     /// (`authz.denied`), aggregated per caller, reason and route.
     pub fn role(
-        principal: &crate::auth::Principal,
+        principal: &crate::domain::principal::Principal,
         reason: &str,
         route: Option<String>,
         context: RequestContext,

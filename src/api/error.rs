@@ -9,10 +9,10 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthError;
-use crate::issuance::ServiceError;
+use crate::domain::policy::{PolicyError, Reason};
 use crate::octopus::OctopusError;
-use crate::policy::{PolicyError, Reason};
-use crate::queries::StoreError;
+use crate::services::issuance::ServiceError;
+use crate::services::queries::StoreError;
 
 tokio::task_local! {
     /// The current request's id, so problem bodies can name it.

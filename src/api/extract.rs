@@ -12,8 +12,9 @@ use serde::de::DeserializeOwned;
 use super::AppState;
 use super::denials::{Denial, address_bucket};
 use super::error::ApiError;
-use crate::audit::{Action, RequestContext};
-use crate::auth::{AuthError, Principal};
+use crate::auth::AuthError;
+use crate::domain::audit::{Action, RequestContext};
+use crate::domain::principal::Principal;
 
 /// `Json<T>` whose rejections are problem responses. Only a JSON object is accepted as a body:
 /// serde would otherwise read a struct from an array of its fields in order, so

@@ -1,6 +1,6 @@
 //! `/healthz` (the process is alive) and `/readyz` (the database answers, Octopus answers and
 //! accepts keybroker's credential, every scope's account is usable), from the verdict the
-//! readiness job keeps (see [`crate::readiness`]).
+//! readiness job keeps (see [`crate::services::readiness`]).
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};

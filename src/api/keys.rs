@@ -16,10 +16,11 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiQuery, AuditorCaller, Caller, Ctx, filter_value};
-use crate::audit::{Action, NewAuditEvent, Outcome};
-use crate::issuance::{IssueOutcome, IssueRequest};
-use crate::policy::{ExpiryClamp, ExpiryRequest, Purpose, Reason, parse_ttl};
-use crate::queries::{Idempotency, KeyFilter, KeyRecord, KeyState, PageRequest};
+use crate::domain::audit::{Action, NewAuditEvent, Outcome};
+use crate::domain::keys::{Idempotency, KeyRecord, KeyState};
+use crate::domain::policy::{ExpiryClamp, ExpiryRequest, Purpose, Reason, parse_ttl};
+use crate::services::issuance::{IssueOutcome, IssueRequest};
+use crate::services::queries::{KeyFilter, PageRequest};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -219,7 +220,7 @@ pub async fn issue_key(
 }
 
 /// 201 with the secret, shown this once (never cached).
-pub(super) fn issued_response(issued: crate::issuance::Issued, now: DateTime<Utc>) -> Response {
+pub(super) fn issued_response(issued: crate::services::issuance::Issued, now: DateTime<Utc>) -> Response {
     let mut view = KeyView::of(issued.record, now);
     view.api_key = Some(issued.secret.expose_secret().to_owned());
     view.expiry_clamped_by = issued.clamped;
@@ -296,8 +297,8 @@ impl Drop for CallerPresence {
 /// `dry_run: true`: the verdict of every check, nothing created.
 async fn dry_run(
     state: &AppState,
-    principal: &crate::auth::Principal,
-    ctx: &crate::audit::RequestContext,
+    principal: &crate::domain::principal::Principal,
+    ctx: &crate::domain::audit::RequestContext,
     body: IssueKeyBody,
 ) -> Result<Response, ApiError> {
     let expiry = parse_expiry(&body)?;
@@ -357,7 +358,7 @@ fn idempotency_of(headers: &HeaderMap, body: &IssueKeyBody) -> Result<Option<Ide
     if body.replace_previous {
         request["replace_previous"] = serde_json::json!(true);
     }
-    let canonical = crate::audit::canonical_json(&request);
+    let canonical = crate::domain::audit::canonical_json(&request);
     let request_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes()));
     Ok(Some(Idempotency { key, request_hash }))
 }
@@ -461,7 +462,8 @@ pub async fn list_keys(
     let before_seq = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let filter =
         KeyFilter { requester: query.requester, scope: query.scope, state: query.state, now: None, team: query.team };
-    let records = crate::queries::key_page(&state.keys, &principal, filter, PageRequest { before_seq, limit }).await?;
+    let records =
+        crate::services::queries::key_page(&state.keys, &principal, filter, PageRequest { before_seq, limit }).await?;
     let now = state.keys.now();
     let next_cursor = (records.len() == limit as usize).then(|| records.last().map(|r| encode_cursor(r.seq))).flatten();
     Ok(axum::Json(KeyPage { items: records.into_iter().map(|r| KeyView::of(r, now)).collect(), next_cursor }))
@@ -495,7 +497,7 @@ pub async fn get_key(
     Path(id): Path<String>,
 ) -> Result<axum::Json<KeyView>, ApiError> {
     let id = parse_id(&id)?;
-    let record = crate::queries::key(&state.keys, &principal, id).await?;
+    let record = crate::services::queries::key(&state.keys, &principal, id).await?;
     Ok(axum::Json(KeyView::of(record, state.keys.now())))
 }
 

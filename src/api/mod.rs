@@ -36,8 +36,8 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::Authenticator;
 use crate::config::ServerConfig;
-use crate::issuance::KeyService;
 use crate::metrics::Metrics;
+use crate::services::issuance::KeyService;
 use error::{REQUEST_ID, problem_response};
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -47,19 +47,19 @@ pub struct AppState {
     pub keys: Arc<KeyService>,
     pub auth: Arc<Authenticator>,
     /// Set when the app was started from a configuration file (reloads read it again).
-    pub reloader: Option<Arc<crate::reload::Reloader>>,
+    pub reloader: Option<Arc<crate::services::reload::Reloader>>,
     pub rate_limits: Arc<ratelimit::RateLimits>,
     /// Aggregates repeated denials before they reach the audit trail.
     pub denials: Arc<denials::Denials>,
     /// The readiness job's last verdict, which `/readyz` serves.
-    pub readiness: Arc<crate::readiness::Readiness>,
-    pub tickets: Arc<crate::tickets::TicketService>,
+    pub readiness: Arc<crate::services::readiness::Readiness>,
+    pub tickets: Arc<crate::services::tickets::TicketService>,
     /// The page at `/`, with `[ui]`.
     pub ui: Option<Arc<crate::ui::Ui>>,
     /// The trail's published head and where verification got to.
-    pub audit: Arc<crate::audit_watch::AuditWatch>,
+    pub audit: Arc<crate::services::audit_watch::AuditWatch>,
     /// The policy version this replica runs, published for the others, and theirs.
-    pub policy_sync: Arc<crate::policy_sync::PolicySync>,
+    pub policy_sync: Arc<crate::services::policy_sync::PolicySync>,
     /// `jobs.policy_sync_interval`: replicas not heard from in three are left out of the view.
     pub policy_sync_interval: std::time::Duration,
 }
@@ -97,7 +97,7 @@ impl AppState {
         license(name = "Apache-2.0")
     ),
     modifiers(&BearerAuth),
-    components(schemas(crate::webhooks::WebhookPayload, crate::webhooks::WebhookKey)),
+    components(schemas(crate::services::webhooks::WebhookPayload, crate::services::webhooks::WebhookKey)),
     tags(
         (name = "keys", description = "Issue, list, read, revoke and identify Octopus API keys"),
         (name = "scopes", description = "What the caller may request, and who they are"),

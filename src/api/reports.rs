@@ -11,7 +11,7 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiQuery, AuditorCaller};
 use super::keys::KeyView;
-use crate::queries::KeyFilter;
+use crate::services::queries::KeyFilter;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(dormant))
@@ -70,12 +70,12 @@ pub async fn dormant(
     _auditor: AuditorCaller,
     ApiQuery(query): ApiQuery<DormantQuery>,
 ) -> Result<axum::Json<DormantReport>, ApiError> {
-    let unused_for =
-        crate::policy::parse_ttl(&query.unused_for).map_err(|e| ApiError::BadRequest(format!("unused_for: {e}")))?;
+    let unused_for = crate::domain::policy::parse_ttl(&query.unused_for)
+        .map_err(|e| ApiError::BadRequest(format!("unused_for: {e}")))?;
     let keys = state.keys.clone();
     let found = tokio::spawn(
         crate::octopus::BACKGROUND
-            .scope((), async move { crate::dormant::find(&keys, &KeyFilter::default(), unused_for).await }),
+            .scope((), async move { crate::services::dormant::find(&keys, &KeyFilter::default(), unused_for).await }),
     )
     .await
     .map_err(|e| ApiError::Internal(format!("report task failed: {e}")))??;

@@ -1,4 +1,4 @@
-//! `/v1/tickets`: pickup tickets for chat-ops (see [`crate::tickets`]).
+//! `/v1/tickets`: pickup tickets for chat-ops (see [`crate::services::tickets`]).
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -14,9 +14,10 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, Caller, Ctx};
 use super::keys::{CallerPresence, idempotency_key, issued_response, replayed_response, within_deadline};
-use crate::issuance::IssueOutcome;
-use crate::policy::Purpose;
-use crate::tickets::{NewTicket, Ticket, TicketError, TicketId, TicketState};
+use crate::domain::policy::Purpose;
+use crate::domain::tickets::{Ticket, TicketId, TicketState};
+use crate::services::issuance::IssueOutcome;
+use crate::services::tickets::{NewTicket, TicketError};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -100,7 +101,7 @@ impl From<TicketError> for ApiError {
             TicketError::Forbidden(m) => ApiError::Forbidden(m),
             TicketError::Conflict(m) => ApiError::Conflict(m),
             TicketError::Issue(e) => e.into(),
-            TicketError::Store(e) => crate::issuance::ServiceError::Store(e).into(),
+            TicketError::Store(e) => crate::services::issuance::ServiceError::Store(e).into(),
         }
     }
 }
@@ -109,9 +110,9 @@ impl From<TicketError> for ApiError {
 /// `authz.denied`, aggregated like every role refusal.
 async fn audited(
     state: &AppState,
-    principal: &crate::auth::Principal,
+    principal: &crate::domain::principal::Principal,
     route: &str,
-    ctx: &crate::audit::RequestContext,
+    ctx: &crate::domain::audit::RequestContext,
     e: TicketError,
 ) -> ApiError {
     if let TicketError::Forbidden(reason) = &e {

@@ -25,61 +25,7 @@ use crate::config::{AuthConfig, BindingConfig, ConfigError, IssuerConfig, JwtAlg
 pub use claims::{Mismatch, check_binding, claim, claim_strings, teams_from};
 pub use jwks::JwksCache;
 
-/// Roles derived from the caller's teams. Everyone is a requester.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Requester,
-    Auditor,
-    Admin,
-}
-
-/// The authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// Who the caller is for ownership, limits and the audit trail: the token's `sub` for the
-    /// `default` issuer, `<issuer>:<sub>` for every other, so that one `sub` from two issuers is
-    /// two principals.
-    pub subject: String,
-    /// The name of the issuer entry that verified the token.
-    pub issuer: String,
-    pub display_name: String,
-    pub teams: BTreeSet<String>,
-    pub roles: BTreeSet<Role>,
-}
-
-impl Principal {
-    pub fn is_admin(&self) -> bool {
-        self.roles.contains(&Role::Admin)
-    }
-
-    pub fn is_auditor(&self) -> bool {
-        self.roles.contains(&Role::Auditor)
-    }
-
-    /// Auditors and admins see every key record and the audit trail.
-    pub fn sees_everything(&self) -> bool {
-        self.is_admin() || self.is_auditor()
-    }
-
-    #[cfg(test)]
-    pub fn for_tests(subject: &str, teams: &[&str], admin: bool, auditor: bool) -> Self {
-        let mut roles = BTreeSet::from([Role::Requester]);
-        if admin {
-            roles.insert(Role::Admin);
-        }
-        if auditor {
-            roles.insert(Role::Auditor);
-        }
-        Self {
-            subject: subject.to_owned(),
-            issuer: crate::config::DEFAULT_ISSUER.to_owned(),
-            display_name: subject.to_owned(),
-            teams: teams.iter().map(|t| (*t).to_owned()).collect(),
-            roles,
-        }
-    }
-}
+pub use crate::domain::principal::{Principal, Role};
 
 /// Why a token was refused. Every variant answers 401; the message tells the caller what to fix
 /// and never echoes the token.

@@ -18,7 +18,7 @@ use super::{ConfigError, HumanDuration, JwtAlgorithm, MIN_SECRET_BYTES, read_sec
 
 /// The issuer the single-issuer `[auth]` form defines. Its subjects are recorded as they are;
 /// every other issuer's as `<name>:<sub>`.
-pub const DEFAULT_ISSUER: &str = "default";
+pub use crate::domain::principal::DEFAULT_ISSUER;
 
 /// One string or a list of them (`audience`, a binding's claim patterns).
 #[derive(Debug, Clone, Deserialize)]

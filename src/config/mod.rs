@@ -15,7 +15,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-use crate::policy::{Policy, Scope, ScopeName};
+use crate::domain::duration::parse_duration;
+use crate::domain::keys::looks_like_api_key;
+pub use crate::domain::policy::ScopeRemoval;
+use crate::domain::policy::{Policy, Scope, ScopeName};
 
 mod auth;
 mod transport;
@@ -48,22 +51,6 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let text = String::deserialize(d)?;
         parse_duration(&text).map(HumanDuration).map_err(serde::de::Error::custom)
     }
-}
-
-/// Parses `"30s"`, `"15m"`, `"12h"`, `"7d"`, `"2w"` and combinations such as `"1d 12h"`.
-///
-/// ```
-/// use std::time::Duration;
-/// assert_eq!(keybroker::config::parse_duration("1d 12h"), Ok(Duration::from_secs(36 * 3600)));
-/// assert!(keybroker::config::parse_duration("soon").is_err());
-/// ```
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return Err("a duration is required, such as \"30s\", \"15m\" or \"7d\"".to_owned());
-    }
-    humantime::parse_duration(trimmed)
-        .map_err(|e| format!("`{trimmed}` is not a duration ({e}); write e.g. \"30s\", \"15m\" or \"7d\""))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -100,17 +87,6 @@ struct RawConfig {
 struct RawLifecycle {
     #[serde(default)]
     on_scope_removed: ScopeRemoval,
-}
-
-/// What a policy reload does to the active keys of a scope it removes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScopeRemoval {
-    /// They stay valid until they expire (or are revoked one by one).
-    #[default]
-    Keep,
-    /// They are revoked at once, each audited.
-    Revoke,
 }
 
 #[derive(Debug, Deserialize)]
@@ -782,7 +758,7 @@ fn validate_octopus(raw: Option<RawOctopus>, base: &Path) -> Result<OctopusConfi
     let password = read_secret("octopus.password", raw.password_file.as_deref(), raw.password, base)?;
     let credential = match (api_key, raw.username, password) {
         (Some(key), None, None) => {
-            if !crate::octopus::looks_like_api_key(key.expose_secret()) {
+            if !looks_like_api_key(key.expose_secret()) {
                 return Err(ConfigError::at(
                     "octopus.api_key_file",
                     "does not hold an Octopus API key (API- followed by upper-case letters and digits)",

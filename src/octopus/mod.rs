@@ -22,19 +22,7 @@ use model::{
     RootResource, UserResource,
 };
 
-/// True for strings shaped like an Octopus API key: `API-` and upper-case letters and digits.
-/// The length is not fixed by any source (octopus-api.md §5.5), so accept a generous range.
-///
-/// ```
-/// use keybroker::octopus::looks_like_api_key;
-/// assert!(looks_like_api_key("API-JRIXL3O2GQBKWJE2FI1TKRFTGU"));
-/// assert!(!looks_like_api_key("api-jrixl3o2gqbkwje2fi1tkrftgu"));
-/// ```
-pub fn looks_like_api_key(text: &str) -> bool {
-    text.strip_prefix("API-").is_some_and(|rest| {
-        (16..=64).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-    })
-}
+pub use crate::domain::keys::looks_like_api_key;
 
 /// The first 8 characters of a key (`API-ABCD`), which Octopus shows as its hint.
 pub fn key_hint(secret: &str) -> String {

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{Activation, IDEMPOTENCY_WINDOW, Idempotency, KeyRecord, NewKey, Pending, StoreError};
-use crate::audit::NewAuditEvent;
+use crate::domain::audit::NewAuditEvent;
 
 /// The most writes one transaction takes.
 const MAX_BATCH: usize = 64;
@@ -459,7 +459,7 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
-    use crate::audit::{Action, Outcome as EventOutcome, RequestContext};
+    use crate::domain::audit::{Action, Outcome as EventOutcome, RequestContext};
 
     /// Records each batch's actors; fails any batch holding a write by "poison"; holds each batch
     /// until the test lets it go.

@@ -9,107 +9,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
 
-use crate::audit::{AuditRecord, NewAuditEvent};
-use crate::tickets::{Hold, Ticket, TicketEnd, TicketId};
+use crate::domain::audit::{AuditRecord, NewAuditEvent};
+use crate::domain::keys::{Activation, Idempotency, KeyRecord, KeyState, NewKey};
+use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
-
-/// The life of a key record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyState {
-    /// Written before Octopus is called; becomes active, or failed.
-    Pending,
-    Active,
-    Revoked,
-    Expired,
-    Failed,
-}
-
-impl KeyState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Active => "active",
-            Self::Revoked => "revoked",
-            Self::Expired => "expired",
-            Self::Failed => "failed",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        Some(match text {
-            "pending" => Self::Pending,
-            "active" => Self::Active,
-            "revoked" => Self::Revoked,
-            "expired" => Self::Expired,
-            "failed" => Self::Failed,
-            _ => return None,
-        })
-    }
-}
-
-/// keybroker's record of one issued key. The secret is never here, only its keyed hash, which
-/// stays inside the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyRecord {
-    pub seq: i64,
-    pub id: Uuid,
-    pub scope: String,
-    pub requester: String,
-    pub purpose: String,
-    pub state: KeyState,
-    pub octopus_user_id: String,
-    pub octopus_key_id: Option<String>,
-    pub key_hint: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    pub revoked_at: Option<DateTime<Utc>>,
-    /// Who asked on the requester's behalf (a chat-ops bot's pickup ticket), if anyone.
-    pub requested_by: Option<String>,
-}
-
-impl KeyRecord {
-    /// The state as callers should see it at `now`: an active key past its expiry is expired,
-    /// even before the sweep has marked it.
-    pub fn effective_state(&self, now: DateTime<Utc>) -> KeyState {
-        if self.state == KeyState::Active && self.expires_at <= now { KeyState::Expired } else { self.state }
-    }
-}
-
-/// A record to write as `pending`, before Octopus is called.
-#[derive(Debug, Clone)]
-pub struct NewKey {
-    pub id: Uuid,
-    pub scope: String,
-    pub requester: String,
-    pub purpose: String,
-    pub octopus_user_id: String,
-    pub created_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    /// The scope's per-requester limit, checked atomically with the insert.
-    pub max_active: u32,
-    /// The caller's `Idempotency-Key` and a hash of the request it came with.
-    pub idempotency: Option<Idempotency>,
-    /// The requester's teams at issuance (offboarding can revoke by team).
-    pub requester_teams: Vec<String>,
-    /// The bot whose pickup ticket the requester claimed, if any.
-    pub requested_by: Option<String>,
-    /// That pickup ticket.
-    pub ticket: Option<String>,
-    /// When the issuance writing it gives up (`server.request_timeout` after it began): until
-    /// then the record is its issuer's, and the reconciler leaves it alone.
-    pub deadline: Option<DateTime<Utc>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Idempotency {
-    pub key: String,
-    pub request_hash: String,
-}
 
 /// How long a claimed webhook delivery stays with the worker that claimed it.
 pub const DELIVERY_CLAIM: chrono::Duration = chrono::Duration::minutes(5);
@@ -126,17 +32,6 @@ pub enum Pending {
         record: Box<KeyRecord>,
         same_request: bool,
     },
-}
-
-/// What Octopus returned, recorded when the key becomes active.
-#[derive(Debug, Clone)]
-pub struct Activation {
-    pub id: Uuid,
-    pub octopus_key_id: String,
-    pub key_hint: String,
-    /// HMAC-SHA256 of the secret, hex; never the secret.
-    pub secret_hmac: String,
-    pub expires_at: DateTime<Utc>,
 }
 
 /// Filters for listing key records; `None` means any.
@@ -186,7 +81,7 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Keys every event appended from now on with `key` (`audit.chain_key_file`; set once, at
     /// start, before the first append).
-    fn set_chain_key(&self, key: crate::audit::ChainKey);
+    fn set_chain_key(&self, key: crate::domain::audit::ChainKey);
 
     /// Applies the migrations.
     async fn migrate(&self) -> Result<(), StoreError>;

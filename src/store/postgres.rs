@@ -27,8 +27,8 @@ use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
     NewKey, PageRequest, Pending, Store, StoreError,
 };
-use crate::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
-use crate::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
+use crate::domain::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
+use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
 
 /// Advisory lock namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
 const LIMIT_LOCK: i32 = 0x6b62_0001;
@@ -144,7 +144,7 @@ async fn insert_events(
 ) -> Result<Option<String>, StoreError> {
     let mut prevs = Vec::with_capacity(events.len());
     let mut hashes = Vec::with_capacity(events.len());
-    if key.is_none() && prev.starts_with(crate::audit::KEYED_PREFIX) {
+    if key.is_none() && prev.starts_with(crate::domain::audit::KEYED_PREFIX) {
         // A plain hash after a keyed one would break the chain for good.
         return Err(StoreError::Unavailable(
             "the audit chain is keyed and this process has no audit.chain_key_file: nothing can be appended".to_owned(),

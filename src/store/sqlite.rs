@@ -19,8 +19,8 @@ use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
     NewKey, PageRequest, Pending, Store, StoreError,
 };
-use crate::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
-use crate::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
+use crate::domain::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
+use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
 
 pub struct SqliteStore {
     /// Readers.
@@ -186,7 +186,7 @@ async fn insert_events(
     key: Option<&ChainKey>,
 ) -> Result<Option<String>, StoreError> {
     let mut rows: Vec<EventRow<'_>> = Vec::with_capacity(events.len());
-    if key.is_none() && prev.starts_with(crate::audit::KEYED_PREFIX) {
+    if key.is_none() && prev.starts_with(crate::domain::audit::KEYED_PREFIX) {
         // A plain hash after a keyed one would break the chain for good.
         return Err(StoreError::Unavailable(
             "the audit chain is keyed and this process has no audit.chain_key_file: nothing can be appended".to_owned(),

@@ -118,8 +118,9 @@ async fn a_keyed_chain_cannot_be_rewritten_without_its_key() {
         .await
         .unwrap();
     // A fresh process verifies from the start.
-    let watch =
-        keybroker::audit_watch::AuditWatch::new(Some(keybroker::audit::ChainKey::new(CHAIN_KEY.to_owned().into())));
+    let watch = keybroker::services::audit_watch::AuditWatch::new(Some(keybroker::domain::audit::ChainKey::new(
+        CHAIN_KEY.to_owned().into(),
+    )));
     let v = watch.verify(app.state.keys.store().as_ref(), 1_000_000).await.unwrap();
     let brk = v.first_break.expect("the rewrite is found");
     assert_eq!(brk.seq, target.seq);
@@ -203,16 +204,16 @@ async fn removing_the_keyed_events_leaves_plain_history_that_is_reported() {
     // Events from before the key, then the key set (as a restart with audit.chain_key_file does).
     let app = TestApp::spawn().await;
     some_events(&app).await;
-    let key = keybroker::audit::ChainKey::new(CHAIN_KEY.to_owned().into());
+    let key = keybroker::domain::audit::ChainKey::new(CHAIN_KEY.to_owned().into());
     app.state.keys.store().set_chain_key(key.clone());
     app.issue_ok(&app.alice(), json!({"scope": "reporting-readonly", "purpose": "keyed"})).await;
-    let watch = keybroker::audit_watch::AuditWatch::new(Some(key.clone()));
+    let watch = keybroker::services::audit_watch::AuditWatch::new(Some(key.clone()));
     assert_eq!(watch.verify(app.state.keys.store().as_ref(), 1_000_000).await.unwrap().first_break, None);
 
     // The keyed events go; what is left is a valid plain chain.
     let mut db = intruder(&app).await;
     sqlx::query("DELETE FROM audit_events WHERE hash LIKE 'hmac:%'").execute(&mut db).await.unwrap();
-    let fresh = keybroker::audit_watch::AuditWatch::new(Some(key));
+    let fresh = keybroker::services::audit_watch::AuditWatch::new(Some(key));
     let v = fresh.verify(app.state.keys.store().as_ref(), 1_000_000).await.unwrap();
     let reason = v.first_break.expect("reported").reason;
     assert!(reason.contains("newest event is not keyed"), "{reason}");

@@ -256,7 +256,8 @@ async fn a_chaos_soak_leaves_the_books_balanced() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let verification = keybroker::audit_watch::AuditWatch::new(None).verify(&store, 10_000_000).await.unwrap();
+    let verification =
+        keybroker::services::audit_watch::AuditWatch::new(None).verify(&store, 10_000_000).await.unwrap();
     if let Some(dir) = std::env::var_os("KEYBROKER_CHAOS_LOGS") {
         for (i, d) in dirs.iter().enumerate() {
             let _ =

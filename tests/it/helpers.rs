@@ -23,7 +23,7 @@ pub struct TestOptions {
     /// A store to use instead of the SQLite file (fault-injecting wrappers).
     pub store: Option<Arc<dyn Store>>,
     /// A clock to use instead of the system's.
-    pub clock: Option<Arc<dyn keybroker::clock::Clock>>,
+    pub clock: Option<Arc<dyn keybroker::domain::clock::Clock>>,
 }
 
 impl Default for TestOptions {
@@ -46,7 +46,7 @@ impl ManualClock {
     }
 }
 
-impl keybroker::clock::Clock for ManualClock {
+impl keybroker::domain::clock::Clock for ManualClock {
     fn now(&self) -> chrono::DateTime<chrono::Utc> {
         *self.0.lock().unwrap()
     }
@@ -87,7 +87,7 @@ impl TestApp {
         let path = dir.path().join("keybroker.toml");
         std::fs::write(&path, text).unwrap();
         let config = Config::load(&path).expect("config");
-        let clock = options.clock.unwrap_or_else(|| Arc::new(keybroker::clock::SystemClock));
+        let clock = options.clock.unwrap_or_else(|| Arc::new(keybroker::domain::clock::SystemClock));
         let app = App::build_with(config, clock, options.store).await.expect("app").with_config_path(&path);
         let state = app.state.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -174,7 +174,7 @@ impl TestApp {
     }
 
     /// Every audit event, oldest first.
-    pub async fn audit_events(&self) -> Vec<keybroker::audit::AuditRecord> {
+    pub async fn audit_events(&self) -> Vec<keybroker::domain::audit::AuditRecord> {
         self.state.keys.store().audit_chain(0, 100_000).await.unwrap()
     }
 
@@ -324,7 +324,7 @@ pub fn write_secret_files(dir: &std::path::Path) {
 /// flight, or a crash between the Octopus call and activation, leaves behind.
 pub async fn stage_pending(app: &TestApp, created_at: chrono::DateTime<chrono::Utc>) -> uuid::Uuid {
     let id = uuid::Uuid::new_v4();
-    let key = keybroker::store::NewKey {
+    let key = keybroker::domain::keys::NewKey {
         id,
         scope: "payments-deploy".to_owned(),
         requester: "alice@example.com".to_owned(),
@@ -339,11 +339,11 @@ pub async fn stage_pending(app: &TestApp, created_at: chrono::DateTime<chrono::U
         ticket: None,
         deadline: None,
     };
-    let event = keybroker::audit::NewAuditEvent::new(
+    let event = keybroker::domain::audit::NewAuditEvent::new(
         created_at,
         "alice@example.com",
-        keybroker::audit::Action::KeyRequested,
-        keybroker::audit::Outcome::Success,
+        keybroker::domain::audit::Action::KeyRequested,
+        keybroker::domain::audit::Outcome::Success,
         &Default::default(),
     )
     .key(id);

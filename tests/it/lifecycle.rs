@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use keybroker::jobs::{expire_once, reconcile_once, watch_credential};
 use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedApiKey};
-use keybroker::webhooks::{Webhook, deliver_due, enqueue_notices, signature};
+use keybroker::services::jobs::{expire_once, reconcile_once, watch_credential};
+use keybroker::services::webhooks::{Webhook, deliver_due, enqueue_notices, signature};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -115,7 +115,7 @@ async fn active_keys_past_their_expiry_are_swept_and_audited() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(record.state, keybroker::store::KeyState::Expired);
+    assert_eq!(record.state, keybroker::domain::keys::KeyState::Expired);
     let expired: Vec<_> = app.audit_events().await.into_iter().filter(|e| e.action == "key.expired").collect();
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].key_id.unwrap().to_string(), body["id"].as_str().unwrap());
@@ -229,8 +229,8 @@ async fn drift_marks_keys_deleted_behind_keybrokers_back_and_reports_unmanaged_o
         .unwrap();
     assert_eq!(res.status(), 200);
 
-    let state = keybroker::drift::DriftState::default();
-    let report = keybroker::drift::scan(&app.state.keys, &state).await.unwrap();
+    let state = keybroker::services::drift::DriftState::default();
+    let report = keybroker::services::drift::scan(&app.state.keys, &state).await.unwrap();
     assert_eq!(report.revoked_behind_back.len(), 1);
     assert_eq!(report.revoked_behind_back[0].to_string(), gone["id"].as_str().unwrap());
     assert_eq!(report.unmanaged.len(), 1);
@@ -242,7 +242,7 @@ async fn drift_marks_keys_deleted_behind_keybrokers_back_and_reports_unmanaged_o
         app.get(&format!("/v1/keys/{}", kept["id"].as_str().unwrap()), &app.alice()).await.json().await.unwrap();
     assert_eq!(read["state"], "active");
     // Reported, never silently deleted; reported once however often the scan runs.
-    keybroker::drift::scan(&app.state.keys, &state).await.unwrap();
+    keybroker::services::drift::scan(&app.state.keys, &state).await.unwrap();
     assert_eq!(app.keybroker_keys_in_octopus().len(), 2);
     let events = app.audit_events().await;
     assert_eq!(events.iter().filter(|e| e.action == "drift.unmanaged").count(), 1);
@@ -496,17 +496,19 @@ async fn a_key_of_a_failed_issuance_found_later_is_revoked_without_waiting_for_a
     let app = TestApp::spawn().await;
     let id = stage_pending(&app, chrono::Utc::now()).await;
     // The reconciler gave up on the record before Octopus made the key (a very slow create).
-    let event = keybroker::audit::NewAuditEvent::new(
+    let event = keybroker::domain::audit::NewAuditEvent::new(
         chrono::Utc::now(),
         "keybroker",
-        keybroker::audit::Action::KeyReconciled,
-        keybroker::audit::Outcome::Failure,
+        keybroker::domain::audit::Action::KeyReconciled,
+        keybroker::domain::audit::Outcome::Failure,
         &Default::default(),
     )
     .key(id);
     app.state.keys.store().mark_failed(id, &event).await.unwrap();
     let octopus_key = create_marked_key(&app, id).await;
-    let report = keybroker::drift::scan(&app.state.keys, &keybroker::drift::DriftState::default()).await.unwrap();
+    let report = keybroker::services::drift::scan(&app.state.keys, &keybroker::services::drift::DriftState::default())
+        .await
+        .unwrap();
     assert_eq!(report.orphans_revoked, vec![octopus_key]);
     assert!(report.unmanaged.is_empty());
     assert!(app.keybroker_keys_in_octopus().is_empty());
@@ -528,18 +530,18 @@ async fn offboarding_schedules_keys_still_being_issued() {
     assert_eq!(report["results"][0]["outcome"], "scheduled", "{report}");
     // The issuance completes; the next reconciliation revokes it.
     let octopus_key = create_marked_key(&app, id).await;
-    let activation = keybroker::store::Activation {
+    let activation = keybroker::domain::keys::Activation {
         id,
         octopus_key_id: octopus_key,
         key_hint: "API-XXXX".to_owned(),
         secret_hmac: "00".repeat(32),
         expires_at: chrono::Utc::now() + chrono::Duration::days(1),
     };
-    let issued = keybroker::audit::NewAuditEvent::new(
+    let issued = keybroker::domain::audit::NewAuditEvent::new(
         chrono::Utc::now(),
         "alice@example.com",
-        keybroker::audit::Action::KeyIssued,
-        keybroker::audit::Outcome::Success,
+        keybroker::domain::audit::Action::KeyIssued,
+        keybroker::domain::audit::Outcome::Success,
         &Default::default(),
     )
     .key(id);
@@ -567,7 +569,9 @@ async fn drift_leaves_a_key_being_revoked_to_its_revoker_so_the_revoker_is_on_re
         );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(app.sim.delete_api_key_behind_the_back(&octopus_id));
-    let report = keybroker::drift::scan(&app.state.keys, &keybroker::drift::DriftState::default()).await.unwrap();
+    let report = keybroker::services::drift::scan(&app.state.keys, &keybroker::services::drift::DriftState::default())
+        .await
+        .unwrap();
     assert!(report.revoked_behind_back.is_empty(), "{report:?}");
     assert_eq!(report.left_to_revoker.len(), 1);
     assert_eq!(revoking.await.unwrap(), 200);

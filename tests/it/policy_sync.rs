@@ -81,7 +81,7 @@ async fn a_reload_through_one_replica_reaches_the_other_within_the_interval_on_b
         let config = keybroker::config::Config::load(&b.dir.path().join("keybroker.toml")).unwrap();
         let restarted = keybroker::app::App::build_with(
             config,
-            std::sync::Arc::new(keybroker::clock::SystemClock),
+            std::sync::Arc::new(keybroker::domain::clock::SystemClock),
             Some(second_store(&guard).await),
         )
         .await

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use keybroker::audit::{AuditRecord, NewAuditEvent};
+use keybroker::domain::audit::{AuditRecord, NewAuditEvent};
+use keybroker::domain::keys::{Activation, KeyRecord, NewKey};
+use keybroker::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 use keybroker::store::{
-    Activation, AuditFilter, Delivery, DeliveryResult, KeyFilter, KeyRecord, NewDelivery, NewKey, PageRequest, Pending,
-    SqliteStore, Store, StoreError,
+    AuditFilter, Delivery, DeliveryResult, KeyFilter, NewDelivery, PageRequest, Pending, SqliteStore, Store, StoreError,
 };
-use keybroker::tickets::{Hold, Ticket, TicketEnd, TicketId};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -148,7 +148,7 @@ impl Store for FlakyStore {
     async fn check_migrated(&self) -> Result<(), StoreError> {
         self.inner.check_migrated().await
     }
-    fn set_chain_key(&self, key: keybroker::audit::ChainKey) {
+    fn set_chain_key(&self, key: keybroker::domain::audit::ChainKey) {
         self.inner.set_chain_key(key)
     }
     async fn insert_ticket(&self, ticket: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
@@ -267,7 +267,7 @@ async fn the_reconciler_revokes_orphans_of_a_crash_and_fails_their_records() {
     let keeper = app.issue_ok(&app.alice(), json!({"scope": "payments-deploy", "purpose": "keep me"})).await;
     assert_eq!(app.keybroker_keys_in_octopus().len(), 2);
 
-    let report = keybroker::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await;
+    let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await;
     assert_eq!(report.failed, 1);
     assert_eq!(report.revoked_keys, 1);
     let left = app.keybroker_keys_in_octopus();
@@ -275,24 +275,24 @@ async fn the_reconciler_revokes_orphans_of_a_crash_and_fails_their_records() {
     assert_ne!(left[0].id, octopus_key);
     assert_eq!(left[0].id, keeper["octopus_key_id"].as_str().unwrap());
     let record = app.state.keys.store().get_key(id).await.unwrap().unwrap();
-    assert_eq!(record.state, keybroker::store::KeyState::Failed);
+    assert_eq!(record.state, keybroker::domain::keys::KeyState::Failed);
     let event = app.audit_events().await.into_iter().find(|e| e.action == "key.reconciled").unwrap();
     assert_eq!(event.detail["revoked_octopus_keys"], json!([octopus_key]));
 
     // A second pass finds nothing to do.
-    let again = keybroker::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await;
-    assert_eq!(again, keybroker::jobs::ReconcileReport::default());
+    let again = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await;
+    assert_eq!(again, keybroker::services::jobs::ReconcileReport::default());
 }
 
 #[tokio::test]
 async fn the_reconciler_leaves_young_pending_records_alone() {
     let app = TestApp::spawn().await;
     let (id, _) = leave_an_orphan(&app).await;
-    let report = keybroker::jobs::reconcile_once(&app.state.keys, Duration::from_secs(3600)).await;
+    let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(3600)).await;
     assert_eq!(report.failed, 0);
     assert_eq!(app.keybroker_keys_in_octopus().len(), 1);
     let record = app.state.keys.store().get_key(id).await.unwrap().unwrap();
-    assert_eq!(record.state, keybroker::store::KeyState::Pending);
+    assert_eq!(record.state, keybroker::domain::keys::KeyState::Pending);
 }
 
 #[tokio::test]
@@ -319,11 +319,11 @@ async fn an_issuance_the_reconciler_finished_meanwhile_deletes_its_key_and_says_
                 .await
                 .unwrap();
             if let Some(record) = pending.first() {
-                let event = keybroker::audit::NewAuditEvent::new(
+                let event = keybroker::domain::audit::NewAuditEvent::new(
                     chrono::Utc::now(),
                     "keybroker",
-                    keybroker::audit::Action::KeyReconciled,
-                    keybroker::audit::Outcome::Failure,
+                    keybroker::domain::audit::Action::KeyReconciled,
+                    keybroker::domain::audit::Outcome::Failure,
                     &Default::default(),
                 )
                 .key(record.id);

@@ -324,8 +324,8 @@ fn assert_logs_clean(logs: &Mutex<Vec<u8>>, id: &str, secret: &str, tokens: &[&s
     assert!(!text.is_empty(), "nothing was logged: the capture does not work");
     // The app's own line about this issuance, from inside its tokio task (the test client's
     // logs name the record too, so the id alone would not prove the app is heard).
-    let issued_line = text.lines().any(|l| l.contains(id) && l.contains(r#""target":"keybroker::issuance""#));
-    assert!(issued_line, "no log line of keybroker::issuance names key {id}: the capture misses the app");
+    let issued_line = text.lines().any(|l| l.contains(id) && l.contains(r#""target":"keybroker::services::issuance""#));
+    assert!(issued_line, "no log line of keybroker::services::issuance names key {id}: the capture misses the app");
     let mut forbidden: Vec<(String, String)> =
         forms_of(secret).into_iter().map(|f| ("the issued secret".to_owned(), f)).collect();
     forbidden.push(("the broker's Octopus API key".to_owned(), DEMO_BROKER_API_KEY.to_owned()));

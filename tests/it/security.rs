@@ -179,7 +179,7 @@ async fn a_404_that_is_not_octopus_speaking_never_marks_a_key_revoked() {
 
         // The reconciler retries the revocation it was asked for, and it goes through.
         app.sim.clear_faults();
-        let report = keybroker::jobs::reconcile_once(&app.state.keys, Duration::from_secs(120)).await;
+        let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(120)).await;
         assert_eq!(report.revocations_retried, 1, "{report:?}");
         let record: Value = app.get(&path, &app.alice()).await.json().await.unwrap();
         assert_eq!(record["state"], "revoked");
@@ -215,13 +215,13 @@ async fn drift_does_not_take_a_foreign_404_for_a_deleted_key() {
     let path = format!("/v1/keys/{}", issued["id"].as_str().unwrap());
     assert!(app.sim.delete_api_key_behind_the_back(issued["octopus_key_id"].as_str().unwrap()));
     app.sim.inject(Fault::on(Method::GET, "/api/users/{id}/apikeys/{keyId}", foreign(404, "text/html", INGRESS_404)));
-    let state = keybroker::drift::DriftState::default();
-    assert!(keybroker::drift::scan(&app.state.keys, &state).await.is_err());
+    let state = keybroker::services::drift::DriftState::default();
+    assert!(keybroker::services::drift::scan(&app.state.keys, &state).await.is_err());
     let record: Value = app.get(&path, &app.alice()).await.json().await.unwrap();
     assert_eq!(record["state"], "active", "a proxy's 404 is no proof");
     // Octopus's own 404 is.
     app.sim.clear_faults();
-    keybroker::drift::scan(&app.state.keys, &state).await.unwrap();
+    keybroker::services::drift::scan(&app.state.keys, &state).await.unwrap();
     let record: Value = app.get(&path, &app.alice()).await.json().await.unwrap();
     assert_eq!(record["state"], "revoked");
 }

@@ -4,10 +4,9 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use keybroker::audit::{Action, GENESIS_HASH, NewAuditEvent, Outcome, RequestContext, verify_chain};
-use keybroker::store::{
-    Activation, AuditFilter, Idempotency, KeyFilter, KeyState, NewKey, PageRequest, Pending, Store, StoreError,
-};
+use keybroker::domain::audit::{Action, GENESIS_HASH, NewAuditEvent, Outcome, RequestContext, verify_chain};
+use keybroker::domain::keys::{Activation, Idempotency, KeyState, NewKey};
+use keybroker::store::{AuditFilter, KeyFilter, PageRequest, Pending, Store, StoreError};
 use serde_json::json;
 use uuid::Uuid;
 

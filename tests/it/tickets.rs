@@ -7,7 +7,7 @@ use axum::Router;
 use axum::routing::post;
 use chrono::Duration;
 use keybroker::config::Config;
-use keybroker::webhooks::{Webhook, deliver_due};
+use keybroker::services::webhooks::{Webhook, deliver_due};
 use serde_json::{Value, json};
 
 use crate::helpers::{ManualClock, TestApp, TestOptions, backends};
@@ -255,10 +255,10 @@ async fn an_unclaimed_ticket_expires_and_its_expiry_is_audited_once() {
 
 #[tokio::test]
 async fn a_claim_holds_its_ticket_and_only_its_own_token_ends_or_releases_it_on_both_backends() {
-    use keybroker::audit::{Action, NewAuditEvent, Outcome, RequestContext};
-    use keybroker::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
+    use keybroker::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+    use keybroker::domain::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
     for (name, store, _guard) in backends().await {
-        let now = keybroker::audit::store_precision(chrono::Utc::now());
+        let now = keybroker::domain::audit::store_precision(chrono::Utc::now());
         let ticket = Ticket {
             id: TicketId::generate(),
             for_subject: "alice".to_owned(),
@@ -317,7 +317,7 @@ async fn a_claim_holds_its_ticket_and_only_its_own_token_ends_or_releases_it_on_
         // A key issued through a ticket (its claim's answer lost) is found, and blocks a new claim.
         let lost = Ticket { id: TicketId::generate(), ..ticket.clone() };
         store.insert_ticket(&lost, &event(Action::TicketCreated)).await.unwrap();
-        let key = keybroker::store::NewKey {
+        let key = keybroker::domain::keys::NewKey {
             id: uuid::Uuid::new_v4(),
             scope: lost.scope.clone(),
             requester: "alice".to_owned(),

@@ -14,7 +14,7 @@ use keybroker::auth::Authenticator;
 use keybroker::config::{AuthConfig, Config, IssuerConfig, JwtAlgorithm, OctopusConfig, OctopusCredential};
 use keybroker::octopus::OctopusClient;
 use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
-use keybroker::webhooks::{Webhook, deliver_due, enqueue_notices};
+use keybroker::services::webhooks::{Webhook, deliver_due, enqueue_notices};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio_rustls::rustls;

@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::audit::{AuditRecord, ChainBreak, ChainKey, GENESIS_HASH, verify_chain};
 use crate::config::WebhookConfig;
+use crate::domain::audit::{AuditRecord, ChainBreak, ChainKey, GENESIS_HASH, verify_chain};
 use crate::store::{AuditFilter, NewDelivery, PageRequest, Store, StoreError};
 
 /// Events read per query while verifying.
@@ -148,7 +148,7 @@ impl AuditWatch {
         // With a chain key, the newest event is keyed: every start appends `config.loaded` with
         // the key. A trail that ends in plain hashes was rebuilt, or cut back to the events from
         // before the key, by someone without it.
-        if self.key.is_some() && report.complete && after > 0 && !head.starts_with(crate::audit::KEYED_PREFIX) {
+        if self.key.is_some() && report.complete && after > 0 && !head.starts_with(crate::domain::audit::KEYED_PREFIX) {
             report.first_break = Some(ChainBreak {
                 seq: after,
                 event_id: uuid::Uuid::nil(),

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::auth::Principal;
-use crate::tickets::Ticket;
+use crate::domain::principal::Principal;
+use crate::domain::tickets::Ticket;
 
 /// What a caller wants to do with a ticket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub fn ticket_access(principal: &Principal, ticket: &Ticket, access: TicketAcces
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tickets::{TicketId, TicketState};
+    use crate::domain::tickets::{TicketId, TicketState};
 
     fn ticket() -> Ticket {
         let now = chrono::Utc::now();

@@ -19,18 +19,17 @@ use serde_json::json;
 use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
-use crate::auth::Principal;
-use crate::clock::Clock;
-use crate::metrics::Metrics;
-use crate::octopus::{OctopusClient, OctopusError, OctopusUser, Revoked, key_hint};
-use crate::policy::{
+use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::domain::clock::Clock;
+use crate::domain::keys::{Activation, Idempotency, KeyRecord, KeyState, NewKey};
+use crate::domain::policy::{
     self, ExpiryClamp, ExpiryRequest, Policy, PolicyError, Purpose, Scope, UpstreamLimits, octopus_purpose,
     purpose_marker,
 };
-use crate::store::{
-    Activation, Idempotency, KeyFilter, KeyRecord, KeyState, NewKey, PageRequest, Pending, Store, StoreError,
-};
+use crate::domain::principal::Principal;
+use crate::metrics::Metrics;
+use crate::octopus::{OctopusClient, OctopusError, OctopusUser, Revoked, key_hint};
+use crate::store::{KeyFilter, PageRequest, Pending, Store, StoreError};
 
 /// What a caller asked for.
 #[derive(Debug, Clone)]
@@ -858,7 +857,7 @@ impl KeyService {
         let revoked = self.store.mark_revoked(id, now, &event).await.map_err(ServiceError::Store)?;
         // A concurrent revocation got there first (the store leaves a revoked record as it is and
         // writes no event): this caller's revocation still goes on record.
-        if revoked.revoked_at != Some(crate::audit::store_precision(now)) {
+        if revoked.revoked_at != Some(crate::domain::audit::store_precision(now)) {
             self.audit_already_revoked(principal, &revoked, owner, ctx).await?;
         }
         Ok(revoked)
@@ -888,7 +887,7 @@ impl KeyService {
             issuer: "keybroker".to_owned(),
             display_name: "keybroker".to_owned(),
             teams: std::collections::BTreeSet::new(),
-            roles: [crate::auth::Role::Requester, crate::auth::Role::Admin].into(),
+            roles: [crate::domain::principal::Role::Requester, crate::domain::principal::Role::Admin].into(),
         }
     }
 

@@ -123,7 +123,7 @@ fn too_far(scope: &Scope) -> PolicyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::ScopeName;
+    use crate::domain::policy::ScopeName;
 
     fn scope() -> Scope {
         Scope {

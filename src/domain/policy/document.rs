@@ -1,5 +1,5 @@
 //! The policy as a document: what replicas share through the database so that a reload on one
-//! reaches every other (see [`crate::policy_sync`]), and its version, a hash of its content.
+//! reaches every other (see [`crate::services::policy_sync`]), and its version, a hash of its content.
 
 use std::collections::BTreeSet;
 
@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{Policy, Scope, ScopeName};
-use crate::config::ScopeRemoval;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyDocument {
@@ -65,7 +64,7 @@ impl PolicyDocument {
     }
 
     pub fn to_json(&self) -> String {
-        crate::audit::canonical_json(&serde_json::to_value(self).unwrap_or_default())
+        crate::domain::audit::canonical_json(&serde_json::to_value(self).unwrap_or_default())
     }
 
     /// The first 16 hex characters of the SHA-256 of its canonical JSON: equal content, equal
@@ -73,6 +72,17 @@ impl PolicyDocument {
     pub fn version(&self) -> String {
         hex::encode(&Sha256::digest(self.to_json().as_bytes())[..8])
     }
+}
+
+/// What a policy reload does to the active keys of a scope it removes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeRemoval {
+    /// They stay valid until they expire (or are revoked one by one).
+    #[default]
+    Keep,
+    /// They are revoked at once, each audited.
+    Revoke,
 }
 
 #[cfg(test)]

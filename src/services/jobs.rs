@@ -7,7 +7,7 @@
 //!   that were asked for but failed;
 //! - `expiry-sweep`: active records past their expiry become `expired`, each audited;
 //! - `webhooks`: writes due notices to the outbox and delivers them;
-//! - `drift`: compares active records with Octopus (see [`crate::drift`]);
+//! - `drift`: compares active records with Octopus (see [`crate::services::drift`]);
 //! - `credential`: re-reads Octopus's limits and the broker credential's expiry (every replica).
 
 use std::future::Future;
@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::config::{JobsConfig, WebhookConfig};
-use crate::issuance::KeyService;
+use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::services::issuance::KeyService;
 
 /// What one reconciliation pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -48,7 +48,7 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileRepo
         }
     };
     for record in pending {
-        if !lease_held() {
+        if !super::lease::lease_held() {
             break;
         }
         let revoked = match keys.revoke_by_marker(&record.octopus_user_id, record.id).await {
@@ -90,7 +90,7 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileRepo
         Ok(records) => {
             let system = KeyService::system_principal();
             for record in records {
-                if !lease_held() {
+                if !super::lease::lease_held() {
                     break;
                 }
                 match keys.revoke(&system, record.id, &RequestContext::default()).await {
@@ -110,7 +110,7 @@ pub async fn expire_once(keys: &KeyService) -> Result<usize, String> {
     let due = keys.store().due_for_expiry(now, 500).await.map_err(|e| e.to_string())?;
     let mut expired = 0;
     for record in due {
-        if !lease_held() {
+        if !super::lease::lease_held() {
             break;
         }
         let event =
@@ -136,7 +136,7 @@ pub async fn watch_credential(keys: &KeyService, warned: &std::sync::Mutex<Vec<i
     };
     keys.metrics().credential_expiry.set(expires.timestamp());
     let left = expires - keys.now();
-    for days in crate::webhooks::WARNING_DAYS {
+    for days in crate::services::webhooks::WARNING_DAYS {
         if left <= chrono::Duration::days(days) {
             let first = warned
                 .lock()
@@ -165,19 +165,6 @@ pub async fn watch_credential(keys: &KeyService, warned: &std::sync::Mutex<Vec<i
 }
 
 type JobFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
-
-tokio::task_local! {
-    /// Set while a leased pass runs: true once its lease was lost (another replica holds it).
-    static LEASE_LOST: Arc<std::sync::atomic::AtomicBool>;
-}
-
-/// Whether the pass running here still holds its job's lease (always true outside a leased
-/// pass). Passes check it between units of work and stop when it is lost, so they never act
-/// after another replica has taken over, and never stop halfway through one unit (a delivery
-/// sent but not recorded).
-pub fn lease_held() -> bool {
-    LEASE_LOST.try_with(|lost| !lost.load(std::sync::atomic::Ordering::SeqCst)).unwrap_or(true)
-}
 
 /// Runs `run` every `interval`; when `leased`, only while holding the job's lease.
 fn spawn_job(
@@ -237,7 +224,7 @@ fn spawn_job(
                         }
                     })
                 };
-                let result = LEASE_LOST.scope(lost, crate::octopus::BACKGROUND.scope((), pass)).await;
+                let result = super::lease::run_leased(lost, crate::octopus::BACKGROUND.scope((), pass)).await;
                 renew.abort();
                 result
             } else {
@@ -264,14 +251,14 @@ pub fn spawn_all(
     keys: Arc<KeyService>,
     jobs: &JobsConfig,
     webhooks: &[WebhookConfig],
-    readiness: Arc<crate::readiness::Readiness>,
+    readiness: Arc<crate::services::readiness::Readiness>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, reqwest::Error> {
     let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let grace = jobs.pending_grace;
     let configs = Arc::new(webhooks.to_vec());
-    let webhooks = Arc::new(crate::webhooks::Webhook::all(webhooks)?);
+    let webhooks = Arc::new(crate::services::webhooks::Webhook::all(webhooks)?);
     let warned = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let drift = Arc::new(crate::drift::DriftState::default());
+    let drift = Arc::new(crate::services::drift::DriftState::default());
     Ok(vec![
         spawn_job(keys.clone(), "reconcile", jobs.reconcile_interval, true, holder.clone(), move |keys| {
             Box::pin(async move {
@@ -288,8 +275,8 @@ pub fn spawn_all(
         spawn_job(keys.clone(), "webhooks", jobs.webhook_interval, true, holder.clone(), move |keys| {
             let (configs, webhooks) = (configs.clone(), webhooks.clone());
             Box::pin(async move {
-                let queued = crate::webhooks::enqueue_notices(&keys, &configs).await?;
-                let report = crate::webhooks::deliver_due(&keys, &webhooks).await;
+                let queued = crate::services::webhooks::enqueue_notices(&keys, &configs).await?;
+                let report = crate::services::webhooks::deliver_due(&keys, &webhooks).await;
                 Ok(if queued == 0 && report == Default::default() {
                     String::new()
                 } else {
@@ -300,7 +287,7 @@ pub fn spawn_all(
         spawn_job(keys.clone(), "drift", jobs.drift_interval, true, holder.clone(), move |keys| {
             let drift = drift.clone();
             Box::pin(async move {
-                let report = crate::drift::scan(&keys, &drift).await?;
+                let report = crate::services::drift::scan(&keys, &drift).await?;
                 Ok(if report.is_quiet() { String::new() } else { format!("{report:?}") })
             })
         }),

@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 
-use crate::issuance::{KeyService, ServiceError};
-use crate::store::{KeyFilter, KeyRecord, KeyState};
+use crate::domain::keys::{KeyRecord, KeyState};
+use crate::services::issuance::{KeyService, ServiceError};
+use crate::store::KeyFilter;
 
 /// An active key and when it was last used.
 #[derive(Debug, Clone)]

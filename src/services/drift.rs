@@ -11,10 +11,11 @@ use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
-use crate::issuance::KeyService;
-use crate::policy::purpose_marker;
-use crate::store::{KeyFilter, KeyState};
+use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::domain::keys::KeyState;
+use crate::domain::policy::purpose_marker;
+use crate::services::issuance::KeyService;
+use crate::store::KeyFilter;
 
 /// Remembers which unmanaged keys were already audited, so each is reported once per process.
 #[derive(Debug, Default)]

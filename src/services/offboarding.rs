@@ -4,10 +4,11 @@
 
 use uuid::Uuid;
 
-use crate::audit::RequestContext;
-use crate::auth::Principal;
-use crate::issuance::{KeyService, ServiceError};
-use crate::store::{KeyFilter, KeyState};
+use crate::domain::audit::RequestContext;
+use crate::domain::keys::KeyState;
+use crate::domain::principal::Principal;
+use crate::services::issuance::{KeyService, ServiceError};
+use crate::store::KeyFilter;
 
 /// Which keys to revoke; every given filter must match.
 #[derive(Debug, Clone, Default)]
@@ -15,7 +16,7 @@ pub struct Selection {
     pub requester: Option<String>,
     pub scope: Option<String>,
     pub team: Option<String>,
-    /// Only keys Octopus has not seen used for this long (see [`crate::dormant`]).
+    /// Only keys Octopus has not seen used for this long (see [`crate::services::dormant`]).
     pub unused_for: Option<chrono::Duration>,
 }
 
@@ -78,7 +79,7 @@ async fn revoke_paced(
     let (matching, in_flight): (Vec<Uuid>, Vec<Uuid>) = match selection.unused_for {
         // Keys still being issued have not been used yet, and are not dormant.
         Some(unused_for) => {
-            let found = crate::dormant::find(keys, &filter, unused_for).await?;
+            let found = crate::services::dormant::find(keys, &filter, unused_for).await?;
             (found.dormant.into_iter().map(|d| d.record.id).collect(), Vec::new())
         }
         None => {

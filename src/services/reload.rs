@@ -9,9 +9,9 @@ use serde::Serialize;
 use serde_json::json;
 use utoipa::ToSchema;
 
-use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::config::{Config, ScopeRemoval};
-use crate::issuance::KeyService;
+use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::services::issuance::KeyService;
 
 /// What a reload changed.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -32,13 +32,13 @@ pub struct ReloadReport {
 pub struct Reloader {
     pub path: PathBuf,
     /// Where the reloaded policy is published for the other replicas.
-    sync: std::sync::Arc<crate::policy_sync::PolicySync>,
+    sync: std::sync::Arc<crate::services::policy_sync::PolicySync>,
     /// One reload at a time (SIGHUP and the endpoint may race).
     running: tokio::sync::Mutex<()>,
 }
 
 impl Reloader {
-    pub fn new(path: &Path, sync: std::sync::Arc<crate::policy_sync::PolicySync>) -> Self {
+    pub fn new(path: &Path, sync: std::sync::Arc<crate::services::policy_sync::PolicySync>) -> Self {
         Self { path: path.to_owned(), sync, running: tokio::sync::Mutex::new(()) }
     }
 
@@ -85,8 +85,9 @@ impl Reloader {
         if config.on_scope_removed == ScopeRemoval::Revoke {
             let system = KeyService::system_principal();
             for scope in &report.removed {
-                let selection = crate::offboarding::Selection { scope: Some(scope.clone()), ..Default::default() };
-                match crate::offboarding::revoke_matching(keys, &system, selection, ctx).await {
+                let selection =
+                    crate::services::offboarding::Selection { scope: Some(scope.clone()), ..Default::default() };
+                match crate::services::offboarding::revoke_matching(keys, &system, selection, ctx).await {
                     Ok(done) => {
                         report.revoked += done.revoked();
                         // Failed ones stay requested and keys still being issued are marked:

@@ -22,10 +22,11 @@ use sha2::Sha256;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::config::WebhookConfig;
-use crate::issuance::KeyService;
-use crate::store::{DeliveryResult, KeyRecord, KeyState, NewDelivery};
+use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::domain::keys::{KeyRecord, KeyState};
+use crate::services::issuance::KeyService;
+use crate::store::{DeliveryResult, NewDelivery};
 
 /// Days before expiry at which `key.expiring` is sent (Octopus's own warning thresholds).
 pub const WARNING_DAYS: [i64; 2] = [20, 10];
@@ -119,7 +120,7 @@ fn payload(record: &KeyRecord, event: &str, threshold: &str, now: DateTime<Utc>)
 /// The `ticket.claimed` payload: the new key's record (never its secret) and the ticket.
 pub fn ticket_payload(
     record: &KeyRecord,
-    ticket: &crate::tickets::Ticket,
+    ticket: &crate::domain::tickets::Ticket,
     pickup_url: &str,
     now: DateTime<Utc>,
 ) -> serde_json::Value {
@@ -245,7 +246,7 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryRep
     // its one send (5 s at most), so another worker never sends it too, however slow the
     // receivers; a batch claimed up front could outlive its claim behind slow receivers.
     for _ in 0..100 {
-        if !crate::jobs::lease_held() {
+        if !super::lease::lease_held() {
             break;
         }
         let delivery = match keys.store().due_deliveries(keys.now(), 1).await {

@@ -8,10 +8,11 @@ pub mod tickets;
 
 use std::collections::{BTreeSet, HashMap};
 
+pub use document::ScopeRemoval;
 pub use expiry::{ExpiryClamp, ExpiryDecision, ExpiryRequest, UpstreamLimits, resolve_expiry};
 pub use names::{Purpose, ScopeName, parse_ttl};
 
-use crate::auth::Principal;
+use crate::domain::principal::Principal;
 
 /// A named grant: which Octopus service account, which teams, and the limits.
 #[derive(Debug, Clone)]

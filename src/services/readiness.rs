@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::issuance::KeyService;
+use crate::services::issuance::KeyService;
 
 /// One dependency's state.
 #[derive(Debug, Clone, PartialEq, Eq)]

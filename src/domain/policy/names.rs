@@ -73,7 +73,7 @@ fn is_invisible_format(c: char) -> bool {
 
 /// A requested lifetime such as `"7d"`, `"12h"` or `"90m"`.
 pub fn parse_ttl(text: &str) -> Result<chrono::Duration, String> {
-    let std = crate::config::parse_duration(text).map_err(|e| format!("ttl: {e}"))?;
+    let std = crate::domain::duration::parse_duration(text).map_err(|e| format!("ttl: {e}"))?;
     let ttl = chrono::Duration::from_std(std).map_err(|_| "ttl: too long".to_owned())?;
     if ttl < chrono::Duration::minutes(1) {
         return Err("ttl: must be at least one minute".to_owned());

@@ -3,12 +3,13 @@
 
 use uuid::Uuid;
 
-use crate::audit::AuditRecord;
-use crate::auth::Principal;
-use crate::issuance::{KeyService, ServiceError};
+use crate::domain::audit::AuditRecord;
+use crate::domain::principal::Principal;
+use crate::services::issuance::{KeyService, ServiceError};
 // The domain types of the read side, so that the HTTP layer names them without reaching into
 // storage.
-pub use crate::store::{AuditFilter, Idempotency, KeyFilter, KeyRecord, KeyState, PageRequest, StoreError};
+use crate::domain::keys::KeyRecord;
+pub use crate::store::{AuditFilter, KeyFilter, PageRequest, StoreError};
 
 /// A page of key records: a requester's own, or, for auditors and admins, anyone's (the
 /// filter's `requester` then picks whose).
@@ -50,11 +51,11 @@ pub async fn audit_page(
 }
 
 /// Verifies the audit trail from where this process last did, at most `bound` events (see
-/// [`AuditWatch::verify`](crate::audit_watch::AuditWatch::verify)).
+/// [`AuditWatch::verify`](crate::services::audit_watch::AuditWatch::verify)).
 pub async fn verify_trail(
     keys: &KeyService,
-    watch: &crate::audit_watch::AuditWatch,
+    watch: &crate::services::audit_watch::AuditWatch,
     bound: u64,
-) -> Result<crate::audit_watch::Verification, ServiceError> {
+) -> Result<crate::services::audit_watch::Verification, ServiceError> {
     watch.verify(keys.store().as_ref(), bound).await.map_err(ServiceError::Store)
 }

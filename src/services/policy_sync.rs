@@ -14,10 +14,10 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::config::ScopeRemoval;
-use crate::issuance::KeyService;
-use crate::policy::document::PolicyDocument;
+use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::domain::policy::document::PolicyDocument;
+use crate::services::issuance::KeyService;
 use crate::store::StoreError;
 
 /// One replica's report.
@@ -141,7 +141,7 @@ impl PolicySync {
     pub async fn reloaded(
         &self,
         keys: &KeyService,
-        policy: crate::policy::Policy,
+        policy: crate::domain::policy::Policy,
         rule: ScopeRemoval,
         by: &str,
     ) -> Result<String, StoreError> {
@@ -187,10 +187,12 @@ impl PolicySync {
                         // here in the meantime is revoked now.
                         if rule == ScopeRemoval::Revoke {
                             for scope in before.iter().filter(|n| !scopes.contains(n)) {
-                                let selection =
-                                    crate::offboarding::Selection { scope: Some(scope.clone()), ..Default::default() };
+                                let selection = crate::services::offboarding::Selection {
+                                    scope: Some(scope.clone()),
+                                    ..Default::default()
+                                };
                                 let system = KeyService::system_principal();
-                                if let Err(e) = crate::offboarding::revoke_matching(
+                                if let Err(e) = crate::services::offboarding::revoke_matching(
                                     keys,
                                     &system,
                                     selection,
@@ -248,7 +250,7 @@ impl Default for PolicySync {
     }
 }
 
-fn parse(text: &str) -> Result<(crate::policy::Policy, ScopeRemoval), String> {
+fn parse(text: &str) -> Result<(crate::domain::policy::Policy, ScopeRemoval), String> {
     let document: PolicyDocument = serde_json::from_str(text).map_err(|e| e.to_string())?;
     Ok((document.policy()?, document.on_scope_removed))
 }

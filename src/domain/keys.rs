@@ -1,0 +1,125 @@
+//! Key records and their life: the states a record goes through and the only transitions
+//! between them. Both store backends apply these rules; nothing else decides them.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// The life of a key record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Written before Octopus is called; becomes active, or failed.
+    Pending,
+    Active,
+    Revoked,
+    Expired,
+    Failed,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => Self::Pending,
+            "active" => Self::Active,
+            "revoked" => Self::Revoked,
+            "expired" => Self::Expired,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// keybroker's record of one issued key. The secret is never here, only its keyed hash, which
+/// stays inside the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub seq: i64,
+    pub id: Uuid,
+    pub scope: String,
+    pub requester: String,
+    pub purpose: String,
+    pub state: KeyState,
+    pub octopus_user_id: String,
+    pub octopus_key_id: Option<String>,
+    pub key_hint: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Who asked on the requester's behalf (a chat-ops bot's pickup ticket), if anyone.
+    pub requested_by: Option<String>,
+}
+
+impl KeyRecord {
+    /// The state as callers should see it at `now`: an active key past its expiry is expired,
+    /// even before the sweep has marked it.
+    pub fn effective_state(&self, now: DateTime<Utc>) -> KeyState {
+        if self.state == KeyState::Active && self.expires_at <= now { KeyState::Expired } else { self.state }
+    }
+}
+
+/// A record to write as `pending`, before Octopus is called.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: Uuid,
+    pub scope: String,
+    pub requester: String,
+    pub purpose: String,
+    pub octopus_user_id: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// The scope's per-requester limit, checked atomically with the insert.
+    pub max_active: u32,
+    /// The caller's `Idempotency-Key` and a hash of the request it came with.
+    pub idempotency: Option<Idempotency>,
+    /// The requester's teams at issuance (offboarding can revoke by team).
+    pub requester_teams: Vec<String>,
+    /// The bot whose pickup ticket the requester claimed, if any.
+    pub requested_by: Option<String>,
+    /// That pickup ticket.
+    pub ticket: Option<String>,
+    /// When the issuance writing it gives up (`server.request_timeout` after it began): until
+    /// then the record is its issuer's, and the reconciler leaves it alone.
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    pub request_hash: String,
+}
+
+/// What Octopus returned, recorded when the key becomes active.
+#[derive(Debug, Clone)]
+pub struct Activation {
+    pub id: Uuid,
+    pub octopus_key_id: String,
+    pub key_hint: String,
+    /// HMAC-SHA256 of the secret, hex; never the secret.
+    pub secret_hmac: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// True for strings shaped like an Octopus API key: `API-` and upper-case letters and digits.
+/// The length is not fixed by any source (octopus-api.md §5.5), so accept a generous range.
+///
+/// ```
+/// use keybroker::domain::keys::looks_like_api_key;
+/// assert!(looks_like_api_key("API-JRIXL3O2GQBKWJE2FI1TKRFTGU"));
+/// assert!(!looks_like_api_key("api-jrixl3o2gqbkwje2fi1tkrftgu"));
+/// ```
+pub fn looks_like_api_key(text: &str) -> bool {
+    text.strip_prefix("API-").is_some_and(|rest| {
+        (16..=64).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    })
+}

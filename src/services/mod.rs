@@ -1,0 +1,24 @@
+//! The services: the application's operations, and the only callers of the store. Handlers
+//! parse a request, call one service, and render its answer.
+//!
+//! - [`issuance`]: `KeyService`, issue, revoke, identify, the Octopus side of each;
+//! - [`tickets`]: pickup tickets (create, claim, cancel, expire);
+//! - [`offboarding`] and [`dormant`]: revoking a person's or a team's keys;
+//! - [`queries`]: listing keys, reading and verifying the audit trail;
+//! - [`reload`] and [`policy_sync`]: a new policy, on this replica and on every other;
+//! - [`jobs`] (with [`lease`]): reconcile, expiry, webhooks, drift, readiness, on their timers;
+//! - [`drift`], [`webhooks`], [`audit_watch`], [`readiness`]: the passes those jobs run.
+
+pub mod audit_watch;
+pub mod dormant;
+pub mod drift;
+pub mod issuance;
+pub mod jobs;
+pub mod lease;
+pub mod offboarding;
+pub mod policy_sync;
+pub mod queries;
+pub mod readiness;
+pub mod reload;
+pub mod tickets;
+pub mod webhooks;
