@@ -38,6 +38,63 @@ impl KeyState {
             _ => return None,
         })
     }
+
+    /// Where `change` takes a record in this state: the key's whole state machine.
+    ///
+    /// ```text
+    /// pending ─activate─▶ active ─expire─▶ expired
+    ///    │                  │                 │
+    ///   fail              revoke            revoke
+    ///    ▼                  ▼                 ▼
+    /// failed             revoked ◀────────────┘
+    /// ```
+    ///
+    /// Revoking a revoked record and expiring one that is no longer active change nothing;
+    /// every other change from the wrong state is refused.
+    pub fn on(self, change: KeyChange) -> Step {
+        use KeyChange::{Activate, Expire, Fail, Revoke};
+        use KeyState::{Active, Expired, Failed, Pending, Revoked};
+        match (change, self) {
+            (Activate, Pending) => Step::To(Active),
+            (Fail, Pending) => Step::To(Failed),
+            (Activate | Fail, _) => Step::Refused { expected: Pending },
+            (Revoke, Active | Expired) => Step::To(Revoked),
+            (Revoke, Revoked) => Step::Stay,
+            (Revoke, Pending | Failed) => Step::Refused { expected: Active },
+            (Expire, Active) => Step::To(Expired),
+            (Expire, _) => Step::Stay,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What can happen to a key record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyChange {
+    /// Octopus made the key.
+    Activate,
+    /// The issuance ended without a key.
+    Fail,
+    /// The key was deleted in Octopus.
+    Revoke,
+    /// The key's expiry passed.
+    Expire,
+}
+
+/// The answer of [`KeyState::on`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The record moves to this state.
+    To(KeyState),
+    /// The record is already where the change would take it, or past it: nothing to write.
+    Stay,
+    /// Not from this state; the record should have been in `expected`.
+    Refused { expected: KeyState },
 }
 
 /// keybroker's record of one issued key. The secret is never here, only its keyed hash, which
@@ -122,4 +179,45 @@ pub fn looks_like_api_key(text: &str) -> bool {
     text.strip_prefix("API-").is_some_and(|rest| {
         (16..=64).contains(&rest.len()) && rest.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_machine_allows_exactly_its_transitions() {
+        use KeyChange::*;
+        use KeyState::*;
+        let table = [
+            (Pending, Activate, Step::To(Active)),
+            (Pending, Fail, Step::To(Failed)),
+            (Pending, Revoke, Step::Refused { expected: Active }),
+            (Pending, Expire, Step::Stay),
+            (Active, Activate, Step::Refused { expected: Pending }),
+            (Active, Fail, Step::Refused { expected: Pending }),
+            (Active, Revoke, Step::To(Revoked)),
+            (Active, Expire, Step::To(Expired)),
+            (Expired, Revoke, Step::To(Revoked)),
+            (Expired, Expire, Step::Stay),
+            (Expired, Activate, Step::Refused { expected: Pending }),
+            (Revoked, Revoke, Step::Stay),
+            (Revoked, Expire, Step::Stay),
+            (Revoked, Fail, Step::Refused { expected: Pending }),
+            (Failed, Revoke, Step::Refused { expected: Active }),
+            (Failed, Activate, Step::Refused { expected: Pending }),
+            (Failed, Expire, Step::Stay),
+        ];
+        for (from, change, step) in table {
+            assert_eq!(from.on(change), step, "{from} on {change:?}");
+        }
+    }
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for state in [KeyState::Pending, KeyState::Active, KeyState::Revoked, KeyState::Expired, KeyState::Failed] {
+            assert_eq!(KeyState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(KeyState::parse("Active"), None);
+    }
 }

@@ -20,8 +20,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Activation, IDEMPOTENCY_WINDOW, Idempotency, KeyRecord, NewKey, Pending, StoreError};
+use super::{Activation, IDEMPOTENCY_WINDOW, Idempotency, KeyRecord, KeyState, NewKey, Pending, StoreError};
 use crate::domain::audit::NewAuditEvent;
+use crate::domain::keys::{KeyChange, Step};
 
 /// The most writes one transaction takes.
 const MAX_BATCH: usize = 64;
@@ -234,6 +235,41 @@ pub(super) trait BatchTx: Send {
     async fn key(&mut self, id: Uuid) -> Result<KeyRecord, StoreError>;
     /// Appends the events, in order, to the chain.
     async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError>;
+    /// Moves a record from `from` to `to` at `at` (stamping `revoked_at` when `to` is revoked);
+    /// false when it was not in `from`.
+    async fn set_state(
+        &mut self,
+        id: Uuid,
+        from: KeyState,
+        to: KeyState,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+}
+
+/// Applies `change` to record `id`, as the key's state machine ([`KeyState::on`]) allows, and
+/// appends `event` when the record moved: the one implementation of `mark_failed`,
+/// `mark_revoked` and `mark_expired` for both backends. Returns the record afterwards and
+/// whether it moved; the caller commits only then.
+pub(super) async fn apply_change(
+    tx: &mut impl BatchTx,
+    id: Uuid,
+    change: KeyChange,
+    at: DateTime<Utc>,
+    event: &NewAuditEvent,
+) -> Result<(KeyRecord, bool), StoreError> {
+    let current = tx.key(id).await?;
+    match current.state.on(change) {
+        Step::Stay => Ok((current, false)),
+        Step::Refused { expected } => Err(StoreError::WrongState { id, expected, actual: current.state }),
+        Step::To(next) => {
+            if !tx.set_state(id, current.state, next, at).await? {
+                let actual = tx.key(id).await?.state;
+                return Err(StoreError::WrongState { id, expected: current.state, actual });
+            }
+            tx.append(&[event]).await?;
+            Ok((tx.key(id).await?, true))
+        }
+    }
 }
 
 /// For each insert, the holding below which its count need not be exact: with fewer than
@@ -318,7 +354,7 @@ async fn activate_one(
         Some(record) => Ok(record),
         None => {
             let current = tx.key(activation.id).await?;
-            Err(StoreError::WrongState { id: activation.id, expected: "pending", actual: current.state.as_str() })
+            Err(StoreError::WrongState { id: activation.id, expected: KeyState::Pending, actual: current.state })
         }
     }
 }
@@ -447,7 +483,7 @@ pub(super) async fn apply(tx: &mut impl BatchTx, writes: &[&Write]) -> Result<Ve
 /// A refusal stays the write's outcome; a database error fails the batch.
 fn refusal_or_fail<T>(result: Result<T, StoreError>) -> Result<Result<T, StoreError>, StoreError> {
     match result {
-        Err(e @ StoreError::Unavailable(_)) => Err(e),
+        Err(e) if !e.is_refusal() => Err(e),
         other => Ok(other),
     }
 }

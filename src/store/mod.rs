@@ -3,6 +3,7 @@
 
 mod batch;
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::audit::{AuditRecord, NewAuditEvent};
-use crate::domain::keys::{Activation, Idempotency, KeyRecord, KeyState, NewKey};
+use crate::domain::keys::{Activation, Idempotency, KeyChange, KeyRecord, KeyState, NewKey};
 use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -71,9 +72,25 @@ pub enum StoreError {
     #[error("key record {0} not found")]
     NotFound(Uuid),
     #[error("key record {id} is {actual}, not {expected}")]
-    WrongState { id: Uuid, expected: &'static str, actual: &'static str },
+    WrongState { id: Uuid, expected: KeyState, actual: KeyState },
+    /// The database did not answer, or refused a statement; the driver's error is the source.
+    #[error("database unavailable: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A value keybroker cannot read (a hand edit, or a schema newer than this build).
+    #[error("unreadable value in the database: {0}")]
+    Corrupt(String),
+    /// The store cannot be used: its write queue stopped, its schema is not migrated, a batch
+    /// was half written.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+}
+
+impl StoreError {
+    /// A refusal of one write (the limit, a missing or finished record), as opposed to the
+    /// database failing: a refusal is that write's answer, a failure fails its whole batch.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::LimitReached { .. } | Self::NotFound(_) | Self::WrongState { .. })
+    }
 }
 
 /// The storage contract both backends implement.
@@ -114,12 +131,27 @@ pub trait Store: Send + Sync + 'static {
     /// In one transaction: a pending record becomes active, and `event` is appended.
     async fn activate(&self, activation: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError>;
 
-    /// In one transaction: a pending record becomes failed, and `event` is appended.
-    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError>;
+    /// In one transaction: applies `change` to record `id` at `at` as the key's state machine
+    /// ([`KeyState::on`]) allows, and appends `event` if the record moved. Returns the record
+    /// afterwards and whether it moved; a change from the wrong state is `WrongState`.
+    async fn change_state(
+        &self,
+        id: Uuid,
+        change: KeyChange,
+        at: DateTime<Utc>,
+        event: &NewAuditEvent,
+    ) -> Result<(KeyRecord, bool), StoreError>;
 
-    /// In one transaction: an active (or expired) record becomes revoked, and `event` is
-    /// appended. Revoking a revoked record is a no-op that returns it.
-    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError>;
+    /// A pending record becomes failed (see [`Store::change_state`]).
+    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
+        self.change_state(id, KeyChange::Fail, event.occurred_at, event).await.map(|_| ())
+    }
+
+    /// An active (or expired) record becomes revoked at `at`. Revoking a revoked record is a
+    /// no-op that returns it.
+    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        self.change_state(id, KeyChange::Revoke, at, event).await.map(|(record, _)| record)
+    }
 
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
 
@@ -151,9 +183,15 @@ pub trait Store: Send + Sync + 'static {
     /// Active records whose expiry has passed at `now`, oldest expiry first.
     async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
 
-    /// In one transaction: an active record becomes expired, and `event` is appended. Returns
-    /// false (and writes nothing) when it was no longer active.
-    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError>;
+    /// An active record becomes expired. False (and nothing written) when it was no longer
+    /// active, or is gone.
+    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
+        match self.change_state(id, KeyChange::Expire, event.occurred_at, event).await {
+            Ok((_, moved)) => Ok(moved),
+            Err(StoreError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 
     /// Records that a revocation of `id` started at `at` (before Octopus is asked).
     async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;

@@ -18,17 +18,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Acquire, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
+use super::rows::{KEY_COLUMNS, audit_from_row, delivery_from_row, key_from_row, ticket_from_row};
 use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
     NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::domain::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
-use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
+use crate::domain::keys::KeyChange;
+use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 
 /// Advisory lock namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
 const LIMIT_LOCK: i32 = 0x6b62_0001;
@@ -49,10 +51,6 @@ pub struct PgStore {
     committing: HeldConnection,
 }
 
-fn db_err(e: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_in_schema(url, None).await
@@ -69,8 +67,7 @@ impl PgStore {
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(15))
             .connect_with(options)
-            .await
-            .map_err(db_err)?;
+            .await?;
         let head: Arc<Mutex<Option<String>>> = Arc::default();
         let committing = HeldConnection::default();
         let chain_key = Arc::<std::sync::OnceLock<ChainKey>>::default();
@@ -84,7 +81,7 @@ impl PgStore {
     }
 
     async fn write_tx(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
-        self.pool.begin().await.map_err(db_err)
+        self.pool.begin().await.map_err(StoreError::from)
     }
 }
 
@@ -101,7 +98,7 @@ async fn append_in(
         return Ok(());
     }
     // A statement of its own: the INSERT's snapshot must be taken after the lock is granted.
-    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(CHAIN_LOCK).execute(&mut **tx).await.map_err(db_err)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(CHAIN_LOCK).execute(&mut **tx).await?;
     let cached = head.lock().map(|mut h| h.take()).unwrap_or_default();
     if let Some(prev) = cached {
         if let Some(last) = insert_events(tx, events, &prev, key).await? {
@@ -109,10 +106,8 @@ async fn append_in(
             return Ok(());
         }
     }
-    let prev: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db_err)?;
+    let prev: Option<String> =
+        sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetch_optional(&mut **tx).await?;
     let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
     let Some(last) = insert_events(tx, events, &prev, key).await? else {
         // Impossible while this transaction holds the chain lock.
@@ -187,8 +182,7 @@ async fn insert_events(
     .bind(GENESIS_HASH)
     .bind(prev)
     .execute(&mut **tx)
-    .await
-    .map_err(db_err)?
+    .await?
     .rows_affected();
     if inserted == 0 {
         return Ok(None);
@@ -199,55 +193,11 @@ async fn insert_events(
     Ok(Some(last))
 }
 
-const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
-                           created_at, expires_at, revoked_at, requested_by";
-
-fn key_from_row(row: &PgRow) -> Result<KeyRecord, StoreError> {
-    let state: String = row.try_get("state").map_err(db_err)?;
-    Ok(KeyRecord {
-        seq: row.try_get("seq").map_err(db_err)?,
-        id: row.try_get("id").map_err(db_err)?,
-        scope: row.try_get("scope").map_err(db_err)?,
-        requester: row.try_get("requester").map_err(db_err)?,
-        purpose: row.try_get("purpose").map_err(db_err)?,
-        state: KeyState::parse(&state).ok_or_else(|| StoreError::Unavailable(format!("unknown state {state}")))?,
-        octopus_user_id: row.try_get("octopus_user_id").map_err(db_err)?,
-        octopus_key_id: row.try_get("octopus_key_id").map_err(db_err)?,
-        key_hint: row.try_get("key_hint").map_err(db_err)?,
-        created_at: row.try_get("created_at").map_err(db_err)?,
-        expires_at: row.try_get("expires_at").map_err(db_err)?,
-        revoked_at: row.try_get("revoked_at").map_err(db_err)?,
-        requested_by: row.try_get("requested_by").map_err(db_err)?,
-    })
-}
-
-fn audit_from_row(row: &PgRow) -> Result<AuditRecord, StoreError> {
-    let detail: sqlx::types::Json<serde_json::Value> = row.try_get("detail").map_err(db_err)?;
-    Ok(AuditRecord {
-        seq: row.try_get("seq").map_err(db_err)?,
-        id: row.try_get("id").map_err(db_err)?,
-        occurred_at: row.try_get("occurred_at").map_err(db_err)?,
-        actor: row.try_get("actor").map_err(db_err)?,
-        action: row.try_get("action").map_err(db_err)?,
-        outcome: row.try_get("outcome").map_err(db_err)?,
-        scope: row.try_get("scope").map_err(db_err)?,
-        key_id: row.try_get("key_id").map_err(db_err)?,
-        octopus_key_id: row.try_get("octopus_key_id").map_err(db_err)?,
-        request_id: row.try_get("request_id").map_err(db_err)?,
-        client_addr: row.try_get("client_addr").map_err(db_err)?,
-        user_agent: row.try_get("user_agent").map_err(db_err)?,
-        detail: detail.0,
-        prev_hash: row.try_get("prev_hash").map_err(db_err)?,
-        hash: row.try_get("hash").map_err(db_err)?,
-    })
-}
-
 async fn key_in(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<KeyRecord, StoreError> {
     let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1 FOR UPDATE"))
         .bind(id)
         .fetch_optional(&mut **tx)
-        .await
-        .map_err(db_err)?
+        .await?
         .ok_or(StoreError::NotFound(id))?;
     key_from_row(&row)
 }
@@ -275,16 +225,16 @@ impl PgCommitter {
         conn: &mut PoolConnection<Postgres>,
         writes: &[&Write],
     ) -> Result<Vec<Outcome>, (bool, StoreError)> {
-        let mut tx = conn.begin().await.map_err(|e| (false, db_err(e)))?;
+        let mut tx = conn.begin().await.map_err(|e| (false, StoreError::from(e)))?;
         match batch::apply(&mut PgBatch { tx: &mut tx, head: &self.head, key: self.chain_key.get() }, writes).await {
             Ok(outcomes) => {
-                tx.commit().await.map_err(|e| (true, db_err(e)))?;
+                tx.commit().await.map_err(|e| (true, StoreError::from(e)))?;
                 Ok(outcomes)
             }
             Err(e) => {
                 // The head may name an event that is being rolled back.
                 forget(&self.head);
-                tx.rollback().await.map_err(|e| (true, db_err(e)))?;
+                tx.rollback().await.map_err(|e| (true, StoreError::from(e)))?;
                 Err((true, e))
             }
         }
@@ -294,11 +244,8 @@ impl PgCommitter {
 #[async_trait]
 impl Committer for PgCommitter {
     async fn event_committed(&self, id: Uuid) -> Result<bool, StoreError> {
-        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM audit_events WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM audit_events WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
         Ok(found.is_some())
     }
 
@@ -306,14 +253,14 @@ impl Committer for PgCommitter {
         let mut held = self.conn.lock().await;
         let (mut conn, kept) = match held.take() {
             Some(conn) => (conn, true),
-            None => (self.pool.acquire().await.map_err(db_err)?, false),
+            None => (self.pool.acquire().await?, false),
         };
         let mut result = self.run(&mut conn, writes).await;
         if kept && matches!(result, Err((false, _))) {
             // The kept connection died since the last batch (a restart, an idle timeout) and
             // nothing was done: the batch runs again on a fresh connection from the pool.
             conn.close_on_drop();
-            conn = self.pool.acquire().await.map_err(db_err)?;
+            conn = self.pool.acquire().await?;
             result = self.run(&mut conn, writes).await;
         }
         match result {
@@ -340,6 +287,29 @@ struct PgBatch<'a, 'c> {
 
 #[async_trait]
 impl BatchTx for PgBatch<'_, '_> {
+    async fn set_state(
+        &mut self,
+        id: Uuid,
+        from: KeyState,
+        to: KeyState,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let at = store_precision(at);
+        let revoked_at = (to == KeyState::Revoked).then_some(at);
+        let done = sqlx::query(
+            "UPDATE key_records SET state = $1, updated_at = $2, revoked_at = COALESCE($3, revoked_at) \
+             WHERE id = $4 AND state = $5",
+        )
+        .bind(to.as_str())
+        .bind(at)
+        .bind(revoked_at)
+        .bind(id)
+        .bind(from.as_str())
+        .execute(&mut **self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn lock_requesters(&mut self, requesters: &[&str]) -> Result<(), StoreError> {
         // One lock per requester covers both the limit and the idempotency key; the statements
         // after it take their snapshots once it is granted.
@@ -350,8 +320,7 @@ impl BatchTx for PgBatch<'_, '_> {
         .bind(LIMIT_LOCK)
         .bind(requesters)
         .execute(&mut **self.tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         Ok(())
     }
 
@@ -365,14 +334,13 @@ impl BatchTx for PgBatch<'_, '_> {
         .bind(requesters)
         .bind(idems)
         .fetch_all(&mut **self.tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok(Found {
                     record: key_from_row(row)?,
-                    idempotency_key: row.try_get("idempotency_key").map_err(db_err)?,
-                    request_hash: row.try_get("request_hash").map_err(db_err)?,
+                    idempotency_key: row.try_get("idempotency_key")?,
+                    request_hash: row.try_get("request_hash")?,
                 })
             })
             .collect()
@@ -393,8 +361,7 @@ impl BatchTx for PgBatch<'_, '_> {
         .bind(inserts.iter().map(|(_, now)| *now).collect::<Vec<_>>())
         .bind(batch::exact_below(inserts))
         .fetch_all(&mut **self.tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         Ok(counts.into_iter().map(|n| u64::try_from(n).unwrap_or_default()).collect())
     }
 
@@ -431,8 +398,7 @@ impl BatchTx for PgBatch<'_, '_> {
         .bind(text(|k| k.ticket.as_deref()))
         .bind(keys.iter().map(|k| k.deadline.map(store_precision)).collect::<Vec<_>>())
         .execute(&mut **self.tx)
-        .await
-        .map_err(db_err)?
+        .await?
         .rows_affected();
         if inserted != keys.len() as u64 {
             return Err(StoreError::Unavailable(format!("{inserted} of {} key records were written", keys.len())));
@@ -459,8 +425,7 @@ impl BatchTx for PgBatch<'_, '_> {
         .bind(activations.iter().map(|(a, _)| store_precision(a.expires_at)).collect::<Vec<_>>())
         .bind(activations.iter().map(|(_, at)| store_precision(*at)).collect::<Vec<_>>())
         .fetch_all(&mut **self.tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -468,8 +433,7 @@ impl BatchTx for PgBatch<'_, '_> {
         sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = $1")
             .bind(id)
             .execute(&mut **self.tx)
-            .await
-            .map_err(db_err)?;
+            .await?;
         Ok(())
     }
 
@@ -509,7 +473,7 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::from).map(|_| ())
     }
 
     async fn insert_pending(
@@ -525,55 +489,11 @@ impl Store for PgStore {
         self.writes.activate(a, event).await
     }
 
-    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        let current = key_in(&mut tx, id).await?;
-        if current.state != KeyState::Pending {
-            tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::WrongState { id, expected: "pending", actual: current.state.as_str() });
-        }
-        sqlx::query("UPDATE key_records SET state = 'failed', updated_at = $1 WHERE id = $2")
-            .bind(store_precision(event.occurred_at))
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await.map_err(db_err)
-    }
-
-    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let current = key_in(&mut tx, id).await?;
-        match current.state {
-            KeyState::Revoked => {
-                tx.rollback().await.map_err(db_err)?;
-                return Ok(current);
-            }
-            KeyState::Active | KeyState::Expired => {}
-            other => {
-                tx.rollback().await.map_err(db_err)?;
-                return Err(StoreError::WrongState { id, expected: "active", actual: other.as_str() });
-            }
-        }
-        sqlx::query("UPDATE key_records SET state = 'revoked', revoked_at = $1, updated_at = $1 WHERE id = $2")
-            .bind(store_precision(at))
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
-        let record = key_in(&mut tx, id).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(record)
-    }
-
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
@@ -604,7 +524,7 @@ impl Store for PgStore {
             qb.push(" AND seq < ").push_bind(before);
         }
         qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        let rows = qb.build().fetch_all(&self.pool).await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -622,8 +542,7 @@ impl Store for PgStore {
         .bind(i64::from(limit))
         .bind(now)
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -635,26 +554,25 @@ impl Store for PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(db_err)?;
+        ?;
         rows.iter().map(key_from_row).collect()
     }
 
-    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
+    async fn change_state(
+        &self,
+        id: Uuid,
+        change: KeyChange,
+        at: DateTime<Utc>,
+        event: &NewAuditEvent,
+    ) -> Result<(KeyRecord, bool), StoreError> {
         let mut tx = self.write_tx().await?;
-        let done =
-            sqlx::query("UPDATE key_records SET state = 'expired', updated_at = $1 WHERE id = $2 AND state = 'active'")
-                .bind(store_precision(event.occurred_at))
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?
-                .rows_affected()
-                == 1;
-        if done {
-            append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
+        let mut batch = PgBatch { tx: &mut tx, head: &self.head, key: self.chain_key.get() };
+        let result = batch::apply_change(&mut batch, id, change, at, event).await;
+        match &result {
+            Ok((_, true)) => tx.commit().await?,
+            _ => tx.rollback().await?,
         }
-        tx.commit().await.map_err(db_err)?;
-        Ok(done)
+        result
     }
 
     async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -662,8 +580,7 @@ impl Store for PgStore {
             .bind(store_precision(at))
             .bind(id)
             .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
         Ok(())
     }
 
@@ -674,8 +591,7 @@ impl Store for PgStore {
         .bind(id)
         .bind(store_precision(since))
         .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         Ok(found.is_some())
     }
 
@@ -684,8 +600,7 @@ impl Store for PgStore {
             .bind(store_precision(at))
             .bind(id)
             .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
         Ok(())
     }
 
@@ -696,8 +611,7 @@ impl Store for PgStore {
         ))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -714,8 +628,7 @@ impl Store for PgStore {
         .bind(now - lookback)
         .bind(now + horizon)
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -732,32 +645,29 @@ impl Store for PgStore {
         .bind(sqlx::types::Json(&d.payload))
         .bind(store_precision(d.created_at))
         .execute(&self.pool)
-        .await
-        .map_err(db_err)?
+        .await?
         .rows_affected()
             == 1;
         Ok(added)
     }
 
     async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut tx = self.pool.begin().await?;
         let mut renamed = 0;
         for (url, name) in names {
             renamed += sqlx::query("UPDATE webhook_deliveries SET webhook = $1 WHERE webhook = $2")
                 .bind(name)
                 .bind(url)
                 .execute(&mut *tx)
-                .await
-                .map_err(db_err)?
+                .await?
                 .rows_affected();
         }
         renamed +=
             sqlx::query("UPDATE webhook_deliveries SET webhook = 'removed-' || id WHERE strpos(webhook, '://') > 0")
                 .execute(&mut *tx)
-                .await
-                .map_err(db_err)?
+                .await?
                 .rows_affected();
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(renamed)
     }
 
@@ -765,31 +675,14 @@ impl Store for PgStore {
         let rows = sqlx::query(
             "UPDATE webhook_deliveries SET next_attempt_at = $1 WHERE id IN (SELECT id FROM webhook_deliveries \
              WHERE status = 'pending' AND next_attempt_at <= $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at",
+             RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at, next_attempt_at",
         )
         .bind(store_precision(now + DELIVERY_CLAIM))
         .bind(now)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        let mut out = rows
-            .iter()
-            .map(|row| {
-                let payload: sqlx::types::Json<serde_json::Value> = row.try_get("payload").map_err(db_err)?;
-                Ok(Delivery {
-                    id: row.try_get("id").map_err(db_err)?,
-                    webhook: row.try_get("webhook").map_err(db_err)?,
-                    event: row.try_get("event").map_err(db_err)?,
-                    key_id: row.try_get("key_id").map_err(db_err)?,
-                    threshold: row.try_get("threshold").map_err(db_err)?,
-                    payload: payload.0,
-                    attempts: row.try_get("attempts").map_err(db_err)?,
-                    created_at: row.try_get("created_at").map_err(db_err)?,
-                    claimed_until: store_precision(now + DELIVERY_CLAIM),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        .await?;
+        let mut out = rows.iter().map(delivery_from_row).collect::<Result<Vec<_>, StoreError>>()?;
         out.sort_by_key(|d| d.id);
         Ok(out)
     }
@@ -818,7 +711,7 @@ impl Store for PgStore {
             DeliveryResult::Retry { error, .. } => query.bind(error.clone()),
             _ => query,
         };
-        Ok(query.execute(&self.pool).await.map_err(db_err)?.rows_affected() == 1)
+        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
     }
 
     async fn try_lease(
@@ -838,8 +731,7 @@ impl Store for PgStore {
         .bind(store_precision(now + ttl))
         .bind(store_precision(now))
         .execute(&self.pool)
-        .await
-        .map_err(db_err)?
+        .await?
         .rows_affected()
             == 1;
         Ok(taken)
@@ -852,7 +744,7 @@ impl Store for PgStore {
         .bind(now)
         .fetch_all(&self.pool)
         .await
-        .map_err(db_err)?;
+        ?;
         Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
     }
 
@@ -860,8 +752,7 @@ impl Store for PgStore {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = $1"))
             .bind(hmac)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
@@ -893,7 +784,7 @@ impl Store for PgStore {
             qb.push(" AND seq < ").push_bind(before);
         }
         qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(db_err)?;
+        let rows = qb.build().fetch_all(&self.pool).await?;
         rows.iter().map(audit_from_row).collect()
     }
 
@@ -902,8 +793,7 @@ impl Store for PgStore {
             .bind(after_seq)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
         rows.iter().map(audit_from_row).collect()
     }
 
@@ -923,18 +813,16 @@ impl Store for PgStore {
         .bind(store_precision(t.created_at))
         .bind(store_precision(t.expires_at))
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(StoreError::from)
     }
 
     async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
         let row = sqlx::query(&format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1"))
             .bind(id.as_str())
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
         row.as_ref().map(ticket_from_row).transpose()
     }
 
@@ -956,8 +844,7 @@ impl Store for PgStore {
         .bind(store_precision(stale_before))
         .bind(token)
         .execute(&self.pool)
-        .await
-        .map_err(db_err)?
+        .await?
         .rows_affected()
             == 1;
         Ok(done)
@@ -971,8 +858,7 @@ impl Store for PgStore {
         .bind(id.as_str())
         .bind(token)
         .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         Ok(())
     }
 
@@ -1002,13 +888,13 @@ impl Store for PgStore {
             Hold::Claim(token) => query.bind(token.to_owned()),
             Hold::Nobody { stale_before } => query.bind(store_precision(stale_before)),
         };
-        let done = query.execute(&mut *tx).await.map_err(db_err)?.rows_affected() == 1;
+        let done = query.execute(&mut *tx).await?.rows_affected() == 1;
         if !done {
-            tx.rollback().await.map_err(db_err)?;
+            tx.rollback().await?;
             return Ok(false);
         }
         append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(true)
     }
 
@@ -1021,7 +907,7 @@ impl Store for PgStore {
     ) -> Result<i64, StoreError> {
         let mut tx = self.write_tx().await?;
         // One publisher at a time, so the "unless it is the newest already" check holds.
-        sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(POLICY_LOCK).execute(&mut *tx).await.map_err(db_err)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(POLICY_LOCK).execute(&mut *tx).await?;
         sqlx::query(
             "INSERT INTO policy_versions (version, document, published_at, published_by) SELECT $1, $2, $3, $4 \
              WHERE COALESCE((SELECT version FROM policy_versions ORDER BY seq DESC LIMIT 1), '') <> $1",
@@ -1031,11 +917,9 @@ impl Store for PgStore {
         .bind(store_precision(at))
         .bind(by)
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let seq: i64 =
-            sqlx::query_scalar("SELECT MAX(seq) FROM policy_versions").fetch_one(&mut *tx).await.map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
+        .await?;
+        let seq: i64 = sqlx::query_scalar("SELECT MAX(seq) FROM policy_versions").fetch_one(&mut *tx).await?;
+        tx.commit().await?;
         Ok(seq)
     }
 
@@ -1043,7 +927,7 @@ impl Store for PgStore {
         sqlx::query_as("SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&self.pool)
             .await
-            .map_err(db_err)
+            .map_err(StoreError::from)
     }
 
     async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -1055,8 +939,7 @@ impl Store for PgStore {
         .bind(version)
         .bind(store_precision(at))
         .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         Ok(())
     }
 
@@ -1064,7 +947,7 @@ impl Store for PgStore {
         sqlx::query_as("SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100")
             .fetch_all(&self.pool)
             .await
-            .map_err(db_err)
+            .map_err(StoreError::from)
     }
 
     async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
@@ -1073,8 +956,7 @@ impl Store for PgStore {
         ))
         .bind(id.as_str())
         .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
@@ -1092,32 +974,10 @@ impl Store for PgStore {
         .bind(store_precision(stale_before))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(ticket_from_row).collect()
     }
 }
 
 const TICKET_COLUMNS: &str = "id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, key_id, \
                               created_at, expires_at, claim_started_at, ended_at";
-
-fn ticket_from_row(row: &PgRow) -> Result<Ticket, StoreError> {
-    let id: String = row.try_get("id").map_err(db_err)?;
-    let state: String = row.try_get("state").map_err(db_err)?;
-    Ok(Ticket {
-        id: TicketId::parse(&id).ok_or_else(|| StoreError::Unavailable(format!("malformed ticket id {id}")))?,
-        for_subject: row.try_get("for_subject").map_err(db_err)?,
-        scope: row.try_get("scope").map_err(db_err)?,
-        purpose: row.try_get("purpose").map_err(db_err)?,
-        ttl: row.try_get("ttl").map_err(db_err)?,
-        requested_by: row.try_get("requested_by").map_err(db_err)?,
-        requested_by_name: row.try_get("requested_by_name").map_err(db_err)?,
-        state: TicketState::parse(&state)
-            .ok_or_else(|| StoreError::Unavailable(format!("unknown ticket state {state}")))?,
-        key_id: row.try_get("key_id").map_err(db_err)?,
-        created_at: row.try_get("created_at").map_err(db_err)?,
-        expires_at: row.try_get("expires_at").map_err(db_err)?,
-        claim_started_at: row.try_get("claim_started_at").map_err(db_err)?,
-        ended_at: row.try_get("ended_at").map_err(db_err)?,
-    })
-}

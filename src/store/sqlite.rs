@@ -6,21 +6,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
 use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
+use super::rows::{
+    KEY_COLUMNS, delivery_from_row, key_from_row, key_state, parse_sqlite_time as parse_time, sqlite_time as fmt_time,
+    ticket_from_row,
+};
 use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
     NewKey, PageRequest, Pending, Store, StoreError,
 };
 use crate::domain::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
-use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId, TicketState};
+use crate::domain::keys::KeyChange;
+use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 
 pub struct SqliteStore {
     /// Readers.
@@ -51,22 +54,6 @@ impl Drop for SqliteStore {
 /// (another process appended, or the transaction that appended it rolled back).
 type ChainHead = Option<String>;
 
-/// Times are stored as fixed-width UTC text (`%Y-%m-%dT%H:%M:%S%.6fZ`), so that text order is
-/// time order.
-fn fmt_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| StoreError::Unavailable(format!("unreadable time `{text}` in the database: {e}")))
-}
-
-fn db_err(e: sqlx::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
 impl SqliteStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
@@ -80,8 +67,7 @@ impl SqliteStore {
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(15))
             .connect_with(options.clone())
-            .await
-            .map_err(db_err)?;
+            .await?;
         // The writer never checkpoints: a checkpoint copies the WAL into the database file and
         // syncs both, and on the writer it ran inside whichever write transaction crossed the
         // threshold, while every other writer queued behind it. A task does it in the background.
@@ -89,8 +75,7 @@ impl SqliteStore {
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(15))
             .connect_with(options.pragma("wal_autocheckpoint", "0"))
-            .await
-            .map_err(db_err)?;
+            .await?;
         let checkpointer = tokio::spawn(checkpoint_in_background(pool.clone())).abort_handle();
         let write_lock = Arc::new(tokio::sync::Mutex::new(None));
         let chain_key = Arc::<std::sync::OnceLock<ChainKey>>::default();
@@ -106,7 +91,7 @@ impl SqliteStore {
     /// the commit.
     async fn write_tx(&self) -> Result<(OwnedMutexGuard<ChainHead>, Transaction<'static, Sqlite>), StoreError> {
         let guard = self.write_lock.clone().lock_owned().await;
-        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         Ok((guard, tx))
     }
 }
@@ -145,10 +130,8 @@ async fn append_in(
             return Ok(());
         }
     }
-    let prev: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db_err)?;
+    let prev: Option<String> =
+        sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetch_optional(&mut **tx).await?;
     let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
     let Some(last) = insert_events(tx, events, &prev, key).await? else {
         // Impossible while this transaction holds the write lock.
@@ -229,8 +212,7 @@ async fn insert_events(
     .bind(GENESIS_HASH)
     .bind(prev)
     .execute(&mut **tx)
-    .await
-    .map_err(db_err)?
+    .await?
     .rows_affected();
     if inserted == 0 {
         return Ok(None);
@@ -239,30 +221,6 @@ async fn insert_events(
         return Err(StoreError::Unavailable(format!("{inserted} of {} audit events were written", events.len())));
     }
     Ok(Some(last))
-}
-
-const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, \
-                           created_at, expires_at, revoked_at, requested_by";
-
-fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
-    let id: String = row.try_get("id").map_err(db_err)?;
-    let state: String = row.try_get("state").map_err(db_err)?;
-    let revoked_at: Option<String> = row.try_get("revoked_at").map_err(db_err)?;
-    Ok(KeyRecord {
-        seq: row.try_get("seq").map_err(db_err)?,
-        id: Uuid::parse_str(&id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
-        scope: row.try_get("scope").map_err(db_err)?,
-        requester: row.try_get("requester").map_err(db_err)?,
-        purpose: row.try_get("purpose").map_err(db_err)?,
-        state: KeyState::parse(&state).ok_or_else(|| StoreError::Unavailable(format!("unknown state {state}")))?,
-        octopus_user_id: row.try_get("octopus_user_id").map_err(db_err)?,
-        octopus_key_id: row.try_get("octopus_key_id").map_err(db_err)?,
-        key_hint: row.try_get("key_hint").map_err(db_err)?,
-        created_at: parse_time(&row.try_get::<String, _>("created_at").map_err(db_err)?)?,
-        expires_at: parse_time(&row.try_get::<String, _>("expires_at").map_err(db_err)?)?,
-        revoked_at: revoked_at.as_deref().map(parse_time).transpose()?,
-        requested_by: row.try_get("requested_by").map_err(db_err)?,
-    })
 }
 
 /// A page of rows as one JSON array built by SQLite (`json_group_array(json_array(...))`):
@@ -285,17 +243,16 @@ type KeyJsonRow = (
 );
 
 fn keys_from_json(text: &str) -> Result<Vec<KeyRecord>, StoreError> {
-    let rows: Vec<KeyJsonRow> = serde_json::from_str(text).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let rows: Vec<KeyJsonRow> = serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     rows.into_iter()
         .map(|(seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, key_hint, c, e, r, by)| {
             Ok(KeyRecord {
                 seq,
-                id: Uuid::parse_str(&id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                id: Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 scope,
                 requester,
                 purpose,
-                state: KeyState::parse(&state)
-                    .ok_or_else(|| StoreError::Unavailable(format!("unknown state {state}")))?,
+                state: key_state(&state)?,
                 octopus_user_id,
                 octopus_key_id,
                 key_hint,
@@ -330,7 +287,7 @@ type AuditJsonRow = (
 );
 
 fn audit_from_json(text: &str) -> Result<Vec<AuditRecord>, StoreError> {
-    let bad = |e: String| StoreError::Unavailable(e);
+    let bad = |e: String| StoreError::Corrupt(e);
     let rows: Vec<AuditJsonRow> = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
     rows.into_iter()
         .map(|(seq, id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, rid, addr, ua, d, p, h)| {
@@ -360,10 +317,18 @@ async fn key_in(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> Result<KeyRe
     let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
         .bind(id.to_string())
         .fetch_optional(&mut **tx)
-        .await
-        .map_err(db_err)?
+        .await?
         .ok_or(StoreError::NotFound(id))?;
     key_from_row(&row)
+}
+
+/// Commits a write transaction whose work changed something, and rolls back any other.
+async fn finish<T>(tx: Transaction<'static, Sqlite>, result: &Result<(T, bool), StoreError>) -> Result<(), StoreError> {
+    match result {
+        Ok((_, true)) => tx.commit().await?,
+        _ => tx.rollback().await?,
+    }
+    Ok(())
 }
 
 /// The issuance path's writes, committed in batches (see [`batch`](super::batch)) on the writer
@@ -380,23 +345,22 @@ impl Committer for SqliteCommitter {
         let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM audit_events WHERE id = ?")
             .bind(id.to_string())
             .fetch_optional(&self.writer)
-            .await
-            .map_err(db_err)?;
+            .await?;
         Ok(found.is_some())
     }
 
     async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
         let mut head = self.write_lock.lock().await;
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         match batch::apply(&mut SqliteBatch { tx: &mut tx, head: &mut head, key: self.chain_key.get() }, writes).await {
             Ok(outcomes) => {
-                tx.commit().await.map_err(db_err)?;
+                tx.commit().await?;
                 Ok(outcomes)
             }
             Err(e) => {
                 // The head may name an event that is being rolled back.
                 *head = None;
-                tx.rollback().await.map_err(db_err)?;
+                tx.rollback().await?;
                 Err(e)
             }
         }
@@ -416,6 +380,28 @@ fn to_json<T: serde::Serialize>(rows: &T) -> Result<String, StoreError> {
 
 #[async_trait]
 impl BatchTx for SqliteBatch<'_> {
+    async fn set_state(
+        &mut self,
+        id: Uuid,
+        from: KeyState,
+        to: KeyState,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let revoked_at = (to == KeyState::Revoked).then(|| fmt_time(at));
+        let done = sqlx::query(
+            "UPDATE key_records SET state = ?, updated_at = ?, revoked_at = COALESCE(?, revoked_at) \
+             WHERE id = ? AND state = ?",
+        )
+        .bind(to.as_str())
+        .bind(fmt_time(at))
+        .bind(revoked_at)
+        .bind(id.to_string())
+        .bind(from.as_str())
+        .execute(&mut **self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn lock_requesters(&mut self, _requesters: &[&str]) -> Result<(), StoreError> {
         Ok(())
     }
@@ -431,14 +417,13 @@ impl BatchTx for SqliteBatch<'_> {
         ))
         .bind(to_json(&pairs)?)
         .fetch_all(&mut **self.tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok(Found {
                     record: key_from_row(row)?,
-                    idempotency_key: row.try_get("idempotency_key").map_err(db_err)?,
-                    request_hash: row.try_get("request_hash").map_err(db_err)?,
+                    idempotency_key: row.try_get("idempotency_key")?,
+                    request_hash: row.try_get("request_hash")?,
                 })
             })
             .collect()
@@ -463,8 +448,7 @@ impl BatchTx for SqliteBatch<'_> {
         )
         .bind(to_json(&rows)?)
         .fetch_all(&mut **self.tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         Ok(counts.into_iter().map(|n| u64::try_from(n).unwrap_or_default()).collect())
     }
 
@@ -499,8 +483,7 @@ impl BatchTx for SqliteBatch<'_> {
         )
         .bind(to_json(&rows)?)
         .execute(&mut **self.tx)
-        .await
-        .map_err(db_err)?
+        .await?
         .rows_affected();
         if inserted != keys.len() as u64 {
             return Err(StoreError::Unavailable(format!("{inserted} of {} key records were written", keys.len())));
@@ -535,8 +518,7 @@ impl BatchTx for SqliteBatch<'_> {
         ))
         .bind(to_json(&rows)?)
         .fetch_all(&mut **self.tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -544,8 +526,7 @@ impl BatchTx for SqliteBatch<'_> {
         sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = ?")
             .bind(id.to_string())
             .execute(&mut **self.tx)
-            .await
-            .map_err(db_err)?;
+            .await?;
         Ok(())
     }
 
@@ -585,22 +566,21 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err).map(|_| ())
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::from).map(|_| ())
     }
 
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Sqlite>::new("");
         push_list_keys(&mut qb, filter, page);
-        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
+        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await?;
         keys_from_json(&page)
     }
 
@@ -618,8 +598,7 @@ impl Store for SqliteStore {
         .bind(fmt_time(now))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -631,7 +610,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(db_err)?;
+        ?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -642,8 +621,7 @@ impl Store for SqliteStore {
         ))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -661,8 +639,7 @@ impl Store for SqliteStore {
         .bind(&since)
         .bind(fmt_time(now + horizon))
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -673,7 +650,7 @@ impl Store for SqliteStore {
         .bind(fmt_time(now))
         .fetch_all(&self.pool)
         .await
-        .map_err(db_err)?;
+        ?;
         Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
     }
 
@@ -681,15 +658,14 @@ impl Store for SqliteStore {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = ?"))
             .bind(hmac)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Sqlite>::new("");
         push_list_audit(&mut qb, filter, page);
-        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await.map_err(db_err)?;
+        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await?;
         audit_from_json(&page)
     }
 
@@ -701,8 +677,7 @@ impl Store for SqliteStore {
         .bind(after_seq)
         .bind(i64::from(limit))
         .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         audit_from_json(&page)
     }
 
@@ -719,66 +694,18 @@ impl Store for SqliteStore {
         self.writes.activate(a, event).await
     }
 
-    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
+    async fn change_state(
+        &self,
+        id: Uuid,
+        change: KeyChange,
+        at: DateTime<Utc>,
+        event: &NewAuditEvent,
+    ) -> Result<(KeyRecord, bool), StoreError> {
         let (mut head, mut tx) = self.write_tx().await?;
-        let current = key_in(&mut tx, id).await?;
-        if current.state != KeyState::Pending {
-            tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::WrongState { id, expected: "pending", actual: current.state.as_str() });
-        }
-        sqlx::query("UPDATE key_records SET state = 'failed', updated_at = ? WHERE id = ?")
-            .bind(fmt_time(event.occurred_at))
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await.map_err(db_err)
-    }
-
-    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        let (mut head, mut tx) = self.write_tx().await?;
-        let current = key_in(&mut tx, id).await?;
-        match current.state {
-            KeyState::Revoked => {
-                tx.rollback().await.map_err(db_err)?;
-                return Ok(current);
-            }
-            KeyState::Active | KeyState::Expired => {}
-            other => {
-                tx.rollback().await.map_err(db_err)?;
-                return Err(StoreError::WrongState { id, expected: "active", actual: other.as_str() });
-            }
-        }
-        sqlx::query("UPDATE key_records SET state = 'revoked', revoked_at = ?, updated_at = ? WHERE id = ?")
-            .bind(fmt_time(at))
-            .bind(fmt_time(at))
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
-        let record = key_in(&mut tx, id).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(record)
-    }
-
-    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
-        let (mut head, mut tx) = self.write_tx().await?;
-        let done =
-            sqlx::query("UPDATE key_records SET state = 'expired', updated_at = ? WHERE id = ? AND state = 'active'")
-                .bind(fmt_time(event.occurred_at))
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?
-                .rows_affected()
-                == 1;
-        if done {
-            append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
-        }
-        tx.commit().await.map_err(db_err)?;
-        Ok(done)
+        let mut batch = SqliteBatch { tx: &mut tx, head: &mut head, key: self.chain_key.get() };
+        let result = batch::apply_change(&mut batch, id, change, at, event).await;
+        finish(tx, &result).await?;
+        result
     }
 
     async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -787,9 +714,8 @@ impl Store for SqliteStore {
             .bind(fmt_time(at))
             .bind(id.to_string())
             .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+            .await?;
+        tx.commit().await.map_err(StoreError::from)
     }
 
     async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
@@ -798,8 +724,7 @@ impl Store for SqliteStore {
                 .bind(id.to_string())
                 .bind(fmt_time(since))
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(db_err)?;
+                .await?;
         Ok(found.is_some())
     }
 
@@ -809,9 +734,8 @@ impl Store for SqliteStore {
             .bind(fmt_time(at))
             .bind(id.to_string())
             .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+            .await?;
+        tx.commit().await.map_err(StoreError::from)
     }
 
     async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
@@ -829,11 +753,10 @@ impl Store for SqliteStore {
         .bind(fmt_time(d.created_at))
         .bind(fmt_time(d.created_at))
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?
+        .await?
         .rows_affected()
             == 1;
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(added)
     }
 
@@ -845,17 +768,15 @@ impl Store for SqliteStore {
                 .bind(name)
                 .bind(url)
                 .execute(&mut *tx)
-                .await
-                .map_err(db_err)?
+                .await?
                 .rows_affected();
         }
         renamed +=
             sqlx::query("UPDATE webhook_deliveries SET webhook = 'removed-' || id WHERE instr(webhook, '://') > 0")
                 .execute(&mut *tx)
-                .await
-                .map_err(db_err)?
+                .await?
                 .rows_affected();
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(renamed)
     }
 
@@ -864,33 +785,15 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "UPDATE webhook_deliveries SET next_attempt_at = ?1 WHERE id IN (SELECT id FROM webhook_deliveries \
              WHERE status = 'pending' AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3) \
-             RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at",
+             RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at, next_attempt_at",
         )
         .bind(fmt_time(store_precision(now + DELIVERY_CLAIM)))
         .bind(fmt_time(now))
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        let mut out = rows
-            .iter()
-            .map(|row| {
-                let key_id: String = row.try_get("key_id").map_err(db_err)?;
-                let payload: String = row.try_get("payload").map_err(db_err)?;
-                Ok(Delivery {
-                    id: row.try_get("id").map_err(db_err)?,
-                    webhook: row.try_get("webhook").map_err(db_err)?,
-                    event: row.try_get("event").map_err(db_err)?,
-                    key_id: Uuid::parse_str(&key_id).map_err(|e| StoreError::Unavailable(e.to_string()))?,
-                    threshold: row.try_get("threshold").map_err(db_err)?,
-                    payload: serde_json::from_str(&payload).map_err(|e| StoreError::Unavailable(e.to_string()))?,
-                    attempts: row.try_get("attempts").map_err(db_err)?,
-                    created_at: parse_time(&row.try_get::<String, _>("created_at").map_err(db_err)?)?,
-                    claimed_until: store_precision(now + DELIVERY_CLAIM),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        .await?;
+        tx.commit().await?;
+        let mut out = rows.iter().map(delivery_from_row).collect::<Result<Vec<_>, StoreError>>()?;
         out.sort_by_key(|d| d.id);
         Ok(out)
     }
@@ -919,11 +822,10 @@ impl Store for SqliteStore {
             .bind(delivery.id)
             .bind(fmt_time(store_precision(delivery.claimed_until)))
             .execute(&mut *tx)
-            .await
-            .map_err(db_err)?
+            .await?
             .rows_affected()
             == 1;
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(done)
     }
 
@@ -945,11 +847,10 @@ impl Store for SqliteStore {
         .bind(fmt_time(now + ttl))
         .bind(fmt_time(now))
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?
+        .await?
         .rows_affected()
             == 1;
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(taken)
     }
 
@@ -973,18 +874,16 @@ impl Store for SqliteStore {
         .bind(fmt_time(t.created_at))
         .bind(fmt_time(t.expires_at))
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(StoreError::from)
     }
 
     async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
         let row = sqlx::query(&format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = ?"))
             .bind(id.as_str())
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
         row.as_ref().map(ticket_from_row).transpose()
     }
 
@@ -1007,11 +906,10 @@ impl Store for SqliteStore {
         .bind(fmt_time(stale_before))
         .bind(token)
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?
+        .await?
         .rows_affected()
             == 1;
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(done)
     }
 
@@ -1024,9 +922,8 @@ impl Store for SqliteStore {
         .bind(id.as_str())
         .bind(token)
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        .await?;
+        tx.commit().await.map_err(StoreError::from)
     }
 
     async fn end_ticket(
@@ -1054,16 +951,15 @@ impl Store for SqliteStore {
         .bind(id.as_str())
         .bind(bound)
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?
+        .await?
         .rows_affected()
             == 1;
         if !done {
-            tx.rollback().await.map_err(db_err)?;
+            tx.rollback().await?;
             return Ok(false);
         }
         append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(true)
     }
 
@@ -1084,11 +980,9 @@ impl Store for SqliteStore {
         .bind(fmt_time(at))
         .bind(by)
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let seq: i64 =
-            sqlx::query_scalar("SELECT MAX(seq) FROM policy_versions").fetch_one(&mut *tx).await.map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
+        .await?;
+        let seq: i64 = sqlx::query_scalar("SELECT MAX(seq) FROM policy_versions").fetch_one(&mut *tx).await?;
+        tx.commit().await?;
         Ok(seq)
     }
 
@@ -1097,8 +991,7 @@ impl Store for SqliteStore {
             "SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1",
         )
         .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         row.map(|(seq, v, d, at)| Ok((seq, v, d, parse_time(&at)?))).transpose()
     }
 
@@ -1112,17 +1005,15 @@ impl Store for SqliteStore {
         .bind(version)
         .bind(fmt_time(at))
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        .await?;
+        tx.commit().await.map_err(StoreError::from)
     }
 
     async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
         let rows: Vec<(String, String, String)> =
             sqlx::query_as("SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100")
                 .fetch_all(&self.pool)
-                .await
-                .map_err(db_err)?;
+                .await?;
         rows.into_iter().map(|(r, v, at)| Ok((r, v, parse_time(&at)?))).collect()
     }
 
@@ -1132,8 +1023,7 @@ impl Store for SqliteStore {
         ))
         .bind(id.as_str())
         .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
@@ -1151,46 +1041,13 @@ impl Store for SqliteStore {
         .bind(fmt_time(stale_before))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
         rows.iter().map(ticket_from_row).collect()
     }
 }
 
 const TICKET_COLUMNS: &str = "id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, key_id, \
                               created_at, expires_at, claim_started_at, ended_at";
-
-fn ticket_from_row(row: &SqliteRow) -> Result<Ticket, StoreError> {
-    let id: String = row.try_get("id").map_err(db_err)?;
-    let state: String = row.try_get("state").map_err(db_err)?;
-    let key_id: Option<String> = row.try_get("key_id").map_err(db_err)?;
-    let time = |column: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
-        let text: Option<String> = row.try_get(column).map_err(db_err)?;
-        text.as_deref().map(parse_time).transpose()
-    };
-    Ok(Ticket {
-        id: TicketId::parse(&id).ok_or_else(|| StoreError::Unavailable(format!("malformed ticket id {id}")))?,
-        for_subject: row.try_get("for_subject").map_err(db_err)?,
-        scope: row.try_get("scope").map_err(db_err)?,
-        purpose: row.try_get("purpose").map_err(db_err)?,
-        ttl: row.try_get("ttl").map_err(db_err)?,
-        requested_by: row.try_get("requested_by").map_err(db_err)?,
-        requested_by_name: row.try_get("requested_by_name").map_err(db_err)?,
-        state: TicketState::parse(&state)
-            .ok_or_else(|| StoreError::Unavailable(format!("unknown ticket state {state}")))?,
-        key_id: key_id
-            .as_deref()
-            .map(Uuid::parse_str)
-            .transpose()
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
-        created_at: time("created_at")?
-            .ok_or_else(|| StoreError::Unavailable("ticket without created_at".to_owned()))?,
-        expires_at: time("expires_at")?
-            .ok_or_else(|| StoreError::Unavailable("ticket without expires_at".to_owned()))?,
-        claim_started_at: time("claim_started_at")?,
-        ended_at: time("ended_at")?,
-    })
-}
 
 /// A page of key records as one JSON array. Without statistics (keybroker never runs `ANALYZE`)
 /// SQLite would serve a state filter from the state or expiry index, reading every requester's

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keybroker::domain::audit::{AuditRecord, NewAuditEvent};
-use keybroker::domain::keys::{Activation, KeyRecord, NewKey};
+use keybroker::domain::keys::{Activation, KeyChange, KeyRecord, NewKey};
 use keybroker::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 use keybroker::store::{
     AuditFilter, Delivery, DeliveryResult, KeyFilter, NewDelivery, PageRequest, Pending, SqliteStore, Store, StoreError,
@@ -63,11 +63,14 @@ impl Store for FlakyStore {
         }
         result
     }
-    async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
-        self.inner.mark_failed(id, event).await
-    }
-    async fn mark_revoked(&self, id: Uuid, at: DateTime<Utc>, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        self.inner.mark_revoked(id, at, event).await
+    async fn change_state(
+        &self,
+        id: Uuid,
+        change: KeyChange,
+        at: DateTime<Utc>,
+        event: &NewAuditEvent,
+    ) -> Result<(KeyRecord, bool), StoreError> {
+        self.inner.change_state(id, change, at, event).await
     }
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.get_key(id).await
@@ -88,9 +91,6 @@ impl Store for FlakyStore {
     }
     async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner.due_for_expiry(now, limit).await
-    }
-    async fn mark_expired(&self, id: Uuid, event: &NewAuditEvent) -> Result<bool, StoreError> {
-        self.inner.mark_expired(id, event).await
     }
     async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
         self.inner.request_revocation(id, at).await

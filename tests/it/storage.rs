@@ -437,7 +437,7 @@ async fn concurrent_writes_of_the_issuance_path_stay_all_or_nothing_each() {
             clash.id = taken.id;
             tasks.push(tokio::spawn(async move {
                 match store.insert_pending(&clash, &event("erin", Action::KeyRequested, None), now).await {
-                    Err(StoreError::Unavailable(_)) => "failed",
+                    Err(StoreError::Database(_)) => "failed",
                     other => panic!("{other:?}"),
                 }
             }));
