@@ -6,6 +6,8 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY crates ./crates
+COPY ui ./ui
 COPY migrations ./migrations
 COPY openapi ./openapi
 COPY keybroker.example.toml ./

@@ -16,8 +16,8 @@ use anyhow::{Context, bail};
 use keybroker::app::App;
 use keybroker::config::Config;
 use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
-use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, RunningSimulator, Seed, Simulator};
 use keybroker::store::Store;
+use octopus_sim::{DEMO_BROKER_API_KEY, RunningSimulator, Seed, Simulator};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 

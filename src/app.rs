@@ -39,44 +39,10 @@ impl App {
     ) -> anyhow::Result<Self> {
         let store = match store {
             Some(store) => store,
-            None => {
-                let store = store::connect(config.database.url.expose_secret())
-                    .await
-                    .context("cannot open the database (database.url)")?;
-                if config.database.run_migrations {
-                    store.migrate().await.context("cannot apply the database migrations")?;
-                } else {
-                    store.check_migrated().await.context("the database schema is not current")?;
-                }
-                store
-            }
+            None => open_store(&config).await?,
         };
         // Before the first append (config.loaded below): every new event is keyed from here.
-        let chain_key = config.audit.chain_key.clone().map(crate::domain::audit::ChainKey::new);
-        match &chain_key {
-            Some(key) => {
-                store.set_chain_key(key.clone());
-                tracing::info!("audit chain: new events are keyed with HMAC-SHA256 under audit.chain_key_file");
-            }
-            None => {
-                let newest = store
-                    .list_audit(&Default::default(), crate::store::PageRequest { before_seq: None, limit: 1 })
-                    .await
-                    .context("cannot read the audit trail")?;
-                if newest.first().is_some_and(crate::domain::audit::AuditRecord::is_keyed) {
-                    anyhow::bail!(
-                        "audit.chain_key_file: required: this database's audit chain is keyed, and a replica \
-                         without the key could append nothing to it"
-                    );
-                }
-                tracing::warn!(
-                    "audit chain: audit.chain_key_file is not set, so events are chained with plain SHA-256. That \
-                 detects edits by anyone who does not recompute the hashes, not by someone who can write the \
-                 database; the published head (log, metric, webhook) still shows deleted newest events. Set \
-                 audit.chain_key_file (32+ bytes, not the identify secret) to key the chain"
-                );
-            }
-        }
+        let chain_key = key_the_chain(&config, store.as_ref()).await?;
         let audit = Arc::new(crate::services::audit_watch::AuditWatch::new(chain_key));
         let metrics = Metrics::new();
         let octopus = OctopusClient::with_metrics(&config.octopus, metrics.clone())
@@ -86,37 +52,15 @@ impl App {
             KeyService::new(store, octopus, clock, config.policy.clone(), config.audit.hmac_secret.clone(), metrics)
                 .with_deadlines(config.server.request_timeout, config.octopus.timeout),
         );
-        match keys.refresh_upstream_limits().await {
-            Ok(limits) => {
-                keys.metrics().credential_expiry.set(limits.broker_key_expires.map_or(0, |t| t.timestamp()));
-                tracing::info!(
-                    server_max_days = ?limits.server_max_days,
-                    broker_key_expires = ?limits.broker_key_expires,
-                    "read Octopus's API key limits"
-                );
-            }
-            Err(e) => tracing::warn!(error = %e, "could not read Octopus's API key limits; will retry"),
-        }
+        read_upstream_limits(&keys).await;
         // The first readiness verdict, so /readyz answers truthfully from the start; it also
         // resolves every scope's account into the cache.
         let readiness = Arc::new(crate::services::readiness::Readiness::new(config.jobs.readiness_interval));
         readiness.refresh(&keys).await;
-        let policy = keys.policy();
         crate::services::webhooks::adopt_names(&keys, &config.webhooks)
             .await
             .context("cannot name the webhook outbox's rows")?;
-        let loaded = NewAuditEvent::new(
-            keys.now(),
-            "keybroker",
-            Action::ConfigLoaded,
-            Outcome::Success,
-            &RequestContext::default(),
-        )
-        .detail(json!({
-            "scopes": policy.scopes().iter().map(|s| s.name.to_string()).collect::<Vec<_>>(),
-            "octopus_url": config.octopus.url.as_str(),
-        }));
-        keys.audit(loaded).await.context("cannot write the audit trail")?;
+        audit_config_loaded(&keys, &config).await?;
         keys.set_scope_removal(config.on_scope_removed);
         // The policy in force across replicas wins over this file (see PolicySync::start).
         let policy_sync = Arc::new(crate::services::policy_sync::PolicySync::new());
@@ -132,17 +76,6 @@ impl App {
                 webhooks: config.webhooks.clone(),
             },
         ));
-        let ui = match &config.ui {
-            Some(ui) => {
-                // The provider is one of the trusted issuers (checked at load): its `ca_file` serves.
-                let same = |i: &&crate::config::IssuerConfig| {
-                    i.issuer.trim_end_matches('/') == ui.issuer.as_str().trim_end_matches('/')
-                };
-                let ca = config.auth.issuers.iter().find(same).map(|i| i.ca_certificates.clone()).unwrap_or_default();
-                Some(Arc::new(crate::ui::Ui::new(ui.clone(), &config.server.public_url, &ca)?))
-            }
-            None => None,
-        };
         let state = AppState {
             keys,
             auth: Arc::new(auth),
@@ -151,7 +84,7 @@ impl App {
             denials: Arc::default(),
             readiness,
             tickets,
-            ui,
+            ui: page(&config)?,
             audit,
             policy_sync,
             policy_sync_interval: config.jobs.policy_sync_interval,
@@ -290,4 +223,80 @@ pub async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+/// Opens the database and applies the migrations (or, for a runtime role that may not, checks
+/// they were applied).
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let store =
+        store::connect(config.database.url.expose_secret()).await.context("cannot open the database (database.url)")?;
+    if config.database.run_migrations {
+        store.migrate().await.context("cannot apply the database migrations")?;
+    } else {
+        store.check_migrated().await.context("the database schema is not current")?;
+    }
+    Ok(store)
+}
+
+/// Keys the audit chain with `audit.chain_key_file`, or says what a plain chain protects
+/// against; a keyless process refuses a database whose chain is keyed.
+async fn key_the_chain(config: &Config, store: &dyn Store) -> anyhow::Result<Option<crate::domain::audit::ChainKey>> {
+    let chain_key = config.audit.chain_key.clone().map(crate::domain::audit::ChainKey::new);
+    if let Some(key) = &chain_key {
+        store.set_chain_key(key.clone());
+        tracing::info!("audit chain: new events are keyed with HMAC-SHA256 under audit.chain_key_file");
+        return Ok(chain_key);
+    }
+    let newest = store
+        .list_audit(&Default::default(), crate::store::PageRequest { before_seq: None, limit: 1 })
+        .await
+        .context("cannot read the audit trail")?;
+    if newest.first().is_some_and(crate::domain::audit::AuditRecord::is_keyed) {
+        anyhow::bail!(
+            "audit.chain_key_file: required: this database's audit chain is keyed, and a replica without the key \
+             could append nothing to it"
+        );
+    }
+    tracing::warn!(
+        "audit chain: audit.chain_key_file is not set, so events are chained with plain SHA-256. That detects \
+         edits by anyone who does not recompute the hashes, not by someone who can write the database; the \
+         published head (log, metric, webhook) still shows deleted newest events. Set audit.chain_key_file (32+ \
+         bytes, not the identify secret) to key the chain"
+    );
+    Ok(None)
+}
+
+/// Reads Octopus's key limits; a failure is logged, `/readyz` reports it and it is retried.
+async fn read_upstream_limits(keys: &KeyService) {
+    match keys.refresh_upstream_limits().await {
+        Ok(limits) => {
+            keys.metrics().credential_expiry.set(limits.broker_key_expires.map_or(0, |t| t.timestamp()));
+            tracing::info!(
+                server_max_days = ?limits.server_max_days,
+                broker_key_expires = ?limits.broker_key_expires,
+                "read Octopus's API key limits"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read Octopus's API key limits; will retry"),
+    }
+}
+
+async fn audit_config_loaded(keys: &KeyService, config: &Config) -> anyhow::Result<()> {
+    let loaded =
+        NewAuditEvent::new(keys.now(), "keybroker", Action::ConfigLoaded, Outcome::Success, &RequestContext::default())
+            .detail(json!({
+                "scopes": keys.policy().scopes().iter().map(|s| s.name.to_string()).collect::<Vec<_>>(),
+                "octopus_url": config.octopus.url.as_str(),
+            }));
+    keys.audit(loaded).await.context("cannot write the audit trail")
+}
+
+/// The page, with `[ui]`. Its provider is one of the trusted issuers (checked at load), whose
+/// `ca_file` serves for the discovery fetch.
+fn page(config: &Config) -> anyhow::Result<Option<Arc<crate::ui::Ui>>> {
+    let Some(ui) = &config.ui else { return Ok(None) };
+    let same =
+        |i: &&crate::config::IssuerConfig| i.issuer.trim_end_matches('/') == ui.issuer.as_str().trim_end_matches('/');
+    let ca = config.auth.issuers.iter().find(same).map(|i| i.ca_certificates.clone()).unwrap_or_default();
+    Ok(Some(Arc::new(crate::ui::Ui::new(ui.clone(), &config.server.public_url, &ca)?)))
 }

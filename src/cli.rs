@@ -126,19 +126,7 @@ pub fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { config } => {
-            telemetry::init(LogFormat::from_env(LogFormat::Json));
-            let path = config;
-            let config = Config::load(&path)?;
-            let listen = config.server.listen;
-            let app = App::build(config).await?.with_config_path(&path);
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
-            tracing::info!(%listen, "keybroker serving");
-            app.serve(listener, shutdown_signal()).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Serve { config } => serve(&config).await,
         Command::Dev { port } => {
             telemetry::init(LogFormat::from_env(LogFormat::Pretty));
             crate::dev::run(port).await?;
@@ -152,65 +140,92 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(if crate::doctor::failed(&rows) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::Audit { command: AuditCommand::Verify { config } } => audit_verify(&config).await,
-        Command::Migrate { config } => {
-            telemetry::init(LogFormat::from_env(LogFormat::Pretty));
-            let config = Config::load(&config)?;
-            let store = crate::store::connect(config.database.url.expose_secret())
-                .await
-                .context("cannot open the database (database.url)")?;
-            store.migrate().await.context("cannot apply the database migrations")?;
-            println!("migrations applied");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Migrate { config } => migrate(&config).await,
         Command::OctopusSim { port, seed } => {
             telemetry::init(LogFormat::from_env(LogFormat::Pretty));
-            crate::octopus_sim::run_standalone(port, seed.as_deref()).await?;
+            octopus_sim::run_standalone(port, seed.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::MintToken { config, issuer, sub, teams, ttl } => {
-            let config = Config::load(&config)?;
-            let entry = config
-                .auth
-                .issuers
-                .iter()
-                .find(|i| i.name == issuer)
-                .ok_or_else(|| anyhow::anyhow!("no issuer is named `{issuer}` in [auth] or [[auth.issuers]]"))?;
-            let secret = entry.hs256_secret.as_ref().ok_or_else(|| {
-                anyhow::anyhow!("issuer `{issuer}` has no hs256_secret_file: its tokens come from elsewhere")
-            })?;
-            let ttl = crate::domain::policy::parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
-            let now = chrono::Utc::now().timestamp();
-            let mut claims = serde_json::json!({
-                "iss": entry.issuer, "aud": entry.audiences[0], "sub": sub, "name": sub,
-                "iat": now, "nbf": now - 5, "exp": now + ttl.num_seconds(),
-            });
-            // A JSON-pointer teams claim names a nested claim only an identity provider writes.
-            if let Some(claim) = entry.teams_claim.as_deref().filter(|c| !c.starts_with('/')) {
-                claims[claim] = serde_json::json!(teams);
-            }
-            let token = jsonwebtoken::encode(
-                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-                &claims,
-                &jsonwebtoken::EncodingKey::from_secret(secret.expose_secret().as_bytes()),
-            )?;
-            println!("{token}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Healthcheck { url } => {
-            let client = crate::outbound::client_builder(&[]).timeout(std::time::Duration::from_secs(3)).build()?;
-            match client.get(&url).send().await {
-                Ok(res) if res.status().is_success() => Ok(ExitCode::SUCCESS),
-                Ok(res) => {
-                    eprintln!("{url} answered {}", res.status());
-                    Ok(ExitCode::FAILURE)
-                }
-                Err(e) => {
-                    eprintln!("{url}: {e}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
+        Command::MintToken { config, issuer, sub, teams, ttl } => mint_token(&config, &issuer, &sub, &teams, &ttl),
+        Command::Healthcheck { url } => healthcheck(&url).await,
         Command::Openapi => Ok(ExitCode::SUCCESS),
+    }
+}
+
+async fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    telemetry::init(LogFormat::from_env(LogFormat::Json));
+    let config = Config::load(path)?;
+    let listen = config.server.listen;
+    let app = App::build(config).await?.with_config_path(path);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
+    tracing::info!(%listen, "keybroker serving");
+    app.serve(listener, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    telemetry::init(LogFormat::from_env(LogFormat::Pretty));
+    let config = Config::load(path)?;
+    let store = crate::store::connect(config.database.url.expose_secret())
+        .await
+        .context("cannot open the database (database.url)")?;
+    store.migrate().await.context("cannot apply the database migrations")?;
+    println!("migrations applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Mints a token for an HS256 issuer of the configuration (development and tests).
+fn mint_token(
+    path: &std::path::Path,
+    issuer: &str,
+    sub: &str,
+    teams: &[String],
+    ttl: &str,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let entry = config
+        .auth
+        .issuers
+        .iter()
+        .find(|i| i.name == issuer)
+        .ok_or_else(|| anyhow::anyhow!("no issuer is named `{issuer}` in [auth] or [[auth.issuers]]"))?;
+    let secret = entry
+        .hs256_secret
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("issuer `{issuer}` has no hs256_secret_file: its tokens come from elsewhere"))?;
+    let ttl = crate::domain::policy::parse_ttl(ttl).map_err(anyhow::Error::msg)?;
+    let now = chrono::Utc::now().timestamp();
+    let mut claims = serde_json::json!({
+        "iss": entry.issuer, "aud": entry.audiences[0], "sub": sub, "name": sub,
+        "iat": now, "nbf": now - 5, "exp": now + ttl.num_seconds(),
+    });
+    // A JSON-pointer teams claim names a nested claim only an identity provider writes.
+    if let Some(claim) = entry.teams_claim.as_deref().filter(|c| !c.starts_with('/')) {
+        claims[claim] = serde_json::json!(teams);
+    }
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.expose_secret().as_bytes()),
+    )?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn healthcheck(url: &str) -> anyhow::Result<ExitCode> {
+    let client = crate::outbound::client_builder(&[]).timeout(std::time::Duration::from_secs(3)).build()?;
+    match client.get(url).send().await {
+        Ok(res) if res.status().is_success() => Ok(ExitCode::SUCCESS),
+        Ok(res) => {
+            eprintln!("{url} answered {}", res.status());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::app::{App, shutdown_signal};
 use crate::config::Config;
 use crate::dev_idp::{DevIdp, DevIdpSettings, DevUser};
-use crate::octopus_sim::{DEMO_BROKER_API_KEY, RunningSimulator, Seed, Simulator};
+use octopus_sim::{DEMO_BROKER_API_KEY, RunningSimulator, Seed, Simulator};
 
 pub const DEV_ISSUER: &str = "https://keybroker-dev.local/";
 pub const DEV_AUDIENCE: &str = "keybroker";

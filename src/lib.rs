@@ -14,7 +14,6 @@ pub mod doctor;
 pub mod domain;
 pub mod metrics;
 pub mod octopus;
-pub mod octopus_sim;
 pub mod outbound;
 pub mod server;
 pub mod services;

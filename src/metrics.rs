@@ -110,93 +110,63 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("keybroker");
-        let http_requests = Family::<HttpLabels, Counter>::default();
-        let http_duration: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
-        let issuances = Family::<IssuanceLabels, Counter>::default();
-        let octopus_calls = Family::<OctopusLabels, Counter>::default();
-        let octopus_duration: HistogramFamily<OperationLabels> = Family::new_with_constructor(latency_histogram);
-        let active_keys = Family::<ScopeLabels, Gauge>::default();
-        let audit_append_failures = Counter::default();
-        let reconciled = Counter::default();
-        let webhook_deliveries = Family::<WebhookLabels, Counter>::default();
-        let job_runs = Family::<JobOutcomeLabels, Counter>::default();
-        let job_last_run = Family::<JobLabels, Gauge>::default();
-        let job_duration_ms = Family::<JobLabels, Gauge>::default();
-        let unmanaged_keys = Gauge::default();
-        let credential_expiry = Gauge::default();
-        let audit_head_seq = Gauge::default();
-        let auth_missing = Counter::default();
-        let denials_aggregated = Counter::default();
-        let octopus_paced = Counter::default();
-        registry.register(
-            "octopus_calls_paced",
-            "Octopus calls that waited for octopus.max_requests_per_minute",
-            octopus_paced.clone(),
-        );
-        registry.register(
+        let mut r = Registry::with_prefix("keybroker");
+        // Registered in this order, which is the order `/metrics` lists them in.
+        let octopus_paced =
+            registered(&mut r, "octopus_calls_paced", "Octopus calls that waited for octopus.max_requests_per_minute");
+        let auth_missing = registered(
+            &mut r,
             "auth_missing_credential",
             "Requests to authenticated routes without any credential (not audited)",
-            auth_missing.clone(),
         );
-        registry.register(
-            "denials_aggregated",
-            "Repeated denials folded into one audit event per minute",
-            denials_aggregated.clone(),
-        );
-        registry.register(
-            "webhook_deliveries",
-            "Webhook delivery attempts by event and outcome",
-            webhook_deliveries.clone(),
-        );
-        registry.register("job_runs", "Background job runs by job and outcome", job_runs.clone());
-        registry.register("job_last_run_timestamp_seconds", "When each job last ran (Unix time)", job_last_run.clone());
-        registry.register(
-            "job_last_duration_milliseconds",
-            "How long each job's last run took",
-            job_duration_ms.clone(),
-        );
-        registry.register(
+        let denials_aggregated =
+            registered(&mut r, "denials_aggregated", "Repeated denials folded into one audit event per minute");
+        let webhook_deliveries =
+            registered(&mut r, "webhook_deliveries", "Webhook delivery attempts by event and outcome");
+        let job_runs = registered(&mut r, "job_runs", "Background job runs by job and outcome");
+        let job_last_run = registered(&mut r, "job_last_run_timestamp_seconds", "When each job last ran (Unix time)");
+        let job_duration_ms = registered(&mut r, "job_last_duration_milliseconds", "How long each job's last run took");
+        let unmanaged_keys = registered(
+            &mut r,
             "unmanaged_octopus_keys",
             "Octopus keys carrying a keybroker marker without an active record (last drift scan)",
-            unmanaged_keys.clone(),
         );
-        registry.register(
+        let audit_head_seq = registered(
+            &mut r,
             "audit_head_seq",
             "The audit trail's newest event (its seq), published every audit.head_interval",
-            audit_head_seq.clone(),
         );
-        registry.register(
+        let credential_expiry = registered(
+            &mut r,
             "octopus_credential_expiry_timestamp_seconds",
             "When keybroker's own Octopus API key expires (Unix time; 0 when unknown or never)",
-            credential_expiry.clone(),
         );
-        registry.register("http_requests", "HTTP requests by method, route and status", http_requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency by route", http_duration.clone());
-        registry.register("issuances", "Issuance requests by scope and outcome", issuances.clone());
-        registry.register("octopus_calls", "Octopus API calls by operation and outcome", octopus_calls.clone());
-        registry.register(
+        let http_requests = registered(&mut r, "http_requests", "HTTP requests by method, route and status");
+        let http_duration = register(
+            &mut r,
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+        );
+        let issuances = registered(&mut r, "issuances", "Issuance requests by scope and outcome");
+        let octopus_calls = registered(&mut r, "octopus_calls", "Octopus API calls by operation and outcome");
+        let octopus_duration = register(
+            &mut r,
             "octopus_call_duration_seconds",
             "Octopus API call latency by operation",
-            octopus_duration.clone(),
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram),
         );
-        registry.register(
-            "active_keys",
-            "Active, unexpired keys by scope (as of the last readiness job run)",
-            active_keys.clone(),
-        );
-        registry.register(
+        let active_keys =
+            registered(&mut r, "active_keys", "Active, unexpired keys by scope (as of the last readiness job run)");
+        let audit_append_failures = registered(
+            &mut r,
             "audit_append_failures",
             "Audit events that could not be written (the action was refused)",
-            audit_append_failures.clone(),
         );
-        registry.register(
-            "reconciled_records",
-            "Pending records finished as failed by the reconciler",
-            reconciled.clone(),
-        );
+        let reconciled =
+            registered(&mut r, "reconciled_records", "Pending records finished as failed by the reconciler");
         Arc::new(Self {
-            registry,
+            registry: r,
             http_requests,
             http_duration,
             issuances,
@@ -272,4 +242,15 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Registers `metric` under `name` and hands it back for the struct to keep.
+fn register<M: prometheus_client::registry::Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
+/// [`register`] for a metric that starts from its default.
+fn registered<M: prometheus_client::registry::Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) -> M {
+    register(r, name, help, M::default())
 }

@@ -161,8 +161,7 @@ pub async fn revoke_unmanaged(
     let revoked =
         tokio::spawn(async move { crate::services::drift::revoke_unmanaged(&keys, &principal.subject, &ctx).await })
             .await
-            .map_err(|e| ApiError::Internal(format!("drift task failed: {e}")))?
-            .map_err(ApiError::BadGateway)?;
+            .map_err(|e| ApiError::Internal(format!("drift task failed: {e}")))??;
     Ok(axum::Json(UnmanagedReport { revoked }))
 }
 

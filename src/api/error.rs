@@ -242,6 +242,16 @@ fn octopus_summary(e: &OctopusError) -> String {
     }
 }
 
+impl From<crate::services::PassError> for ApiError {
+    fn from(e: crate::services::PassError) -> Self {
+        match e {
+            crate::services::PassError::Store(e) => e.into(),
+            crate::services::PassError::Octopus(e) => e.into(),
+            crate::services::PassError::Service(e) => e.into(),
+        }
+    }
+}
+
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {

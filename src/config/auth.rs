@@ -207,7 +207,7 @@ pub(super) fn validate(
     bindings: Vec<RawBinding>,
     base: &Path,
 ) -> Result<AuthConfig, ConfigError> {
-    let raw = raw.ok_or_else(|| {
+    let mut raw = raw.ok_or_else(|| {
         ConfigError::at("auth", "section missing: keybroker needs to know how to verify callers' tokens")
     })?;
     if raw.leeway.0 > Duration::from_secs(300) {
@@ -216,43 +216,11 @@ pub(super) fn validate(
     let admin_teams: BTreeSet<String> = raw.admin_teams.iter().map(|t| t.trim().to_owned()).collect();
     let auditor_teams: BTreeSet<String> = raw.auditor_teams.iter().map(|t| t.trim().to_owned()).collect();
     let mut issuers = Vec::new();
-    let single_form = raw.issuer.is_some()
-        || !raw.algorithms.is_empty()
-        || raw.audience.is_some()
-        || raw.jwks_url.is_some()
-        || raw.hs256_secret_file.is_some()
-        || raw.hs256_secret.is_some()
-        || !raw.public_key_files.is_empty();
-    if single_form || raw.issuers.is_empty() {
-        let fields = IssuerFields {
-            issuer: raw.issuer,
-            audience: raw.audience,
-            algorithms: raw.algorithms,
-            jwks_url: raw.jwks_url,
-            public_key_files: raw.public_key_files,
-            hs256_secret_file: raw.hs256_secret_file,
-            hs256_secret: raw.hs256_secret,
-            // The single-issuer form always read `groups` unless told otherwise.
-            teams_claim: Some(raw.teams_claim.unwrap_or_else(|| "groups".to_owned())),
-            teams_separator: raw.teams_separator,
-            allow_insecure_http: raw.allow_insecure_http,
-            ca_file: raw.ca_file,
-            jwks_bearer_token_file: raw.jwks_bearer_token_file,
-            subjects: raw.subjects,
-            allowed_teams: raw.allowed_teams,
-            // It could always carry admin teams; `privileged = false` narrows it.
-            privileged: raw.privileged.unwrap_or(true),
-        };
+    if let Some(fields) = default_issuer_fields(&mut raw)? {
         issuers.push(validate_issuer("auth", DEFAULT_ISSUER.to_owned(), fields, base)?);
-    } else if raw.teams_claim.is_some() || !raw.subjects.is_empty() || raw.privileged.is_some() {
-        return Err(ConfigError::at(
-            "auth.issuer",
-            "required when [auth] sets issuer fields (teams_claim, subjects, privileged); or move them into \
-             an [[auth.issuers]] entry",
-        ));
     }
     let mut names: HashSet<String> = issuers.iter().map(|i| i.name.clone()).collect();
-    for (i, entry) in raw.issuers.into_iter().enumerate() {
+    for (i, entry) in std::mem::take(&mut raw.issuers).into_iter().enumerate() {
         let key = format!("auth.issuers[{i}]");
         let name = entry.name.trim().to_owned();
         if name == DEFAULT_ISSUER || !valid_name(&name) {
@@ -264,7 +232,60 @@ pub(super) fn validate(
         if !names.insert(name.clone()) {
             return Err(ConfigError::at(format!("{key}.name"), format!("duplicate issuer name `{name}`")));
         }
-        let fields = IssuerFields {
+        issuers.push(validate_issuer(&key, name, entry.into(), base)?);
+    }
+    check_issuers_distinct(&issuers)?;
+    let privileged_teams: BTreeSet<&String> = admin_teams.iter().chain(&auditor_teams).collect();
+    let bindings = validate_bindings(bindings, &issuers, &privileged_teams)?;
+    let delegate_teams: BTreeSet<String> =
+        raw.delegate_teams.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
+    Ok(AuthConfig { issuers, bindings, admin_teams, auditor_teams, delegate_teams, leeway: raw.leeway.0 })
+}
+
+/// The `default` issuer's fields, when `[auth]` itself names an issuer (the single-issuer form)
+/// or lists no `[[auth.issuers]]`.
+fn default_issuer_fields(raw: &mut RawAuth) -> Result<Option<IssuerFields>, ConfigError> {
+    let single_form = raw.issuer.is_some()
+        || !raw.algorithms.is_empty()
+        || raw.audience.is_some()
+        || raw.jwks_url.is_some()
+        || raw.hs256_secret_file.is_some()
+        || raw.hs256_secret.is_some()
+        || !raw.public_key_files.is_empty();
+    if !single_form && !raw.issuers.is_empty() {
+        if raw.teams_claim.is_some() || !raw.subjects.is_empty() || raw.privileged.is_some() {
+            return Err(ConfigError::at(
+                "auth.issuer",
+                "required when [auth] sets issuer fields (teams_claim, subjects, privileged); or move them into \
+                 an [[auth.issuers]] entry",
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(IssuerFields {
+        issuer: raw.issuer.take(),
+        audience: raw.audience.take(),
+        algorithms: std::mem::take(&mut raw.algorithms),
+        jwks_url: raw.jwks_url.take(),
+        public_key_files: std::mem::take(&mut raw.public_key_files),
+        hs256_secret_file: raw.hs256_secret_file.take(),
+        hs256_secret: raw.hs256_secret.take(),
+        // The single-issuer form always read `groups` unless told otherwise.
+        teams_claim: Some(raw.teams_claim.take().unwrap_or_else(|| "groups".to_owned())),
+        teams_separator: raw.teams_separator.take(),
+        allow_insecure_http: raw.allow_insecure_http,
+        ca_file: raw.ca_file.take(),
+        jwks_bearer_token_file: raw.jwks_bearer_token_file.take(),
+        subjects: std::mem::take(&mut raw.subjects),
+        allowed_teams: raw.allowed_teams.take(),
+        // It could always carry admin teams; `privileged = false` narrows it.
+        privileged: raw.privileged.unwrap_or(true),
+    }))
+}
+
+impl From<RawIssuer> for IssuerFields {
+    fn from(entry: RawIssuer) -> Self {
+        IssuerFields {
             issuer: entry.issuer,
             audience: entry.audience,
             algorithms: entry.algorithms,
@@ -280,9 +301,12 @@ pub(super) fn validate(
             subjects: entry.subjects,
             allowed_teams: entry.allowed_teams,
             privileged: entry.privileged,
-        };
-        issuers.push(validate_issuer(&key, name, fields, base)?);
+        }
     }
+}
+
+/// One entry per issuer: bindings, not a second entry, tell its tokens apart.
+fn check_issuers_distinct(issuers: &[IssuerConfig]) -> Result<(), ConfigError> {
     let mut seen = HashSet::new();
     let entries = usize::from(issuers.first().is_some_and(IssuerConfig::is_default));
     for (i, issuer) in issuers.iter().enumerate() {
@@ -297,11 +321,7 @@ pub(super) fn validate(
             ));
         }
     }
-    let privileged_teams: BTreeSet<&String> = admin_teams.iter().chain(&auditor_teams).collect();
-    let bindings = validate_bindings(bindings, &issuers, &privileged_teams)?;
-    let delegate_teams: BTreeSet<String> =
-        raw.delegate_teams.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
-    Ok(AuthConfig { issuers, bindings, admin_teams, auditor_teams, delegate_teams, leeway: raw.leeway.0 })
+    Ok(())
 }
 
 fn valid_name(name: &str) -> bool {
@@ -350,9 +370,51 @@ fn validate_issuer(key: &str, name: String, raw: IssuerFields, base: &Path) -> R
         })?;
         public_keys.push((path, pem));
     }
+    check_key_material(
+        key,
+        &algorithms,
+        hs256_secret.as_ref(),
+        jwks_url.as_ref(),
+        &public_keys,
+        raw.jwks_bearer_token_file.is_some(),
+    )?;
+    let teams_claim = match raw.teams_claim.map(|c| c.trim().to_owned()) {
+        Some(c) if c.is_empty() || c == "/" => return Err(ConfigError::at(at("teams_claim"), "must not be empty")),
+        other => other,
+    };
+    let allowed_teams =
+        raw.allowed_teams.map(|teams| teams.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect());
+    Ok(IssuerConfig {
+        name,
+        issuer,
+        audiences,
+        algorithms,
+        jwks_url,
+        public_keys,
+        hs256_secret,
+        teams_claim,
+        teams_separator: raw.teams_separator.filter(|s| !s.is_empty()),
+        ca_certificates,
+        jwks_bearer_token_file: raw.jwks_bearer_token_file.map(|f| base.join(f)),
+        subjects: raw.subjects.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
+        allowed_teams,
+        privileged: raw.privileged,
+    })
+}
+
+/// Each algorithm has what verifies it, and nothing is configured that no algorithm uses.
+fn check_key_material(
+    key: &str,
+    algorithms: &BTreeSet<JwtAlgorithm>,
+    hs256_secret: Option<&SecretString>,
+    jwks_url: Option<&Url>,
+    public_keys: &[(PathBuf, Vec<u8>)],
+    has_bearer_token_file: bool,
+) -> Result<(), ConfigError> {
+    let at = |field: &str| format!("{key}.{field}");
     let has_asymmetric = algorithms.iter().any(|a| *a != JwtAlgorithm::Hs256);
     if algorithms.contains(&JwtAlgorithm::Hs256) {
-        match &hs256_secret {
+        match hs256_secret {
             None => {
                 return Err(ConfigError::at(
                     at("hs256_secret_file"),
@@ -388,31 +450,10 @@ fn validate_issuer(key: &str, name: String, raw: IssuerFields, base: &Path) -> R
             ),
         ));
     }
-    if raw.jwks_bearer_token_file.is_some() && jwks_url.is_none() {
+    if has_bearer_token_file && jwks_url.is_none() {
         return Err(ConfigError::at(at("jwks_bearer_token_file"), format!("set, but {key}.jwks_url is not")));
     }
-    let teams_claim = match raw.teams_claim.map(|c| c.trim().to_owned()) {
-        Some(c) if c.is_empty() || c == "/" => return Err(ConfigError::at(at("teams_claim"), "must not be empty")),
-        other => other,
-    };
-    let allowed_teams =
-        raw.allowed_teams.map(|teams| teams.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect());
-    Ok(IssuerConfig {
-        name,
-        issuer,
-        audiences,
-        algorithms,
-        jwks_url,
-        public_keys,
-        hs256_secret,
-        teams_claim,
-        teams_separator: raw.teams_separator.filter(|s| !s.is_empty()),
-        ca_certificates,
-        jwks_bearer_token_file: raw.jwks_bearer_token_file.map(|f| base.join(f)),
-        subjects: raw.subjects.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
-        allowed_teams,
-        privileged: raw.privileged,
-    })
+    Ok(())
 }
 
 fn validate_bindings(

@@ -510,124 +510,24 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, base: &Path) -> Result<Self, ConfigError> {
-        let listen: SocketAddr = raw.server.listen.parse().map_err(|_| {
-            ConfigError::at(
-                "server.listen",
-                format!("`{}` is not an address such as 127.0.0.1:8080", raw.server.listen),
-            )
-        })?;
-        let server = ServerConfig {
-            listen,
-            cors_allowed_origins: validate_origins(raw.server.cors_allowed_origins)?,
-            request_body_limit_bytes: match raw.server.request_body_limit_bytes {
-                0 => return Err(ConfigError::at("server.request_body_limit_bytes", "must be greater than 0")),
-                n => n,
-            },
-            request_timeout: nonzero("server.request_timeout", raw.server.request_timeout)?,
-            rate_limit_per_minute: raw.server.rate_limit_per_minute,
-            max_connections: match raw.server.max_connections {
-                0 => return Err(ConfigError::at("server.max_connections", "must be at least 1")),
-                n => n,
-            },
-            header_read_timeout: nonzero("server.header_read_timeout", raw.server.header_read_timeout)?,
-            trusted_proxies: transport::trusted_proxies(&raw.server.trusted_proxies)?,
-            public_url: ui::public_url(raw.server.public_url.as_deref(), listen)?,
-        };
-
-        let db_url = match (raw.database.url, raw.database.url_file) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::at(
-                    "database.url_file",
-                    "both database.url and database.url_file are set; keep one",
-                ));
-            }
-            (Some(url), None) => url.trim().to_owned(),
-            (None, Some(file)) => {
-                let path = base.join(file);
-                std::fs::read_to_string(&path)
-                    .map_err(|e| ConfigError::at("database.url_file", format!("cannot read {}: {e}", path.display())))?
-                    .trim()
-                    .to_owned()
-            }
-            (None, None) => default_database_url(),
-        };
-        if !(db_url.starts_with("sqlite:") || db_url.starts_with("postgres://") || db_url.starts_with("postgresql://"))
-        {
-            return Err(ConfigError::at(
-                "database.url",
-                "must start with sqlite:// (embedded) or postgres:// (several replicas)",
-            ));
-        }
-        let database = DatabaseConfig {
-            url: SecretString::from(db_url),
-            run_migrations: raw.database.run_migrations.unwrap_or(true),
-        };
-
+        let server = validate_server(&raw.server)?;
+        let database = validate_database(raw.database, base)?;
         let octopus = validate_octopus(raw.octopus, base)?;
         let auth = auth::validate(raw.auth, raw.bindings, base)?;
-
-        let hmac_secret =
-            read_secret("audit.hmac_secret", raw.audit.hmac_secret_file.as_deref(), raw.audit.hmac_secret, base)?
-                .ok_or_else(|| {
-                    ConfigError::at(
-                        "audit.hmac_secret_file",
-                        "required (or KEYBROKER_AUDIT__HMAC_SECRET): it keys the hash kept of every issued key",
-                    )
-                })?;
-        if hmac_secret.expose_secret().len() < MIN_SECRET_BYTES {
-            return Err(ConfigError::at(
-                "audit.hmac_secret_file",
-                format!("the secret must be at least {MIN_SECRET_BYTES} bytes long"),
-            ));
-        }
-
+        let audit = validate_audit(raw.audit, base)?;
         let policy = validate_scopes(raw.scopes)?;
-
-        let jobs = JobsConfig {
-            reconcile_interval: nonzero("jobs.reconcile_interval", raw.jobs.reconcile_interval)?,
-            pending_grace: nonzero("jobs.pending_grace", raw.jobs.pending_grace)?,
-            expiry_sweep_interval: nonzero("jobs.expiry_sweep_interval", raw.jobs.expiry_sweep_interval)?,
-            webhook_interval: nonzero("jobs.webhook_interval", raw.jobs.webhook_interval)?,
-            drift_interval: nonzero("jobs.drift_interval", raw.jobs.drift_interval)?,
-            credential_check_interval: nonzero("jobs.credential_check_interval", raw.jobs.credential_check_interval)?,
-            readiness_interval: nonzero("jobs.readiness_interval", raw.jobs.readiness_interval)?,
-            policy_sync_interval: nonzero("jobs.policy_sync_interval", raw.jobs.policy_sync_interval)?,
-        };
-
-        // A request must outlive the Octopus calls it waits for, or callers would time out while
-        // their key is being made (see `issuance_worst_case`).
-        let worst = issuance_worst_case(octopus.timeout);
-        if server.request_timeout <= worst.total {
-            return Err(ConfigError::at(
-                "server.request_timeout",
-                format!("must be longer than {} ({})", humantime::format_duration(worst.total), worst.derivation),
-            ));
-        }
-        // A pending record younger than an Octopus call could still be in flight. Should an
-        // issuance outlive the grace anyway, its issuer deletes the key it got and says so
-        // (ServiceError::Abandoned).
-        if jobs.pending_grace <= octopus.timeout * 2 {
-            return Err(ConfigError::at(
-                "jobs.pending_grace",
-                format!("must be longer than twice octopus.timeout ({:?})", octopus.timeout),
-            ));
-        }
-
+        let jobs = validate_jobs(&raw.jobs)?;
+        check_timeouts(&server, &octopus, &jobs)?;
         let webhooks = validate_webhooks(raw.webhooks, base)?;
         let ui = ui::validate_ui(raw.ui, &auth)?;
-        ui::check_page_settings(ui.as_ref(), &auth, raw.server.public_url.as_deref(), listen)?;
+        ui::check_page_settings(ui.as_ref(), &auth, raw.server.public_url.as_deref(), server.listen)?;
         let tickets = ui::validate_tickets(raw.tickets)?;
-
         Ok(Self {
             server,
             database,
             octopus,
             auth,
-            audit: AuditConfig {
-                chain_key: chain_key(raw.audit.chain_key_file.as_deref(), &hmac_secret, base)?,
-                hmac_secret,
-                head_interval: nonzero("audit.head_interval", raw.audit.head_interval)?,
-            },
+            audit,
             policy,
             jobs,
             webhooks,
@@ -637,6 +537,111 @@ impl Config {
             modified_at: None,
         })
     }
+}
+
+fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
+    let listen: SocketAddr = raw.listen.parse().map_err(|_| {
+        ConfigError::at("server.listen", format!("`{}` is not an address such as 127.0.0.1:8080", raw.listen))
+    })?;
+    Ok(ServerConfig {
+        listen,
+        cors_allowed_origins: validate_origins(raw.cors_allowed_origins.clone())?,
+        request_body_limit_bytes: match raw.request_body_limit_bytes {
+            0 => return Err(ConfigError::at("server.request_body_limit_bytes", "must be greater than 0")),
+            n => n,
+        },
+        request_timeout: nonzero("server.request_timeout", raw.request_timeout)?,
+        rate_limit_per_minute: raw.rate_limit_per_minute,
+        max_connections: match raw.max_connections {
+            0 => return Err(ConfigError::at("server.max_connections", "must be at least 1")),
+            n => n,
+        },
+        header_read_timeout: nonzero("server.header_read_timeout", raw.header_read_timeout)?,
+        trusted_proxies: transport::trusted_proxies(&raw.trusted_proxies)?,
+        public_url: ui::public_url(raw.public_url.as_deref(), listen)?,
+    })
+}
+
+fn validate_database(raw: RawDatabase, base: &Path) -> Result<DatabaseConfig, ConfigError> {
+    let db_url = match (raw.url, raw.url_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::at(
+                "database.url_file",
+                "both database.url and database.url_file are set; keep one",
+            ));
+        }
+        (Some(url), None) => url.trim().to_owned(),
+        (None, Some(file)) => {
+            let path = base.join(file);
+            std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::at("database.url_file", format!("cannot read {}: {e}", path.display())))?
+                .trim()
+                .to_owned()
+        }
+        (None, None) => default_database_url(),
+    };
+    if !(db_url.starts_with("sqlite:") || db_url.starts_with("postgres://") || db_url.starts_with("postgresql://")) {
+        return Err(ConfigError::at(
+            "database.url",
+            "must start with sqlite:// (embedded) or postgres:// (several replicas)",
+        ));
+    }
+    Ok(DatabaseConfig { url: SecretString::from(db_url), run_migrations: raw.run_migrations.unwrap_or(true) })
+}
+
+fn validate_audit(raw: RawAudit, base: &Path) -> Result<AuditConfig, ConfigError> {
+    let hmac_secret = read_secret("audit.hmac_secret", raw.hmac_secret_file.as_deref(), raw.hmac_secret, base)?
+        .ok_or_else(|| {
+            ConfigError::at(
+                "audit.hmac_secret_file",
+                "required (or KEYBROKER_AUDIT__HMAC_SECRET): it keys the hash kept of every issued key",
+            )
+        })?;
+    if hmac_secret.expose_secret().len() < MIN_SECRET_BYTES {
+        return Err(ConfigError::at(
+            "audit.hmac_secret_file",
+            format!("the secret must be at least {MIN_SECRET_BYTES} bytes long"),
+        ));
+    }
+    Ok(AuditConfig {
+        chain_key: chain_key(raw.chain_key_file.as_deref(), &hmac_secret, base)?,
+        hmac_secret,
+        head_interval: nonzero("audit.head_interval", raw.head_interval)?,
+    })
+}
+
+fn validate_jobs(raw: &RawJobs) -> Result<JobsConfig, ConfigError> {
+    Ok(JobsConfig {
+        reconcile_interval: nonzero("jobs.reconcile_interval", raw.reconcile_interval)?,
+        pending_grace: nonzero("jobs.pending_grace", raw.pending_grace)?,
+        expiry_sweep_interval: nonzero("jobs.expiry_sweep_interval", raw.expiry_sweep_interval)?,
+        webhook_interval: nonzero("jobs.webhook_interval", raw.webhook_interval)?,
+        drift_interval: nonzero("jobs.drift_interval", raw.drift_interval)?,
+        credential_check_interval: nonzero("jobs.credential_check_interval", raw.credential_check_interval)?,
+        readiness_interval: nonzero("jobs.readiness_interval", raw.readiness_interval)?,
+        policy_sync_interval: nonzero("jobs.policy_sync_interval", raw.policy_sync_interval)?,
+    })
+}
+
+/// A request must outlive the Octopus calls it waits for, or callers would time out while their
+/// key is being made (see [`issuance_worst_case`]). A pending record younger than an Octopus
+/// call could still be in flight; should an issuance outlive the grace anyway, its issuer
+/// deletes the key it got and says so (`ServiceError::Abandoned`).
+fn check_timeouts(server: &ServerConfig, octopus: &OctopusConfig, jobs: &JobsConfig) -> Result<(), ConfigError> {
+    let worst = issuance_worst_case(octopus.timeout);
+    if server.request_timeout <= worst.total {
+        return Err(ConfigError::at(
+            "server.request_timeout",
+            format!("must be longer than {} ({})", humantime::format_duration(worst.total), worst.derivation),
+        ));
+    }
+    if jobs.pending_grace <= octopus.timeout * 2 {
+        return Err(ConfigError::at(
+            "jobs.pending_grace",
+            format!("must be longer than twice octopus.timeout ({:?})", octopus.timeout),
+        ));
+    }
+    Ok(())
 }
 
 /// The longest the Octopus calls an issuance must wait for can take, once its account is known:

@@ -12,10 +12,13 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
-use crate::domain::keys::KeyState;
+use crate::domain::keys::{KeyRecord, KeyState};
 use crate::domain::policy::purpose_marker;
+use crate::octopus::ApiKeyInfo;
+use crate::services::PassError;
 use crate::services::issuance::KeyService;
 use crate::store::KeyFilter;
+use chrono::{DateTime, Utc};
 
 /// Remembers which unmanaged keys were already audited, so each is reported once per process.
 #[derive(Debug, Default)]
@@ -60,12 +63,29 @@ fn marked_record(purpose: &str) -> Option<Uuid> {
 }
 
 /// One comparison of every scope account's keys with the records.
-pub async fn scan(keys: &KeyService, state: &DriftState) -> Result<DriftReport, String> {
+pub async fn scan(keys: &KeyService, state: &DriftState) -> Result<DriftReport, PassError> {
     let mut report = DriftReport::default();
     let now = keys.now();
-    let policy = keys.policy();
+    // Read the active records once; each account's are picked out below.
+    let filter = KeyFilter { state: Some(KeyState::Active), now: Some(now), ..Default::default() };
+    let active = keys.store().list_all_keys(&filter).await?;
+    for (user_id, scope_name) in scope_accounts(keys).await {
+        let in_octopus = keys.octopus().list_api_keys(&user_id, Some("keybroker:")).await?;
+        let mine: Vec<&KeyRecord> = active.iter().filter(|r| r.octopus_user_id == user_id).collect();
+        revoke_deleted_behind_back(keys, &user_id, &mine, &in_octopus, now, &mut report).await?;
+        for key in in_octopus.iter().filter(|k| k.purpose.starts_with("keybroker:")) {
+            check_marked_key(keys, &user_id, &scope_name, key, now, &mut report).await?;
+        }
+    }
+    keys.metrics().unmanaged_keys.set(i64::try_from(report.unmanaged.len()).unwrap_or(i64::MAX));
+    report_unmanaged_once(keys, state, &report.unmanaged, now).await?;
+    Ok(report)
+}
+
+/// Every scope's Octopus account, each once, with the first scope that names it.
+async fn scope_accounts(keys: &KeyService) -> HashMap<String, String> {
     let mut accounts: HashMap<String, String> = HashMap::new();
-    for scope in policy.scopes() {
+    for scope in keys.policy().scopes() {
         match keys.scope_account(scope, false).await {
             Ok(user) => {
                 accounts.entry(user.id).or_insert_with(|| scope.name.to_string());
@@ -73,116 +93,116 @@ pub async fn scan(keys: &KeyService, state: &DriftState) -> Result<DriftReport, 
             Err(e) => tracing::debug!(scope = %scope.name, error = %e, "drift scan skips a scope"),
         }
     }
-    // Read the active records once; each account's are picked out below.
-    let filter = KeyFilter { state: Some(KeyState::Active), now: Some(now), ..Default::default() };
-    let active = keys.store().list_all_keys(&filter).await.map_err(|e| e.to_string())?;
-    for (user_id, scope_name) in accounts {
-        let in_octopus = keys.octopus().list_api_keys(&user_id, Some("keybroker:")).await.map_err(|e| e.to_string())?;
-        let present: HashSet<&str> = in_octopus.iter().map(|k| k.id.as_str()).collect();
+    accounts
+}
 
-        // Active records whose key is gone.
-        for record in active.iter().filter(|r| r.octopus_user_id == user_id) {
-            let Some(octopus_key_id) = record.octopus_key_id.as_deref() else { continue };
-            if present.contains(octopus_key_id) {
-                continue;
-            }
-            // Confirm with a direct read before acting on a listing.
-            if keys.octopus().get_api_key(&user_id, octopus_key_id).await.map_err(|e| e.to_string())?.is_some() {
-                continue;
-            }
-            // Someone is revoking it right now: theirs is the event that names who revoked it.
-            let since = now - keys.revocation_window();
-            if keys.store().revocation_in_progress(record.id, since).await.map_err(|e| e.to_string())? {
-                report.left_to_revoker.push(record.id);
-                continue;
-            }
-            let event = NewAuditEvent::new(
-                now,
-                "keybroker",
-                Action::KeyRevoked,
-                Outcome::Success,
-                &RequestContext::default(),
-            )
-            .scope(&record.scope)
+fn drift_event(now: DateTime<Utc>, action: Action, outcome: Outcome, scope: &str) -> NewAuditEvent {
+    NewAuditEvent::new(now, "keybroker", action, outcome, &RequestContext::default()).scope(scope)
+}
+
+/// Active records whose key is gone from Octopus (confirmed by a direct read) become revoked,
+/// unless someone is revoking them right now: theirs is the event that names who revoked it.
+async fn revoke_deleted_behind_back(
+    keys: &KeyService,
+    user_id: &str,
+    active: &[&KeyRecord],
+    in_octopus: &[ApiKeyInfo],
+    now: DateTime<Utc>,
+    report: &mut DriftReport,
+) -> Result<(), PassError> {
+    let present: HashSet<&str> = in_octopus.iter().map(|k| k.id.as_str()).collect();
+    for record in active {
+        let Some(octopus_key_id) = record.octopus_key_id.as_deref() else { continue };
+        if present.contains(octopus_key_id) || keys.octopus().get_api_key(user_id, octopus_key_id).await?.is_some() {
+            continue;
+        }
+        let since = now - keys.revocation_window();
+        if keys.store().revocation_in_progress(record.id, since).await? {
+            report.left_to_revoker.push(record.id);
+            continue;
+        }
+        let event = drift_event(now, Action::KeyRevoked, Outcome::Success, &record.scope)
             .key(record.id)
             .octopus_key(Some(octopus_key_id))
             .detail(
                 json!({ "drift": "the key was deleted in Octopus behind keybroker's back", "octopus": "already_gone" }),
             );
-            keys.store().mark_revoked(record.id, now, &event).await.map_err(|e| e.to_string())?;
-            tracing::warn!(key_id = %record.id, "key deleted in Octopus behind keybroker's back");
-            report.revoked_behind_back.push(record.id);
-        }
-
-        // Marked keys without an active (or in-flight) record.
-        for key in in_octopus.iter().filter(|k| k.purpose.starts_with("keybroker:")) {
-            let record_id = marked_record(&key.purpose);
-            let record = match record_id {
-                Some(id) => keys.store().get_key(id).await.map_err(|e| e.to_string())?,
-                None => None,
-            };
-            let managed = record.as_ref().is_some_and(|r| {
-                matches!(r.state, KeyState::Active | KeyState::Pending | KeyState::Expired)
-                    && r.octopus_key_id.as_deref().is_none_or(|id| id == key.id)
-            });
-            // A failed record proves nobody received the key's secret (its issuance never
-            // completed): revoking it is the crash-safety rule, not an admin's decision.
-            if let Some(failed) = record.as_ref().filter(|r| r.state == KeyState::Failed) {
-                keys.octopus().delete_api_key(&user_id, &key.id).await.map_err(|e| e.to_string())?;
-                let event = NewAuditEvent::new(
-                    now,
-                    "keybroker",
-                    Action::KeyReconciled,
-                    Outcome::Failure,
-                    &RequestContext::default(),
-                )
-                .scope(&failed.scope)
-                .key(failed.id)
-                .octopus_key(Some(&key.id))
-                .detail(json!({
-                    "reason": "an Octopus key of a failed issuance was still present; it was revoked",
-                    "revoked_octopus_keys": [key.id],
-                }));
-                keys.audit(event).await.map_err(|e| e.to_string())?;
-                report.orphans_revoked.push(key.id.clone());
-                continue;
-            }
-            if !managed {
-                report.unmanaged.push(UnmanagedKey {
-                    scope: scope_name.clone(),
-                    octopus_user_id: user_id.clone(),
-                    octopus_key_id: key.id.clone(),
-                    purpose: key.purpose.clone(),
-                    record_id,
-                    record_state: record.map(|r| r.state),
-                });
-            }
-        }
+        keys.store().mark_revoked(record.id, now, &event).await?;
+        tracing::warn!(key_id = %record.id, "key deleted in Octopus behind keybroker's back");
+        report.revoked_behind_back.push(record.id);
     }
-    keys.metrics().unmanaged_keys.set(i64::try_from(report.unmanaged.len()).unwrap_or(i64::MAX));
-    for key in &report.unmanaged {
+    Ok(())
+}
+
+/// A marked key without an active (or in-flight) record: the key of a failed issuance is
+/// revoked (nobody received its secret, so that is the crash-safety rule, not an admin's
+/// decision); any other is unmanaged, and reported.
+async fn check_marked_key(
+    keys: &KeyService,
+    user_id: &str,
+    scope_name: &str,
+    key: &ApiKeyInfo,
+    now: DateTime<Utc>,
+    report: &mut DriftReport,
+) -> Result<(), PassError> {
+    let record_id = marked_record(&key.purpose);
+    let record = match record_id {
+        Some(id) => keys.store().get_key(id).await?,
+        None => None,
+    };
+    if let Some(failed) = record.as_ref().filter(|r| r.state == KeyState::Failed) {
+        keys.octopus().delete_api_key(user_id, &key.id).await?;
+        let event = drift_event(now, Action::KeyReconciled, Outcome::Failure, &failed.scope)
+            .key(failed.id)
+            .octopus_key(Some(&key.id))
+            .detail(json!({
+                "reason": "an Octopus key of a failed issuance was still present; it was revoked",
+                "revoked_octopus_keys": [key.id],
+            }));
+        keys.audit(event).await?;
+        report.orphans_revoked.push(key.id.clone());
+        return Ok(());
+    }
+    let managed = record.as_ref().is_some_and(|r| {
+        matches!(r.state, KeyState::Active | KeyState::Pending | KeyState::Expired)
+            && r.octopus_key_id.as_deref().is_none_or(|id| id == key.id)
+    });
+    if !managed {
+        report.unmanaged.push(UnmanagedKey {
+            scope: scope_name.to_owned(),
+            octopus_user_id: user_id.to_owned(),
+            octopus_key_id: key.id.clone(),
+            purpose: key.purpose.clone(),
+            record_id,
+            record_state: record.map(|r| r.state),
+        });
+    }
+    Ok(())
+}
+
+/// Audits each unmanaged key the first time this process sees it.
+async fn report_unmanaged_once(
+    keys: &KeyService,
+    state: &DriftState,
+    unmanaged: &[UnmanagedKey],
+    now: DateTime<Utc>,
+) -> Result<(), PassError> {
+    for key in unmanaged {
         let first = state.reported.lock().map(|mut r| r.insert(key.octopus_key_id.clone())).unwrap_or(false);
         if first {
-            let event = NewAuditEvent::new(
-                now,
-                "keybroker",
-                Action::DriftUnmanaged,
-                Outcome::Failure,
-                &RequestContext::default(),
-            )
-            .scope(&key.scope)
-            .octopus_key(Some(&key.octopus_key_id))
-            .detail(json!({
-                "reason": "an Octopus key carries a keybroker marker but has no active record",
-                "octopus_user_id": key.octopus_user_id,
-                "record_id": key.record_id,
-                "record_state": key.record_state,
-                "action": "reported",
-            }));
-            keys.audit(event).await.map_err(|e| e.to_string())?;
+            let event = drift_event(now, Action::DriftUnmanaged, Outcome::Failure, &key.scope)
+                .octopus_key(Some(&key.octopus_key_id))
+                .detail(json!({
+                    "reason": "an Octopus key carries a keybroker marker but has no active record",
+                    "octopus_user_id": key.octopus_user_id,
+                    "record_id": key.record_id,
+                    "record_state": key.record_state,
+                    "action": "reported",
+                }));
+            keys.audit(event).await?;
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Deletes the unmanaged keys a fresh scan finds (an admin's decision), auditing each.
@@ -190,16 +210,16 @@ pub async fn revoke_unmanaged(
     keys: &KeyService,
     actor: &str,
     ctx: &RequestContext,
-) -> Result<Vec<UnmanagedKey>, String> {
+) -> Result<Vec<UnmanagedKey>, PassError> {
     let report = scan(keys, &DriftState::default()).await?;
     let mut revoked = Vec::new();
     for key in report.unmanaged {
-        keys.octopus().delete_api_key(&key.octopus_user_id, &key.octopus_key_id).await.map_err(|e| e.to_string())?;
+        keys.octopus().delete_api_key(&key.octopus_user_id, &key.octopus_key_id).await?;
         let event = NewAuditEvent::new(keys.now(), actor, Action::DriftUnmanaged, Outcome::Success, ctx)
             .scope(&key.scope)
             .octopus_key(Some(&key.octopus_key_id))
             .detail(json!({ "action": "revoked", "record_id": key.record_id, "purpose": key.purpose }));
-        keys.audit(event).await.map_err(|e| e.to_string())?;
+        keys.audit(event).await?;
         revoked.push(key);
     }
     keys.metrics().unmanaged_keys.set(0);

@@ -23,12 +23,12 @@ use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::domain::clock::Clock;
 use crate::domain::keys::{Activation, Idempotency, KeyRecord, KeyState, NewKey};
 use crate::domain::policy::{
-    self, ExpiryClamp, ExpiryRequest, Policy, PolicyError, Purpose, Scope, UpstreamLimits, octopus_purpose,
-    purpose_marker,
+    self, ExpiryClamp, ExpiryDecision, ExpiryRequest, Policy, PolicyError, Purpose, Scope, UpstreamLimits,
+    octopus_purpose, purpose_marker,
 };
 use crate::domain::principal::Principal;
 use crate::metrics::Metrics;
-use crate::octopus::{OctopusClient, OctopusError, OctopusUser, Revoked, key_hint};
+use crate::octopus::{CreatedKey, OctopusClient, OctopusError, OctopusUser, Revoked, key_hint};
 use crate::store::{KeyFilter, PageRequest, Pending, Store, StoreError};
 
 /// What a caller asked for.
@@ -45,6 +45,20 @@ pub struct IssueRequest {
     /// Set when the caller is gone (hung up, or its request timed out): a key Octopus makes then
     /// is deleted at once instead of activated, since nobody would receive its secret.
     pub caller_gone: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// One issuance between its checks and its answer: what its steps share.
+struct InFlight<'a> {
+    principal: &'a Principal,
+    ctx: &'a RequestContext,
+    scope: &'a Scope,
+    /// The scope's Octopus account.
+    account: OctopusUser,
+    /// The record's id.
+    id: Uuid,
+    started: tokio::time::Instant,
+    /// A second short of the caller's timeout: the answer must be out by then.
+    ends_at: Option<tokio::time::Instant>,
 }
 
 /// What a dry run found: whether the request would be issued, when the key would expire, and
@@ -467,98 +481,134 @@ impl KeyService {
             })??,
             None => self.scope_account(scope, false).await?,
         };
-
-        // Step 1: the pending record and the "requested" event, or nothing at all.
         let id = Uuid::new_v4();
         tracing::Span::current().record("key_id", tracing::field::display(id));
-        // Taken after the look-up, as the record is written: its age is the record's own, not the
-        // request's (the reconciler goes by the deadline anyway).
-        let created_at = self.now();
-        let new_key = NewKey {
-            id,
-            scope: scope.name.to_string(),
-            requester: principal.subject.clone(),
-            purpose: request.purpose.as_str().to_owned(),
-            octopus_user_id: account.id.clone(),
-            created_at,
-            expires_at: expiry.expires_at,
-            max_active: scope.max_active_keys_per_requester,
-            idempotency: request.idempotency.clone(),
-            requester_teams: principal.teams.iter().cloned().collect(),
-            requested_by: ctx.on_behalf.as_ref().map(|b| b.requested_by.clone()),
-            ticket: ctx.on_behalf.as_ref().map(|b| b.ticket.clone()),
-            // The issuance gives up by then; a second more for the record's own writes.
-            deadline: self
-                .request_timeout
-                .and_then(|t| chrono::Duration::from_std(t + std::time::Duration::from_secs(1)).ok())
-                .map(|t| now + t),
-        };
-        let requested = self.event(principal, Action::KeyRequested, Outcome::Success, ctx, scope, id).detail(json!({
-            "purpose": request.purpose.as_str(),
-            "expires_at": expiry.expires_at,
-            "octopus_user_id": account.id,
-            "clamped": expiry.clamped,
-        }));
-        match self.store.insert_pending(&new_key, &requested, now).await {
-            Ok(Pending::Inserted) => {}
-            Ok(Pending::Existing { same_request: false, .. }) => return Err(ServiceError::IdempotencyMismatch),
-            Ok(Pending::Existing { record, same_request: true }) => {
-                // As long as the caller would wait (10 s at most), a second short of its timeout.
-                let wait = self
-                    .request_timeout
-                    .map_or(std::time::Duration::from_secs(10), |t| t.saturating_sub(std::time::Duration::from_secs(2)))
-                    .min(std::time::Duration::from_secs(10));
-                return self.replay(*record, started + wait).await;
-            }
-            Err(StoreError::LimitReached { .. }) => {
-                let err = PolicyError::TooManyActiveKeys {
-                    scope: scope.name.clone(),
-                    limit: scope.max_active_keys_per_requester,
-                };
-                return Err(self.deny(principal, ctx, &request.scope, err).await);
-            }
-            Err(e) => {
-                self.audit_failed(&e);
-                tracing::error!(error = %e, "could not write the pending record; Octopus not called");
-                return Err(ServiceError::Store(e));
-            }
-        }
+        // A second short of the caller's timeout (counted from the request's arrival, a little
+        // before `started`): the answer, a 5xx that says what happened, must reach the caller
+        // before its request is cut off with 408.
+        let ends_at = self.request_timeout.map(|t| started + t.saturating_sub(std::time::Duration::from_secs(1)));
+        let flight = InFlight { principal, ctx, scope, account, id, started, ends_at };
 
+        // Step 1: the pending record and the "requested" event, or nothing at all.
+        if let Some(replayed) = self.write_pending(&flight, &request, &expiry, now).await? {
+            return replayed;
+        }
         // Step 2: Octopus, while there is time; otherwise nothing is created.
         if create_by.is_some_and(|by| tokio::time::Instant::now() >= by) {
             let event = self
-                .event(principal, Action::KeyIssueFailed, Outcome::Failure, ctx, scope, id)
+                .flight_event(&flight, Action::KeyIssueFailed, Outcome::Failure)
                 .detail(json!({ "reason": "out of time before Octopus was asked; nothing was created" }));
             if let Err(e) = self.store.mark_failed(id, &event).await {
                 tracing::warn!(error = %e, "could not fail a record that ran out of time; the reconciler will");
             }
             return Err(ServiceError::OutOfTime("writing the pending record took too long".to_owned()));
         }
-        let octopus_purpose = octopus_purpose(id, &principal.subject, &request.purpose);
-        // A second short of the caller's timeout (counted from the request's arrival, a little
-        // before `started`): the answer, a 5xx that says what happened, must reach the caller
-        // before its request is cut off with 408.
-        let ends_at = self.request_timeout.map(|t| started + t.saturating_sub(std::time::Duration::from_secs(1)));
-        let created =
-            match self.octopus.create_api_key_within(&account.id, &octopus_purpose, expiry.expires_at, ends_at).await {
-                Ok(created) => created,
-                Err(e) => {
-                    if matches!(e, OctopusError::NotFound { .. }) {
-                        // The account was deleted (and maybe re-created with another id).
-                        self.octopus.forget_user(&scope.octopus_user);
-                    }
-                    self.fail_pending(principal, ctx, scope, id, &account.id, &e, ends_at).await;
-                    // The credential works (it found the account); a 403 on this account's keys is
-                    // this scope's misconfiguration, and other scopes keep working.
-                    if let OctopusError::Credential { status: 403, message } = &e {
-                        return Err(ServiceError::ScopeMisconfigured(privilege_refusal(scope, &account, message)));
-                    }
-                    return Err(ServiceError::Octopus(e));
-                }
-            };
+        let created = self.create_in_octopus(&flight, &request, &expiry).await?;
+        self.refuse_unusable(&flight, &request, &expiry, &created).await?;
+        // Step 3: active record and "issued" event; otherwise the key must not survive.
+        self.record_issued(&flight, &request, &expiry, created).await
+    }
 
-        // A key Octopus made with another expiry than the one sent (an old server that ignores
-        // `Expires` makes keys that never expire) must not be handed out.
+    /// Step 1 of an issuance: writes the pending record and its "requested" event. `Some` is the
+    /// answer to give instead of going on: the first attempt's outcome for a retry with the
+    /// same `Idempotency-Key`.
+    async fn write_pending(
+        &self,
+        f: &InFlight<'_>,
+        request: &IssueRequest,
+        expiry: &ExpiryDecision,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Result<IssueOutcome, ServiceError>>, ServiceError> {
+        let new_key = NewKey {
+            id: f.id,
+            scope: f.scope.name.to_string(),
+            requester: f.principal.subject.clone(),
+            purpose: request.purpose.as_str().to_owned(),
+            octopus_user_id: f.account.id.clone(),
+            // Taken after the look-up, as the record is written: its age is the record's own,
+            // not the request's (the reconciler goes by the deadline anyway).
+            created_at: self.now(),
+            expires_at: expiry.expires_at,
+            max_active: f.scope.max_active_keys_per_requester,
+            idempotency: request.idempotency.clone(),
+            requester_teams: f.principal.teams.iter().cloned().collect(),
+            requested_by: f.ctx.on_behalf.as_ref().map(|b| b.requested_by.clone()),
+            ticket: f.ctx.on_behalf.as_ref().map(|b| b.ticket.clone()),
+            // The issuance gives up by then; a second more for the record's own writes.
+            deadline: self
+                .request_timeout
+                .and_then(|t| chrono::Duration::from_std(t + std::time::Duration::from_secs(1)).ok())
+                .map(|t| now + t),
+        };
+        let requested = self.flight_event(f, Action::KeyRequested, Outcome::Success).detail(json!({
+            "purpose": request.purpose.as_str(),
+            "expires_at": expiry.expires_at,
+            "octopus_user_id": f.account.id,
+            "clamped": expiry.clamped,
+        }));
+        match self.store.insert_pending(&new_key, &requested, now).await {
+            Ok(Pending::Inserted) => Ok(None),
+            Ok(Pending::Existing { same_request: false, .. }) => Err(ServiceError::IdempotencyMismatch),
+            Ok(Pending::Existing { record, same_request: true }) => {
+                // As long as the caller would wait (10 s at most), a second short of its timeout.
+                let wait = self
+                    .request_timeout
+                    .map_or(std::time::Duration::from_secs(10), |t| t.saturating_sub(std::time::Duration::from_secs(2)))
+                    .min(std::time::Duration::from_secs(10));
+                Ok(Some(self.replay(*record, f.started + wait).await))
+            }
+            Err(StoreError::LimitReached { .. }) => {
+                let err = PolicyError::TooManyActiveKeys {
+                    scope: f.scope.name.clone(),
+                    limit: f.scope.max_active_keys_per_requester,
+                };
+                Err(self.deny(f.principal, f.ctx, &request.scope, err).await)
+            }
+            Err(e) => {
+                self.audit_failed(&e);
+                tracing::error!(error = %e, "could not write the pending record; Octopus not called");
+                Err(ServiceError::Store(e))
+            }
+        }
+    }
+
+    /// Step 2 of an issuance: asks Octopus for the key. A refusal or a failure fails the
+    /// pending record (or leaves it to the reconciler when the answer may have been lost).
+    async fn create_in_octopus(
+        &self,
+        f: &InFlight<'_>,
+        request: &IssueRequest,
+        expiry: &ExpiryDecision,
+    ) -> Result<CreatedKey, ServiceError> {
+        let octopus_purpose = octopus_purpose(f.id, &f.principal.subject, &request.purpose);
+        match self.octopus.create_api_key_within(&f.account.id, &octopus_purpose, expiry.expires_at, f.ends_at).await {
+            Ok(created) => Ok(created),
+            Err(e) => {
+                if matches!(e, OctopusError::NotFound { .. }) {
+                    // The account was deleted (and maybe re-created with another id).
+                    self.octopus.forget_user(&f.scope.octopus_user);
+                }
+                self.fail_pending(f.principal, f.ctx, f.scope, f.id, &f.account.id, &e, f.ends_at).await;
+                // The credential works (it found the account); a 403 on this account's keys is
+                // this scope's misconfiguration, and other scopes keep working.
+                if let OctopusError::Credential { status: 403, message } = &e {
+                    return Err(ServiceError::ScopeMisconfigured(privilege_refusal(f.scope, &f.account, message)));
+                }
+                Err(ServiceError::Octopus(e))
+            }
+        }
+    }
+
+    /// Between steps 2 and 3: a key that must not be handed out is deleted at once, and an
+    /// event names it. That is a key Octopus made with another expiry than the one sent (an old
+    /// server that ignores `Expires` makes keys that never expire), or one whose caller is gone.
+    async fn refuse_unusable(
+        &self,
+        f: &InFlight<'_>,
+        request: &IssueRequest,
+        expiry: &ExpiryDecision,
+        created: &CreatedKey,
+    ) -> Result<(), ServiceError> {
         let honoured = created.expires.is_some_and(|at| (at - expiry.expires_at).num_seconds().abs() <= 60);
         if !honoured {
             let detail = format!(
@@ -566,75 +616,69 @@ impl KeyService {
                 created.expires.map(|t| t.to_rfc3339()),
                 expiry.expires_at.to_rfc3339()
             );
-            let _ = self.octopus.delete_api_key(&account.id, &created.id).await;
+            let _ = self.octopus.delete_api_key(&f.account.id, &created.id).await;
             let error = OctopusError::Unavailable { detail };
-            self.fail_pending(principal, ctx, scope, id, &account.id, &error, ends_at).await;
+            self.fail_pending(f.principal, f.ctx, f.scope, f.id, &f.account.id, &error, f.ends_at).await;
             return Err(ServiceError::Octopus(error));
         }
-        // Nobody would receive the secret: the key goes at once, and an event names it.
-        if request.caller_gone.as_ref().is_some_and(|gone| gone.load(std::sync::atomic::Ordering::SeqCst)) {
-            let deleted = self.octopus.delete_api_key(&account.id, &created.id).await;
-            let event = self
-                .event(principal, Action::KeyIssueAbandoned, Outcome::Failure, ctx, scope, id)
-                .octopus_key(Some(&created.id))
-                .detail(json!({
-                    "reason": "the caller was gone when Octopus made the key",
-                    "octopus_key_deleted": deleted.is_ok(),
-                }));
-            match &deleted {
-                // Deleted: the record fails. Not deleted: it stays pending, and the reconciler
-                // revokes the key it finds by its marker.
-                Ok(_) => {
-                    if let Err(e) = self.store.mark_failed(id, &event).await {
-                        tracing::warn!(error = %e, "could not fail an abandoned issuance; the reconciler will");
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, octopus_key_id = %created.id, "could not delete an abandoned key");
-                    let _ = self.store.append_audit(&event).await;
+        if !request.caller_gone.as_ref().is_some_and(|gone| gone.load(std::sync::atomic::Ordering::SeqCst)) {
+            return Ok(());
+        }
+        let deleted = self.octopus.delete_api_key(&f.account.id, &created.id).await;
+        let event = self
+            .flight_event(f, Action::KeyIssueAbandoned, Outcome::Failure)
+            .octopus_key(Some(&created.id))
+            .detail(json!({
+                "reason": "the caller was gone when Octopus made the key",
+                "octopus_key_deleted": deleted.is_ok(),
+            }));
+        match &deleted {
+            // Deleted: the record fails. Not deleted: it stays pending, and the reconciler
+            // revokes the key it finds by its marker.
+            Ok(_) => {
+                if let Err(e) = self.store.mark_failed(f.id, &event).await {
+                    tracing::warn!(error = %e, "could not fail an abandoned issuance; the reconciler will");
                 }
             }
-            return Err(ServiceError::Abandoned { octopus_key_id: created.id.clone(), deleted: deleted.is_ok() });
+            Err(e) => {
+                tracing::error!(error = %e, octopus_key_id = %created.id, "could not delete an abandoned key");
+                let _ = self.store.append_audit(&event).await;
+            }
         }
-        // Step 3: active record and "issued" event; otherwise the key must not survive.
+        Err(ServiceError::Abandoned { octopus_key_id: created.id.clone(), deleted: deleted.is_ok() })
+    }
+
+    /// Step 3 of an issuance: the record becomes active with the "issued" event. Otherwise the
+    /// key must not survive: it is deleted, and the record fails (or the reconciler finishes it).
+    async fn record_issued(
+        &self,
+        f: &InFlight<'_>,
+        request: &IssueRequest,
+        expiry: &ExpiryDecision,
+        created: CreatedKey,
+    ) -> Result<IssueOutcome, ServiceError> {
         let expires_at = created.expires.unwrap_or(expiry.expires_at);
         let activation = Activation {
-            id,
+            id: f.id,
             octopus_key_id: created.id.clone(),
             key_hint: key_hint(created.secret.expose_secret()),
             secret_hmac: self.secret_hmac(created.secret.expose_secret()),
             expires_at,
         };
         let issued_event = self
-            .event(principal, Action::KeyIssued, Outcome::Success, ctx, scope, id)
+            .flight_event(f, Action::KeyIssued, Outcome::Success)
             .octopus_key(Some(&created.id))
             .detail(json!({ "expires_at": expires_at, "key_hint": activation.key_hint }));
-        let activated = match self.store.activate(&activation, &issued_event).await {
-            // An activation whose COMMIT's answer was lost, retried by the store and then found
-            // "not pending", or an error after a commit that did happen: read the record back
-            // before undoing anything. A key whose activation committed is never deleted.
-            Err(e) => match self.store.get_key(id).await {
-                Ok(Some(record))
-                    if record.state == KeyState::Active
-                        && record.octopus_key_id.as_deref() == Some(created.id.as_str()) =>
-                {
-                    tracing::warn!(error = %e, "the activation's answer was lost, but it committed");
-                    Ok(record)
-                }
-                _ => Err(e),
-            },
-            ok => ok,
-        };
-        match activated {
+        match self.activate_or_read_back(&activation, &issued_event).await {
             Ok(record)
                 if self.policy().get(&record.scope).is_none()
-                    && self.scope_removal() == crate::config::ScopeRemoval::Revoke =>
+                    && self.scope_removal() == crate::domain::policy::ScopeRemoval::Revoke =>
             {
                 // A reload removed the scope while the key was being made, and says to revoke
                 // that scope's keys: this one too, before anyone receives it.
                 let why =
                     json!({ "reason": "its scope was removed while it was being issued (on_scope_removed = revoke)" });
-                if let Err(e) = self.revoke_with(&Self::system_principal(), record.id, ctx, Some(why)).await {
+                if let Err(e) = self.revoke_with(&Self::system_principal(), record.id, f.ctx, Some(why)).await {
                     tracing::warn!(error = %e, "could not revoke a key of a removed scope; the reconciler retries");
                 }
                 Err(ServiceError::Policy(PolicyError::UnknownScope(record.scope.clone())))
@@ -647,43 +691,75 @@ impl KeyService {
             // The reconciler finished the record while Octopus was making the key (the issuance
             // outlived `jobs.pending_grace`): the key must go, an event must name it, and the
             // caller must hear what happened, not that the database is down.
-            Err(StoreError::WrongState { actual, .. }) => {
-                let deleted = self.octopus.delete_api_key(&account.id, &created.id).await;
-                let event = self
-                    .event(principal, Action::KeyIssueFailed, Outcome::Failure, ctx, scope, id)
+            Err(StoreError::WrongState { actual, .. }) => Err(self.abandon_late_key(f, &created, actual).await),
+            Err(e) => Err(self.undo_unrecorded_key(f, &created, e).await),
+        }
+    }
+
+    /// Activates a record. An activation whose COMMIT's answer was lost, retried by the store
+    /// and then found "not pending", or an error after a commit that did happen, is read back
+    /// before anything is undone: a key whose activation committed is never deleted.
+    async fn activate_or_read_back(
+        &self,
+        activation: &Activation,
+        event: &NewAuditEvent,
+    ) -> Result<KeyRecord, StoreError> {
+        match self.store.activate(activation, event).await {
+            Err(e) => match self.store.get_key(activation.id).await {
+                Ok(Some(record))
+                    if record.state == KeyState::Active
+                        && record.octopus_key_id.as_deref() == Some(activation.octopus_key_id.as_str()) =>
+                {
+                    tracing::warn!(error = %e, "the activation's answer was lost, but it committed");
+                    Ok(record)
+                }
+                _ => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    /// The record was already `actual` when Octopus's key arrived: the key is deleted.
+    async fn abandon_late_key(&self, f: &InFlight<'_>, created: &CreatedKey, actual: KeyState) -> ServiceError {
+        let deleted = self.octopus.delete_api_key(&f.account.id, &created.id).await;
+        let event = self
+            .flight_event(f, Action::KeyIssueFailed, Outcome::Failure)
+            .octopus_key(Some(&created.id))
+            .detail(json!({
+                "reason": format!("the record was already {actual} when Octopus's key arrived"),
+                "octopus_key_deleted": deleted.is_ok(),
+            }));
+        if let Err(e) = self.store.append_audit(&event).await {
+            tracing::error!(error = %e, octopus_key_id = %created.id, "could not audit an abandoned issuance");
+        }
+        if let Err(e) = &deleted {
+            tracing::error!(error = %e, octopus_key_id = %created.id, "could not delete the key of an abandoned issuance");
+        }
+        ServiceError::Abandoned { octopus_key_id: created.id.clone(), deleted: deleted.is_ok() }
+    }
+
+    /// The issued key could not be recorded: it is deleted, and the record fails (if the store
+    /// is still down, it stays pending and the reconciler finishes the job).
+    async fn undo_unrecorded_key(&self, f: &InFlight<'_>, created: &CreatedKey, e: StoreError) -> ServiceError {
+        self.audit_failed(&e);
+        tracing::error!(error = %e, octopus_key_id = %created.id, "could not record the issued key; revoking it");
+        match self.octopus.delete_api_key(&f.account.id, &created.id).await {
+            Ok(_) => {
+                let failed = self
+                    .flight_event(f, Action::KeyIssueFailed, Outcome::Failure)
                     .octopus_key(Some(&created.id))
-                    .detail(json!({
-                        "reason": format!("the record was already {actual} when Octopus's key arrived"),
-                        "octopus_key_deleted": deleted.is_ok(),
-                    }));
-                if let Err(e) = self.store.append_audit(&event).await {
-                    tracing::error!(error = %e, octopus_key_id = %created.id, "could not audit an abandoned issuance");
-                }
-                if let Err(e) = &deleted {
-                    tracing::error!(error = %e, octopus_key_id = %created.id, "could not delete the key of an abandoned issuance");
-                }
-                Err(ServiceError::Abandoned { octopus_key_id: created.id.clone(), deleted: deleted.is_ok() })
+                    .detail(json!({ "reason": "the issued key could not be recorded; it was revoked" }));
+                let _ = self.store.mark_failed(f.id, &failed).await;
             }
-            Err(e) => {
-                self.audit_failed(&e);
-                tracing::error!(error = %e, octopus_key_id = %created.id, "could not record the issued key; revoking it");
-                match self.octopus.delete_api_key(&account.id, &created.id).await {
-                    Ok(_) => {
-                        let failed = self
-                            .event(principal, Action::KeyIssueFailed, Outcome::Failure, ctx, scope, id)
-                            .octopus_key(Some(&created.id))
-                            .detail(json!({ "reason": "the issued key could not be recorded; it was revoked" }));
-                        // If the store is still down, the record stays pending and the
-                        // reconciler finishes the job.
-                        let _ = self.store.mark_failed(id, &failed).await;
-                    }
-                    Err(revoke_err) => {
-                        tracing::error!(error = %revoke_err, "could not revoke the unrecorded key; the reconciler will");
-                    }
-                }
-                Err(ServiceError::Store(e))
+            Err(revoke_err) => {
+                tracing::error!(error = %revoke_err, "could not revoke the unrecorded key; the reconciler will");
             }
         }
+        ServiceError::Store(e)
+    }
+
+    fn flight_event(&self, f: &InFlight<'_>, action: Action, outcome: Outcome) -> NewAuditEvent {
+        self.event(f.principal, action, outcome, f.ctx, f.scope, f.id)
     }
 
     /// A retry of a request that already has a record. While the first request is still in

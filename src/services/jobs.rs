@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::config::{JobsConfig, WebhookConfig};
 use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
+use crate::services::PassError;
 use crate::services::issuance::KeyService;
 
 /// What one reconciliation pass did.
@@ -105,9 +106,9 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileRepo
 }
 
 /// Marks active records past their expiry as expired, one audit event each. Returns how many.
-pub async fn expire_once(keys: &KeyService) -> Result<usize, String> {
+pub async fn expire_once(keys: &KeyService) -> Result<usize, PassError> {
     let now = keys.now();
-    let due = keys.store().due_for_expiry(now, 500).await.map_err(|e| e.to_string())?;
+    let due = keys.store().due_for_expiry(now, 500).await?;
     let mut expired = 0;
     for record in due {
         if !super::lease::lease_held() {
@@ -119,7 +120,7 @@ pub async fn expire_once(keys: &KeyService) -> Result<usize, String> {
                 .key(record.id)
                 .octopus_key(record.octopus_key_id.as_deref())
                 .detail(json!({ "expires_at": record.expires_at, "requester": record.requester }));
-        if keys.store().mark_expired(record.id, &event).await.map_err(|e| e.to_string())? {
+        if keys.store().mark_expired(record.id, &event).await? {
             expired += 1;
         }
     }
@@ -128,8 +129,8 @@ pub async fn expire_once(keys: &KeyService) -> Result<usize, String> {
 
 /// Watches keybroker's own credential: re-reads Octopus's limits, exports the expiry, and audits
 /// a warning once per threshold (20 and 10 days) per process.
-pub async fn watch_credential(keys: &KeyService, warned: &std::sync::Mutex<Vec<i64>>) -> Result<(), String> {
-    let limits = keys.refresh_upstream_limits().await.map_err(|e| e.to_string())?;
+pub async fn watch_credential(keys: &KeyService, warned: &std::sync::Mutex<Vec<i64>>) -> Result<(), PassError> {
+    let limits = keys.refresh_upstream_limits().await?;
     let Some(expires) = limits.broker_key_expires else {
         keys.metrics().credential_expiry.set(0);
         return Ok(());
@@ -157,14 +158,14 @@ pub async fn watch_credential(keys: &KeyService, warned: &std::sync::Mutex<Vec<i
                     &RequestContext::default(),
                 )
                 .detail(json!({ "expires_at": expires, "threshold_days": days }));
-                keys.audit(event).await.map_err(|e| e.to_string())?;
+                keys.audit(event).await?;
             }
         }
     }
     Ok(())
 }
 
-type JobFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+type JobFuture = Pin<Box<dyn Future<Output = Result<String, PassError>> + Send>>;
 
 /// Runs `run` every `interval`; when `leased`, only while holding the job's lease.
 fn spawn_job(

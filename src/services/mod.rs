@@ -22,3 +22,15 @@ pub mod readiness;
 pub mod reload;
 pub mod tickets;
 pub mod webhooks;
+
+/// Why a background pass (or an admin operation that runs one) stopped: the database, Octopus,
+/// or a service it called. Logged once, by the job runner or the handler that ran it.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("the database failed: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("Octopus failed: {0}")]
+    Octopus(#[from] crate::octopus::OctopusError),
+    #[error(transparent)]
+    Service(#[from] issuance::ServiceError),
+}

@@ -25,8 +25,9 @@ use uuid::Uuid;
 use crate::config::WebhookConfig;
 use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::domain::keys::{KeyRecord, KeyState};
+use crate::services::PassError;
 use crate::services::issuance::KeyService;
-use crate::store::{DeliveryResult, NewDelivery};
+use crate::store::{Delivery, DeliveryResult, NewDelivery};
 
 /// Days before expiry at which `key.expiring` is sent (Octopus's own warning thresholds).
 pub const WARNING_DAYS: [i64; 2] = [20, 10];
@@ -184,13 +185,13 @@ pub async fn adopt_names(keys: &KeyService, webhooks: &[WebhookConfig]) -> Resul
 }
 
 /// Writes the notices that are due into the outbox. Returns how many were new.
-pub async fn enqueue_notices(keys: &KeyService, webhooks: &[WebhookConfig]) -> Result<usize, String> {
+pub async fn enqueue_notices(keys: &KeyService, webhooks: &[WebhookConfig]) -> Result<usize, PassError> {
     if webhooks.is_empty() {
         return Ok(0);
     }
     let now = keys.now();
     let horizon = chrono::Duration::days(WARNING_DAYS[0]);
-    let records = keys.store().keys_for_notices(now, LOOKBACK, horizon).await.map_err(|e| e.to_string())?;
+    let records = keys.store().keys_for_notices(now, LOOKBACK, horizon).await?;
     let mut added = 0;
     for record in &records {
         for (event, threshold) in notices_for(record, now) {
@@ -203,7 +204,7 @@ pub async fn enqueue_notices(keys: &KeyService, webhooks: &[WebhookConfig]) -> R
                     payload: payload(record, event, threshold, now),
                     created_at: now,
                 };
-                if keys.store().enqueue_delivery(&delivery).await.map_err(|e| e.to_string())? {
+                if keys.store().enqueue_delivery(&delivery).await? {
                     added += 1;
                 }
             }
@@ -260,90 +261,110 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryRep
             }
         };
         let hook = webhooks.iter().find(|h| h.config.name == delivery.webhook);
-        let body = delivery.payload.to_string();
         let attempt = match hook {
             None => Err("the webhook is no longer configured".to_owned()),
-            Some(hook) => {
-                let mut request = hook
-                    .http
-                    .post(hook.config.url.clone())
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .header("X-Keybroker-Event", &delivery.event)
-                    .header("X-Keybroker-Delivery", delivery.id.to_string());
-                if let Some(secret) = &hook.config.secret {
-                    let signed =
-                        signature(secret.expose_secret(), keys.now().timestamp(), delivery.id, body.as_bytes());
-                    request = request.header("X-Keybroker-Signature", signed);
-                }
-                match request.body(body).send().await {
-                    Ok(res) if res.status().is_redirection() => {
-                        Err(format!("answered {}; keybroker follows no redirects", res.status()))
-                    }
-                    Ok(res) if res.status().is_success() => Ok(()),
-                    Ok(res) => Err(format!("answered {}", res.status())),
-                    // reqwest's message without the URL: it may carry a token.
-                    Err(e) => Err(e.without_url().to_string()),
-                }
-            }
+            Some(hook) => send(keys, hook, &delivery).await,
         };
         let now = keys.now();
-        let (result, outcome, label) = match attempt {
-            Ok(()) => (DeliveryResult::Delivered { at: now }, Outcome::Success, "delivered"),
-            Err(error) if hook.is_none() || now - delivery.created_at >= GIVE_UP_AFTER => {
-                (DeliveryResult::GaveUp { error }, Outcome::Failure, "gave_up")
-            }
-            Err(error) => {
-                let backoff = chrono::Duration::seconds(
-                    5 * 2i64.pow(u32::try_from(delivery.attempts.clamp(0, 10)).unwrap_or(10)),
-                )
-                .min(chrono::Duration::hours(1));
-                (DeliveryResult::Retry { next_attempt_at: now + backoff, error }, Outcome::Failure, "retry")
-            }
-        };
+        let (result, outcome, label) = settle(attempt, hook.is_none(), &delivery, now);
         keys.metrics().webhook(&delivery.event, label);
         match label {
             "delivered" => report.delivered += 1,
             "retry" => report.retried += 1,
             _ => report.gave_up += 1,
         }
-        let error = match &result {
-            DeliveryResult::Retry { error, .. } | DeliveryResult::GaveUp { error } => Some(error.clone()),
-            DeliveryResult::Delivered { .. } => None,
-        };
         match keys.store().finish_delivery(&delivery, &result).await {
-            Ok(true) => {}
+            Ok(true) => audit_delivery(keys, &delivery, &result, outcome, label, now).await,
             Ok(false) => {
                 tracing::warn!(delivery = delivery.id, webhook = %delivery.webhook, "a delivery's claim lapsed; its new claimer records it");
-                continue;
             }
             Err(e) => {
                 tracing::warn!(error = %e, delivery = delivery.id, webhook = %delivery.webhook, "cannot record a webhook delivery");
-                continue;
             }
-        }
-        // A checkpoint's delivery is logged, not audited: its event would move the head it
-        // reports, and each checkpoint would cause the next.
-        if delivery.event == "audit.checkpoint" {
-            tracing::info!(delivery = delivery.id, webhook = %delivery.webhook, result = label, "audit checkpoint delivery");
-            continue;
-        }
-        let event = NewAuditEvent::new(now, "keybroker", Action::WebhookDelivery, outcome, &RequestContext::default())
-            .key(delivery.key_id)
-            .detail(json!({
-                "delivery_id": delivery.id,
-                // The name: webhook URLs often carry a token.
-                "webhook": delivery.webhook,
-                "event": delivery.event,
-                "threshold": delivery.threshold,
-                "attempt": delivery.attempts + 1,
-                "result": label,
-                "error": error,
-            }));
-        if let Err(e) = keys.audit(event).await {
-            tracing::warn!(error = %e, "cannot audit a webhook delivery");
         }
     }
     report
+}
+
+/// Sends one delivery, signed with its webhook's secret; `Err` says why it did not arrive.
+async fn send(keys: &KeyService, hook: &Webhook, delivery: &Delivery) -> Result<(), String> {
+    let body = delivery.payload.to_string();
+    let mut request = hook
+        .http
+        .post(hook.config.url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("X-Keybroker-Event", &delivery.event)
+        .header("X-Keybroker-Delivery", delivery.id.to_string());
+    if let Some(secret) = &hook.config.secret {
+        let signed = signature(secret.expose_secret(), keys.now().timestamp(), delivery.id, body.as_bytes());
+        request = request.header("X-Keybroker-Signature", signed);
+    }
+    match request.body(body).send().await {
+        Ok(res) if res.status().is_redirection() => {
+            Err(format!("answered {}; keybroker follows no redirects", res.status()))
+        }
+        Ok(res) if res.status().is_success() => Ok(()),
+        Ok(res) => Err(format!("answered {}", res.status())),
+        // reqwest's message without the URL: it may carry a token.
+        Err(e) => Err(e.without_url().to_string()),
+    }
+}
+
+/// What an attempt makes of its delivery: delivered, retried with back-off (5 s doubling, at
+/// most an hour), or given up (its webhook is gone, or it is older than `GIVE_UP_AFTER`).
+fn settle(
+    attempt: Result<(), String>,
+    hook_gone: bool,
+    delivery: &Delivery,
+    now: DateTime<Utc>,
+) -> (DeliveryResult, Outcome, &'static str) {
+    match attempt {
+        Ok(()) => (DeliveryResult::Delivered { at: now }, Outcome::Success, "delivered"),
+        Err(error) if hook_gone || now - delivery.created_at >= GIVE_UP_AFTER => {
+            (DeliveryResult::GaveUp { error }, Outcome::Failure, "gave_up")
+        }
+        Err(error) => {
+            let backoff =
+                chrono::Duration::seconds(5 * 2i64.pow(u32::try_from(delivery.attempts.clamp(0, 10)).unwrap_or(10)))
+                    .min(chrono::Duration::hours(1));
+            (DeliveryResult::Retry { next_attempt_at: now + backoff, error }, Outcome::Failure, "retry")
+        }
+    }
+}
+
+/// Audits a recorded delivery. A checkpoint's delivery is logged, not audited: its event would
+/// move the head it reports, and each checkpoint would cause the next.
+async fn audit_delivery(
+    keys: &KeyService,
+    delivery: &Delivery,
+    result: &DeliveryResult,
+    outcome: Outcome,
+    label: &str,
+    now: DateTime<Utc>,
+) {
+    if delivery.event == "audit.checkpoint" {
+        tracing::info!(delivery = delivery.id, webhook = %delivery.webhook, result = label, "audit checkpoint delivery");
+        return;
+    }
+    let error = match result {
+        DeliveryResult::Retry { error, .. } | DeliveryResult::GaveUp { error } => Some(error.clone()),
+        DeliveryResult::Delivered { .. } => None,
+    };
+    let event = NewAuditEvent::new(now, "keybroker", Action::WebhookDelivery, outcome, &RequestContext::default())
+        .key(delivery.key_id)
+        .detail(json!({
+            "delivery_id": delivery.id,
+            // The name: webhook URLs often carry a token.
+            "webhook": delivery.webhook,
+            "event": delivery.event,
+            "threshold": delivery.threshold,
+            "attempt": delivery.attempts + 1,
+            "result": label,
+            "error": error,
+        }));
+    if let Err(e) = keys.audit(event).await {
+        tracing::warn!(error = %e, "cannot audit a webhook delivery");
+    }
 }
 
 #[cfg(test)]

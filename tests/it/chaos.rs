@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::routing::post;
 use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
-use keybroker::octopus_sim::{Fault, FaultKind, Seed, Simulator};
 use keybroker::store::Store;
+use octopus_sim::{Fault, FaultKind, Seed, Simulator};
 use reqwest::Method;
 use serde_json::json;
 

@@ -1,7 +1,7 @@
 //! The command line as an operator uses it: `check-config`, `migrate`, `openapi`.
 
 use keybroker::dev::demo_config_toml;
-use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
+use octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
 
 use crate::helpers::keybroker_command;
 

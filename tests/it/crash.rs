@@ -5,7 +5,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
-use keybroker::octopus_sim::{Fault, FaultKind, Seed, Simulator};
+use octopus_sim::{Fault, FaultKind, Seed, Simulator};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::Connection;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keybroker::octopus_sim::{Fault, FaultKind};
+use octopus_sim::{Fault, FaultKind};
 use reqwest::Method;
 use serde_json::{Value, json};
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use keybroker::config::Config;
-use keybroker::octopus_sim::{Seed, Simulator};
+use octopus_sim::{Seed, Simulator};
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -234,4 +234,83 @@ fn the_image_is_multi_stage_and_runs_as_non_root() {
             assert!(Path::new(ROOT).join(source).exists(), "Dockerfile copies missing {source}");
         }
     }
+}
+
+/// What the build stage copies is enough to build: the workspace resolves from it, and every file
+/// the code compiles in (`include_str!`, `include_bytes!`, `migrate!`) is inside it. A crate or
+/// folder added without a `COPY` line breaks `docker build`, which cannot run here.
+#[test]
+fn the_build_stage_copies_everything_the_build_reads() {
+    let text = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile")).unwrap();
+    let build_stage = text.split("\nFROM ").nth(1).unwrap();
+    let context = tempfile::tempdir().unwrap();
+    for line in build_stage.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for source in &parts[1..parts.len() - 1] {
+            copy_tree(&Path::new(ROOT).join(source), &context.path().join(source));
+        }
+    }
+    let metadata = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline", "--locked", "--manifest-path"])
+        .arg(context.path().join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(metadata.status.success(), "{}", String::from_utf8_lossy(&metadata.stderr));
+    let compiled_in = compiled_in_files(context.path());
+    assert!(compiled_in.len() >= 5, "{compiled_in:?}");
+    for (file, target) in compiled_in {
+        assert!(
+            target.exists(),
+            "{} compiles in {}, which the Dockerfile does not copy",
+            file.display(),
+            target.display()
+        );
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
+/// Every `include_str!("…")`, `include_bytes!("…")` and `migrate!("…")` in the Rust files under
+/// `root`, with the path it names (relative to the file, or to the crate for `migrate!`).
+fn compiled_in_files(root: &Path) -> Vec<(PathBuf, PathBuf)> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (macro_name, relative_to_crate) in
+                [("include_str!(\"", false), ("include_bytes!(\"", false), ("migrate!(\"", true)]
+            {
+                for piece in text.split(macro_name).skip(1) {
+                    let Some(target) = piece.split('"').next() else { continue };
+                    let base = if relative_to_crate {
+                        path.ancestors().find(|a| a.join("Cargo.toml").exists()).unwrap().to_path_buf()
+                    } else {
+                        path.parent().unwrap().to_path_buf()
+                    };
+                    found.push((path.clone(), base.join(target)));
+                }
+            }
+        }
+    }
+    found
 }

@@ -7,8 +7,8 @@ use keybroker::api::AppState;
 use keybroker::app::App;
 use keybroker::config::Config;
 use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
-use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, RunningSimulator, Seed, Simulator};
 use keybroker::store::Store;
+use octopus_sim::{DEMO_BROKER_API_KEY, RunningSimulator, Seed, Simulator};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -179,7 +179,7 @@ impl TestApp {
     }
 
     /// Keys in the simulator that carry a keybroker marker.
-    pub fn keybroker_keys_in_octopus(&self) -> Vec<keybroker::octopus_sim::SimApiKey> {
+    pub fn keybroker_keys_in_octopus(&self) -> Vec<octopus_sim::SimApiKey> {
         self.sim.api_keys().into_iter().filter(|k| k.purpose.starts_with("keybroker:")).collect()
     }
 

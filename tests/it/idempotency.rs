@@ -1,6 +1,6 @@
 //! `Idempotency-Key` on `POST /v1/keys`: retries never make a second Octopus key.
 
-use keybroker::octopus_sim::{Fault, FaultKind};
+use octopus_sim::{Fault, FaultKind};
 use reqwest::Method;
 use serde_json::{Value, json};
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use keybroker::octopus_sim::{Fault, FaultKind, Seed, SeedUser};
+use octopus_sim::{Fault, FaultKind, Seed, SeedUser};
 use reqwest::Method;
 use serde_json::{Value, json};
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::post;
 use keybroker::dev::demo_config_toml;
-use keybroker::octopus_sim::{Seed, Simulator};
 use keybroker::store::{NewDelivery, Store};
+use octopus_sim::{Seed, Simulator};
 use serde_json::json;
 
 use crate::helpers::{keybroker_command, postgres_url, write_secret_files};

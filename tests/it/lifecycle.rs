@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedApiKey};
 use keybroker::services::jobs::{expire_once, reconcile_once, watch_credential};
 use keybroker::services::webhooks::{Webhook, deliver_due, enqueue_notices, signature};
+use octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedApiKey};
 use reqwest::Method;
 use serde_json::{Value, json};
 

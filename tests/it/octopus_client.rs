@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use keybroker::config::{OctopusConfig, OctopusCredential};
 use keybroker::octopus::{BrokerKeyExpiry, OctopusClient, OctopusError, Revoked};
-use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedUser, Simulator};
+use octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedUser, Simulator};
 use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::json;
@@ -26,7 +26,7 @@ fn human_broker() -> SeedUser {
 }
 
 async fn client_for(
-    sim: &keybroker::octopus_sim::RunningSimulator,
+    sim: &octopus_sim::RunningSimulator,
     credential: OctopusCredential,
 ) -> std::sync::Arc<OctopusClient> {
     let config = OctopusConfig {

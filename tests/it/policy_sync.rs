@@ -101,7 +101,7 @@ async fn a_reload_through_one_replica_reaches_the_other_within_the_interval_on_b
 #[tokio::test]
 async fn a_key_of_a_scope_removed_while_it_was_being_issued_is_revoked_when_it_activates() {
     use axum::http::Method;
-    use keybroker::octopus_sim::{Fault, FaultKind};
+    use octopus_sim::{Fault, FaultKind};
     let app = TestApp::spawn_with(TestOptions {
         edit_config: Box::new(|c| format!("{c}\n[lifecycle]\non_scope_removed = \"revoke\"\n")),
         ..Default::default()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keybroker::config::{Config, OctopusConfig, OctopusCredential};
 use keybroker::octopus::OctopusClient;
-use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedUser, ServerSettings, Simulator};
+use octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedUser, ServerSettings, Simulator};
 use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::{Value, json};

@@ -297,7 +297,7 @@ async fn the_reconciler_leaves_young_pending_records_alone() {
 
 #[tokio::test]
 async fn an_issuance_the_reconciler_finished_meanwhile_deletes_its_key_and_says_so() {
-    use keybroker::octopus_sim::{Fault, FaultKind};
+    use octopus_sim::{Fault, FaultKind};
     let app = TestApp::spawn().await;
     app.sim.inject(Fault::on(
         reqwest::Method::POST,

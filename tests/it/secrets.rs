@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use hmac::{Hmac, Mac};
-use keybroker::octopus_sim::DEMO_BROKER_API_KEY;
+use octopus_sim::DEMO_BROKER_API_KEY;
 use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

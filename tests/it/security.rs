@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use keybroker::config::{OctopusConfig, OctopusCredential};
 use keybroker::octopus::{OctopusClient, OctopusError};
-use keybroker::octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind};
+use octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind};
 use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::{Value, json};
