@@ -13,13 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use keybroker::app::App;
-use keybroker::config::Config;
-use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
+use keybroker::config::ConfigFile;
 use keybroker::store::Store;
-use octopus_sim::{DEMO_BROKER_API_KEY, RunningSimulator, Seed, Simulator};
+use keybroker_testkit::{TestApp, TestOptions};
+use octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 
 pub const JWT_SECRET: &str = "bench-jwt-secret-0123456789abcdef0123456789abcdef";
 pub const HMAC_SECRET: &str = "bench-hmac-secret-0123456789abcdef0123456789abcdef";
@@ -200,27 +198,30 @@ async fn expect(res: reqwest::Response, status: u16) -> anyhow::Result<Value> {
 }
 
 pub fn token(subject: &str, groups: &[&str]) -> anyhow::Result<String> {
-    mint_token(JWT_SECRET, DEV_ISSUER, DEV_AUDIENCE, subject, subject, groups, chrono::Duration::hours(2))
+    Ok(keybroker_testkit::token(subject, groups))
 }
 
 pub fn http_client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?)
 }
 
-/// Writes the demo configuration with a limit that never stops the benchmark, plus its
-/// secret files, into `dir`; returns the configuration's path.
+/// The benchmark's changes to the demo configuration: limits that never stop it.
+pub fn unlimited(file: &mut ConfigFile) {
+    for scope in &mut file.scopes {
+        scope.max_active_keys_per_requester = 1_000_000;
+    }
+    // The load generator is a handful of principals sending thousands of requests a second.
+    file.server.rate_limit_per_minute = 0;
+    file.jobs.reconcile_interval = Duration::from_secs(3600).into();
+}
+
+/// Writes the demo configuration, [`unlimited`], plus its secret files, into `dir`; returns the
+/// configuration's path (for a `keybroker serve` process).
 pub fn write_config(dir: &Path, sim_url: &str, listen: &str) -> anyhow::Result<PathBuf> {
-    std::fs::write(dir.join("octopus-api-key"), DEMO_BROKER_API_KEY)?;
-    std::fs::write(dir.join("jwt-hs256"), JWT_SECRET)?;
-    std::fs::write(dir.join("audit-hmac"), HMAC_SECRET)?;
-    let text = demo_config_toml(sim_url, listen, &dir.join("keybroker.db"))
-        .replace("max_active_keys_per_requester = 3", "max_active_keys_per_requester = 1000000")
-        // The load generator is a handful of principals sending thousands of requests a second.
-        .replacen("[server]\n", "[server]\nrate_limit_per_minute = 0\n", 1)
-        .replace("[auth]", "[jobs]\nreconcile_interval = \"1h\"\n\n[auth]");
-    let path = dir.join("keybroker.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
+    keybroker_testkit::write_secret_files(dir);
+    let mut file = keybroker_testkit::demo_file(sim_url, listen, &dir.join("keybroker.db"));
+    unlimited(&mut file);
+    Ok(keybroker_testkit::write_file(dir, &file))
 }
 
 /// A store for one run, and what must be cleaned up after it.
@@ -294,50 +295,30 @@ impl StoreHandle {
     }
 }
 
-/// A simulator and an in-process keybroker on ephemeral ports.
+/// A simulator and an in-process keybroker on ephemeral ports (the test kit's), with the
+/// benchmark's limits, on `store`.
 pub struct Rig {
     pub sim: Simulator,
     pub sim_url: String,
     pub url: String,
     pub http: reqwest::Client,
-    _running_sim: RunningSimulator,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    app: TestApp,
 }
 
 impl Rig {
     pub async fn start(seed: Seed, store: &StoreHandle) -> anyhow::Result<Self> {
-        let sim = Simulator::new(seed)?;
-        let running = sim.spawn(([127, 0, 0, 1], 0).into()).await?;
-        let sim_url = running.url();
-        let path = write_config(store.dir.path(), &sim_url, "127.0.0.1:0")?;
-        let config = Config::load(&path)?;
-        let app =
-            App::build_with(config, Arc::new(keybroker::domain::clock::SystemClock), Some(store.store.clone())).await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let (tx, rx) = oneshot::channel();
-        let server = tokio::spawn(app.serve(listener, async move {
-            let _ = rx.await;
-        }));
-        Ok(Self {
-            sim,
-            sim_url,
-            url,
-            http: http_client()?,
-            _running_sim: running,
-            shutdown: Some(tx),
-            server: Some(server),
+        let app = TestApp::spawn_with(TestOptions {
+            seed,
+            configure: Box::new(unlimited),
+            store: Some(store.store.clone()),
+            clock: None,
         })
+        .await;
+        Ok(Self { sim: app.sim.clone(), sim_url: app.sim_url.clone(), url: app.url.clone(), http: http_client()?, app })
     }
 
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            let _ = server.await;
-        }
+    pub async fn stop(self) {
+        self.app.stop().await;
     }
 }
 

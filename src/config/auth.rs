@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{ConfigError, HumanDuration, JwtAlgorithm, MIN_SECRET_BYTES, read_secret, transport};
@@ -21,9 +21,9 @@ use super::{ConfigError, HumanDuration, JwtAlgorithm, MIN_SECRET_BYTES, read_sec
 pub use crate::domain::principal::DEFAULT_ISSUER;
 
 /// One string or a list of them (`audience`, a binding's claim patterns).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
-pub(super) enum OneOrMany {
+pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
@@ -37,83 +37,84 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawAuth {
+pub struct RawAuth {
     // The issuer `default` (the single-issuer form).
-    issuer: Option<String>,
-    audience: Option<OneOrMany>,
+    pub issuer: Option<String>,
+    pub audience: Option<OneOrMany>,
     #[serde(default)]
-    algorithms: Vec<String>,
-    jwks_url: Option<String>,
+    pub algorithms: Vec<String>,
+    pub jwks_url: Option<String>,
     #[serde(default)]
-    public_key_files: Vec<PathBuf>,
-    hs256_secret_file: Option<PathBuf>,
-    hs256_secret: Option<SecretString>,
-    teams_claim: Option<String>,
-    teams_separator: Option<String>,
+    pub public_key_files: Vec<PathBuf>,
+    pub hs256_secret_file: Option<PathBuf>,
+    #[serde(skip_serializing)]
+    pub hs256_secret: Option<SecretString>,
+    pub teams_claim: Option<String>,
+    pub teams_separator: Option<String>,
     #[serde(default)]
-    allow_insecure_http: bool,
-    ca_file: Option<PathBuf>,
-    jwks_bearer_token_file: Option<PathBuf>,
+    pub allow_insecure_http: bool,
+    pub ca_file: Option<PathBuf>,
+    pub jwks_bearer_token_file: Option<PathBuf>,
     #[serde(default)]
-    subjects: Vec<String>,
-    allowed_teams: Option<Vec<String>>,
-    privileged: Option<bool>,
+    pub subjects: Vec<String>,
+    pub allowed_teams: Option<Vec<String>>,
+    pub privileged: Option<bool>,
     // Shared by every issuer.
     #[serde(default)]
-    admin_teams: Vec<String>,
+    pub admin_teams: Vec<String>,
     #[serde(default)]
-    auditor_teams: Vec<String>,
+    pub auditor_teams: Vec<String>,
     /// Members of these teams (chat-ops bots) may create pickup tickets for someone else.
     #[serde(default)]
-    delegate_teams: Vec<String>,
+    pub delegate_teams: Vec<String>,
     #[serde(default = "default_leeway")]
-    leeway: HumanDuration,
+    pub leeway: HumanDuration,
     #[serde(default)]
-    issuers: Vec<RawIssuer>,
+    pub issuers: Vec<RawIssuer>,
 }
 
 fn default_leeway() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawIssuer {
-    name: String,
-    issuer: Option<String>,
-    audience: Option<OneOrMany>,
+pub struct RawIssuer {
+    pub name: String,
+    pub issuer: Option<String>,
+    pub audience: Option<OneOrMany>,
     #[serde(default)]
-    algorithms: Vec<String>,
-    jwks_url: Option<String>,
+    pub algorithms: Vec<String>,
+    pub jwks_url: Option<String>,
     #[serde(default)]
-    public_key_files: Vec<PathBuf>,
-    hs256_secret_file: Option<PathBuf>,
-    teams_claim: Option<String>,
-    teams_separator: Option<String>,
+    pub public_key_files: Vec<PathBuf>,
+    pub hs256_secret_file: Option<PathBuf>,
+    pub teams_claim: Option<String>,
+    pub teams_separator: Option<String>,
     #[serde(default)]
-    allow_insecure_http: bool,
-    ca_file: Option<PathBuf>,
-    jwks_bearer_token_file: Option<PathBuf>,
+    pub allow_insecure_http: bool,
+    pub ca_file: Option<PathBuf>,
+    pub jwks_bearer_token_file: Option<PathBuf>,
     #[serde(default)]
-    subjects: Vec<String>,
-    allowed_teams: Option<Vec<String>>,
+    pub subjects: Vec<String>,
+    pub allowed_teams: Option<Vec<String>>,
     #[serde(default)]
-    privileged: bool,
+    pub privileged: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawBinding {
-    issuer: String,
-    subject: Option<String>,
+pub struct RawBinding {
+    pub issuer: String,
+    pub subject: Option<String>,
     #[serde(default)]
-    claims: BTreeMap<String, OneOrMany>,
+    pub claims: BTreeMap<String, OneOrMany>,
     #[serde(default)]
-    teams: Vec<String>,
+    pub teams: Vec<String>,
     #[serde(default)]
-    privileged: bool,
+    pub privileged: bool,
 }
 
 /// A trusted token issuer, validated.

@@ -1,6 +1,6 @@
 //! Configuration: one TOML file, overridable from `KEYBROKER_<SECTION>__<KEY>` variables.
 //!
-//! Loading happens in two steps. [`RawConfig`] is exactly the file's shape (unknown fields are
+//! Loading happens in two steps. [`ConfigFile`] is exactly the file's shape (unknown fields are
 //! errors); [`Config::load`] then validates it, reads the secret files and builds the typed
 //! settings the service runs on. Every error names the offending key.
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 use figment::providers::{Env, Format, Toml};
 use figment::{Figment, Source};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::domain::duration::parse_duration;
@@ -24,8 +24,8 @@ mod auth;
 mod transport;
 mod ui;
 pub use auth::{AuthConfig, BindingConfig, DEFAULT_ISSUER, IssuerConfig};
-use auth::{RawAuth, RawBinding};
-pub use ui::{TicketsConfig, UiConfig, UiToken};
+pub use auth::{OneOrMany, RawAuth, RawBinding, RawIssuer};
+pub use ui::{RawTickets, RawUi, TicketsConfig, UiConfig, UiToken};
 
 /// A configuration problem; the message names the key and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,18 @@ impl ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl From<Duration> for HumanDuration {
+    fn from(d: Duration) -> Self {
+        Self(d)
+    }
+}
+
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
@@ -54,61 +66,77 @@ impl<'de> Deserialize<'de> for HumanDuration {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The file's shape.
+// The file's shape, typed: [`ConfigFile`] and its sections (`Raw*`) are the file as written,
+// before validation. Tests and benchmarks configure keybroker by changing a field of one (never
+// by editing TOML text), then validate it with [`Config::from_file`]; `to_toml` writes it out
+// for a `keybroker serve` process.
 
-#[derive(Debug, Deserialize)]
+/// The whole file, typed and not yet validated.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
+pub struct ConfigFile {
     #[serde(default)]
-    server: RawServer,
+    pub server: RawServer,
     #[serde(default)]
-    database: RawDatabase,
-    octopus: Option<RawOctopus>,
-    auth: Option<RawAuth>,
+    pub database: RawDatabase,
+    pub octopus: Option<RawOctopus>,
+    pub auth: Option<RawAuth>,
     #[serde(default)]
-    audit: RawAudit,
+    pub audit: RawAudit,
     #[serde(default)]
-    scopes: Vec<RawScope>,
+    pub scopes: Vec<RawScope>,
     #[serde(default)]
-    bindings: Vec<RawBinding>,
+    pub bindings: Vec<RawBinding>,
     #[serde(default)]
-    jobs: RawJobs,
+    pub jobs: RawJobs,
     #[serde(default)]
-    webhooks: Vec<RawWebhook>,
+    pub webhooks: Vec<RawWebhook>,
     #[serde(default)]
-    lifecycle: RawLifecycle,
-    ui: Option<ui::RawUi>,
+    pub lifecycle: RawLifecycle,
+    pub ui: Option<ui::RawUi>,
     #[serde(default)]
-    tickets: ui::RawTickets,
+    pub tickets: ui::RawTickets,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLifecycle {
-    #[serde(default)]
-    on_scope_removed: ScopeRemoval,
+impl ConfigFile {
+    /// Parses TOML text (no environment overrides); nothing is validated or read yet.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Figment::new().merge(Toml::string(text)).extract().map_err(|e| ConfigError(figment_message(&e)))
+    }
+
+    /// The file as TOML text. Inline secrets are never written (the file may not hold them).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot write this configuration: {e}"))
+    }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawServer {
+pub struct RawLifecycle {
+    #[serde(default)]
+    pub on_scope_removed: ScopeRemoval,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
     #[serde(default = "default_listen")]
-    listen: String,
+    pub listen: String,
     #[serde(default)]
-    cors_allowed_origins: Vec<String>,
+    pub cors_allowed_origins: Vec<String>,
     #[serde(default = "default_body_limit")]
-    request_body_limit_bytes: usize,
+    pub request_body_limit_bytes: usize,
     #[serde(default = "default_request_timeout")]
-    request_timeout: HumanDuration,
+    pub request_timeout: HumanDuration,
     #[serde(default = "default_rate_limit")]
-    rate_limit_per_minute: u32,
+    pub rate_limit_per_minute: u32,
     #[serde(default = "default_max_connections")]
-    max_connections: usize,
+    pub max_connections: usize,
     #[serde(default = "default_header_read_timeout")]
-    header_read_timeout: HumanDuration,
+    pub header_read_timeout: HumanDuration,
     #[serde(default)]
-    trusted_proxies: Vec<String>,
-    public_url: Option<String>,
+    pub trusted_proxies: Vec<String>,
+    pub public_url: Option<String>,
 }
 
 fn default_max_connections() -> usize {
@@ -148,37 +176,39 @@ fn default_request_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawDatabase {
-    url: Option<String>,
+pub struct RawDatabase {
+    pub url: Option<String>,
     /// A file holding the URL, for URLs that carry a password.
-    url_file: Option<PathBuf>,
+    pub url_file: Option<PathBuf>,
     /// Whether `serve` applies the migrations (false: the runtime role may not; it checks the
     /// schema is current, and `keybroker migrate` runs as the owner).
-    run_migrations: Option<bool>,
+    pub run_migrations: Option<bool>,
 }
 
 fn default_database_url() -> String {
     "sqlite://keybroker.db".to_owned()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawOctopus {
-    url: Option<String>,
-    api_key_file: Option<PathBuf>,
-    api_key: Option<SecretString>,
-    username: Option<String>,
-    password_file: Option<PathBuf>,
-    password: Option<SecretString>,
+pub struct RawOctopus {
+    pub url: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    #[serde(skip_serializing)]
+    pub api_key: Option<SecretString>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
     #[serde(default = "default_octopus_timeout")]
-    timeout: HumanDuration,
+    pub timeout: HumanDuration,
     #[serde(default)]
-    allow_insecure_http: bool,
-    ca_file: Option<PathBuf>,
+    pub allow_insecure_http: bool,
+    pub ca_file: Option<PathBuf>,
     #[serde(default = "default_octopus_rate")]
-    max_requests_per_minute: u32,
+    pub max_requests_per_minute: u32,
 }
 
 /// Under Octopus's default policy of 200 (octopus-api.md §10), leaving room for other clients.
@@ -190,14 +220,15 @@ fn default_octopus_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawAudit {
-    hmac_secret_file: Option<PathBuf>,
-    hmac_secret: Option<SecretString>,
-    chain_key_file: Option<PathBuf>,
+pub struct RawAudit {
+    pub hmac_secret_file: Option<PathBuf>,
+    #[serde(skip_serializing)]
+    pub hmac_secret: Option<SecretString>,
+    pub chain_key_file: Option<PathBuf>,
     #[serde(default = "default_head_interval")]
-    head_interval: HumanDuration,
+    pub head_interval: HumanDuration,
 }
 
 impl Default for RawAudit {
@@ -210,43 +241,43 @@ fn default_head_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawScope {
-    name: String,
+pub struct RawScope {
+    pub name: String,
     #[serde(default)]
-    description: String,
-    octopus_user: String,
-    teams: Vec<String>,
-    default_ttl: HumanDuration,
-    max_ttl: HumanDuration,
+    pub description: String,
+    pub octopus_user: String,
+    pub teams: Vec<String>,
+    pub default_ttl: HumanDuration,
+    pub max_ttl: HumanDuration,
     #[serde(default = "default_max_active")]
-    max_active_keys_per_requester: u32,
+    pub max_active_keys_per_requester: u32,
 }
 
 fn default_max_active() -> u32 {
     3
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawJobs {
+pub struct RawJobs {
     #[serde(default = "default_reconcile_interval")]
-    reconcile_interval: HumanDuration,
+    pub reconcile_interval: HumanDuration,
     #[serde(default = "default_pending_grace")]
-    pending_grace: HumanDuration,
+    pub pending_grace: HumanDuration,
     #[serde(default = "default_expiry_sweep_interval")]
-    expiry_sweep_interval: HumanDuration,
+    pub expiry_sweep_interval: HumanDuration,
     #[serde(default = "default_webhook_interval")]
-    webhook_interval: HumanDuration,
+    pub webhook_interval: HumanDuration,
     #[serde(default = "default_expiry_sweep_interval")]
-    drift_interval: HumanDuration,
+    pub drift_interval: HumanDuration,
     #[serde(default = "default_expiry_sweep_interval")]
-    credential_check_interval: HumanDuration,
+    pub credential_check_interval: HumanDuration,
     #[serde(default = "default_readiness_interval")]
-    readiness_interval: HumanDuration,
+    pub readiness_interval: HumanDuration,
     #[serde(default = "default_policy_sync_interval")]
-    policy_sync_interval: HumanDuration,
+    pub policy_sync_interval: HumanDuration,
 }
 
 fn default_readiness_interval() -> HumanDuration {
@@ -286,19 +317,19 @@ fn default_expiry_sweep_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawWebhook {
-    name: Option<String>,
-    url: String,
+pub struct RawWebhook {
+    pub name: Option<String>,
+    pub url: String,
     #[serde(default)]
-    events: Vec<String>,
-    secret_file: Option<PathBuf>,
+    pub events: Vec<String>,
+    pub secret_file: Option<PathBuf>,
     #[serde(default)]
-    unsigned: bool,
+    pub unsigned: bool,
     #[serde(default)]
-    allow_insecure_http: bool,
-    ca_file: Option<PathBuf>,
+    pub allow_insecure_http: bool,
+    pub ca_file: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -479,7 +510,7 @@ impl Config {
                 value.parse().unwrap_or_else(|_| figment::value::Value::from(value.clone()));
             figment = figment.merge(figment::providers::Serialized::default(&key, parsed));
         }
-        figment.extract::<RawConfig>().map(|_| ()).map_err(|e| ConfigError(figment_message(&e)))
+        figment.extract::<ConfigFile>().map(|_| ()).map_err(|e| ConfigError(figment_message(&e)))
     }
 
     /// Validates a configuration given as TOML text, without environment overrides
@@ -505,11 +536,18 @@ impl Config {
                 ));
             }
         }
-        let raw: RawConfig = figment.extract().map_err(|e| ConfigError(figment_message(&e)))?;
+        let raw: ConfigFile = figment.extract().map_err(|e| ConfigError(figment_message(&e)))?;
         Self::validate(raw, base_dir)
     }
 
-    fn validate(raw: RawConfig, base: &Path) -> Result<Self, ConfigError> {
+    /// Validates a typed file: reads the secret files (relative to `base_dir`) and checks every
+    /// rule `load` checks, except that secrets were not written inline (a typed file has none
+    /// in its text).
+    pub fn from_file(file: ConfigFile, base_dir: &Path) -> Result<Self, ConfigError> {
+        Self::validate(file, base_dir)
+    }
+
+    fn validate(raw: ConfigFile, base: &Path) -> Result<Self, ConfigError> {
         let server = validate_server(&raw.server)?;
         let database = validate_database(raw.database, base)?;
         let octopus = validate_octopus(raw.octopus, base)?;
@@ -971,6 +1009,25 @@ max_ttl = "30d"
         assert!(
             matches!(config.octopus.credential, OctopusCredential::ApiKey(ref k) if k.expose_secret() == BROKER_KEY)
         );
+    }
+
+    #[test]
+    fn a_typed_file_writes_out_as_toml_that_reads_back_the_same() {
+        // The test kit changes fields of a ConfigFile and writes it out for `serve`: nothing may
+        // be lost on the way, for the example (every section) and for the demo.
+        let demo = crate::dev::demo_config_toml("http://127.0.0.1:9", "127.0.0.1:0", Path::new("k.db"));
+        for text in [include_str!("../../keybroker.example.toml"), demo.as_str()] {
+            let file = ConfigFile::from_toml(text).unwrap();
+            let written = file.to_toml();
+            assert!(!written.starts_with('#'), "{written}");
+            let again = ConfigFile::from_toml(&written).unwrap();
+            assert_eq!(format!("{again:?}"), format!("{file:?}"), "{written}");
+        }
+        // A duration keeps its value, whichever way humantime writes it.
+        let mut file = ConfigFile::from_toml(&demo).unwrap();
+        file.jobs.webhook_interval = Duration::from_millis(1500).into();
+        let again = ConfigFile::from_toml(&file.to_toml()).unwrap();
+        assert_eq!(again.jobs.webhook_interval, HumanDuration(Duration::from_millis(1500)));
     }
 
     #[test]

@@ -3,22 +3,34 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{AuthConfig, ConfigError, HumanDuration, transport};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawUi {
-    issuer: Option<String>,
-    client_id: Option<String>,
+pub struct RawUi {
+    pub issuer: Option<String>,
+    pub client_id: Option<String>,
     #[serde(default = "default_scopes")]
-    scopes: Vec<String>,
+    pub scopes: Vec<String>,
     #[serde(default)]
-    token: UiToken,
+    pub token: UiToken,
     #[serde(default)]
-    allow_insecure_http: bool,
+    pub allow_insecure_http: bool,
+}
+
+impl Default for RawUi {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            client_id: None,
+            scopes: default_scopes(),
+            token: UiToken::default(),
+            allow_insecure_http: false,
+        }
+    }
 }
 
 fn default_scopes() -> Vec<String> {
@@ -56,11 +68,11 @@ pub struct UiConfig {
     pub token: UiToken,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawTickets {
+pub struct RawTickets {
     #[serde(default = "default_ticket_lifetime")]
-    lifetime: HumanDuration,
+    pub lifetime: HumanDuration,
 }
 
 impl Default for RawTickets {

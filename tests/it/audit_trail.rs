@@ -85,9 +85,8 @@ async fn a_keyed_chain_cannot_be_rewritten_without_its_key() {
     let keys = tempfile::tempdir().unwrap();
     let key_file = keys.path().join("chain-key");
     std::fs::write(&key_file, CHAIN_KEY).unwrap();
-    let line = format!("[audit]\nchain_key_file = \"{}\"\n", key_file.display());
     let app = TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(move |c| c.replace("[audit]\n", &line)),
+        configure: Box::new(move |f| f.audit.chain_key_file = Some(key_file)),
         ..Default::default()
     })
     .await;

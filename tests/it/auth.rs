@@ -2,12 +2,14 @@
 //! 401 challenge, and what every refusal leaves in the audit trail. Keys and JWKS documents are
 //! fixtures in `tests/fixtures/` (see its README).
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use keybroker::config::RawAuth;
 use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER};
 use serde_json::{Map, Value, json};
 
@@ -25,9 +27,6 @@ const JWKS_K2: &str = include_str!("../fixtures/jwks-k2.json");
 
 /// The endpoints behind the `Caller` extractor that these tests probe.
 const PROTECTED: [&str; 2] = ["/v1/me", "/v1/keys"];
-
-/// The demo config's `[auth]` lines that select HS256; the asymmetric setups replace them.
-const HS256_LINES: &str = "algorithms = [\"HS256\"]\nhs256_secret_file = \"jwt-hs256\"\n";
 
 // ---------------------------------------------------------------------------------------------
 // Tokens.
@@ -87,22 +86,17 @@ fn fixture_path(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A TOML string literal.
-fn toml_str(text: &str) -> String {
-    toml::Value::String(text.to_owned()).to_string()
-}
-
-/// The demo configuration with its `[auth]` HS256 lines replaced by `auth_lines`.
-fn replacing_hs256_with(auth_lines: String) -> TestOptions {
-    replacing(HS256_LINES, auth_lines)
-}
-
-fn replacing(from: &'static str, to: String) -> TestOptions {
+/// The demo configuration with its `[auth]` verifying with `algorithms` and what `keys` sets
+/// instead of the HS256 secret.
+fn verifying_with(algorithms: &[&str], keys: impl FnOnce(&mut RawAuth) + Send + 'static) -> TestOptions {
+    let algorithms: Vec<String> = algorithms.iter().map(|a| (*a).to_owned()).collect();
     TestOptions {
-        edit_config: Box::new(move |toml| {
-            // Fail loudly, rather than test the demo config, if its text ever changes.
-            assert_eq!(toml.matches(from).count(), 1, "the demo config no longer contains {from:?}");
-            toml.replacen(from, &to, 1)
+        configure: Box::new(move |f| {
+            let auth = crate::helpers::auth(f);
+            assert_eq!(auth.algorithms, ["HS256"], "the demo's [auth] no longer verifies with HS256");
+            auth.algorithms = algorithms;
+            auth.hs256_secret_file = None;
+            keys(auth);
         }),
         ..Default::default()
     }
@@ -110,23 +104,20 @@ fn replacing(from: &'static str, to: String) -> TestOptions {
 
 /// RS256 and ES256 with `rsa-public.pem` and `ec-public.pem`; no HS256.
 async fn pem_app() -> TestApp {
-    let files = [fixture_path("rsa-public.pem"), fixture_path("ec-public.pem")].map(|p| toml_str(&p)).join(", ");
-    TestApp::spawn_with(replacing_hs256_with(format!(
-        "algorithms = [\"RS256\", \"ES256\"]\npublic_key_files = [{files}]\n"
-    )))
-    .await
+    let files = [fixture_path("rsa-public.pem"), fixture_path("ec-public.pem")].map(PathBuf::from).to_vec();
+    TestApp::spawn_with(verifying_with(&["RS256", "ES256"], move |a| a.public_key_files = files)).await
 }
 
 /// Only RS256, with `rsa-public.pem`.
 async fn rs256_only_app() -> TestApp {
-    let file = toml_str(&fixture_path("rsa-public.pem"));
-    TestApp::spawn_with(replacing_hs256_with(format!("algorithms = [\"RS256\"]\npublic_key_files = [{file}]\n"))).await
+    let file = PathBuf::from(fixture_path("rsa-public.pem"));
+    TestApp::spawn_with(verifying_with(&["RS256"], move |a| a.public_key_files = vec![file])).await
 }
 
 /// Only RS256, with keys from `jwks`.
 async fn jwks_app(jwks: &JwksServer) -> TestApp {
-    let url = toml_str(&jwks.url);
-    TestApp::spawn_with(replacing_hs256_with(format!("algorithms = [\"RS256\"]\njwks_url = {url}\n"))).await
+    let url = jwks.url.clone();
+    TestApp::spawn_with(verifying_with(&["RS256"], move |a| a.jwks_url = Some(url))).await
 }
 
 /// A JWKS endpoint on an ephemeral port that counts its requests and can switch documents.
@@ -286,9 +277,11 @@ async fn a_token_expired_within_the_leeway_is_still_accepted() {
 
 #[tokio::test]
 async fn teams_from_a_nested_claim_map_to_roles() {
-    let app =
-        TestApp::spawn_with(replacing("teams_claim = \"groups\"", "teams_claim = \"realm_access.roles\"".to_owned()))
-            .await;
+    let app = TestApp::spawn_with(TestOptions {
+        configure: Box::new(|f| crate::helpers::auth(f).teams_claim = Some("realm_access.roles".to_owned())),
+        ..Default::default()
+    })
+    .await;
     let token = hs256(&claims_with(|c| {
         c.insert("realm_access".to_owned(), json!({"roles": ["payments", "platform-admins"]}));
         // The flat claim is no longer read: this would make alice an auditor.

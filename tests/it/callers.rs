@@ -9,10 +9,10 @@ use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use keybroker::config::Config;
+use keybroker::config::{Config, ConfigFile, RawBinding, RawIssuer};
 use serde_json::{Value, json};
 
-use crate::helpers::{HMAC_SECRET, TestApp, TestOptions};
+use crate::helpers::{HMAC_SECRET, TestApp, TestOptions, entries};
 
 const RSA_K1: &str = include_str!("../fixtures/rsa-private.pem");
 const RSA_K2: &str = include_str!("../fixtures/rsa2-private.pem");
@@ -49,7 +49,14 @@ async fn jwks_server(k8s_fetches: Arc<AtomicUsize>) -> String {
     url
 }
 
-/// The demo configuration plus a CI issuer per kind, a bot issuer, and bindings.
+/// Adds to the demo configuration a CI issuer per kind, a bot issuer, and bindings.
+fn add_callers(f: &mut ConfigFile, jwks: &str) {
+    let callers = ConfigFile::from_toml(&callers_config(jwks)).unwrap();
+    crate::helpers::auth(f).issuers.extend(callers.auth.unwrap().issuers);
+    f.bindings.extend(callers.bindings);
+}
+
+/// A CI issuer per kind, a bot issuer, and bindings, as an operator would write them.
 fn callers_config(jwks: &str) -> String {
     format!(
         r#"
@@ -107,12 +114,10 @@ teams = ["payments"]
 async fn app_with_callers() -> (TestApp, Arc<AtomicUsize>) {
     let fetches = Arc::new(AtomicUsize::new(0));
     let jwks = jwks_server(fetches.clone()).await;
-    let extra = callers_config(&jwks);
-    let app = TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(move |c| format!("{c}{extra}")),
-        ..Default::default()
-    })
-    .await;
+    let extra = jwks.clone();
+    let app =
+        TestApp::spawn_with(TestOptions { configure: Box::new(move |f| add_callers(f, &extra)), ..Default::default() })
+            .await;
     std::fs::write(app.dir.path().join("k8s-jwks-token"), K8S_JWKS_TOKEN).unwrap();
     (app, fetches)
 }
@@ -300,27 +305,36 @@ async fn a_bot_secret_is_pinned_to_its_subjects_and_teams_and_never_mints_admins
 fn bindings_that_would_match_everything_or_grant_admins_are_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     crate::helpers::write_secret_files(dir.path());
-    let base = keybroker::dev::demo_config_toml("http://127.0.0.1:9", "127.0.0.1:0", &dir.path().join("k.db"));
-    let with = |extra: &str| {
-        Config::from_toml_str(&format!("{base}\n{}\n{extra}", callers_config("http://127.0.0.1:9")), dir.path())
+    let base = crate::helpers::demo_file("http://127.0.0.1:9", "127.0.0.1:0", &dir.path().join("k.db"));
+    let with_issuers_and = |issuers: Vec<RawIssuer>, bindings: Vec<RawBinding>| {
+        let mut f = base.clone();
+        add_callers(&mut f, "http://127.0.0.1:9");
+        crate::helpers::auth(&mut f).issuers.extend(issuers);
+        f.bindings.extend(bindings);
+        Config::from_file(f, dir.path())
+    };
+    // One more binding, written as an operator would.
+    let with = |binding: &str| {
+        let bindings = if binding.is_empty() { Vec::new() } else { entries(&format!("[[entries]]\n{binding}")) };
+        with_issuers_and(Vec::new(), bindings)
     };
     assert!(with("").is_ok());
-    let err = with("[[bindings]]\nissuer = \"github\"\nteams = [\"payments\"]\n").unwrap_err().to_string();
+    let err = with("issuer = \"github\"\nteams = [\"payments\"]\n").unwrap_err().to_string();
     assert!(err.starts_with("bindings[3].subject: a binding needs a subject or a claim"), "{err}");
-    let err = with("[[bindings]]\nissuer = \"github\"\nsubject = \"repo:acme/*\"\nteams = [\"platform-admins\"]\n")
+    let err = with("issuer = \"github\"\nsubject = \"repo:acme/*\"\nteams = [\"platform-admins\"]\n")
         .unwrap_err()
         .to_string();
     assert!(err.starts_with("bindings[3].teams") && err.contains("privileged = true"), "{err}");
     assert!(
-        with("[[bindings]]\nissuer = \"github\"\nsubject = \"repo:acme/*\"\nteams = [\"platform-admins\"]\nprivileged = true\n")
+        with("issuer = \"github\"\nsubject = \"repo:acme/*\"\nteams = [\"platform-admins\"]\nprivileged = true\n")
             .is_ok()
     );
-    let err =
-        with("[[bindings]]\nissuer = \"nope\"\nsubject = \"x\"\nteams = [\"payments\"]\n").unwrap_err().to_string();
+    let err = with("issuer = \"nope\"\nsubject = \"x\"\nteams = [\"payments\"]\n").unwrap_err().to_string();
     assert!(err.starts_with("bindings[3].issuer") && err.contains("github"), "{err}");
-    let err = with(&format!("[[auth.issuers]]\nname = \"again\"\nissuer = \"{GITHUB}\"\naudience = \"k\"\nalgorithms = [\"RS256\"]\njwks_url = \"http://127.0.0.1:9/j\"\n"))
-        .unwrap_err()
-        .to_string();
+    let again = entries(&format!(
+        "[[entries]]\nname = \"again\"\nissuer = \"{GITHUB}\"\naudience = \"k\"\nalgorithms = [\"RS256\"]\njwks_url = \"http://127.0.0.1:9/j\"\n"
+    ));
+    let err = with_issuers_and(again, Vec::new()).unwrap_err().to_string();
     assert!(err.contains("is trusted twice"), "{err}");
 }
 

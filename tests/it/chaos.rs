@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::post;
-use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
+use keybroker::config::RawWebhook;
+use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, mint_token};
 use keybroker::store::Store;
 use octopus_sim::{Fault, FaultKind, Seed, Simulator};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{JWT_SECRET, keybroker_command, postgres_url, write_secret_files};
+use crate::helpers::{JWT_SECRET, demo_file, keybroker_command, postgres_url, secs, write_file, write_secret_files};
 
 struct Replica {
     url: String,
@@ -132,19 +133,27 @@ async fn a_chaos_soak_leaves_the_books_balanced() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let listen = format!("127.0.0.1:{port}");
         let unused = dir.path().join("unused.db");
-        let text = demo_config_toml(&running.url(), &listen, &unused)
-            .replace(&format!("sqlite://{}", unused.display()), db_url.as_str())
-            // keybroker's own outbound pace (150 a minute, for a real server) is not what is tested.
-            .replace("timeout = \"10s\"", "timeout = \"2s\"\nmax_requests_per_minute = 0")
-            .replace("max_active_keys_per_requester = 5", "max_active_keys_per_requester = 10000")
-            .replacen("[server]\n", "[server]\nrequest_timeout = \"10s\"\nrate_limit_per_minute = 0\n", 1);
-        let text = format!(
-            "{text}\n[jobs]\nreconcile_interval = \"1s\"\npending_grace = \"5s\"\nwebhook_interval = \"200ms\"\n\
-             drift_interval = \"2s\"\n\n[[webhooks]]\nname = \"soak\"\nurl = \"{hook}\"\nevents = [\"key.issued\"]\n\
-             unsigned = true\n"
-        );
-        let config = dir.path().join("keybroker.toml");
-        std::fs::write(&config, text).unwrap();
+        let mut file = demo_file(&running.url(), &listen, &unused);
+        file.database.url = Some(db_url.to_string());
+        let octopus = crate::helpers::octopus(&mut file);
+        octopus.timeout = secs(2);
+        // keybroker's own outbound pace (150 a minute, for a real server) is not what is tested.
+        octopus.max_requests_per_minute = 0;
+        crate::helpers::scope(&mut file, "reporting-readonly").max_active_keys_per_requester = 10_000;
+        file.server.request_timeout = secs(10);
+        file.server.rate_limit_per_minute = 0;
+        file.jobs.reconcile_interval = secs(1);
+        file.jobs.pending_grace = secs(5);
+        file.jobs.webhook_interval = std::time::Duration::from_millis(200).into();
+        file.jobs.drift_interval = secs(2);
+        file.webhooks.push(RawWebhook {
+            name: Some("soak".to_owned()),
+            url: hook.clone(),
+            events: vec!["key.issued".to_owned()],
+            unsigned: true,
+            ..Default::default()
+        });
+        let config = write_file(dir.path(), &file);
         let mut replica = Replica { url: format!("http://{listen}"), config, child: None };
         replica.start();
         wait_healthy(&replica.url).await;

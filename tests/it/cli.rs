@@ -5,10 +5,23 @@ use octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
 
 use crate::helpers::keybroker_command;
 
-fn write_config(dir: &std::path::Path, octopus_url: &str, edit: impl FnOnce(String) -> String) -> std::path::PathBuf {
+fn write_config(
+    dir: &std::path::Path,
+    octopus_url: &str,
+    configure: impl FnOnce(&mut keybroker::config::ConfigFile),
+) -> std::path::PathBuf {
     crate::helpers::write_secret_files(dir);
+    let mut file = crate::helpers::demo_file(octopus_url, "127.0.0.1:0", &dir.join("keybroker.db"));
+    configure(&mut file);
+    crate::helpers::write_file(dir, &file)
+}
+
+/// For the tests of the file's text itself: the demo's text with one exact edit.
+fn write_config_text(dir: &std::path::Path, octopus_url: &str, from: &str, to: &str) -> std::path::PathBuf {
+    crate::helpers::write_secret_files(dir);
+    let text = demo_config_toml(octopus_url, "127.0.0.1:0", &dir.join("keybroker.db"));
     let path = dir.join("keybroker.toml");
-    std::fs::write(&path, edit(demo_config_toml(octopus_url, "127.0.0.1:0", &dir.join("keybroker.db")))).unwrap();
+    std::fs::write(&path, crate::helpers::edit_once(&text, from, to)).unwrap();
     path
 }
 
@@ -20,7 +33,7 @@ fn keybroker(args: &[&str]) -> std::process::Output {
 async fn check_config_accepts_a_good_file_and_checks_every_scope_account() {
     let sim = Simulator::new(Seed::demo()).unwrap().spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &sim.url(), |c| c);
+    let path = write_config(dir.path(), &sim.url(), |_| {});
     let out = tokio::task::spawn_blocking(move || keybroker(&["check-config", "--config", path.to_str().unwrap()]))
         .await
         .unwrap();
@@ -35,10 +48,10 @@ async fn check_config_accepts_a_good_file_and_checks_every_scope_account() {
 async fn check_config_reports_scopes_whose_account_is_unusable() {
     let sim = Simulator::new(Seed::demo()).unwrap().spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &sim.url(), |c| {
-        c.replace("octopus_user = \"svc-web-deploy\"", "octopus_user = \"alice\"")
-            .replace("octopus_user = \"svc-readonly-reporting\"", "octopus_user = \"svc-retired\"")
-            .replace("octopus_user = \"svc-payments-deploy\"", "octopus_user = \"svc-nobody\"")
+    let path = write_config(dir.path(), &sim.url(), |f| {
+        crate::helpers::scope(f, "web-deploy").octopus_user = "alice".to_owned();
+        crate::helpers::scope(f, "reporting-readonly").octopus_user = "svc-retired".to_owned();
+        crate::helpers::scope(f, "payments-deploy").octopus_user = "svc-nobody".to_owned();
     });
     let out = tokio::task::spawn_blocking(move || keybroker(&["check-config", "--config", path.to_str().unwrap()]))
         .await
@@ -53,8 +66,8 @@ async fn check_config_reports_scopes_whose_account_is_unusable() {
 #[test]
 fn check_config_names_the_offending_key() {
     let dir = tempfile::tempdir().unwrap();
-    let path =
-        write_config(dir.path(), "http://127.0.0.1:9", |c| c.replace("max_ttl = \"30d\"", "max_ttl = \"30 parsecs\""));
+    // A value no typed field can hold: the file's text itself.
+    let path = write_config_text(dir.path(), "http://127.0.0.1:9", "max_ttl = \"30d\"", "max_ttl = \"30 parsecs\"");
     let out = keybroker(&["check-config", "--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -68,7 +81,7 @@ fn check_config_names_the_offending_key() {
 #[test]
 fn migrate_creates_the_database_and_openapi_prints_the_contract() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "http://127.0.0.1:9", |c| c);
+    let path = write_config(dir.path(), "http://127.0.0.1:9", |_| {});
     let out = keybroker(&["migrate", "--config", path.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(dir.path().join("keybroker.db").exists());

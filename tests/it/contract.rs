@@ -302,7 +302,7 @@ async fn portals_on_the_allow_list_may_call_the_api_from_a_browser() {
 #[tokio::test]
 async fn each_principal_is_rate_limited_and_failed_logins_cannot_flood_the_audit_trail() {
     let app = TestApp::spawn_with(crate::helpers::TestOptions {
-        edit_config: Box::new(|c| c.replacen("[server]\n", "[server]\nrate_limit_per_minute = 5\n", 1)),
+        configure: Box::new(|f| f.server.rate_limit_per_minute = 5),
         ..Default::default()
     })
     .await;

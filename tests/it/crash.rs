@@ -53,12 +53,12 @@ async fn a_kill_between_create_and_activate_is_cleaned_up_after_restart() {
     let db = dir.path().join("keybroker.db");
     let listen = format!("127.0.0.1:{}", free_port());
     // A short request timeout: the pending record is the issuer's until its deadline (8 s + 1 s).
-    let mut text = demo_config_toml(&running.url(), &listen, &db)
-        .replace("timeout = \"10s\"", "timeout = \"1s\"")
-        .replacen("[server]\n", "[server]\nrequest_timeout = \"8s\"\n", 1);
-    text.push_str("\n[jobs]\nreconcile_interval = \"1s\"\npending_grace = \"3s\"\n");
-    let config = dir.path().join("keybroker.toml");
-    std::fs::write(&config, text).unwrap();
+    let mut file = crate::helpers::demo_file(&running.url(), &listen, &db);
+    crate::helpers::octopus(&mut file).timeout = crate::helpers::secs(1);
+    file.server.request_timeout = crate::helpers::secs(8);
+    file.jobs.reconcile_interval = crate::helpers::secs(1);
+    file.jobs.pending_grace = crate::helpers::secs(3);
+    let config = crate::helpers::write_file(dir.path(), &file);
     let url = format!("http://{listen}");
     let db_url = format!("sqlite://{}", db.display());
     let http = reqwest::Client::new();

@@ -13,12 +13,9 @@ use crate::helpers::{TestApp, TestOptions, postgres_url};
 
 fn config_with_db(dir: &std::path::Path, db_url: &str) -> std::path::PathBuf {
     crate::helpers::write_secret_files(dir);
-    let text = keybroker::dev::demo_config_toml("http://127.0.0.1:9", "127.0.0.1:0", &dir.join("unused.db"));
-    let text = text
-        .replace(&format!("url = \"sqlite://{}\"", dir.join("unused.db").display()), &format!("url = \"{db_url}\""));
-    let path = dir.join("keybroker.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    let mut file = crate::helpers::demo_file("http://127.0.0.1:9", "127.0.0.1:0", &dir.join("unused.db"));
+    file.database.url = Some(db_url.to_owned());
+    crate::helpers::write_file(dir, &file)
 }
 
 fn run(args: &[&str]) -> std::process::Output {

@@ -11,12 +11,9 @@ use crate::helpers::{TestApp, TestOptions};
 #[tokio::test]
 async fn a_look_up_that_outlasts_the_deadline_creates_nothing_and_says_so() {
     let app = TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(|c| {
-            c.replacen("timeout = \"10s\"", "timeout = \"2s\"", 1).replacen(
-                "[server]\n",
-                "[server]\nrequest_timeout = \"10s\"\n",
-                1,
-            )
+        configure: Box::new(|f| {
+            crate::helpers::octopus(f).timeout = crate::helpers::secs(2);
+            f.server.request_timeout = crate::helpers::secs(10);
         }),
         ..Default::default()
     })

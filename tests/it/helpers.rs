@@ -1,205 +1,15 @@
-//! The test harness: a keybroker and an Octopus simulator, both on ephemeral ports.
+//! The integration tests' own helpers; the harness itself (configuration, tokens, the app and
+//! the simulator on ephemeral ports) is the shared test kit, `keybroker-testkit`.
+
+pub use keybroker_testkit::*;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keybroker::api::AppState;
-use keybroker::app::App;
-use keybroker::config::Config;
-use keybroker::dev::{DEV_AUDIENCE, DEV_ISSUER, demo_config_toml, mint_token};
+use keybroker::config::ConfigFile;
 use keybroker::store::Store;
-use octopus_sim::{DEMO_BROKER_API_KEY, RunningSimulator, Seed, Simulator};
+use octopus_sim::DEMO_BROKER_API_KEY;
 use serde_json::Value;
-use tokio::sync::oneshot;
-
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789abcdef";
-pub const HMAC_SECRET: &str = "test-hmac-secret-0123456789abcdef0123456789abcdef";
-
-/// Options for [`TestApp::spawn_with`].
-pub struct TestOptions {
-    pub seed: Seed,
-    /// Edits the demo configuration text before it is loaded.
-    pub edit_config: Box<dyn FnOnce(String) -> String + Send>,
-    /// A store to use instead of the SQLite file (fault-injecting wrappers).
-    pub store: Option<Arc<dyn Store>>,
-    /// A clock to use instead of the system's.
-    pub clock: Option<Arc<dyn keybroker::domain::clock::Clock>>,
-}
-
-impl Default for TestOptions {
-    fn default() -> Self {
-        Self { seed: Seed::demo(), edit_config: Box::new(|c| c), store: None, clock: None }
-    }
-}
-
-/// A clock that tests move by hand.
-pub struct ManualClock(std::sync::Mutex<chrono::DateTime<chrono::Utc>>);
-
-impl ManualClock {
-    pub fn starting_now() -> Arc<Self> {
-        Arc::new(Self(std::sync::Mutex::new(chrono::Utc::now())))
-    }
-
-    pub fn advance(&self, by: chrono::Duration) {
-        let mut now = self.0.lock().unwrap();
-        *now += by;
-    }
-}
-
-impl keybroker::domain::clock::Clock for ManualClock {
-    fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        *self.0.lock().unwrap()
-    }
-}
-
-pub struct TestApp {
-    pub url: String,
-    pub sim: Simulator,
-    pub sim_url: String,
-    pub state: AppState,
-    pub dir: tempfile::TempDir,
-    pub http: reqwest::Client,
-    _running_sim: RunningSimulator,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl TestApp {
-    pub async fn spawn() -> Self {
-        Self::spawn_with(TestOptions::default()).await
-    }
-
-    pub async fn spawn_with(options: TestOptions) -> Self {
-        let sim = Simulator::new(options.seed).expect("seed");
-        let running = sim.spawn(([127, 0, 0, 1], 0).into()).await.expect("simulator");
-        let sim_url = running.url();
-        let dir = tempfile::tempdir().unwrap();
-        write_secret_files(dir.path());
-        let text = demo_config_toml(&sim_url, "127.0.0.1:0", &dir.path().join("keybroker.db"));
-        // The app's own reconciler would race tests that stage pending records; tests run
-        // `jobs::reconcile_once` themselves.
-        let text = text.replace(
-            "[auth]",
-            "[jobs]\nreconcile_interval = \"1h\"\nexpiry_sweep_interval = \"1h\"\nwebhook_interval = \"1h\"\n\
-             drift_interval = \"1h\"\ncredential_check_interval = \"1h\"\n\n[auth]",
-        );
-        let text = (options.edit_config)(text);
-        let path = dir.path().join("keybroker.toml");
-        std::fs::write(&path, text).unwrap();
-        let config = Config::load(&path).expect("config");
-        let clock = options.clock.unwrap_or_else(|| Arc::new(keybroker::domain::clock::SystemClock));
-        let app = App::build_with(config, clock, options.store).await.expect("app").with_config_path(&path);
-        let state = app.state.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel();
-        let server = tokio::spawn(app.serve(listener, async move {
-            let _ = rx.await;
-        }));
-        Self {
-            url,
-            sim,
-            sim_url,
-            state,
-            dir,
-            http: reqwest::Client::new(),
-            _running_sim: running,
-            shutdown: Some(tx),
-            server: Some(server),
-        }
-    }
-
-    pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("keybroker.db")
-    }
-
-    pub fn token(&self, subject: &str, groups: &[&str]) -> String {
-        mint_token(JWT_SECRET, DEV_ISSUER, DEV_AUDIENCE, subject, subject, groups, chrono::Duration::hours(1)).unwrap()
-    }
-
-    /// alice, team payments.
-    pub fn alice(&self) -> String {
-        self.token("alice@example.com", &["payments"])
-    }
-
-    /// bob, team web.
-    pub fn bob(&self) -> String {
-        self.token("bob@example.com", &["web"])
-    }
-
-    pub fn auditor(&self) -> String {
-        self.token("sam@example.com", &["security"])
-    }
-
-    pub fn admin(&self) -> String {
-        self.token("root@example.com", &["platform-admins"])
-    }
-
-    pub async fn issue(&self, token: &str, body: Value) -> reqwest::Response {
-        self.http.post(format!("{}/v1/keys", self.url)).bearer_auth(token).json(&body).send().await.unwrap()
-    }
-
-    /// Issues a key and returns the JSON answer, asserting a 201.
-    pub async fn issue_ok(&self, token: &str, body: Value) -> Value {
-        let res = self.issue(token, body).await;
-        let status = res.status();
-        let json: Value = res.json().await.unwrap();
-        assert_eq!(status, 201, "issuance failed: {json}");
-        json
-    }
-
-    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
-        self.http.get(format!("{}{path}", self.url)).bearer_auth(token).send().await.unwrap()
-    }
-
-    pub async fn delete(&self, path: &str, token: &str) -> reqwest::Response {
-        self.http.delete(format!("{}{path}", self.url)).bearer_auth(token).send().await.unwrap()
-    }
-
-    /// Calls the simulator with an Octopus API key, as a pipeline would.
-    pub async fn octopus_me(&self, api_key: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}/api/users/me", self.sim_url))
-            .header("X-Octopus-ApiKey", api_key)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// Runs the readiness job once (tests do not wait for its interval), then reads `/readyz`
-    /// as an admin, who sees every check's detail.
-    pub async fn readyz_now(&self) -> reqwest::Response {
-        self.state.readiness.refresh(&self.state.keys).await;
-        self.http.get(format!("{}/readyz", self.url)).bearer_auth(self.admin()).send().await.unwrap()
-    }
-
-    /// Every audit event, oldest first.
-    pub async fn audit_events(&self) -> Vec<keybroker::domain::audit::AuditRecord> {
-        self.state.keys.store().audit_chain(0, 100_000).await.unwrap()
-    }
-
-    /// Keys in the simulator that carry a keybroker marker.
-    pub fn keybroker_keys_in_octopus(&self) -> Vec<octopus_sim::SimApiKey> {
-        self.sim.api_keys().into_iter().filter(|k| k.purpose.starts_with("keybroker:")).collect()
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            let _ = server.await;
-        }
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
 
 /// A PostgreSQL schema of its own for one test, dropped when the guard goes.
 pub struct PgSchema {
@@ -303,21 +113,15 @@ pub fn keybroker_command(args: &[&str]) -> std::process::Command {
     cmd
 }
 
-/// The demo configuration for `octopus_url`, edited, in a folder of its own with its secret files.
-pub fn config_file(octopus_url: &str, edit: impl FnOnce(String) -> String) -> (tempfile::TempDir, PathBuf) {
+/// The demo configuration for `octopus_url`, changed by `configure`, in a folder of its own
+/// with its secret files.
+pub fn config_file(octopus_url: &str, configure: impl FnOnce(&mut ConfigFile)) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     write_secret_files(dir.path());
-    let text = demo_config_toml(octopus_url, "127.0.0.1:0", &dir.path().join("k.db"));
-    let path = dir.path().join("keybroker.toml");
-    std::fs::write(&path, edit(text)).unwrap();
+    let mut file = demo_file(octopus_url, "127.0.0.1:0", &dir.path().join("k.db"));
+    configure(&mut file);
+    let path = write_file(dir.path(), &file);
     (dir, path)
-}
-
-/// Writes the secret files the demo configuration names into `dir`.
-pub fn write_secret_files(dir: &std::path::Path) {
-    std::fs::write(dir.join("octopus-api-key"), DEMO_BROKER_API_KEY).unwrap();
-    std::fs::write(dir.join("jwt-hs256"), JWT_SECRET).unwrap();
-    std::fs::write(dir.join("audit-hmac"), HMAC_SECRET).unwrap();
 }
 
 /// A pending record of alice's in payments-deploy, created at `created_at`: what an issuance in

@@ -448,7 +448,7 @@ async fn a_lost_create_response_leaves_no_key_behind() {
 #[tokio::test]
 async fn an_octopus_timeout_is_504_and_leaves_no_key_behind() {
     let app = TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(|c| c.replace("timeout = \"10s\"", "timeout = \"1s\"")),
+        configure: Box::new(|f| crate::helpers::octopus(f).timeout = crate::helpers::secs(1)),
         ..Default::default()
     })
     .await;

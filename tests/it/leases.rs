@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::post;
-use keybroker::dev::demo_config_toml;
+use keybroker::config::RawWebhook;
 use keybroker::store::{NewDelivery, Store};
 use octopus_sim::{Seed, Simulator};
 use serde_json::json;
 
-use crate::helpers::{keybroker_command, postgres_url, write_secret_files};
+use crate::helpers::{demo_file, keybroker_command, postgres_url, write_file, write_secret_files};
 
 /// Kills the process when the test ends, however it ends.
 struct Process(std::process::Child);
@@ -100,14 +100,18 @@ async fn two_processes_deliver_each_of_200_notices_once_behind_a_receiver_slower
     for _ in 0..2 {
         let dir = tempfile::tempdir().unwrap();
         write_secret_files(dir.path());
-        let text = demo_config_toml(&running.url(), "127.0.0.1:0", &dir.path().join("unused.db"))
-            .replace(&format!("sqlite://{}", dir.path().join("unused.db").display()), db_url.as_str());
-        let text = format!(
-            "{text}\n[jobs]\nwebhook_interval = \"20ms\"\nreconcile_interval = \"1h\"\ndrift_interval = \"1h\"\n\n\
-             [[webhooks]]\nname = \"slow\"\nurl = \"{hook_url}\"\nevents = []\nunsigned = true\n"
-        );
-        let config = dir.path().join("keybroker.toml");
-        std::fs::write(&config, text).unwrap();
+        let mut file = demo_file(&running.url(), "127.0.0.1:0", &dir.path().join("unused.db"));
+        file.database.url = Some(db_url.to_string());
+        file.jobs.webhook_interval = Duration::from_millis(20).into();
+        file.jobs.reconcile_interval = Duration::from_secs(3600).into();
+        file.jobs.drift_interval = Duration::from_secs(3600).into();
+        file.webhooks.push(RawWebhook {
+            name: Some("slow".to_owned()),
+            url: hook_url.clone(),
+            unsigned: true,
+            ..Default::default()
+        });
+        let config = write_file(dir.path(), &file);
         let child = keybroker_command(&["serve", "--config", config.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

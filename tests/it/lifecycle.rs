@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
+use keybroker::config::{ConfigFile, RawWebhook};
 use keybroker::services::jobs::{expire_once, reconcile_once, watch_credential};
 use keybroker::services::webhooks::{Webhook, deliver_due, enqueue_notices, signature};
 use octopus_sim::{DEMO_BROKER_API_KEY, Fault, FaultKind, Seed, SeedApiKey};
@@ -70,13 +71,15 @@ const WEBHOOK_SECRET: &str = "webhook-secret-0123456789abcdef-0123456789";
 async fn app_with_webhook(sink: &Sink, clock: Arc<ManualClock>) -> TestApp {
     let secret_file = sink.dir.path().join("webhook-secret");
     std::fs::write(&secret_file, WEBHOOK_SECRET).unwrap();
-    let hook = format!(
-        "\n[[webhooks]]\nname = \"sink\"\nurl = \"{}\"\nevents = [\"key.issued\", \"key.expiring\", \"key.expired\", \"key.revoked\"]\nsecret_file = \"{}\"\n",
-        sink.url,
-        secret_file.display()
-    );
+    let hook = RawWebhook {
+        name: Some("sink".to_owned()),
+        url: sink.url.clone(),
+        events: ["key.issued", "key.expiring", "key.expired", "key.revoked"].map(str::to_owned).to_vec(),
+        secret_file: Some(secret_file),
+        ..Default::default()
+    };
     TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(move |c| format!("{c}{hook}")),
+        configure: Box::new(move |f| f.webhooks.push(hook)),
         clock: Some(clock),
         ..Default::default()
     })
@@ -367,7 +370,9 @@ async fn an_invalid_reload_is_refused_and_a_valid_one_applies_the_removal_rule()
         403
     );
 
-    std::fs::write(&path, original.replace("max_ttl = \"30d\"", "max_ttl = \"thirty days\"")).unwrap();
+    // A value no typed field can hold: the file's text itself.
+    std::fs::write(&path, crate::helpers::edit_once(&original, "max_ttl = \"30days\"", "max_ttl = \"thirty days\""))
+        .unwrap();
     let res = reload().await.unwrap();
     assert_eq!(res.status(), 422);
     let problem: Value = res.json().await.unwrap();
@@ -377,16 +382,14 @@ async fn an_invalid_reload_is_refused_and_a_valid_one_applies_the_removal_rule()
     assert!(app.audit_events().await.iter().any(|e| e.action == "config.reload_refused"));
 
     // A valid file: a new scope, payments-deploy removed, and removed scopes' keys revoked.
-    let without_payments = original
-        .split("[[scopes]]")
-        .filter(|part| !part.contains("name = \"payments-deploy\""))
-        .collect::<Vec<_>>()
-        .join("[[scopes]]");
-    let text = format!(
-        "{without_payments}\n[[scopes]]\nname = \"data-export\"\noctopus_user = \"svc-readonly-reporting\"\nteams = [\"data\"]\n\
-         default_ttl = \"1h\"\nmax_ttl = \"1d\"\n\n[lifecycle]\non_scope_removed = \"revoke\"\n"
-    );
-    std::fs::write(&path, text).unwrap();
+    let mut file = ConfigFile::from_toml(&original).unwrap();
+    file.scopes.retain(|s| s.name != "payments-deploy");
+    file.scopes.extend(crate::helpers::entries::<keybroker::config::RawScope>(
+        "[[entries]]\nname = \"data-export\"\noctopus_user = \"svc-readonly-reporting\"\nteams = [\"data\"]\n\
+         default_ttl = \"1h\"\nmax_ttl = \"1d\"\n",
+    ));
+    file.lifecycle.on_scope_removed = keybroker::domain::policy::ScopeRemoval::Revoke;
+    std::fs::write(&path, file.to_toml()).unwrap();
     let res = reload().await.unwrap();
     assert_eq!(res.status(), 200);
     let report: Value = res.json().await.unwrap();
@@ -409,12 +412,10 @@ async fn removed_scopes_keep_their_keys_by_default() {
     let web = app.issue_ok(&app.bob(), json!({"scope": "web-deploy", "purpose": "kept"})).await;
     let path = app.dir.path().join("keybroker.toml");
     let original = std::fs::read_to_string(&path).unwrap();
-    let without_web = original
-        .split("[[scopes]]")
-        .filter(|part| !part.contains("name = \"web-deploy\""))
-        .collect::<Vec<_>>()
-        .join("[[scopes]]");
-    std::fs::write(&path, without_web).unwrap();
+    let mut file = ConfigFile::from_toml(&original).unwrap();
+    file.scopes.retain(|s| s.name != "web-deploy");
+    assert_eq!(file.scopes.len(), 2);
+    std::fs::write(&path, file.to_toml()).unwrap();
     let res = app.http.post(format!("{}/v1/admin/reload", app.url)).bearer_auth(app.admin()).send().await.unwrap();
     assert_eq!(res.status(), 200);
     let report: Value = res.json().await.unwrap();
@@ -430,7 +431,7 @@ async fn removed_scopes_keep_their_keys_by_default() {
 #[tokio::test]
 async fn background_jobs_run_on_their_own_and_report_in_metrics() {
     let app = TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(|c| c.replace("expiry_sweep_interval = \"1h\"", "expiry_sweep_interval = \"1s\"")),
+        configure: Box::new(|f| f.jobs.expiry_sweep_interval = crate::helpers::secs(1)),
         ..Default::default()
     })
     .await;
@@ -452,22 +453,22 @@ async fn two_replicas_on_one_database_never_send_a_notice_twice() {
     let Some((store, _guard)) = crate::helpers::postgres_store().await else { return };
     let sink = Sink::start().await;
     let clock = ManualClock::starting_now();
-    let hook = |c: String, url: &str| {
-        format!("{c}\n[[webhooks]]\nname = \"sink\"\nurl = \"{url}\"\nevents = []\nunsigned = true\n")
+    let hook = |f: &mut ConfigFile, url: String| {
+        f.webhooks.push(RawWebhook { name: Some("sink".to_owned()), url, unsigned: true, ..Default::default() });
     };
     let url_a = sink.url.clone();
     let url_b = sink.url.clone();
     let a = TestApp::spawn_with(TestOptions {
         store: Some(store.clone()),
         clock: Some(clock.clone()),
-        edit_config: Box::new(move |c| hook(c, &url_a)),
+        configure: Box::new(move |f| hook(f, url_a)),
         ..Default::default()
     })
     .await;
     let b = TestApp::spawn_with(TestOptions {
         store: Some(store),
         clock: Some(clock.clone()),
-        edit_config: Box::new(move |c| hook(c, &url_b)),
+        configure: Box::new(move |f| hook(f, url_b)),
         ..Default::default()
     })
     .await;

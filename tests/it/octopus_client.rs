@@ -50,13 +50,13 @@ async fn keys_are_issued_through_the_login_flow_and_a_lapsed_session_is_renewed(
     let secrets = tempfile::tempdir().unwrap();
     let password_file = secrets.path().join("octopus-password");
     std::fs::write(&password_file, "correct horse battery staple").unwrap();
-    let edit = move |c: String| {
-        c.replace(
-            "api_key_file = \"octopus-api-key\"",
-            &format!("username = \"broker-human\"\npassword_file = \"{}\"", password_file.display()),
-        )
+    let configure = move |f: &mut keybroker::config::ConfigFile| {
+        let octopus = crate::helpers::octopus(f);
+        octopus.api_key_file = None;
+        octopus.username = Some("broker-human".to_owned());
+        octopus.password_file = Some(password_file);
     };
-    let app = TestApp::spawn_with(TestOptions { seed, edit_config: Box::new(edit), ..Default::default() }).await;
+    let app = TestApp::spawn_with(TestOptions { seed, configure: Box::new(configure), ..Default::default() }).await;
     let logins_at_start = app.sim.request_count("POST /api/users/login");
     assert!(logins_at_start >= 1);
 

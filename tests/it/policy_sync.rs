@@ -5,14 +5,16 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use keybroker::domain::policy::ScopeRemoval;
+
 use crate::helpers::{TestApp, TestOptions, backends, second_store};
 
 fn options(store: std::sync::Arc<dyn keybroker::store::Store>) -> TestOptions {
     TestOptions {
         store: Some(store),
-        edit_config: Box::new(|c| {
-            let c = c.replacen("[jobs]\n", "[jobs]\npolicy_sync_interval = \"1s\"\n", 1);
-            format!("{c}\n[lifecycle]\non_scope_removed = \"revoke\"\n")
+        configure: Box::new(|f| {
+            f.jobs.policy_sync_interval = crate::helpers::secs(1);
+            f.lifecycle.on_scope_removed = ScopeRemoval::Revoke;
         }),
         ..Default::default()
     }
@@ -20,10 +22,11 @@ fn options(store: std::sync::Arc<dyn keybroker::store::Store>) -> TestOptions {
 
 /// The configuration file without its `web-deploy` scope.
 fn without_web_deploy(text: &str) -> String {
-    text.split("[[scopes]]")
-        .filter(|chunk| !chunk.contains("name = \"web-deploy\""))
-        .collect::<Vec<_>>()
-        .join("[[scopes]]")
+    let mut file = keybroker::config::ConfigFile::from_toml(text).unwrap();
+    let before = file.scopes.len();
+    file.scopes.retain(|s| s.name != "web-deploy");
+    assert_eq!(file.scopes.len(), before - 1, "the file has no web-deploy scope");
+    file.to_toml()
 }
 
 async fn policy_check(app: &TestApp) -> Value {
@@ -103,7 +106,7 @@ async fn a_key_of_a_scope_removed_while_it_was_being_issued_is_revoked_when_it_a
     use axum::http::Method;
     use octopus_sim::{Fault, FaultKind};
     let app = TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(|c| format!("{c}\n[lifecycle]\non_scope_removed = \"revoke\"\n")),
+        configure: Box::new(|f| f.lifecycle.on_scope_removed = ScopeRemoval::Revoke),
         ..Default::default()
     })
     .await;

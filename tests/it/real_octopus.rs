@@ -11,7 +11,7 @@ use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
-use crate::helpers::{ManualClock, TestApp, TestOptions, config_file, keybroker_command};
+use crate::helpers::{ManualClock, TestApp, TestOptions, config_file, keybroker_command, scope};
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse().unwrap_or(0.0))).unwrap_or(0.0)
@@ -70,7 +70,7 @@ async fn check_config_reports_the_privilege_rule_per_scope() {
         .spawn(([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
-    let (_dir, path) = config_file(&sim.url(), |c| c);
+    let (_dir, path) = config_file(&sim.url(), |_| {});
     let out = tokio::task::spawn_blocking(move || {
         keybroker_command(&["check-config", "--config", path.to_str().unwrap()]).output().unwrap()
     })
@@ -118,9 +118,7 @@ async fn a_rate_limited_key_creation_is_sent_again_after_retry_after() {
 #[tokio::test]
 async fn keybroker_paces_its_own_calls_to_octopus() {
     let app = TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(|c| {
-            c.replacen("timeout = \"10s\"", "timeout = \"10s\"\nmax_requests_per_minute = 60", 1)
-        }),
+        configure: Box::new(|f| crate::helpers::octopus(f).max_requests_per_minute = 60),
         ..Default::default()
     })
     .await;
@@ -295,9 +293,13 @@ async fn dormant_keys_are_listed_from_octopus_and_revoked_on_request() {
 // ---------------------------------------------------------------------------------------------
 // keybroker doctor.
 
-async fn doctor(seed: Seed, probe_create: bool, edit: impl FnOnce(String) -> String) -> Vec<keybroker::doctor::Row> {
+async fn doctor(
+    seed: Seed,
+    probe_create: bool,
+    configure: impl FnOnce(&mut keybroker::config::ConfigFile),
+) -> Vec<keybroker::doctor::Row> {
     let sim = Simulator::new(seed).unwrap().spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
-    let (_dir, path) = config_file(&sim.url(), edit);
+    let (_dir, path) = config_file(&sim.url(), configure);
     let config = Config::load(&path).unwrap();
     keybroker::doctor::run(&config, probe_create).await.unwrap()
 }
@@ -311,7 +313,7 @@ async fn doctor_passes_a_healthy_server_and_probes_each_scope_with_a_real_key() 
     use keybroker::doctor::Status;
     let sim = Simulator::new(Seed::demo()).unwrap();
     let running = sim.spawn(([127, 0, 0, 1], 0).into()).await.unwrap();
-    let (_dir, path) = config_file(&running.url(), |c| c);
+    let (_dir, path) = config_file(&running.url(), |_| {});
     let keys_before = sim.api_keys().len();
     let out = tokio::task::spawn_blocking(move || {
         keybroker_command(&["doctor", "--config", path.to_str().unwrap(), "--probe-create"]).output().unwrap()
@@ -341,11 +343,7 @@ async fn doctor_passes_a_healthy_server_and_probes_each_scope_with_a_real_key() 
     seed.server.api_key_hint_length = 0;
     seed.server.rate_limit_per_minute = Some(600);
     seed.server.rate_limit_burst = Some(200);
-    let rows = doctor(seed, false, |c| {
-        c.replace("octopus_user = \"svc-readonly-reporting\"", "octopus_user = \"svc-retired\"")
-            .replace("max_active_keys_per_requester = 3", "max_active_keys_per_requester = 3\n")
-    })
-    .await;
+    let rows = doctor(seed, false, |f| scope(f, "reporting-readonly").octopus_user = "svc-retired".to_owned()).await;
     assert_eq!(row(&rows, "credential expiry").status, Status::Warn, "{rows:?}");
     assert!(row(&rows, "credential expiry").detail.contains("not found among"));
     assert!(row(&rows, "rate limits").detail.contains("l=200;rpm=600"), "{rows:?}");
@@ -356,14 +354,9 @@ async fn doctor_passes_a_healthy_server_and_probes_each_scope_with_a_real_key() 
     assert!(row(&rows, "scope reporting-readonly").detail.contains("disabled"));
     assert!(keybroker::doctor::failed(&rows));
 
-    let rows =
-        doctor(Seed::demo(), false, |c| c.replace("octopus_user = \"svc-web-deploy\"", "octopus_user = \"alice\""))
-            .await;
+    let rows = doctor(Seed::demo(), false, |f| scope(f, "web-deploy").octopus_user = "alice".to_owned()).await;
     assert!(row(&rows, "scope web-deploy").detail.contains("a person's account"));
-    let rows = doctor(Seed::demo(), false, |c| {
-        c.replace("octopus_user = \"svc-web-deploy\"", "octopus_user = \"svc-nobody\"")
-    })
-    .await;
+    let rows = doctor(Seed::demo(), false, |f| scope(f, "web-deploy").octopus_user = "svc-nobody".to_owned()).await;
     assert!(row(&rows, "scope web-deploy").detail.contains("no Octopus user is named exactly"));
 }
 
@@ -372,7 +365,7 @@ async fn doctor_reports_a_refused_credential_and_a_failing_probe() {
     use keybroker::doctor::Status;
     let mut seed = Seed::demo();
     seed.api_keys.retain(|k| k.secret != DEMO_BROKER_API_KEY);
-    let rows = doctor(seed, false, |c| c).await;
+    let rows = doctor(seed, false, |_| {}).await;
     let credential = row(&rows, "credential");
     assert_eq!(credential.status, Status::Fail, "{rows:?}");
     assert!(credential.fix.as_deref().unwrap().contains("octopus.api_key_file"));
@@ -387,7 +380,7 @@ async fn doctor_reports_a_refused_credential_and_a_failing_probe() {
             error_message: "Object reference not set to an instance of an object.".to_owned(),
         },
     ));
-    let (_dir, path) = config_file(&running.url(), |c| c);
+    let (_dir, path) = config_file(&running.url(), |_| {});
     let rows = keybroker::doctor::run(&Config::load(&path).unwrap(), true).await.unwrap();
     let probe = row(&rows, "probe-create payments-deploy");
     assert_eq!(probe.status, Status::Fail, "{rows:?}");

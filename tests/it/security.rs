@@ -78,13 +78,6 @@ fn client(url: &str, credential: OctopusCredential) -> Arc<OctopusClient> {
     .unwrap()
 }
 
-/// Points the demo configuration's `[octopus] url` somewhere else.
-fn octopus_at(text: &str, url: &str) -> String {
-    let start = text.find("[octopus]\nurl = \"").unwrap() + "[octopus]\nurl = \"".len();
-    let end = start + text[start..].find('"').unwrap();
-    format!("{}{url}{}", &text[..start], &text[end..])
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. No redirects, anywhere outbound.
 
@@ -132,8 +125,8 @@ async fn a_redirected_login_never_sends_the_password_elsewhere() {
 async fn callers_get_503_naming_only_the_redirect_host() {
     let (recorder, addr) = Recorder::start().await;
     let front = redirecting_front(format!("http://{addr}/elsewhere/api?session=s3cr3t")).await;
-    let edit = move |c: String| octopus_at(&c, &front);
-    let app = TestApp::spawn_with(TestOptions { edit_config: Box::new(edit), ..Default::default() }).await;
+    let configure = move |f: &mut keybroker::config::ConfigFile| crate::helpers::octopus(f).url = Some(front);
+    let app = TestApp::spawn_with(TestOptions { configure: Box::new(configure), ..Default::default() }).await;
     let res = app.issue(&app.alice(), json!({"scope": "payments-deploy", "purpose": "redirected"})).await;
     assert_eq!(res.status(), 503);
     let problem: Value = res.json().await.unwrap();
@@ -320,8 +313,9 @@ async fn requests_without_a_credential_leave_no_audit_rows() {
 #[tokio::test]
 async fn failed_authentications_are_limited_and_aggregated_per_ipv6_slash_64() {
     let app = TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(|c| {
-            c.replacen("[server]\n", "[server]\nrate_limit_per_minute = 3\ntrusted_proxies = [\"127.0.0.1/32\"]\n", 1)
+        configure: Box::new(|f| {
+            f.server.rate_limit_per_minute = 3;
+            f.server.trusted_proxies = vec!["127.0.0.1/32".to_owned()];
         }),
         ..Default::default()
     })
@@ -356,7 +350,7 @@ async fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
     assert_eq!(denied.client_addr.as_deref(), Some("127.0.0.1"));
 
     let behind_proxy = TestApp::spawn_with(TestOptions {
-        edit_config: Box::new(|c| c.replacen("[server]\n", "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n", 1)),
+        configure: Box::new(|f| f.server.trusted_proxies = vec!["127.0.0.0/8".to_owned()]),
         ..Default::default()
     })
     .await;
@@ -404,11 +398,8 @@ async fn role_refusals_are_audited_as_authz_denied_once_a_minute() {
 // ---------------------------------------------------------------------------------------------
 // 8. The HTTP server.
 
-fn server_options(lines: &'static str) -> TestOptions {
-    TestOptions {
-        edit_config: Box::new(move |c| c.replacen("[server]\n", &format!("[server]\n{lines}\n"), 1)),
-        ..Default::default()
-    }
+fn server_options(configure: fn(&mut keybroker::config::RawServer)) -> TestOptions {
+    TestOptions { configure: Box::new(move |f| configure(&mut f.server)), ..Default::default() }
 }
 
 /// A connection that sends half a request's headers and then nothing.
@@ -420,7 +411,7 @@ async fn slow_client(app: &TestApp) -> tokio::net::TcpStream {
 
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
-    let app = TestApp::spawn_with(server_options("header_read_timeout = \"1s\"")).await;
+    let app = TestApp::spawn_with(server_options(|s| s.header_read_timeout = crate::helpers::secs(1))).await;
     let mut stream = slow_client(&app).await;
     let mut buf = [0u8; 256];
     // The server closes the connection; without the timeout this read would wait for ever.
@@ -434,7 +425,11 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
 
 #[tokio::test]
 async fn connections_beyond_the_cap_wait_until_one_closes() {
-    let app = TestApp::spawn_with(server_options("max_connections = 2\nheader_read_timeout = \"60s\"")).await;
+    let app = TestApp::spawn_with(server_options(|s| {
+        s.max_connections = 2;
+        s.header_read_timeout = crate::helpers::secs(60);
+    }))
+    .await;
     let first = slow_client(&app).await;
     let _second = slow_client(&app).await;
     let quick = reqwest::Client::builder().timeout(Duration::from_millis(800)).build().unwrap();

@@ -10,27 +10,37 @@ use keybroker::config::Config;
 use keybroker::services::webhooks::{Webhook, deliver_due};
 use serde_json::{Value, json};
 
+use keybroker::config::{ConfigFile, RawUi, RawWebhook, UiToken};
+
 use crate::helpers::{ManualClock, TestApp, TestOptions, backends};
 
 const BOT: &str = "chatops-bot";
 
-/// The demo configuration with `chatops` as a delegate team, a public URL, and `extra` appended.
-fn options(extra: String) -> TestOptions {
+/// The demo configuration with `chatops` as a delegate team, a public URL, the page, and
+/// `webhooks`.
+fn options(webhooks: Vec<RawWebhook>) -> TestOptions {
     TestOptions {
-        edit_config: Box::new(move |c| {
-            let c = c.replace(
-                "auditor_teams = [\"security\"]",
-                "auditor_teams = [\"security\"]\ndelegate_teams = [\"chatops\"]",
-            );
-            let c = c.replace("[server]\n", "[server]\npublic_url = \"https://keybroker.example.com\"\n");
-            format!("{c}\n[ui]\nissuer = \"https://keybroker-dev.local/\"\nclient_id = \"keybroker\"\n{extra}")
+        configure: Box::new(move |f| {
+            with_page(f);
+            crate::helpers::auth(f).delegate_teams = vec!["chatops".to_owned()];
+            f.server.public_url = Some("https://keybroker.example.com".to_owned());
+            f.webhooks.extend(webhooks);
         }),
         ..Default::default()
     }
 }
 
+/// `[ui]` signing in at the demo's own issuer.
+fn with_page(f: &mut ConfigFile) {
+    f.ui = Some(page("https://keybroker-dev.local/", "keybroker"));
+}
+
+fn page(issuer: &str, client_id: &str) -> RawUi {
+    RawUi { issuer: Some(issuer.to_owned()), client_id: Some(client_id.to_owned()), ..Default::default() }
+}
+
 async fn app() -> TestApp {
-    TestApp::spawn_with(options(String::new())).await
+    TestApp::spawn_with(options(Vec::new())).await
 }
 
 fn bot(app: &TestApp) -> String {
@@ -92,11 +102,14 @@ async fn a_bot_asks_alice_claims_once_and_the_secret_reaches_only_her_on_both_ba
 
 async fn the_ticket_flow(store: Arc<dyn keybroker::store::Store>) {
     let sink = Sink::default();
-    let hook = format!(
-        "\n[[webhooks]]\nname = \"chat\"\nurl = \"{}\"\nevents = [\"ticket.claimed\"]\nsecret_file = \"audit-hmac\"\n",
-        sink.serve().await
-    );
-    let mut options = options(hook);
+    let hook = RawWebhook {
+        name: Some("chat".to_owned()),
+        url: sink.serve().await,
+        events: vec!["ticket.claimed".to_owned()],
+        secret_file: Some("audit-hmac".into()),
+        ..Default::default()
+    };
+    let mut options = options(vec![hook]);
     options.store = Some(store);
     let app = TestApp::spawn_with(options).await;
     let before = app.keybroker_keys_in_octopus().len();
@@ -236,7 +249,7 @@ async fn bad_ticket_requests_get_clear_problems_and_change_nothing() {
 #[tokio::test]
 async fn an_unclaimed_ticket_expires_and_its_expiry_is_audited_once() {
     let clock = ManualClock::starting_now();
-    let mut options = options(String::new());
+    let mut options = options(Vec::new());
     options.clock = Some(clock.clone());
     let app = TestApp::spawn_with(options).await;
     let ticket = ticket_for_alice(&app, "payments-deploy").await;
@@ -353,29 +366,22 @@ async fn without_ui_there_is_no_page_and_nobody_may_create_tickets() {
 
 #[test]
 fn the_page_and_tickets_are_refused_at_start_when_their_links_could_not_work() {
-    let load = |edit: fn(String) -> String| {
-        let (_dir, path) = crate::helpers::config_file("http://127.0.0.1:9", edit);
+    let load = |configure: fn(&mut ConfigFile)| {
+        let (_dir, path) = crate::helpers::config_file("http://127.0.0.1:9", configure);
         Config::load(&path).map(|_| ()).map_err(|e| e.to_string())
     };
-    let delegates = |c: String| {
-        c.replace("auditor_teams = [\"security\"]", "auditor_teams = [\"security\"]\ndelegate_teams = [\"chatops\"]")
-    };
-    let err = load(delegates).unwrap_err();
+    let err = load(|f| crate::helpers::auth(f).delegate_teams = vec!["chatops".to_owned()]).unwrap_err();
     assert!(err.starts_with("auth.delegate_teams"), "{err}");
-    let wildcard_page = |c: String| {
-        let c = c.replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:8080\"");
-        format!("{c}\n[ui]\nissuer = \"https://keybroker-dev.local/\"\nclient_id = \"keybroker\"\n")
-    };
-    let err = load(wildcard_page).unwrap_err();
+    let err = load(|f| {
+        f.server.listen = "0.0.0.0:8080".to_owned();
+        with_page(f);
+    })
+    .unwrap_err();
     assert!(err.starts_with("server.public_url"), "{err}");
-    let untrusted = |c: String| format!("{c}\n[ui]\nissuer = \"https://other.example/\"\nclient_id = \"keybroker\"\n");
-    let err = load(untrusted).unwrap_err();
+    let err = load(|f| f.ui = Some(page("https://other.example/", "keybroker"))).unwrap_err();
     assert!(err.starts_with("ui.issuer") && err.contains("not a trusted issuer"), "{err}");
-    let id_token = |c: String| {
-        format!("{c}\n[ui]\nissuer = \"https://keybroker-dev.local/\"\nclient_id = \"page\"\ntoken = \"id_token\"\n")
-    };
-    let err = load(id_token).unwrap_err();
+    let err = load(|f| f.ui = Some(RawUi { token: UiToken::IdToken, ..page("https://keybroker-dev.local/", "page") }))
+        .unwrap_err();
     assert!(err.starts_with("ui.token"), "{err}");
-    let fine = |c: String| format!("{c}\n[ui]\nissuer = \"https://keybroker-dev.local/\"\nclient_id = \"keybroker\"\n");
-    assert_eq!(load(fine), Ok(()));
+    assert_eq!(load(with_page), Ok(()));
 }

@@ -11,7 +11,9 @@ use axum::routing::{get, post};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use keybroker::auth::Authenticator;
-use keybroker::config::{AuthConfig, Config, IssuerConfig, JwtAlgorithm, OctopusConfig, OctopusCredential};
+use keybroker::config::{
+    AuthConfig, Config, ConfigFile, IssuerConfig, JwtAlgorithm, OctopusConfig, OctopusCredential, RawWebhook,
+};
 use keybroker::octopus::OctopusClient;
 use keybroker::services::webhooks::{Webhook, deliver_due, enqueue_notices};
 use octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
@@ -147,13 +149,16 @@ impl Sink {
     }
 }
 
-async fn app_with_webhook(url: String, extra: String) -> TestApp {
+async fn app_with_webhook(url: String, ca_file: Option<std::path::PathBuf>) -> TestApp {
     // The test harness's HMAC secret file is long enough to sign with.
-    let hook = format!(
-        "\n[[webhooks]]\nname = \"team-chat\"\nurl = \"{url}\"\nevents = []\nsecret_file = \"audit-hmac\"\n{extra}\n"
-    );
-    TestApp::spawn_with(TestOptions { edit_config: Box::new(move |c| format!("{c}{hook}")), ..Default::default() })
-        .await
+    let hook = RawWebhook {
+        name: Some("team-chat".to_owned()),
+        url,
+        secret_file: Some("audit-hmac".into()),
+        ca_file,
+        ..Default::default()
+    };
+    TestApp::spawn_with(TestOptions { configure: Box::new(move |f| f.webhooks.push(hook)), ..Default::default() }).await
 }
 
 async fn notices(app: &TestApp) {
@@ -166,13 +171,12 @@ async fn notices(app: &TestApp) {
 async fn a_webhook_behind_an_internal_ca_is_trusted_with_ca_file_and_refused_without() {
     let sink = Sink::new();
     let url = format!("{}/hooks/T0K3N", tls_server(sink.router()).await);
-    let ca = format!("ca_file = \"{}\"", fixture("test-ca.pem").display());
-    let trusted = app_with_webhook(url.clone(), ca).await;
+    let trusted = app_with_webhook(url.clone(), Some(fixture("test-ca.pem"))).await;
     trusted.issue_ok(&trusted.alice(), json!({"scope": "payments-deploy", "purpose": "announced"})).await;
     notices(&trusted).await;
     assert_eq!(sink.received.lock().unwrap().len(), 1);
 
-    let untrusted = app_with_webhook(url, String::new()).await;
+    let untrusted = app_with_webhook(url, None).await;
     untrusted.issue_ok(&untrusted.alice(), json!({"scope": "payments-deploy", "purpose": "not announced"})).await;
     notices(&untrusted).await;
     assert_eq!(sink.received.lock().unwrap().len(), 1, "a certificate from an unknown CA was accepted");
@@ -189,7 +193,7 @@ async fn webhook_urls_never_reach_the_database_or_the_audit_trail() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://user:pa55word@{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app_router).await });
-    let app = app_with_webhook(format!("{base}/hooks/T0K3N-in-path?token=Q5ecret"), String::new()).await;
+    let app = app_with_webhook(format!("{base}/hooks/T0K3N-in-path?token=Q5ecret"), None).await;
     app.issue_ok(&app.alice(), json!({"scope": "payments-deploy", "purpose": "announced"})).await;
     notices(&app).await;
     assert_eq!(sink.received.lock().unwrap().len(), 1, "the webhook was called");
@@ -216,27 +220,24 @@ async fn webhook_urls_never_reach_the_database_or_the_audit_trail() {
 
 #[test]
 fn plain_http_to_another_host_is_refused_by_check_config_and_serve() {
-    type Edit = Box<dyn Fn(String) -> String>;
-    let cases: [(&str, Edit); 3] = [
-        ("octopus.url", Box::new(|c| c.replace("https://octopus.example.com", "http://octopus.example.com"))),
-        (
-            "auth.jwks_url",
-            Box::new(|c| {
-                c.replace(
-                    "algorithms = [\"HS256\"]\nhs256_secret_file = \"jwt-hs256\"",
-                    "algorithms = [\"RS256\"]\njwks_url = \"http://idp.example.com/jwks\"",
-                )
-            }),
-        ),
-        (
-            "webhooks[0].url",
+    type Configure = fn(&mut ConfigFile);
+    let cases: [(&str, Configure); 3] = [
+        ("octopus.url", |f| crate::helpers::octopus(f).url = Some("http://octopus.example.com".to_owned())),
+        ("auth.jwks_url", |f| {
+            let auth = crate::helpers::auth(f);
+            auth.algorithms = vec!["RS256".to_owned()];
+            auth.hs256_secret_file = None;
+            auth.jwks_url = Some("http://idp.example.com/jwks".to_owned());
+        }),
+        ("webhooks[0].url", |f| {
             // The harness's HMAC secret file is long enough to sign with.
-            Box::new(|c| {
-                format!(
-                    "{c}\n[[webhooks]]\nname = \"chat\"\nurl = \"http://chat.example.com/hook\"\nsecret_file = \"audit-hmac\"\n"
-                )
-            }),
-        ),
+            f.webhooks.push(RawWebhook {
+                name: Some("chat".to_owned()),
+                url: "http://chat.example.com/hook".to_owned(),
+                secret_file: Some("audit-hmac".into()),
+                ..Default::default()
+            });
+        }),
     ];
     for (key, edit) in cases {
         let (_dir, path) = config_file("https://octopus.example.com", edit);
@@ -249,8 +250,10 @@ fn plain_http_to_another_host_is_refused_by_check_config_and_serve() {
         }
     }
     // Allowed explicitly, the same file is valid.
-    let (_dir, path) = config_file("https://octopus.example.com", |c| {
-        c.replace("https://octopus.example.com\"", "http://octopus.example.com\"\nallow_insecure_http = true")
+    let (_dir, path) = config_file("https://octopus.example.com", |f| {
+        let octopus = crate::helpers::octopus(f);
+        octopus.url = Some("http://octopus.example.com".to_owned());
+        octopus.allow_insecure_http = true;
     });
     let loaded = Config::load(&path);
     assert!(loaded.is_ok(), "{:?}", loaded.err());
@@ -258,10 +261,11 @@ fn plain_http_to_another_host_is_refused_by_check_config_and_serve() {
 
 #[test]
 fn webhooks_need_a_name_and_a_secret_unless_they_say_unsigned() {
+    // The text of one webhook entry, as a person would write it.
     let load = |hook: &str| {
-        let (_dir, path) = config_file("https://octopus.example.com", |c| {
-            format!("{c}\n[[webhooks]]\nurl = \"https://chat.example.com/h\"\n{hook}\n")
-        });
+        let hook: Vec<RawWebhook> =
+            crate::helpers::entries(&format!("[[entries]]\nurl = \"https://chat.example.com/h\"\n{hook}\n"));
+        let (_dir, path) = config_file("https://octopus.example.com", |f| f.webhooks.extend(hook));
         Config::load(&path).map(|c| c.webhooks.len()).map_err(|e| e.to_string())
     };
     assert!(load("secret_file = \"audit-hmac\"").unwrap_err().starts_with("webhooks[0].name: required"));
