@@ -14,6 +14,7 @@ use super::denials::{Denial, address_bucket};
 use super::error::ApiError;
 use crate::auth::AuthError;
 use crate::domain::audit::{Action, RequestContext};
+use crate::domain::policy::authz::{Check, Decision, check};
 use crate::domain::principal::Principal;
 
 /// `Json<T>` whose rejections are problem responses. Only a JSON object is accepted as a body:
@@ -224,10 +225,7 @@ impl FromRequestParts<AppState> for AdminCaller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Caller(principal) = Caller::from_request_parts(parts, state).await?;
-        if principal.is_admin() {
-            return Ok(Self(principal));
-        }
-        Err(refuse_role(parts, state, &principal, "this needs the admin role").await)
+        require(parts, state, principal, Check::Administer).await.map(Self)
     }
 }
 
@@ -239,14 +237,26 @@ impl FromRequestParts<AppState> for AuditorCaller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Caller(principal) = Caller::from_request_parts(parts, state).await?;
-        if principal.sees_everything() {
-            return Ok(Self(principal));
-        }
-        let message = match parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str) {
-            Some("/v1/keys/identify") => "identifying keys needs the auditor or admin role",
-            _ => "the audit trail is for auditors and admins",
+        let what = match parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str) {
+            Some("/v1/keys/identify") => Check::IdentifyKey,
+            _ => Check::ReadAudit,
         };
-        Err(refuse_role(parts, state, &principal, message).await)
+        require(parts, state, principal, what).await.map(Self)
+    }
+}
+
+/// The caller, if [`check`] allows `what`; otherwise its refusal, audited.
+async fn require(
+    parts: &Parts,
+    state: &AppState,
+    principal: Principal,
+    what: Check<'_>,
+) -> Result<Principal, ApiError> {
+    match check(&principal, what) {
+        Decision::Allow => Ok(principal),
+        Decision::Deny(message) => Err(refuse_role(parts, state, &principal, &message).await),
+        // A role check never hides what it guards; refuse all the same if one ever does.
+        Decision::Hide => Err(refuse_role(parts, state, &principal, "not allowed").await),
     }
 }
 

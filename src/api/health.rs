@@ -70,7 +70,9 @@ pub async fn readyz(
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let details = match (authorization, client.map(|c| super::denials::address_bucket(c.0))) {
         (Some(value), Some(addr)) if state.rate_limits.check_address(addr).is_ok() => {
-            state.auth.authenticate(Some(value)).await.is_ok_and(|p| p.is_admin())
+            state.auth.authenticate(Some(value)).await.is_ok_and(|p| {
+                crate::domain::policy::authz::check(&p, crate::domain::policy::authz::Check::Administer).is_allowed()
+            })
         }
         _ => false,
     };

@@ -358,9 +358,7 @@ fn idempotency_of(headers: &HeaderMap, body: &IssueKeyBody) -> Result<Option<Ide
     if body.replace_previous {
         request["replace_previous"] = serde_json::json!(true);
     }
-    let canonical = crate::domain::audit::canonical_json(&request);
-    let request_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes()));
-    Ok(Some(Idempotency { key, request_hash }))
+    Ok(Some(Idempotency::for_request(key, &request)))
 }
 
 /// The `Idempotency-Key` header's value, if any: one header of 1-255 printable ASCII characters.

@@ -150,10 +150,30 @@ pub struct NewKey {
     pub deadline: Option<DateTime<Utc>>,
 }
 
+/// A caller's `Idempotency-Key` and the hash of the request it came with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Idempotency {
     pub key: String,
     pub request_hash: String,
+}
+
+impl Idempotency {
+    /// `key` for `request`: its hash is SHA-256 over the request's canonical JSON, so the same
+    /// fields in any order are the same request.
+    pub fn for_request(key: String, request: &serde_json::Value) -> Self {
+        let canonical = crate::domain::audit::canonical_json(request);
+        Self { key, request_hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes())) }
+    }
+}
+
+/// How long an `Idempotency-Key` is remembered: a use within it returns the first request's
+/// record, a use after it is a new request.
+pub const IDEMPOTENCY_WINDOW: chrono::Duration = chrono::Duration::hours(24);
+
+/// The per-requester limit: `held` counts the requester's pending and unexpired active keys in
+/// the scope. The store decides it with this, atomically with the insert; a dry run with it too.
+pub fn limit_reached(held: u64, max_active: u32) -> bool {
+    held >= u64::from(max_active)
 }
 
 /// What Octopus returned, recorded when the key becomes active.

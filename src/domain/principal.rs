@@ -39,11 +39,6 @@ impl Principal {
         self.roles.contains(&Role::Auditor)
     }
 
-    /// Auditors and admins see every key record and the audit trail.
-    pub fn sees_everything(&self) -> bool {
-        self.is_admin() || self.is_auditor()
-    }
-
     #[cfg(test)]
     pub fn for_tests(subject: &str, teams: &[&str], admin: bool, auditor: bool) -> Self {
         let mut roles = BTreeSet::from([Role::Requester]);

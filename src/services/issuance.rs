@@ -23,7 +23,7 @@ use crate::domain::audit::{Action, NewAuditEvent, Outcome, RequestContext};
 use crate::domain::clock::Clock;
 use crate::domain::keys::{Activation, Idempotency, KeyRecord, KeyState, NewKey};
 use crate::domain::policy::{
-    self, ExpiryClamp, ExpiryDecision, ExpiryRequest, Policy, PolicyError, Purpose, Scope, UpstreamLimits,
+    self, ExpiryClamp, ExpiryDecision, ExpiryRequest, Policy, PolicyError, Purpose, Scope, UpstreamLimits, authz,
     octopus_purpose, purpose_marker,
 };
 use crate::domain::principal::Principal;
@@ -125,6 +125,16 @@ pub enum ServiceError {
     /// keeps working until it succeeds.
     #[error("Octopus could not revoke the key now ({0}); keybroker recorded the revocation and retries it")]
     RevocationDeferred(OctopusError),
+}
+
+/// A service's answer to an authorization check ([`authz::check`]): 403 with its message, or
+/// 404 where the caller may not learn that the thing exists.
+pub fn authorized(principal: &Principal, what: authz::Check<'_>) -> Result<(), ServiceError> {
+    match authz::check(principal, what) {
+        authz::Decision::Allow => Ok(()),
+        authz::Decision::Deny(message) => Err(ServiceError::Forbidden(message)),
+        authz::Decision::Hide => Err(ServiceError::NotFound),
+    }
 }
 
 /// The operator's account of a 403 on a scope account's keys.
@@ -867,13 +877,8 @@ impl KeyService {
         why: Option<serde_json::Value>,
     ) -> Result<KeyRecord, ServiceError> {
         let record = self.store.get_key(id).await.map_err(ServiceError::Store)?.ok_or(ServiceError::NotFound)?;
+        authorized(principal, authz::Check::RevokeKey(&record))?;
         let owner = record.requester == principal.subject;
-        if !owner && !principal.is_admin() {
-            if principal.is_auditor() {
-                return Err(ServiceError::Forbidden("only the key's owner or an admin may revoke it".to_owned()));
-            }
-            return Err(ServiceError::NotFound);
-        }
         match record.state {
             // Already revoked: the answer is the record, and who asked again is on record too.
             KeyState::Revoked => {

@@ -4,8 +4,9 @@
 use uuid::Uuid;
 
 use crate::domain::audit::AuditRecord;
+use crate::domain::policy::authz::Check;
 use crate::domain::principal::Principal;
-use crate::services::issuance::{KeyService, ServiceError};
+use crate::services::issuance::{KeyService, ServiceError, authorized};
 // The domain types of the read side, so that the HTTP layer names them without reaching into
 // storage.
 use crate::domain::keys::KeyRecord;
@@ -19,26 +20,20 @@ pub async fn key_page(
     mut filter: KeyFilter,
     page: PageRequest,
 ) -> Result<Vec<KeyRecord>, ServiceError> {
-    if !principal.sees_everything() {
-        match &filter.requester {
-            Some(r) if *r != principal.subject => {
-                return Err(ServiceError::Forbidden(
-                    "only auditors and admins may list other requesters' keys".to_owned(),
-                ));
-            }
-            _ => filter.requester = Some(principal.subject.clone()),
-        }
+    // Without a requester filter, a caller who may not list everyone's keys lists their own.
+    if filter.requester.is_none() && authorized(principal, Check::ListKeys { requester: None }).is_err() {
+        filter.requester = Some(principal.subject.clone());
     }
+    authorized(principal, Check::ListKeys { requester: filter.requester.as_deref() })?;
     filter.now = Some(keys.now());
     keys.store().list_keys(&filter, page).await.map_err(ServiceError::Store)
 }
 
 /// One record, for its owner, auditors and admins; anyone else is told it does not exist.
 pub async fn key(keys: &KeyService, principal: &Principal, id: Uuid) -> Result<KeyRecord, ServiceError> {
-    match keys.store().get_key(id).await.map_err(ServiceError::Store)? {
-        Some(r) if r.requester == principal.subject || principal.sees_everything() => Ok(r),
-        _ => Err(ServiceError::NotFound),
-    }
+    let record = keys.store().get_key(id).await.map_err(ServiceError::Store)?.ok_or(ServiceError::NotFound)?;
+    authorized(principal, Check::ReadKey(&record))?;
+    Ok(record)
 }
 
 /// A page of audit events, newest first (auditors and admins; the caller checks the role).

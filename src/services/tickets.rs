@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::config::WebhookConfig;
 use crate::domain::audit::{Action, NewAuditEvent, OnBehalf, Outcome, RequestContext};
 use crate::domain::keys::{Idempotency, KeyRecord};
-use crate::domain::policy::tickets::{TicketAccess, may_delegate, ticket_access};
+use crate::domain::policy::authz::{Check, Decision, TicketAccess, check};
 use crate::domain::policy::{ExpiryRequest, PolicyError, Purpose, parse_ttl};
 use crate::domain::principal::Principal;
 use crate::domain::tickets::{CLAIM_HOLD_MARGIN, Hold, Ticket, TicketEnd, TicketId, TicketState};
@@ -95,11 +95,7 @@ impl TicketService {
         request: NewTicket,
         ctx: &RequestContext,
     ) -> Result<Ticket, TicketError> {
-        if !may_delegate(bot, &self.settings.delegate_teams) {
-            return Err(TicketError::Forbidden(
-                "only members of auth.delegate_teams may ask for keys on someone else's behalf".to_owned(),
-            ));
-        }
+        allowed(bot, Check::Delegate { delegate_teams: &self.settings.delegate_teams })?;
         let for_subject = request.for_subject.trim().to_owned();
         if for_subject.is_empty() || for_subject.len() > 256 || for_subject.chars().any(char::is_control) {
             return Err(TicketError::BadRequest("`for` must be 1-256 printable characters: a subject".to_owned()));
@@ -162,7 +158,7 @@ impl TicketService {
     /// A ticket as `principal` may see it.
     pub async fn get(&self, principal: &Principal, id: &TicketId) -> Result<Ticket, TicketError> {
         let ticket = self.keys.store().get_ticket(id).await?.ok_or(TicketError::NotFound)?;
-        ticket_access(principal, &ticket, TicketAccess::View).map_err(TicketError::Forbidden)?;
+        allowed(principal, Check::Ticket(&ticket, TicketAccess::View))?;
         Ok(ticket)
     }
 
@@ -173,7 +169,7 @@ impl TicketService {
         ctx: &RequestContext,
     ) -> Result<Ticket, TicketError> {
         let ticket = self.keys.store().get_ticket(id).await?.ok_or(TicketError::NotFound)?;
-        ticket_access(principal, &ticket, TicketAccess::Cancel).map_err(TicketError::Forbidden)?;
+        allowed(principal, Check::Ticket(&ticket, TicketAccess::Cancel))?;
         let now = self.keys.now();
         self.refuse_unless_waiting(&ticket, now).await?;
         let event = NewAuditEvent::new(now, &principal.subject, Action::TicketCancelled, Outcome::Success, ctx)
@@ -198,7 +194,7 @@ impl TicketService {
     ) -> Result<(Ticket, IssueOutcome), TicketError> {
         let store = self.keys.store();
         let ticket = store.get_ticket(id).await?.ok_or(TicketError::NotFound)?;
-        ticket_access(person, &ticket, TicketAccess::Claim).map_err(TicketError::Forbidden)?;
+        allowed(person, Check::Ticket(&ticket, TicketAccess::Claim))?;
         let now = self.keys.now();
         self.refuse_unless_waiting(&ticket, now).await?;
         // The token makes this claim the only one that may end or release the ticket, even if
@@ -302,11 +298,8 @@ impl TicketService {
             Some(text) => ExpiryRequest::Ttl(parse_ttl(text).map_err(TicketError::BadRequest)?),
             None => ExpiryRequest::Default,
         };
-        let idempotency = idempotency_key.map(|key| {
-            let request = json!({ "ticket": ticket.id.as_str() });
-            let canonical = crate::domain::audit::canonical_json(&request);
-            Idempotency { key, request_hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical.as_bytes())) }
-        });
+        let idempotency =
+            idempotency_key.map(|key| Idempotency::for_request(key, &json!({ "ticket": ticket.id.as_str() })));
         let request = IssueRequest {
             scope: ticket.scope.clone(),
             purpose,
@@ -382,4 +375,13 @@ fn claimed_conflict(key_id: Option<Uuid>) -> TicketError {
         "the ticket was already claimed{}; its secret was shown once",
         key_id.map(|k| format!(" (key {k})")).unwrap_or_default()
     ))
+}
+
+/// The ticket service's answer to an authorization [`check`].
+fn allowed(principal: &Principal, what: Check<'_>) -> Result<(), TicketError> {
+    match check(principal, what) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(message) => Err(TicketError::Forbidden(message)),
+        Decision::Hide => Err(TicketError::NotFound),
+    }
 }

@@ -20,8 +20,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Activation, IDEMPOTENCY_WINDOW, Idempotency, KeyRecord, KeyState, NewKey, Pending, StoreError};
+use super::{Activation, Idempotency, KeyRecord, KeyState, NewKey, Pending, StoreError};
 use crate::domain::audit::NewAuditEvent;
+use crate::domain::keys::{IDEMPOTENCY_WINDOW, limit_reached};
 use crate::domain::keys::{KeyChange, Step};
 
 /// The most writes one transaction takes.
@@ -333,7 +334,7 @@ async fn insert_one(tx: &mut impl BatchTx, key: &NewKey, now: DateTime<Utc>) -> 
     }
     // Below its threshold the holding stands in for the count; at or above it the count is exact.
     let active = tx.limit_counts(&[(key, now)]).await?.first().copied().unwrap_or(u64::MAX);
-    if active >= u64::from(key.max_active) {
+    if limit_reached(active, key.max_active) {
         return Err(StoreError::LimitReached { active });
     }
     if let Some(id) = to_free {
@@ -394,7 +395,11 @@ pub(super) fn plan_inserts(inserts: &[(&NewKey, DateTime<Utc>)], found: &[Found]
             .filter(|((k, _), p)| k.requester == key.requester && k.scope == key.scope && **p == InsertPlan::Insert)
             .count() as u64;
         let active = counts.get(i).copied().unwrap_or(u64::MAX).saturating_add(accepted);
-        plans.push(if active < u64::from(key.max_active) { InsertPlan::Insert } else { InsertPlan::Limit { active } });
+        plans.push(if limit_reached(active, key.max_active) {
+            InsertPlan::Limit { active }
+        } else {
+            InsertPlan::Insert
+        });
     }
     plans
 }

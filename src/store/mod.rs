@@ -21,9 +21,6 @@ pub use sqlite::SqliteStore;
 /// How long a claimed webhook delivery stays with the worker that claimed it.
 pub const DELIVERY_CLAIM: chrono::Duration = chrono::Duration::minutes(5);
 
-/// How long an `Idempotency-Key` is remembered.
-pub const IDEMPOTENCY_WINDOW: chrono::Duration = chrono::Duration::hours(24);
-
 /// The outcome of [`Store::insert_pending`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pending {
@@ -118,7 +115,7 @@ pub trait Store: Send + Sync + 'static {
     /// each stays all-or-nothing.
     ///
     /// In one transaction: looks up the requester's `Idempotency-Key` (a use within
-    /// [`IDEMPOTENCY_WINDOW`] returns that record and writes nothing), checks the requester's
+    /// [`IDEMPOTENCY_WINDOW`](crate::domain::keys::IDEMPOTENCY_WINDOW) returns that record and writes nothing), checks the requester's
     /// limit (active or pending, unexpired keys in the scope), writes the record as `pending` and
     /// appends `event`.
     async fn insert_pending(

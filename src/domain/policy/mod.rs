@@ -1,10 +1,10 @@
 //! The policy: which scopes exist, who may request keys for them, and the rules every issuance
 //! must pass. Plain types and functions, reachable by unit tests without HTTP or SQL.
 
+pub mod authz;
 pub mod document;
 mod expiry;
 mod names;
-pub mod tickets;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -28,9 +28,9 @@ pub struct Scope {
 }
 
 impl Scope {
-    /// Admins may request any scope; everyone else needs a team in common with it.
+    /// Whether `principal` may request keys of this scope ([`authz::Check::RequestScope`]).
     pub fn may_request(&self, principal: &Principal) -> bool {
-        principal.is_admin() || principal.teams.iter().any(|t| self.teams.contains(t))
+        authz::check(principal, authz::Check::RequestScope(self)).is_allowed()
     }
 }
 
@@ -132,7 +132,7 @@ impl Policy {
 
 /// The per-requester limit: `active` counts the caller's active and pending keys in the scope.
 pub fn check_active_limit(scope: &Scope, active: u64) -> Result<(), PolicyError> {
-    if active >= u64::from(scope.max_active_keys_per_requester) {
+    if crate::domain::keys::limit_reached(active, scope.max_active_keys_per_requester) {
         Err(PolicyError::TooManyActiveKeys { scope: scope.name.clone(), limit: scope.max_active_keys_per_requester })
     } else {
         Ok(())
