@@ -13,6 +13,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{AdminCaller, ApiJson, Ctx, filter_value};
 use crate::services::drift::UnmanagedKey;
 use crate::services::offboarding::Outcome;
+use crate::services::reload::ReloadError;
 use crate::services::reload::ReloadReport;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -194,7 +195,12 @@ pub async fn reload(
     let report = tokio::spawn(async move { reloader.reload(&keys, &principal.subject, &ctx).await })
         .await
         .map_err(|e| ApiError::Internal(format!("reload task failed: {e}")))?
-        .map_err(|reason| ApiError::Unprocessable(format!("the configuration was not reloaded: {reason}")))?;
+        .map_err(|e| match e {
+            ReloadError::Invalid(reason) => {
+                ApiError::Unprocessable(format!("the configuration was not reloaded: {reason}"))
+            }
+            ReloadError::Audit(e) => e.into(),
+        })?;
     Ok(axum::Json(report))
 }
 

@@ -317,7 +317,7 @@ async fn dry_run(
 /// Validates an issuance request at the edge.
 fn parse_issue_request(headers: &HeaderMap, body: IssueKeyBody) -> Result<IssueRequest, ApiError> {
     let idempotency = idempotency_of(headers, &body)?;
-    let purpose = Purpose::parse(&body.purpose).map_err(ApiError::BadRequest)?;
+    let purpose = Purpose::parse(&body.purpose).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let expiry = parse_expiry(&body)?;
     Ok(IssueRequest {
         scope: body.scope,
@@ -339,7 +339,7 @@ fn parse_expiry(body: &IssueKeyBody) -> Result<ExpiryRequest, ApiError> {
                 })?
                 .with_timezone(&Utc),
         ),
-        (None, Some(ttl)) => ExpiryRequest::Ttl(parse_ttl(ttl).map_err(ApiError::BadRequest)?),
+        (None, Some(ttl)) => ExpiryRequest::Ttl(parse_ttl(ttl).map_err(|e| ApiError::BadRequest(e.to_string()))?),
         (None, None) => ExpiryRequest::Default,
     })
 }

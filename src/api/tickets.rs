@@ -156,7 +156,7 @@ pub async fn create_ticket(
     Ctx(ctx): Ctx,
     ApiJson(body): ApiJson<CreateTicketBody>,
 ) -> Result<Response, ApiError> {
-    let purpose = Purpose::parse(&body.purpose).map_err(ApiError::BadRequest)?;
+    let purpose = Purpose::parse(&body.purpose).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let request = NewTicket { for_subject: body.for_subject, scope: body.scope, purpose, ttl: body.ttl };
     let ticket = match state.tickets.create(&bot, request, &ctx).await {
         Ok(ticket) => ticket,

@@ -82,16 +82,17 @@ impl JwksCache {
     /// Fetches the document and keeps the keys jsonwebtoken understands: identity providers
     /// publish encryption keys and algorithms it does not know next to the signing keys, and one
     /// such key must not make the whole set unreadable.
-    async fn fetch(&self) -> Result<JwkSet, String> {
+    async fn fetch(&self) -> Result<JwkSet, FetchError> {
         let mut request = self.http.get(self.url.clone()).timeout(Duration::from_secs(5));
         if let Some(path) = &self.bearer_token_file {
             // Read each time: projected service-account tokens rotate.
             let token = tokio::fs::read_to_string(path)
                 .await
-                .map_err(|e| format!("cannot read jwks_bearer_token_file {}: {e}", path.display()))?;
+                .map_err(|source| FetchError::BearerToken { path: path.clone(), source })?;
             request = request.bearer_auth(token.trim());
         }
-        let response = request.send().await.map_err(|e| e.without_url().to_string())?;
+        // reqwest's errors without the URL, which may carry a token.
+        let response = request.send().await.map_err(|e| FetchError::Http(e.without_url()))?;
         let status = response.status();
         if status.is_redirection() {
             let to = response
@@ -101,22 +102,37 @@ impl JwksCache {
                 .and_then(|l| response.url().join(l).ok())
                 .and_then(|u| u.host_str().map(str::to_owned))
                 .unwrap_or_else(|| "an unnamed host".to_owned());
-            return Err(format!("answered {status} redirecting to {to}; keybroker follows no redirects"));
+            return Err(FetchError::Redirected { status, to });
         }
         if !status.is_success() {
-            return Err(format!("answered {status}"));
+            return Err(FetchError::Status(status));
         }
-        let document: serde_json::Value = response.json().await.map_err(|e| e.without_url().to_string())?;
+        let document: serde_json::Value = response.json().await.map_err(|e| FetchError::Http(e.without_url()))?;
         let keys = document
             .get("keys")
             .and_then(serde_json::Value::as_array)
-            .ok_or_else(|| "the document has no \"keys\" array".to_owned())?
+            .ok_or(FetchError::NoKeys)?
             .iter()
             .filter(|k| k.get("use").and_then(serde_json::Value::as_str).is_none_or(|u| u == "sig"))
             .filter_map(|k| serde_json::from_value(k.clone()).ok())
             .collect();
         Ok(JwkSet { keys })
     }
+}
+
+/// Why a JWKS fetch failed (logged; the keys fetched before stay in use).
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("cannot read jwks_bearer_token_file {}: {source}", path.display())]
+    BearerToken { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Http(reqwest::Error),
+    #[error("answered {status} redirecting to {to}; keybroker follows no redirects")]
+    Redirected { status: reqwest::StatusCode, to: String },
+    #[error("answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("the document has no \"keys\" array")]
+    NoKeys,
 }
 
 /// A JWK fits when its declared algorithm (if any) and its key type agree with the token's.

@@ -839,7 +839,7 @@ fn validate_scopes(raw: Vec<RawScope>) -> Result<Policy, ConfigError> {
     let mut scopes = Vec::with_capacity(raw.len());
     for (i, s) in raw.into_iter().enumerate() {
         let key = |field: &str| format!("scopes[{i}].{field}");
-        let name = ScopeName::parse(&s.name).map_err(|e| ConfigError::at(key("name"), e))?;
+        let name = ScopeName::parse(&s.name).map_err(|e| ConfigError::at(key("name"), e.to_string()))?;
         if !names.insert(name.clone()) {
             return Err(ConfigError::at(key("name"), format!("duplicate scope name `{name}`")));
         }

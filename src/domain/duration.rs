@@ -9,11 +9,20 @@ use std::time::Duration;
 /// assert_eq!(keybroker::domain::duration::parse_duration("1d 12h"), Ok(Duration::from_secs(36 * 3600)));
 /// assert!(keybroker::domain::duration::parse_duration("soon").is_err());
 /// ```
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, InvalidDuration> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return Err("a duration is required, such as \"30s\", \"15m\" or \"7d\"".to_owned());
+        return Err(InvalidDuration::Missing);
     }
     humantime::parse_duration(trimmed)
-        .map_err(|e| format!("`{trimmed}` is not a duration ({e}); write e.g. \"30s\", \"15m\" or \"7d\""))
+        .map_err(|e| InvalidDuration::Unreadable { text: trimmed.to_owned(), reason: e.to_string() })
+}
+
+/// Why a duration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDuration {
+    #[error("a duration is required, such as \"30s\", \"15m\" or \"7d\"")]
+    Missing,
+    #[error("`{text}` is not a duration ({reason}); write e.g. \"30s\", \"15m\" or \"7d\"")]
+    Unreadable { text: String, reason: String },
 }

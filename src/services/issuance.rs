@@ -329,7 +329,7 @@ impl KeyService {
         &self,
         principal: &Principal,
         scope_name: &str,
-        purpose: Result<Purpose, String>,
+        purpose: Result<Purpose, policy::InvalidPurpose>,
         expiry: ExpiryRequest,
         ctx: &RequestContext,
     ) -> Result<DryRun, ServiceError> {
@@ -343,7 +343,7 @@ impl KeyService {
             }
         };
         if let Err(message) = &purpose {
-            reasons.push(policy::Reason::new("purpose", message.clone()));
+            reasons.push(policy::Reason::new("purpose", message.to_string()));
         }
         let (mut expires_at, mut clamped) = (None, None);
         if let Some(scope) = scope {

@@ -250,8 +250,17 @@ impl Default for PolicySync {
     }
 }
 
-fn parse(text: &str) -> Result<(crate::domain::policy::Policy, ScopeRemoval), String> {
-    let document: PolicyDocument = serde_json::from_str(text).map_err(|e| e.to_string())?;
+/// Why a published policy cannot be taken.
+#[derive(Debug, thiserror::Error)]
+enum UnreadablePolicy {
+    #[error("not a policy document: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Scope(#[from] crate::domain::policy::InvalidScopeName),
+}
+
+fn parse(text: &str) -> Result<(crate::domain::policy::Policy, ScopeRemoval), UnreadablePolicy> {
+    let document: PolicyDocument = serde_json::from_str(text)?;
     Ok((document.policy()?, document.on_scope_removed))
 }
 

@@ -42,19 +42,24 @@ impl Reloader {
         Self { path: path.to_owned(), sync, running: tokio::sync::Mutex::new(()) }
     }
 
-    pub async fn reload(&self, keys: &KeyService, actor: &str, ctx: &RequestContext) -> Result<ReloadReport, String> {
+    pub async fn reload(
+        &self,
+        keys: &KeyService,
+        actor: &str,
+        ctx: &RequestContext,
+    ) -> Result<ReloadReport, ReloadError> {
         let _one_at_a_time = self.running.lock().await;
         let config = match Config::load(&self.path) {
             Ok(config) => config,
-            Err(e) => {
-                let reason = e.to_string();
+            Err(invalid) => {
+                let reason = invalid.to_string();
                 tracing::error!(%reason, path = %self.path.display(), "policy reload refused; the old policy stays");
                 let event = NewAuditEvent::new(keys.now(), actor, Action::ConfigReloadRefused, Outcome::Failure, ctx)
                     .detail(json!({ "reason": reason, "path": self.path.display().to_string() }));
                 if let Err(store_err) = keys.audit(event).await {
                     tracing::error!(error = %store_err, "cannot audit a refused reload");
                 }
-                return Err(reason);
+                return Err(ReloadError::Invalid(invalid));
             }
         };
         let new_names: Vec<String> = config.policy.scopes().iter().map(|s| s.name.to_string()).collect();
@@ -76,7 +81,7 @@ impl Reloader {
         // Audit first: a reload the trail cannot record does not happen.
         let event = NewAuditEvent::new(keys.now(), actor, Action::ConfigReloaded, Outcome::Success, ctx)
             .detail(serde_json::to_value(&report).unwrap_or_default());
-        keys.audit(event).await.map_err(|e| format!("the audit trail is unavailable: {e}"))?;
+        keys.audit(event).await.map_err(ReloadError::Audit)?;
         // The other replicas take it within jobs.policy_sync_interval; the reload holds here
         // whether or not the database takes it now (then the next sync publishes it).
         if let Err(e) = self.sync.reloaded(keys, config.policy, config.on_scope_removed, actor).await {
@@ -102,4 +107,15 @@ impl Reloader {
         tracing::info!(added = ?report.added, removed = ?report.removed, revoked = report.revoked, "policy reloaded");
         Ok(report)
     }
+}
+
+/// Why a reload did not happen; the policy in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file is invalid (a 422 for `POST /v1/admin/reload`).
+    #[error(transparent)]
+    Invalid(crate::config::ConfigError),
+    /// The reload could not be audited, so it was not done (a 503).
+    #[error("the audit trail is unavailable: {0}")]
+    Audit(crate::store::StoreError),
 }

@@ -114,7 +114,7 @@ impl TicketService {
         let ttl = match request.ttl.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(text) => {
-                let ttl = parse_ttl(text).map_err(TicketError::BadRequest)?;
+                let ttl = parse_ttl(text).map_err(|e| TicketError::BadRequest(e.to_string()))?;
                 // The same rules as at the claim (minimum, scope maximum, Octopus's limits).
                 crate::domain::policy::resolve_expiry(
                     ExpiryRequest::Ttl(ttl),
@@ -293,9 +293,9 @@ impl TicketService {
         caller_gone: Option<Arc<std::sync::atomic::AtomicBool>>,
         ctx: &RequestContext,
     ) -> Result<IssueOutcome, TicketError> {
-        let purpose = Purpose::parse(&ticket.purpose).map_err(TicketError::BadRequest)?;
+        let purpose = Purpose::parse(&ticket.purpose).map_err(|e| TicketError::BadRequest(e.to_string()))?;
         let expiry = match ticket.ttl.as_deref() {
-            Some(text) => ExpiryRequest::Ttl(parse_ttl(text).map_err(TicketError::BadRequest)?),
+            Some(text) => ExpiryRequest::Ttl(parse_ttl(text).map_err(|e| TicketError::BadRequest(e.to_string()))?),
             None => ExpiryRequest::Default,
         };
         let idempotency =

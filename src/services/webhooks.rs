@@ -262,7 +262,7 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryRep
         };
         let hook = webhooks.iter().find(|h| h.config.name == delivery.webhook);
         let attempt = match hook {
-            None => Err("the webhook is no longer configured".to_owned()),
+            None => Err(DeliveryFailure::Unconfigured),
             Some(hook) => send(keys, hook, &delivery).await,
         };
         let now = keys.now();
@@ -287,7 +287,7 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryRep
 }
 
 /// Sends one delivery, signed with its webhook's secret; `Err` says why it did not arrive.
-async fn send(keys: &KeyService, hook: &Webhook, delivery: &Delivery) -> Result<(), String> {
+async fn send(keys: &KeyService, hook: &Webhook, delivery: &Delivery) -> Result<(), DeliveryFailure> {
     let body = delivery.payload.to_string();
     let mut request = hook
         .http
@@ -300,30 +300,42 @@ async fn send(keys: &KeyService, hook: &Webhook, delivery: &Delivery) -> Result<
         request = request.header("X-Keybroker-Signature", signed);
     }
     match request.body(body).send().await {
-        Ok(res) if res.status().is_redirection() => {
-            Err(format!("answered {}; keybroker follows no redirects", res.status()))
-        }
+        Ok(res) if res.status().is_redirection() => Err(DeliveryFailure::Redirected(res.status())),
         Ok(res) if res.status().is_success() => Ok(()),
-        Ok(res) => Err(format!("answered {}", res.status())),
+        Ok(res) => Err(DeliveryFailure::Status(res.status())),
         // reqwest's message without the URL: it may carry a token.
-        Err(e) => Err(e.without_url().to_string()),
+        Err(e) => Err(DeliveryFailure::Http(e.without_url())),
     }
+}
+
+/// Why a delivery did not arrive; its text is what the outbox and the audit trail record.
+#[derive(Debug, thiserror::Error)]
+enum DeliveryFailure {
+    #[error("the webhook is no longer configured")]
+    Unconfigured,
+    #[error("answered {0}; keybroker follows no redirects")]
+    Redirected(reqwest::StatusCode),
+    #[error("answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("{0}")]
+    Http(reqwest::Error),
 }
 
 /// What an attempt makes of its delivery: delivered, retried with back-off (5 s doubling, at
 /// most an hour), or given up (its webhook is gone, or it is older than `GIVE_UP_AFTER`).
 fn settle(
-    attempt: Result<(), String>,
+    attempt: Result<(), DeliveryFailure>,
     hook_gone: bool,
     delivery: &Delivery,
     now: DateTime<Utc>,
 ) -> (DeliveryResult, Outcome, &'static str) {
     match attempt {
         Ok(()) => (DeliveryResult::Delivered { at: now }, Outcome::Success, "delivered"),
-        Err(error) if hook_gone || now - delivery.created_at >= GIVE_UP_AFTER => {
-            (DeliveryResult::GaveUp { error }, Outcome::Failure, "gave_up")
+        Err(failure) if hook_gone || now - delivery.created_at >= GIVE_UP_AFTER => {
+            (DeliveryResult::GaveUp { error: failure.to_string() }, Outcome::Failure, "gave_up")
         }
-        Err(error) => {
+        Err(failure) => {
+            let error = failure.to_string();
             let backoff =
                 chrono::Duration::seconds(5 * 2i64.pow(u32::try_from(delivery.attempts.clamp(0, 10)).unwrap_or(10)))
                     .min(chrono::Duration::hours(1));

@@ -452,6 +452,7 @@ impl Store for PgStore {
         let _ = self.chain_key.set(key);
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("migrations/postgres")
             .run(&self.pool)
@@ -459,6 +460,7 @@ impl Store for PgStore {
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn check_migrated(&self) -> Result<(), StoreError> {
         let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
             .fetch_one(&self.pool)
@@ -467,15 +469,18 @@ impl Store for PgStore {
         super::migration_gap(&sqlx::migrate!("migrations/postgres"), applied)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) {
         drop(self.committing.lock().await.take());
         self.pool.close().await;
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::from).map(|_| ())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn insert_pending(
         &self,
         key: &NewKey,
@@ -485,10 +490,12 @@ impl Store for PgStore {
         self.writes.insert_pending(key, event, now).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
         self.writes.activate(a, event).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1"))
             .bind(id)
@@ -497,6 +504,7 @@ impl Store for PgStore {
         row.as_ref().map(key_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Postgres>::new(format!("SELECT {KEY_COLUMNS} FROM key_records WHERE TRUE"));
         if let Some(r) = &filter.requester {
@@ -528,6 +536,7 @@ impl Store for PgStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn pending_before(
         &self,
         cutoff: DateTime<Utc>,
@@ -546,6 +555,7 @@ impl Store for PgStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
@@ -558,6 +568,7 @@ impl Store for PgStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn change_state(
         &self,
         id: Uuid,
@@ -575,6 +586,7 @@ impl Store for PgStore {
         result
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
         sqlx::query("UPDATE key_records SET revoking_since = $1 WHERE id = $2")
             .bind(store_precision(at))
@@ -584,6 +596,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
         let found: Option<i32> = sqlx::query_scalar(
             "SELECT 1 FROM key_records WHERE id = $1 AND state <> 'revoked' AND revoking_since > $2",
@@ -595,6 +608,7 @@ impl Store for PgStore {
         Ok(found.is_some())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
         sqlx::query("UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, $1) WHERE id = $2")
             .bind(store_precision(at))
@@ -604,6 +618,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
@@ -615,6 +630,7 @@ impl Store for PgStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn keys_for_notices(
         &self,
         now: DateTime<Utc>,
@@ -632,6 +648,7 @@ impl Store for PgStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
         let added = sqlx::query(
             "INSERT INTO webhook_deliveries (webhook, event, key_id, threshold, payload, status, created_at, \
@@ -651,6 +668,7 @@ impl Store for PgStore {
         Ok(added)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut renamed = 0;
@@ -671,6 +689,7 @@ impl Store for PgStore {
         Ok(renamed)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
         let rows = sqlx::query(
             "UPDATE webhook_deliveries SET next_attempt_at = $1 WHERE id IN (SELECT id FROM webhook_deliveries \
@@ -687,6 +706,7 @@ impl Store for PgStore {
         Ok(out)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError> {
         // Only while this worker's claim holds the row (`next_attempt_at` is the claim's token).
         let query = match result {
@@ -714,6 +734,7 @@ impl Store for PgStore {
         Ok(query.execute(&self.pool).await?.rows_affected() == 1)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn try_lease(
         &self,
         job: &str,
@@ -737,6 +758,7 @@ impl Store for PgStore {
         Ok(taken)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > $1 GROUP BY scope ORDER BY scope",
@@ -748,6 +770,7 @@ impl Store for PgStore {
         Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = $1"))
             .bind(hmac)
@@ -756,10 +779,12 @@ impl Store for PgStore {
         row.as_ref().map(key_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
         self.writes.append(event).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Postgres>::new("SELECT * FROM audit_events WHERE TRUE");
         if let Some(a) = &filter.actor {
@@ -788,6 +813,7 @@ impl Store for PgStore {
         rows.iter().map(audit_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = sqlx::query("SELECT * FROM audit_events WHERE seq > $1 ORDER BY seq ASC LIMIT $2")
             .bind(after_seq)
@@ -797,6 +823,7 @@ impl Store for PgStore {
         rows.iter().map(audit_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn insert_ticket(&self, t: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
         sqlx::query(
@@ -818,6 +845,7 @@ impl Store for PgStore {
         tx.commit().await.map_err(StoreError::from)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
         let row = sqlx::query(&format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1"))
             .bind(id.as_str())
@@ -826,6 +854,7 @@ impl Store for PgStore {
         row.as_ref().map(ticket_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn begin_ticket_claim(
         &self,
         id: &TicketId,
@@ -850,6 +879,7 @@ impl Store for PgStore {
         Ok(done)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE tickets SET claim_started_at = NULL, claim_token = NULL \
@@ -862,6 +892,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn end_ticket(
         &self,
         id: &TicketId,
@@ -898,6 +929,7 @@ impl Store for PgStore {
         Ok(true)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn publish_policy(
         &self,
         version: &str,
@@ -923,6 +955,7 @@ impl Store for PgStore {
         Ok(seq)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
         sqlx::query_as("SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&self.pool)
@@ -930,6 +963,7 @@ impl Store for PgStore {
             .map_err(StoreError::from)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO replica_policies (replica, version, seen_at) VALUES ($1, $2, $3) \
@@ -943,6 +977,7 @@ impl Store for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
         sqlx::query_as("SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100")
             .fetch_all(&self.pool)
@@ -950,6 +985,7 @@ impl Store for PgStore {
             .map_err(StoreError::from)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM key_records WHERE ticket_id = $1 AND state <> 'failed' ORDER BY seq LIMIT 1"
@@ -960,6 +996,7 @@ impl Store for PgStore {
         row.as_ref().map(key_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn tickets_due_for_expiry(
         &self,
         now: DateTime<Utc>,

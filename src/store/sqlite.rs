@@ -545,6 +545,7 @@ impl Store for SqliteStore {
         let _ = self.chain_key.set(key);
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("migrations/sqlite")
             .run(&self.pool)
@@ -552,6 +553,7 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn check_migrated(&self) -> Result<(), StoreError> {
         let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
             .fetch_one(&self.pool)
@@ -560,15 +562,18 @@ impl Store for SqliteStore {
         super::migration_gap(&sqlx::migrate!("migrations/sqlite"), applied)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) {
         self.writer.close().await;
         self.pool.close().await;
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::from).map(|_| ())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
             .bind(id.to_string())
@@ -577,6 +582,7 @@ impl Store for SqliteStore {
         row.as_ref().map(key_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Sqlite>::new("");
         push_list_keys(&mut qb, filter, page);
@@ -584,6 +590,7 @@ impl Store for SqliteStore {
         keys_from_json(&page)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn pending_before(
         &self,
         cutoff: DateTime<Utc>,
@@ -602,6 +609,7 @@ impl Store for SqliteStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= ? ORDER BY expires_at LIMIT ?"
@@ -614,6 +622,7 @@ impl Store for SqliteStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
@@ -625,6 +634,7 @@ impl Store for SqliteStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn keys_for_notices(
         &self,
         now: DateTime<Utc>,
@@ -643,6 +653,7 @@ impl Store for SqliteStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > ? GROUP BY scope ORDER BY scope",
@@ -654,6 +665,7 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = ?"))
             .bind(hmac)
@@ -662,6 +674,7 @@ impl Store for SqliteStore {
         row.as_ref().map(key_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Sqlite>::new("");
         push_list_audit(&mut qb, filter, page);
@@ -669,6 +682,7 @@ impl Store for SqliteStore {
         audit_from_json(&page)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
         let page: String = sqlx::query_scalar(&format!(
             "SELECT json_group_array(json_array({AUDIT_COLUMNS}) ORDER BY seq ASC) \
@@ -681,6 +695,7 @@ impl Store for SqliteStore {
         audit_from_json(&page)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn insert_pending(
         &self,
         key: &NewKey,
@@ -690,10 +705,12 @@ impl Store for SqliteStore {
         self.writes.insert_pending(key, event, now).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
         self.writes.activate(a, event).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn change_state(
         &self,
         id: Uuid,
@@ -708,6 +725,7 @@ impl Store for SqliteStore {
         result
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         sqlx::query("UPDATE key_records SET revoking_since = ? WHERE id = ?")
@@ -718,6 +736,7 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(StoreError::from)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
         let found: Option<i64> =
             sqlx::query_scalar("SELECT 1 FROM key_records WHERE id = ? AND state <> 'revoked' AND revoking_since > ?")
@@ -728,6 +747,7 @@ impl Store for SqliteStore {
         Ok(found.is_some())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         sqlx::query("UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, ?) WHERE id = ?")
@@ -738,6 +758,7 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(StoreError::from)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         let added = sqlx::query(
@@ -760,6 +781,7 @@ impl Store for SqliteStore {
         Ok(added)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         let mut renamed = 0;
@@ -780,6 +802,7 @@ impl Store for SqliteStore {
         Ok(renamed)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         let rows = sqlx::query(
@@ -798,6 +821,7 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         let query = match result {
@@ -829,6 +853,7 @@ impl Store for SqliteStore {
         Ok(done)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn try_lease(
         &self,
         job: &str,
@@ -854,10 +879,12 @@ impl Store for SqliteStore {
         Ok(taken)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
         self.writes.append(event).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn insert_ticket(&self, t: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
         let (mut head, mut tx) = self.write_tx().await?;
         sqlx::query(
@@ -879,6 +906,7 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(StoreError::from)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
         let row = sqlx::query(&format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = ?"))
             .bind(id.as_str())
@@ -887,6 +915,7 @@ impl Store for SqliteStore {
         row.as_ref().map(ticket_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn begin_ticket_claim(
         &self,
         id: &TicketId,
@@ -913,6 +942,7 @@ impl Store for SqliteStore {
         Ok(done)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         sqlx::query(
@@ -926,6 +956,7 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(StoreError::from)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn end_ticket(
         &self,
         id: &TicketId,
@@ -963,6 +994,7 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn publish_policy(
         &self,
         version: &str,
@@ -986,6 +1018,7 @@ impl Store for SqliteStore {
         Ok(seq)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
         let row: Option<(i64, String, String, String)> = sqlx::query_as(
             "SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1",
@@ -995,6 +1028,7 @@ impl Store for SqliteStore {
         row.map(|(seq, v, d, at)| Ok((seq, v, d, parse_time(&at)?))).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         sqlx::query(
@@ -1009,6 +1043,7 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(StoreError::from)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
         let rows: Vec<(String, String, String)> =
             sqlx::query_as("SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100")
@@ -1017,6 +1052,7 @@ impl Store for SqliteStore {
         rows.into_iter().map(|(r, v, at)| Ok((r, v, parse_time(&at)?))).collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM key_records WHERE ticket_id = ? AND state <> 'failed' ORDER BY seq LIMIT 1"
@@ -1027,6 +1063,7 @@ impl Store for SqliteStore {
         row.as_ref().map(key_from_row).transpose()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn tickets_due_for_expiry(
         &self,
         now: DateTime<Utc>,

@@ -37,7 +37,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use faults::{Fault, FaultKind};
-pub use seed::{DEMO_BROKER_API_KEY, Seed, SeedApiKey, SeedError, SeedUser, ServerSettings};
+pub use seed::{DEMO_BROKER_API_KEY, Seed, SeedApiKey, SeedError, SeedSyntax, SeedUser, ServerSettings};
 
 use state::{Shared, SimState};
 

@@ -224,6 +224,16 @@ pub struct SeedApiKey {
     pub expires_in_days: Option<i64>,
 }
 
+/// Why a seed's text did not parse. Never a quote of the offending line, which could hold a
+/// secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SeedSyntax {
+    #[error("line {line}, column {column}: {message}")]
+    At { line: usize, column: usize, message: String },
+    #[error("{0}")]
+    Whole(String),
+}
+
 /// Why a seed was refused. Messages never contain a secret or a password.
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
@@ -235,8 +245,8 @@ pub enum SeedError {
         source: std::io::Error,
     },
     /// The seed file is not valid TOML/JSON or has unknown fields.
-    #[error("the seed file {path} is invalid: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("the seed file {path} is invalid: {syntax}")]
+    Parse { path: PathBuf, syntax: SeedSyntax },
     /// Only `.toml` and `.json` seed files are understood.
     #[error("the seed file {0} must end in .toml or .json")]
     UnsupportedFormat(PathBuf),
@@ -277,7 +287,7 @@ impl Seed {
     pub fn from_file(path: &Path) -> Result<Seed, SeedError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| SeedError::Read { path: path.to_path_buf(), source })?;
-        let parse_error = |message: String| SeedError::Parse { path: path.to_path_buf(), message };
+        let parse_error = |syntax: SeedSyntax| SeedError::Parse { path: path.to_path_buf(), syntax };
         match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase) {
             Some(ext) if ext == "toml" => Self::from_toml(&text).map_err(parse_error),
             Some(ext) if ext == "json" => Self::from_json(&text).map_err(parse_error),
@@ -287,24 +297,24 @@ impl Seed {
 
     /// Parses a TOML seed. The error gives the line and column but not the parser's quote of the
     /// offending line, which could be a `secret = ...` or `password = ...` line.
-    pub fn from_toml(text: &str) -> Result<Seed, String> {
+    pub fn from_toml(text: &str) -> Result<Seed, SeedSyntax> {
         toml::from_str(text).map_err(|e: toml::de::Error| {
-            let message = e.message().trim_end();
+            let message = e.message().trim_end().to_owned();
             match e.span() {
                 Some(span) => {
                     let before = text.get(..span.start).unwrap_or_default();
                     let line = before.matches('\n').count() + 1;
                     let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                    format!("line {line}, column {column}: {message}")
+                    SeedSyntax::At { line, column, message }
                 }
-                None => message.to_owned(),
+                None => SeedSyntax::Whole(message),
             }
         })
     }
 
     /// Parses a JSON seed.
-    pub fn from_json(text: &str) -> Result<Seed, String> {
-        serde_json::from_str(text).map_err(|e| e.to_string())
+    pub fn from_json(text: &str) -> Result<Seed, SeedSyntax> {
+        serde_json::from_str(text).map_err(|e| SeedSyntax::Whole(e.to_string()))
     }
 
     /// The seed dev mode runs: the broker's service account with [`DEMO_BROKER_API_KEY`], a few

@@ -804,10 +804,11 @@ fn seeds_with_mistakes_are_refused_with_clear_errors() {
     let clash = Simulator::new(Seed { extra_users: 3, ..with(vec![user("user-000002", false, None)], vec![]) });
     assert!(matches!(clash, Err(SeedError::DuplicateUsername(_))));
 
-    let unknown = Seed::from_toml("[server]\nnot_a_setting = 1\n").unwrap_err();
+    let unknown = Seed::from_toml("[server]\nnot_a_setting = 1\n").unwrap_err().to_string();
     assert!(unknown.contains("line 2") && unknown.contains("not_a_setting"), "{unknown}");
-    let unquoted =
-        Seed::from_toml("[[api_keys]]\nusername = \"a\"\nsecret = API-SECRETVALUE00000000000001\n").unwrap_err();
+    let unquoted = Seed::from_toml("[[api_keys]]\nusername = \"a\"\nsecret = API-SECRETVALUE00000000000001\n")
+        .unwrap_err()
+        .to_string();
     assert!(!unquoted.contains("SECRETVALUE"), "a parse error must not quote the line: {unquoted}");
     assert!(Seed::from_toml("[[users]]\nusername = \"a\"\ncolour = \"red\"\n").is_err());
     let old = Seed::from_toml("[server]\napi_key_max_expiry_days = \"none\"\napi_key_default_expiry_days = \"none\"\n")

@@ -44,7 +44,7 @@ impl PolicyDocument {
     }
 
     /// The policy it describes (a document from the database is checked like a file's scopes).
-    pub fn policy(&self) -> Result<Policy, String> {
+    pub fn policy(&self) -> Result<Policy, super::InvalidScopeName> {
         let scopes = self
             .scopes
             .iter()
@@ -59,7 +59,7 @@ impl PolicyDocument {
                     max_active_keys_per_requester: s.max_active_keys_per_requester,
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, super::InvalidScopeName>>()?;
         Ok(Policy::new(scopes))
     }
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 
 pub use document::ScopeRemoval;
 pub use expiry::{ExpiryClamp, ExpiryDecision, ExpiryRequest, UpstreamLimits, resolve_expiry};
-pub use names::{Purpose, ScopeName, parse_ttl};
+pub use names::{InvalidPurpose, InvalidScopeName, InvalidTtl, Purpose, ScopeName, parse_ttl};
 
 use crate::domain::principal::Principal;
 

@@ -9,15 +9,12 @@ use std::fmt;
 pub struct ScopeName(String);
 
 impl ScopeName {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, InvalidScopeName> {
         let valid_start = text.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         let valid_rest =
             text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
         if text.is_empty() || text.len() > 64 || !valid_start || !valid_rest {
-            return Err(format!(
-                "`{}` is not a scope name (1-64 of a-z, 0-9, '-', '_', '.', starting with a letter or digit)",
-                text.escape_debug()
-            ));
+            return Err(InvalidScopeName(text.escape_debug().to_string()));
         }
         Ok(Self(text.to_owned()))
     }
@@ -39,6 +36,34 @@ impl std::borrow::Borrow<str> for ScopeName {
     }
 }
 
+/// A refused scope name (escaped, as it would be printed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a scope name (1-64 of a-z, 0-9, '-', '_', '.', starting with a letter or digit)")]
+pub struct InvalidScopeName(String);
+
+/// Why a purpose was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidPurpose {
+    #[error("purpose must not be empty")]
+    Empty,
+    #[error("purpose is {0} characters long; at most {PURPOSE_MAX_CHARS} are allowed")]
+    TooLong(usize),
+    /// Control and invisible formatting characters could hide text in Octopus's UI or in logs.
+    #[error("purpose contains the non-printable character U+{0:04X}")]
+    NonPrintable(u32),
+}
+
+/// Why a requested lifetime was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidTtl {
+    #[error("ttl: {0}")]
+    Unreadable(#[from] crate::domain::duration::InvalidDuration),
+    #[error("ttl: too long")]
+    TooLong,
+    #[error("ttl: must be at least one minute")]
+    TooShort,
+}
+
 /// Why a key is wanted: 1–200 printable characters after trimming.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Purpose(String);
@@ -46,18 +71,17 @@ pub struct Purpose(String);
 pub const PURPOSE_MAX_CHARS: usize = 200;
 
 impl Purpose {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, InvalidPurpose> {
         let trimmed = text.trim();
         let count = trimmed.chars().count();
         if count == 0 {
-            return Err("purpose must not be empty".to_owned());
+            return Err(InvalidPurpose::Empty);
         }
         if count > PURPOSE_MAX_CHARS {
-            return Err(format!("purpose is {count} characters long; at most {PURPOSE_MAX_CHARS} are allowed"));
+            return Err(InvalidPurpose::TooLong(count));
         }
-        // Control and invisible formatting characters could hide text in Octopus's UI or in logs.
         if let Some(bad) = trimmed.chars().find(|c| c.is_control() || is_invisible_format(*c)) {
-            return Err(format!("purpose contains the non-printable character U+{:04X}", u32::from(bad)));
+            return Err(InvalidPurpose::NonPrintable(u32::from(bad)));
         }
         Ok(Self(trimmed.to_owned()))
     }
@@ -72,11 +96,11 @@ fn is_invisible_format(c: char) -> bool {
 }
 
 /// A requested lifetime such as `"7d"`, `"12h"` or `"90m"`.
-pub fn parse_ttl(text: &str) -> Result<chrono::Duration, String> {
-    let std = crate::domain::duration::parse_duration(text).map_err(|e| format!("ttl: {e}"))?;
-    let ttl = chrono::Duration::from_std(std).map_err(|_| "ttl: too long".to_owned())?;
+pub fn parse_ttl(text: &str) -> Result<chrono::Duration, InvalidTtl> {
+    let std = crate::domain::duration::parse_duration(text)?;
+    let ttl = chrono::Duration::from_std(std).map_err(|_| InvalidTtl::TooLong)?;
     if ttl < chrono::Duration::minutes(1) {
-        return Err("ttl: must be at least one minute".to_owned());
+        return Err(InvalidTtl::TooShort);
     }
     Ok(ttl)
 }
