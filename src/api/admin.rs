@@ -150,6 +150,7 @@ pub struct UnmanagedReport {
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "Octopus failed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -180,6 +181,7 @@ pub async fn revoke_unmanaged(
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "This instance was not started from a configuration file", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The new configuration is invalid; nothing changed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The reload could not be audited, so nothing changed", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
