@@ -4,6 +4,7 @@
 mod batch;
 mod postgres;
 mod rows;
+mod shared;
 mod sqlite;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::domain::audit::{AuditRecord, NewAuditEvent};
 use crate::domain::keys::{Activation, Idempotency, KeyChange, KeyRecord, KeyState, NewKey};
 use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 pub use postgres::PgStore;
+pub use shared::Backend;
 pub use sqlite::SqliteStore;
 
 /// How long a claimed webhook delivery stays with the worker that claimed it.
@@ -90,22 +92,32 @@ impl StoreError {
     }
 }
 
-/// The storage contract both backends implement.
+/// The storage contract both backends implement. Methods with a body run the SQL both
+/// backends share (`shared.rs`) on [`Store::backend`]; the others are each backend's own.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The backend the shared SQL runs on.
+    fn backend(&self) -> Backend<'_>;
+
     /// Keys every event appended from now on with `key` (`audit.chain_key_file`; set once, at
     /// start, before the first append).
     fn set_chain_key(&self, key: crate::domain::audit::ChainKey);
 
     /// Applies the migrations.
-    async fn migrate(&self) -> Result<(), StoreError>;
+    async fn migrate(&self) -> Result<(), StoreError> {
+        shared::migrate(self.backend()).await
+    }
 
     /// Checks, without changing anything, that every migration has been applied (for a runtime
     /// role that may not apply them).
-    async fn check_migrated(&self) -> Result<(), StoreError>;
+    async fn check_migrated(&self) -> Result<(), StoreError> {
+        shared::check_migrated(self.backend()).await
+    }
 
     /// Checks the database answers.
-    async fn ping(&self) -> Result<(), StoreError>;
+    async fn ping(&self) -> Result<(), StoreError> {
+        shared::ping(self.backend()).await
+    }
 
     /// Closes the connection pool (at shutdown, after the last request).
     async fn close(&self) {}
@@ -150,7 +162,9 @@ pub trait Store: Send + Sync + 'static {
         self.change_state(id, KeyChange::Revoke, at, event).await.map(|(record, _)| record)
     }
 
-    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
+    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        shared::get_key(self.backend(), id).await
+    }
 
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError>;
 
@@ -175,10 +189,14 @@ pub trait Store: Send + Sync + 'static {
         cutoff: DateTime<Utc>,
         now: DateTime<Utc>,
         limit: u32,
-    ) -> Result<Vec<KeyRecord>, StoreError>;
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        shared::pending_before(self.backend(), cutoff, now, limit).await
+    }
 
     /// Active records whose expiry has passed at `now`, oldest expiry first.
-    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
+    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        shared::due_for_expiry(self.backend(), now, limit).await
+    }
 
     /// An active record becomes expired. False (and nothing written) when it was no longer
     /// active, or is gone.
@@ -191,16 +209,24 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Records that a revocation of `id` started at `at` (before Octopus is asked).
-    async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        shared::begin_revocation(self.backend(), id, at).await
+    }
 
     /// Whether a revocation of `id` started after `since` (and the record is not revoked yet).
-    async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError>;
+    async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
+        shared::revocation_in_progress(self.backend(), id, since).await
+    }
 
     /// Records that a revocation was asked for, so a failed one is retried.
-    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+        shared::request_revocation(self.backend(), id, at).await
+    }
 
     /// Active records whose revocation was asked for but did not happen.
-    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
+    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+        shared::revocations_to_retry(self.backend(), limit).await
+    }
 
     /// Records that may need a webhook notice at `now`: created, revoked or expired within
     /// `lookback`, or expiring within `horizon`.
@@ -209,7 +235,9 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
         lookback: chrono::Duration,
         horizon: chrono::Duration,
-    ) -> Result<Vec<KeyRecord>, StoreError>;
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        shared::keys_for_notices(self.backend(), now, lookback, horizon).await
+    }
 
     /// Adds a notice to the outbox unless the same (webhook, event, key, threshold) is there
     /// already. Returns whether it was added.
@@ -218,7 +246,9 @@ pub trait Store: Send + Sync + 'static {
     /// Outbox rows written before webhooks had names hold the webhook's URL: each `(url, name)`
     /// pair gives them their webhook's name, and rows of URLs no longer configured get
     /// `removed-<id>`, so that no URL stays in the database.
-    async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError>;
+    async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
+        shared::name_webhook_deliveries(self.backend(), names).await
+    }
 
     /// Claims the pending deliveries due at `now`: they are not due again for
     /// [`DELIVERY_CLAIM`], so a second worker cannot send them too. A worker that dies before
@@ -237,13 +267,19 @@ pub trait Store: Send + Sync + 'static {
         holder: &str,
         now: DateTime<Utc>,
         ttl: chrono::Duration,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<bool, StoreError> {
+        shared::try_lease(self.backend(), job, holder, now, ttl).await
+    }
 
     /// Active, unexpired records per scope at `now` (for the `active_keys` gauge).
-    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError>;
+    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
+        shared::active_counts(self.backend(), now).await
+    }
 
     /// The record whose secret has this keyed hash.
-    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError>;
+    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
+        shared::find_by_secret_hmac(self.backend(), hmac).await
+    }
 
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError>;
 
@@ -255,7 +291,9 @@ pub trait Store: Send + Sync + 'static {
     /// In one transaction: writes a `waiting` ticket and appends `event`.
     async fn insert_ticket(&self, ticket: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError>;
 
-    async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError>;
+    async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
+        shared::get_ticket(self.backend(), id).await
+    }
 
     /// Marks a claim holding `token` as started on a waiting, unexpired ticket that no other
     /// claim holds (a claim started before `stale_before` no longer counts) and through which no
@@ -266,10 +304,14 @@ pub trait Store: Send + Sync + 'static {
         token: &str,
         now: DateTime<Utc>,
         stale_before: DateTime<Utc>,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<bool, StoreError> {
+        shared::begin_ticket_claim(self.backend(), id, token, now, stale_before).await
+    }
 
     /// Lets go of the claim holding `token`, whose issuance did not happen.
-    async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError>;
+    async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError> {
+        shared::release_ticket_claim(self.backend(), id, token).await
+    }
 
     /// In one transaction: a waiting ticket ends as `end` says at `at`, and `event` is appended,
     /// if `hold` holds. False, and nothing written, otherwise.
@@ -293,16 +335,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<i64, StoreError>;
 
     /// The newest published policy: (position, version, document, when it was published).
-    async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError>;
+    async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
+        shared::latest_policy(self.backend()).await
+    }
 
     /// Records the policy version `replica` runs, at `at`.
-    async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
+    async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        shared::report_replica_policy(self.backend(), replica, version, at).await
+    }
 
     /// Every replica's last report: (replica, version, when), newest first.
-    async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError>;
+    async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
+        shared::replica_policies(self.backend()).await
+    }
 
     /// The key issued through a ticket (any state but `failed`), if any.
-    async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError>;
+    async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
+        shared::ticket_key(self.backend(), id).await
+    }
 
     /// Waiting tickets past their expiry at `now` that no claim holds, oldest first.
     async fn tickets_due_for_expiry(
@@ -310,7 +360,9 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
         stale_before: DateTime<Utc>,
         limit: u32,
-    ) -> Result<Vec<Ticket>, StoreError>;
+    ) -> Result<Vec<Ticket>, StoreError> {
+        shared::tickets_due_for_expiry(self.backend(), now, stale_before, limit).await
+    }
 }
 
 /// A webhook notice to deliver (the outbox row).

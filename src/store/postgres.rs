@@ -23,7 +23,8 @@ use sqlx::{Acquire, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
-use super::rows::{KEY_COLUMNS, audit_from_row, delivery_from_row, key_from_row, ticket_from_row};
+use super::rows::{KEY_COLUMNS, audit_from_row, delivery_from_row, key_from_row};
+use super::shared::{self, Backend, Connection};
 use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
     NewKey, PageRequest, Pending, Store, StoreError,
@@ -52,6 +53,17 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// The migrations of this dialect.
+    pub(super) fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+        &MIGRATOR
+    }
+
+    /// The pool.
+    pub(super) fn reader(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_in_schema(url, None).await
     }
@@ -294,20 +306,7 @@ impl BatchTx for PgBatch<'_, '_> {
         to: KeyState,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let at = store_precision(at);
-        let revoked_at = (to == KeyState::Revoked).then_some(at);
-        let done = sqlx::query(
-            "UPDATE key_records SET state = $1, updated_at = $2, revoked_at = COALESCE($3, revoked_at) \
-             WHERE id = $4 AND state = $5",
-        )
-        .bind(to.as_str())
-        .bind(at)
-        .bind(revoked_at)
-        .bind(id)
-        .bind(from.as_str())
-        .execute(&mut **self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        shared::set_state(Connection::Postgres(self.tx), id, from, to, at).await
     }
 
     async fn lock_requesters(&mut self, requesters: &[&str]) -> Result<(), StoreError> {
@@ -448,36 +447,18 @@ impl BatchTx for PgBatch<'_, '_> {
 
 #[async_trait]
 impl Store for PgStore {
+    fn backend(&self) -> Backend<'_> {
+        Backend::Postgres(self)
+    }
+
     fn set_chain_key(&self, key: ChainKey) {
         let _ = self.chain_key.set(key);
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/postgres")
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn check_migrated(&self) -> Result<(), StoreError> {
-        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot read the applied migrations: {e}")))?;
-        super::migration_gap(&sqlx::migrate!("migrations/postgres"), applied)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) {
         drop(self.committing.lock().await.take());
         self.pool.close().await;
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::from).map(|_| ())
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -493,15 +474,6 @@ impl Store for PgStore {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
         self.writes.activate(a, event).await
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -537,38 +509,6 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn pending_before(
-        &self,
-        cutoff: DateTime<Utc>,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < $1 \
-             AND (deadline IS NULL OR deadline < $3) ORDER BY seq ASC LIMIT $2"
-        ))
-        .bind(cutoff)
-        .bind(i64::from(limit))
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
-        ))
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        ?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn change_state(
         &self,
         id: Uuid,
@@ -584,68 +524,6 @@ impl Store for PgStore {
             _ => tx.rollback().await?,
         }
         result
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
-        sqlx::query("UPDATE key_records SET revoking_since = $1 WHERE id = $2")
-            .bind(store_precision(at))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
-        let found: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM key_records WHERE id = $1 AND state <> 'revoked' AND revoking_since > $2",
-        )
-        .bind(id)
-        .bind(store_precision(since))
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(found.is_some())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
-        sqlx::query("UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, $1) WHERE id = $2")
-            .bind(store_precision(at))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
-             AND revoke_requested_at IS NOT NULL ORDER BY revoke_requested_at LIMIT $1"
-        ))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn keys_for_notices(
-        &self,
-        now: DateTime<Utc>,
-        lookback: chrono::Duration,
-        horizon: chrono::Duration,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'revoked', 'expired') \
-             AND (created_at > $1 OR revoked_at > $1 OR (expires_at > $1 AND expires_at <= $2)) ORDER BY seq"
-        ))
-        .bind(now - lookback)
-        .bind(now + horizon)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(key_from_row).collect()
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -666,27 +544,6 @@ impl Store for PgStore {
         .rows_affected()
             == 1;
         Ok(added)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut renamed = 0;
-        for (url, name) in names {
-            renamed += sqlx::query("UPDATE webhook_deliveries SET webhook = $1 WHERE webhook = $2")
-                .bind(name)
-                .bind(url)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        renamed +=
-            sqlx::query("UPDATE webhook_deliveries SET webhook = 'removed-' || id WHERE strpos(webhook, '://') > 0")
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        tx.commit().await?;
-        Ok(renamed)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -732,51 +589,6 @@ impl Store for PgStore {
             _ => query,
         };
         Ok(query.execute(&self.pool).await?.rows_affected() == 1)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn try_lease(
-        &self,
-        job: &str,
-        holder: &str,
-        now: DateTime<Utc>,
-        ttl: chrono::Duration,
-    ) -> Result<bool, StoreError> {
-        let taken = sqlx::query(
-            "INSERT INTO job_leases (name, holder, expires_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (name) DO UPDATE SET holder = $2, expires_at = $3 \
-             WHERE job_leases.holder = $2 OR job_leases.expires_at <= $4",
-        )
-        .bind(job)
-        .bind(holder)
-        .bind(store_precision(now + ttl))
-        .bind(store_precision(now))
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1;
-        Ok(taken)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > $1 GROUP BY scope ORDER BY scope",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        ?;
-        Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = $1"))
-            .bind(hmac)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -846,53 +658,6 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1"))
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(ticket_from_row).transpose()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn begin_ticket_claim(
-        &self,
-        id: &TicketId,
-        token: &str,
-        now: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE tickets SET claim_started_at = $1, claim_token = $4 \
-             WHERE id = $2 AND state = 'waiting' AND expires_at > $1 \
-             AND (claim_started_at IS NULL OR claim_started_at < $3) \
-             AND NOT EXISTS (SELECT 1 FROM key_records WHERE ticket_id = $2 AND state <> 'failed')",
-        )
-        .bind(store_precision(now))
-        .bind(id.as_str())
-        .bind(store_precision(stale_before))
-        .bind(token)
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1;
-        Ok(done)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE tickets SET claim_started_at = NULL, claim_token = NULL \
-             WHERE id = $1 AND state = 'waiting' AND claim_token = $2",
-        )
-        .bind(id.as_str())
-        .bind(token)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn end_ticket(
         &self,
         id: &TicketId,
@@ -954,67 +719,4 @@ impl Store for PgStore {
         tx.commit().await?;
         Ok(seq)
     }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
-        sqlx::query_as("SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::from)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO replica_policies (replica, version, seen_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (replica) DO UPDATE SET version = $2, seen_at = $3",
-        )
-        .bind(replica)
-        .bind(version)
-        .bind(store_precision(at))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
-        sqlx::query_as("SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::from)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE ticket_id = $1 AND state <> 'failed' ORDER BY seq LIMIT 1"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn tickets_due_for_expiry(
-        &self,
-        now: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<Ticket>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TICKET_COLUMNS} FROM tickets WHERE state = 'waiting' AND expires_at <= $1 \
-             AND (claim_started_at IS NULL OR claim_started_at < $2) ORDER BY expires_at LIMIT $3"
-        ))
-        .bind(store_precision(now))
-        .bind(store_precision(stale_before))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(ticket_from_row).collect()
-    }
 }
-
-const TICKET_COLUMNS: &str = "id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, key_id, \
-                              created_at, expires_at, claim_started_at, ended_at";

@@ -71,7 +71,8 @@ impl<'q> Encode<'q, Postgres> for Time {
         &self,
         buf: &mut <Postgres as Database>::ArgumentBuffer<'q>,
     ) -> Result<sqlx::encode::IsNull, BoxDynError> {
-        <DateTime<Utc> as Encode<'q, Postgres>>::encode_by_ref(&self.0, buf)
+        // Microseconds, what both databases keep (and what the audit hash covers).
+        <DateTime<Utc> as Encode<'q, Postgres>>::encode_by_ref(&crate::domain::audit::store_precision(self.0), buf)
     }
 }
 
@@ -91,6 +92,24 @@ impl Type<Sqlite> for Id {
 impl<'r> Decode<'r, Sqlite> for Id {
     fn decode(value: <Sqlite as Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
         Ok(Self(Uuid::parse_str(<&str as Decode<Sqlite>>::decode(value)?)?))
+    }
+}
+
+impl<'q> Encode<'q, Sqlite> for Id {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Sqlite as Database>::ArgumentBuffer<'q>,
+    ) -> Result<sqlx::encode::IsNull, BoxDynError> {
+        <String as Encode<'q, Sqlite>>::encode(self.0.to_string(), buf)
+    }
+}
+
+impl<'q> Encode<'q, Postgres> for Id {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <Postgres as Database>::ArgumentBuffer<'q>,
+    ) -> Result<sqlx::encode::IsNull, BoxDynError> {
+        <Uuid as Encode<'q, Postgres>>::encode_by_ref(&self.0, buf)
     }
 }
 
@@ -153,6 +172,10 @@ impl TryFrom<KeyRow> for KeyRecord {
         })
     }
 }
+
+/// The columns a [`TicketRow`] reads.
+pub(super) const TICKET_COLUMNS: &str = "id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, \
+                                         key_id, created_at, expires_at, claim_started_at, ended_at";
 
 /// A row of `tickets`.
 #[derive(sqlx::FromRow)]

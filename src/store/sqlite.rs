@@ -15,8 +15,8 @@ use uuid::Uuid;
 use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
 use super::rows::{
     KEY_COLUMNS, delivery_from_row, key_from_row, key_state, parse_sqlite_time as parse_time, sqlite_time as fmt_time,
-    ticket_from_row,
 };
+use super::shared::{self, Backend, Connection};
 use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
     NewKey, PageRequest, Pending, Store, StoreError,
@@ -55,6 +55,17 @@ impl Drop for SqliteStore {
 type ChainHead = Option<String>;
 
 impl SqliteStore {
+    /// The migrations of this dialect.
+    pub(super) fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+        &MIGRATOR
+    }
+
+    /// The read pool.
+    pub(super) fn reader(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("bad SQLite URL: {e}")))?
@@ -89,7 +100,9 @@ impl SqliteStore {
 
     /// A write transaction that holds the write lock from its start; the guard must live until
     /// the commit.
-    async fn write_tx(&self) -> Result<(OwnedMutexGuard<ChainHead>, Transaction<'static, Sqlite>), StoreError> {
+    pub(super) async fn write_tx(
+        &self,
+    ) -> Result<(OwnedMutexGuard<ChainHead>, Transaction<'static, Sqlite>), StoreError> {
         let guard = self.write_lock.clone().lock_owned().await;
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         Ok((guard, tx))
@@ -387,19 +400,7 @@ impl BatchTx for SqliteBatch<'_> {
         to: KeyState,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let revoked_at = (to == KeyState::Revoked).then(|| fmt_time(at));
-        let done = sqlx::query(
-            "UPDATE key_records SET state = ?, updated_at = ?, revoked_at = COALESCE(?, revoked_at) \
-             WHERE id = ? AND state = ?",
-        )
-        .bind(to.as_str())
-        .bind(fmt_time(at))
-        .bind(revoked_at)
-        .bind(id.to_string())
-        .bind(from.as_str())
-        .execute(&mut **self.tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        shared::set_state(Connection::Sqlite(self.tx), id, from, to, at).await
     }
 
     async fn lock_requesters(&mut self, _requesters: &[&str]) -> Result<(), StoreError> {
@@ -541,25 +542,12 @@ impl BatchTx for SqliteBatch<'_> {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn backend(&self) -> Backend<'_> {
+        Backend::Sqlite(self)
+    }
+
     fn set_chain_key(&self, key: ChainKey) {
         let _ = self.chain_key.set(key);
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/sqlite")
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn check_migrated(&self) -> Result<(), StoreError> {
-        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot read the applied migrations: {e}")))?;
-        super::migration_gap(&sqlx::migrate!("migrations/sqlite"), applied)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -569,109 +557,11 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(StoreError::from).map(|_| ())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Sqlite>::new("");
         push_list_keys(&mut qb, filter, page);
         let page: String = qb.build_query_scalar().fetch_one(&self.pool).await?;
         keys_from_json(&page)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn pending_before(
-        &self,
-        cutoff: DateTime<Utc>,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < ? \
-             AND (deadline IS NULL OR deadline < ?) ORDER BY seq ASC LIMIT ?"
-        ))
-        .bind(fmt_time(cutoff))
-        .bind(fmt_time(now))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= ? ORDER BY expires_at LIMIT ?"
-        ))
-        .bind(fmt_time(now))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        ?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
-             AND revoke_requested_at IS NOT NULL ORDER BY revoke_requested_at LIMIT ?"
-        ))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn keys_for_notices(
-        &self,
-        now: DateTime<Utc>,
-        lookback: chrono::Duration,
-        horizon: chrono::Duration,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        let since = fmt_time(now - lookback);
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'revoked', 'expired') \
-             AND (created_at > ?1 OR revoked_at > ?1 OR (expires_at > ?1 AND expires_at <= ?2)) ORDER BY seq"
-        ))
-        .bind(&since)
-        .bind(fmt_time(now + horizon))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > ? GROUP BY scope ORDER BY scope",
-        )
-        .bind(fmt_time(now))
-        .fetch_all(&self.pool)
-        .await
-        ?;
-        Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = ?"))
-            .bind(hmac)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -726,39 +616,6 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        sqlx::query("UPDATE key_records SET revoking_since = ? WHERE id = ?")
-            .bind(fmt_time(at))
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await.map_err(StoreError::from)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
-        let found: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM key_records WHERE id = ? AND state <> 'revoked' AND revoking_since > ?")
-                .bind(id.to_string())
-                .bind(fmt_time(since))
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(found.is_some())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        sqlx::query("UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, ?) WHERE id = ?")
-            .bind(fmt_time(at))
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await.map_err(StoreError::from)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
         let (_write, mut tx) = self.write_tx().await?;
         let added = sqlx::query(
@@ -779,27 +636,6 @@ impl Store for SqliteStore {
             == 1;
         tx.commit().await?;
         Ok(added)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        let mut renamed = 0;
-        for (url, name) in names {
-            renamed += sqlx::query("UPDATE webhook_deliveries SET webhook = ? WHERE webhook = ?")
-                .bind(name)
-                .bind(url)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        renamed +=
-            sqlx::query("UPDATE webhook_deliveries SET webhook = 'removed-' || id WHERE instr(webhook, '://') > 0")
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        tx.commit().await?;
-        Ok(renamed)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -854,32 +690,6 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn try_lease(
-        &self,
-        job: &str,
-        holder: &str,
-        now: DateTime<Utc>,
-        ttl: chrono::Duration,
-    ) -> Result<bool, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        let taken = sqlx::query(
-            "INSERT INTO job_leases (name, holder, expires_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (name) DO UPDATE SET holder = ?2, expires_at = ?3 \
-             WHERE job_leases.holder = ?2 OR job_leases.expires_at <= ?4",
-        )
-        .bind(job)
-        .bind(holder)
-        .bind(fmt_time(now + ttl))
-        .bind(fmt_time(now))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        tx.commit().await?;
-        Ok(taken)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
         self.writes.append(event).await
     }
@@ -903,56 +713,6 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await.map_err(StoreError::from)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = ?"))
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(ticket_from_row).transpose()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn begin_ticket_claim(
-        &self,
-        id: &TicketId,
-        token: &str,
-        now: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        let done = sqlx::query(
-            "UPDATE tickets SET claim_started_at = ?1, claim_token = ?4 \
-             WHERE id = ?2 AND state = 'waiting' AND expires_at > ?1 \
-             AND (claim_started_at IS NULL OR claim_started_at < ?3) \
-             AND NOT EXISTS (SELECT 1 FROM key_records WHERE ticket_id = ?2 AND state <> 'failed')",
-        )
-        .bind(fmt_time(now))
-        .bind(id.as_str())
-        .bind(fmt_time(stale_before))
-        .bind(token)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        tx.commit().await?;
-        Ok(done)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        sqlx::query(
-            "UPDATE tickets SET claim_started_at = NULL, claim_token = NULL \
-             WHERE id = ? AND state = 'waiting' AND claim_token = ?",
-        )
-        .bind(id.as_str())
-        .bind(token)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await.map_err(StoreError::from)
     }
 
@@ -1017,74 +777,7 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(seq)
     }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
-        let row: Option<(i64, String, String, String)> = sqlx::query_as(
-            "SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|(seq, v, d, at)| Ok((seq, v, d, parse_time(&at)?))).transpose()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO replica_policies (replica, version, seen_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (replica) DO UPDATE SET version = ?2, seen_at = ?3",
-        )
-        .bind(replica)
-        .bind(version)
-        .bind(fmt_time(at))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await.map_err(StoreError::from)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
-        let rows: Vec<(String, String, String)> =
-            sqlx::query_as("SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.into_iter().map(|(r, v, at)| Ok((r, v, parse_time(&at)?))).collect()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM key_records WHERE ticket_id = ? AND state <> 'failed' ORDER BY seq LIMIT 1"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn tickets_due_for_expiry(
-        &self,
-        now: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<Ticket>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TICKET_COLUMNS} FROM tickets WHERE state = 'waiting' AND expires_at <= ? \
-             AND (claim_started_at IS NULL OR claim_started_at < ?) ORDER BY expires_at LIMIT ?"
-        ))
-        .bind(fmt_time(now))
-        .bind(fmt_time(stale_before))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(ticket_from_row).collect()
-    }
 }
-
-const TICKET_COLUMNS: &str = "id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, key_id, \
-                              created_at, expires_at, claim_started_at, ended_at";
 
 /// A page of key records as one JSON array. Without statistics (keybroker never runs `ANALYZE`)
 /// SQLite would serve a state filter from the state or expiry index, reading every requester's

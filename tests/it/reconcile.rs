@@ -33,11 +33,8 @@ fn down() -> StoreError {
 
 #[async_trait]
 impl Store for FlakyStore {
-    async fn migrate(&self) -> Result<(), StoreError> {
-        self.inner.migrate().await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
+    fn backend(&self) -> keybroker::store::Backend<'_> {
+        self.inner.backend()
     }
     async fn close(&self) {
         self.inner.close().await;
@@ -72,63 +69,17 @@ impl Store for FlakyStore {
     ) -> Result<(KeyRecord, bool), StoreError> {
         self.inner.change_state(id, change, at, event).await
     }
-    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.get_key(id).await
-    }
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner.list_keys(filter, page).await
     }
-    async fn pending_before(
-        &self,
-        cutoff: DateTime<Utc>,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.pending_before(cutoff, now, limit).await
-    }
-    async fn active_counts(&self, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
-        self.inner.active_counts(now).await
-    }
-    async fn due_for_expiry(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.due_for_expiry(now, limit).await
-    }
-    async fn request_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
-        self.inner.request_revocation(id, at).await
-    }
-    async fn revocations_to_retry(&self, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.revocations_to_retry(limit).await
-    }
-    async fn keys_for_notices(
-        &self,
-        now: DateTime<Utc>,
-        lookback: chrono::Duration,
-        horizon: chrono::Duration,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        self.inner.keys_for_notices(now, lookback, horizon).await
-    }
     async fn enqueue_delivery(&self, delivery: &NewDelivery) -> Result<bool, StoreError> {
         self.inner.enqueue_delivery(delivery).await
-    }
-    async fn name_webhook_deliveries(&self, names: &[(String, String)]) -> Result<u64, StoreError> {
-        self.inner.name_webhook_deliveries(names).await
     }
     async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
         self.inner.due_deliveries(now, limit).await
     }
     async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError> {
         self.inner.finish_delivery(delivery, result).await
-    }
-    async fn try_lease(
-        &self,
-        job: &str,
-        holder: &str,
-        now: DateTime<Utc>,
-        ttl: chrono::Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.try_lease(job, holder, now, ttl).await
-    }
-    async fn find_by_secret_hmac(&self, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.find_by_secret_hmac(hmac).await
     }
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
         self.inner.append_audit(event).await
@@ -139,35 +90,11 @@ impl Store for FlakyStore {
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.audit_chain(after_seq, limit).await
     }
-    async fn begin_revocation(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
-        self.inner.begin_revocation(id, at).await
-    }
-    async fn revocation_in_progress(&self, id: Uuid, since: DateTime<Utc>) -> Result<bool, StoreError> {
-        self.inner.revocation_in_progress(id, since).await
-    }
-    async fn check_migrated(&self) -> Result<(), StoreError> {
-        self.inner.check_migrated().await
-    }
     fn set_chain_key(&self, key: keybroker::domain::audit::ChainKey) {
         self.inner.set_chain_key(key)
     }
     async fn insert_ticket(&self, ticket: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
         self.inner.insert_ticket(ticket, event).await
-    }
-    async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
-        self.inner.get_ticket(id).await
-    }
-    async fn begin_ticket_claim(
-        &self,
-        id: &TicketId,
-        token: &str,
-        now: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        self.inner.begin_ticket_claim(id, token, now, stale_before).await
-    }
-    async fn release_ticket_claim(&self, id: &TicketId, token: &str) -> Result<(), StoreError> {
-        self.inner.release_ticket_claim(id, token).await
     }
     async fn end_ticket(
         &self,
@@ -181,26 +108,6 @@ impl Store for FlakyStore {
     }
     async fn publish_policy(&self, v: &str, d: &str, at: DateTime<Utc>, by: &str) -> Result<i64, StoreError> {
         self.inner.publish_policy(v, d, at, by).await
-    }
-    async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
-        self.inner.latest_policy().await
-    }
-    async fn report_replica_policy(&self, replica: &str, version: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        self.inner.report_replica_policy(replica, version, at).await
-    }
-    async fn replica_policies(&self) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
-        self.inner.replica_policies().await
-    }
-    async fn ticket_key(&self, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.ticket_key(id).await
-    }
-    async fn tickets_due_for_expiry(
-        &self,
-        now: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<Ticket>, StoreError> {
-        self.inner.tickets_due_for_expiry(now, stale_before, limit).await
     }
 }
 

@@ -1,0 +1,358 @@
+//! The SQL both backends run alike, written once. Each function here is a provided method of
+//! [`Store`](super::Store) behind [`Store::backend`](super::Store::backend); its statement uses
+//! `$N` placeholders (which SQLite reads too), binds times and ids through the column wrappers
+//! of `rows.rs`, and is type-checked once per backend by [`on_backend!`]. What the dialects do
+//! differently (the group commit's statements, the chain append, JSON-aggregated pages on
+//! SQLite, advisory locks on PostgreSQL) stays in `sqlite.rs` and `postgres.rs`.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::rows::{Id, KEY_COLUMNS, TICKET_COLUMNS, Time, key_from_row, ticket_from_row};
+use super::{PgStore, SqliteStore, StoreError};
+use crate::domain::keys::{KeyRecord, KeyState};
+use crate::domain::tickets::{Ticket, TicketId};
+
+/// The backend a store runs on, for the shared SQL.
+#[derive(Clone, Copy)]
+pub enum Backend<'a> {
+    Sqlite(&'a SqliteStore),
+    Postgres(&'a PgStore),
+}
+
+/// A connection inside one of a backend's transactions (the group commit's, a state change's).
+pub(super) enum Connection<'a> {
+    Sqlite(&'a mut sqlx::SqliteConnection),
+    Postgres(&'a mut sqlx::PgConnection),
+}
+
+/// Runs `$body` with `$ex` an executor of the store's backend; the body is written once and
+/// compiled once per backend. `read` runs on the read pool. `write` runs, on SQLite, in a
+/// transaction that holds the one writer's lock (every SQLite write queues there), and on
+/// PostgreSQL on the pool (one statement commits on its own).
+macro_rules! on_backend {
+    (read $backend:expr, |$ex:ident| $body:expr) => {
+        match $backend {
+            Backend::Sqlite(store) => {
+                let $ex = store.reader();
+                $body
+            }
+            Backend::Postgres(store) => {
+                let $ex = store.reader();
+                $body
+            }
+        }
+    };
+    (transaction $backend:expr, |$ex:ident| $body:expr) => {
+        match $backend {
+            Backend::Sqlite(store) => {
+                let (_lock, mut tx) = store.write_tx().await?;
+                let done = {
+                    let $ex = &mut *tx;
+                    $body
+                };
+                tx.commit().await?;
+                done
+            }
+            Backend::Postgres(store) => {
+                let mut tx = store.reader().begin().await?;
+                let done = {
+                    let $ex = &mut *tx;
+                    $body
+                };
+                tx.commit().await?;
+                done
+            }
+        }
+    };
+    (connection $conn:expr, |$ex:ident| $body:expr) => {
+        match $conn {
+            Connection::Sqlite($ex) => $body,
+            Connection::Postgres($ex) => $body,
+        }
+    };
+    (write $backend:expr, |$ex:ident| $body:expr) => {
+        match $backend {
+            Backend::Sqlite(store) => {
+                let (_lock, mut tx) = store.write_tx().await?;
+                let done = {
+                    let $ex = &mut *tx;
+                    $body
+                };
+                tx.commit().await?;
+                done
+            }
+            Backend::Postgres(store) => {
+                let $ex = store.reader();
+                $body
+            }
+        }
+    };
+}
+
+pub(super) async fn ping(backend: Backend<'_>) -> Result<(), StoreError> {
+    on_backend!(read backend, |ex| sqlx::query("SELECT 1").execute(ex).await?.rows_affected());
+    Ok(())
+}
+
+pub(super) async fn get_key(backend: Backend<'_>, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1");
+    on_backend!(read backend, |ex| {
+        sqlx::query(&sql).bind(Id(id)).fetch_optional(ex).await?.as_ref().map(key_from_row).transpose()
+    })
+}
+
+pub(super) async fn find_by_secret_hmac(backend: Backend<'_>, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = $1");
+    on_backend!(read backend, |ex| {
+        sqlx::query(&sql).bind(hmac).fetch_optional(ex).await?.as_ref().map(key_from_row).transpose()
+    })
+}
+
+pub(super) async fn pending_before(
+    backend: Backend<'_>,
+    cutoff: DateTime<Utc>,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'pending' AND created_at < $1 \
+         AND (deadline IS NULL OR deadline < $2) ORDER BY seq ASC LIMIT $3"
+    );
+    on_backend!(read backend, |ex| {
+        let rows =
+            sqlx::query(&sql).bind(Time(cutoff)).bind(Time(now)).bind(i64::from(limit)).fetch_all(ex).await?;
+        rows.iter().map(key_from_row).collect()
+    })
+}
+
+pub(super) async fn due_for_expiry(
+    backend: Backend<'_>,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM key_records WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+    );
+    on_backend!(read backend, |ex| {
+        let rows = sqlx::query(&sql).bind(Time(now)).bind(i64::from(limit)).fetch_all(ex).await?;
+        rows.iter().map(key_from_row).collect()
+    })
+}
+
+pub(super) async fn revocations_to_retry(backend: Backend<'_>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
+         AND revoke_requested_at IS NOT NULL ORDER BY revoke_requested_at LIMIT $1"
+    );
+    on_backend!(read backend, |ex| {
+        let rows = sqlx::query(&sql).bind(i64::from(limit)).fetch_all(ex).await?;
+        rows.iter().map(key_from_row).collect()
+    })
+}
+
+pub(super) async fn keys_for_notices(
+    backend: Backend<'_>,
+    now: DateTime<Utc>,
+    lookback: chrono::Duration,
+    horizon: chrono::Duration,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'revoked', 'expired') \
+         AND (created_at > $1 OR revoked_at > $1 OR (expires_at > $1 AND expires_at <= $2)) ORDER BY seq"
+    );
+    on_backend!(read backend, |ex| {
+        let rows = sqlx::query(&sql).bind(Time(now - lookback)).bind(Time(now + horizon)).fetch_all(ex).await?;
+        rows.iter().map(key_from_row).collect()
+    })
+}
+
+pub(super) async fn active_counts(backend: Backend<'_>, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
+    let sql = "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > $1 \
+               GROUP BY scope ORDER BY scope";
+    let rows: Vec<(String, i64)> =
+        on_backend!(read backend, |ex| sqlx::query_as(sql).bind(Time(now)).fetch_all(ex).await?);
+    Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
+}
+
+pub(super) async fn revocation_in_progress(
+    backend: Backend<'_>,
+    id: Uuid,
+    since: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let sql = "SELECT 1 FROM key_records WHERE id = $1 AND state <> 'revoked' AND revoking_since > $2";
+    Ok(on_backend!(read backend, |ex| {
+        sqlx::query(sql).bind(Id(id)).bind(Time(since)).fetch_optional(ex).await?.is_some()
+    }))
+}
+
+pub(super) async fn begin_revocation(backend: Backend<'_>, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+    let sql = "UPDATE key_records SET revoking_since = $1 WHERE id = $2";
+    on_backend!(write backend, |ex| sqlx::query(sql).bind(Time(at)).bind(Id(id)).execute(ex).await?.rows_affected());
+    Ok(())
+}
+
+pub(super) async fn request_revocation(backend: Backend<'_>, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
+    let sql = "UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, $1) WHERE id = $2";
+    on_backend!(write backend, |ex| sqlx::query(sql).bind(Time(at)).bind(Id(id)).execute(ex).await?.rows_affected());
+    Ok(())
+}
+
+pub(super) async fn get_ticket(backend: Backend<'_>, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
+    let sql = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1");
+    on_backend!(read backend, |ex| {
+        sqlx::query(&sql).bind(id.as_str()).fetch_optional(ex).await?.as_ref().map(ticket_from_row).transpose()
+    })
+}
+
+pub(super) async fn release_ticket_claim(backend: Backend<'_>, id: &TicketId, token: &str) -> Result<(), StoreError> {
+    let sql = "UPDATE tickets SET claim_started_at = NULL, claim_token = NULL \
+               WHERE id = $1 AND state = 'waiting' AND claim_token = $2";
+    on_backend!(write backend, |ex| sqlx::query(sql).bind(id.as_str()).bind(token).execute(ex).await?.rows_affected());
+    Ok(())
+}
+
+pub(super) async fn ticket_key(backend: Backend<'_>, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM key_records WHERE ticket_id = $1 AND state <> 'failed' ORDER BY seq LIMIT 1"
+    );
+    on_backend!(read backend, |ex| {
+        sqlx::query(&sql).bind(id.as_str()).fetch_optional(ex).await?.as_ref().map(key_from_row).transpose()
+    })
+}
+
+pub(super) async fn tickets_due_for_expiry(
+    backend: Backend<'_>,
+    now: DateTime<Utc>,
+    stale_before: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<Ticket>, StoreError> {
+    let sql = format!(
+        "SELECT {TICKET_COLUMNS} FROM tickets WHERE state = 'waiting' AND expires_at <= $1 \
+         AND (claim_started_at IS NULL OR claim_started_at < $2) ORDER BY expires_at LIMIT $3"
+    );
+    on_backend!(read backend, |ex| {
+        let rows =
+            sqlx::query(&sql).bind(Time(now)).bind(Time(stale_before)).bind(i64::from(limit)).fetch_all(ex).await?;
+        rows.iter().map(ticket_from_row).collect()
+    })
+}
+
+pub(super) async fn latest_policy(
+    backend: Backend<'_>,
+) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
+    let sql = "SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1";
+    let row: Option<(i64, String, String, Time)> =
+        on_backend!(read backend, |ex| sqlx::query_as(sql).fetch_optional(ex).await?);
+    Ok(row.map(|(seq, version, document, at)| (seq, version, document, at.0)))
+}
+
+pub(super) async fn report_replica_policy(
+    backend: Backend<'_>,
+    replica: &str,
+    version: &str,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let sql = "INSERT INTO replica_policies (replica, version, seen_at) VALUES ($1, $2, $3) \
+               ON CONFLICT (replica) DO UPDATE SET version = $2, seen_at = $3";
+    on_backend!(write backend, |ex| sqlx::query(sql).bind(replica).bind(version).bind(Time(at)).execute(ex).await?.rows_affected());
+    Ok(())
+}
+
+pub(super) async fn replica_policies(backend: Backend<'_>) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
+    let sql = "SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100";
+    let rows: Vec<(String, String, Time)> = on_backend!(read backend, |ex| sqlx::query_as(sql).fetch_all(ex).await?);
+    Ok(rows.into_iter().map(|(replica, version, at)| (replica, version, at.0)).collect())
+}
+
+pub(super) async fn migrate(backend: Backend<'_>) -> Result<(), StoreError> {
+    let run = match backend {
+        Backend::Sqlite(store) => store.migrator().run(store.reader()).await,
+        Backend::Postgres(store) => store.migrator().run(store.reader()).await,
+    };
+    run.map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+}
+
+/// Checks, without changing anything, that every migration has been applied.
+pub(super) async fn check_migrated(backend: Backend<'_>) -> Result<(), StoreError> {
+    let sql = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
+    let (applied, migrator) = match backend {
+        Backend::Sqlite(store) => (sqlx::query_scalar(sql).fetch_one(store.reader()).await, store.migrator()),
+        Backend::Postgres(store) => (sqlx::query_scalar(sql).fetch_one(store.reader()).await, store.migrator()),
+    };
+    let applied: i64 =
+        applied.map_err(|e| StoreError::Unavailable(format!("cannot read the applied migrations: {e}")))?;
+    super::migration_gap(migrator, applied)
+}
+
+/// Moves a record from `from` to `to` at `at`, stamping `revoked_at` when `to` is revoked; false
+/// when it was not in `from` (see `batch::apply_change`).
+pub(super) async fn set_state(
+    connection: Connection<'_>,
+    id: Uuid,
+    from: KeyState,
+    to: KeyState,
+    at: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let sql = "UPDATE key_records SET state = $1, updated_at = $2, revoked_at = COALESCE($3, revoked_at) \
+               WHERE id = $4 AND state = $5";
+    let revoked_at = (to == KeyState::Revoked).then_some(Time(at));
+    let changed = on_backend!(connection connection, |ex| {
+        let query = sqlx::query(sql).bind(to.as_str()).bind(Time(at)).bind(revoked_at).bind(Id(id)).bind(from.as_str());
+        query.execute(ex).await?.rows_affected()
+    });
+    Ok(changed == 1)
+}
+
+pub(super) async fn begin_ticket_claim(
+    backend: Backend<'_>,
+    id: &TicketId,
+    token: &str,
+    now: DateTime<Utc>,
+    stale_before: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let sql = "UPDATE tickets SET claim_started_at = $1, claim_token = $4 \
+               WHERE id = $2 AND state = 'waiting' AND expires_at > $1 \
+               AND (claim_started_at IS NULL OR claim_started_at < $3) \
+               AND NOT EXISTS (SELECT 1 FROM key_records WHERE ticket_id = $2 AND state <> 'failed')";
+    let changed = on_backend!(write backend, |ex| {
+        let query = sqlx::query(sql).bind(Time(now)).bind(id.as_str()).bind(Time(stale_before)).bind(token);
+        query.execute(ex).await?.rows_affected()
+    });
+    Ok(changed == 1)
+}
+
+pub(super) async fn try_lease(
+    backend: Backend<'_>,
+    job: &str,
+    holder: &str,
+    now: DateTime<Utc>,
+    ttl: chrono::Duration,
+) -> Result<bool, StoreError> {
+    let sql = "INSERT INTO job_leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+               ON CONFLICT (name) DO UPDATE SET holder = $2, expires_at = $3 \
+               WHERE job_leases.holder = $2 OR job_leases.expires_at <= $4";
+    let taken = on_backend!(write backend, |ex| {
+        let query = sqlx::query(sql).bind(job).bind(holder).bind(Time(now + ttl)).bind(Time(now));
+        query.execute(ex).await?.rows_affected()
+    });
+    Ok(taken == 1)
+}
+
+/// Outbox rows written before webhooks had names hold the webhook's URL: each `(url, name)`
+/// pair names them, and rows of URLs no longer configured become `removed-<id>`. One
+/// transaction.
+pub(super) async fn name_webhook_deliveries(
+    backend: Backend<'_>,
+    names: &[(String, String)],
+) -> Result<u64, StoreError> {
+    Ok(on_backend!(transaction backend, |ex| {
+        let mut renamed = 0;
+        for (url, name) in names {
+            let rename = sqlx::query("UPDATE webhook_deliveries SET webhook = $1 WHERE webhook = $2");
+            renamed += rename.bind(name).bind(url).execute(&mut *ex).await?.rows_affected();
+        }
+        let removed = "UPDATE webhook_deliveries SET webhook = 'removed-' || id WHERE webhook LIKE '%://%'";
+        renamed + sqlx::query(removed).execute(&mut *ex).await?.rows_affected()
+    }))
+}
