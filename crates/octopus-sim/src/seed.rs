@@ -113,6 +113,57 @@ pub struct ServerSettings {
 }
 
 impl ServerSettings {
+    /// Checks the server settings of a seed.
+    fn validate(&self) -> Result<(), SeedError> {
+        let settings = self;
+        if let Some(profile) = &settings.profile {
+            if ServerSettings::for_profile(profile).is_none() {
+                return Err(SeedError::BadSetting {
+                    key: "profile",
+                    problem: format!("`{profile}` is not one of 2020.5, 2023.3, 2025.4, 2026.3"),
+                });
+            }
+        }
+        if let (Some(default), Some(max)) = (settings.api_key_default_expiry_days, settings.api_key_max_expiry_days) {
+            if default > max {
+                return Err(SeedError::BadSetting {
+                    key: "api_key_default_expiry_days",
+                    problem: format!("{default} is more than api_key_max_expiry_days ({max})"),
+                });
+            }
+        }
+        for (key, days) in [
+            ("api_key_default_expiry_days", settings.api_key_default_expiry_days),
+            ("api_key_max_expiry_days", settings.api_key_max_expiry_days),
+        ] {
+            // Octopus lets admins go up to 1096 days; far larger values would overflow dates.
+            if days == Some(0) || days.is_some_and(|d| d > 36_500) {
+                return Err(SeedError::BadSetting { key, problem: "must be between 1 and 36500 days".to_owned() });
+            }
+        }
+        if settings.session_timeout_secs == 0 || settings.session_timeout_secs > 366 * 86_400 {
+            return Err(SeedError::BadSetting {
+                key: "session_timeout_secs",
+                problem: "must be between 1 second and 366 days".to_owned(),
+            });
+        }
+        if settings.version.trim().is_empty() {
+            return Err(SeedError::BadSetting { key: "version", problem: "must not be empty".to_owned() });
+        }
+        if let Some(id) = &settings.installation_id {
+            // It becomes part of cookie names, so keep it to cookie-name-safe characters.
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(SeedError::BadSetting {
+                    key: "installation_id",
+                    problem: "must be a GUID (letters, digits and dashes)".to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ServerSettings {
     /// The settings of a version profile (see [`ServerSettings::profile`]).
     pub fn for_profile(profile: &str) -> Option<Self> {
         let mut settings = Self::default();
@@ -380,51 +431,7 @@ impl Seed {
 
     /// Checks the seed without building a simulator; [`super::Simulator::new`] calls it too.
     pub fn validate(&self) -> Result<(), SeedError> {
-        let settings = &self.server;
-        if let Some(profile) = &settings.profile {
-            if ServerSettings::for_profile(profile).is_none() {
-                return Err(SeedError::BadSetting {
-                    key: "profile",
-                    problem: format!("`{profile}` is not one of 2020.5, 2023.3, 2025.4, 2026.3"),
-                });
-            }
-        }
-        if let (Some(default), Some(max)) = (settings.api_key_default_expiry_days, settings.api_key_max_expiry_days) {
-            if default > max {
-                return Err(SeedError::BadSetting {
-                    key: "api_key_default_expiry_days",
-                    problem: format!("{default} is more than api_key_max_expiry_days ({max})"),
-                });
-            }
-        }
-        for (key, days) in [
-            ("api_key_default_expiry_days", settings.api_key_default_expiry_days),
-            ("api_key_max_expiry_days", settings.api_key_max_expiry_days),
-        ] {
-            // Octopus lets admins go up to 1096 days; far larger values would overflow dates.
-            if days == Some(0) || days.is_some_and(|d| d > 36_500) {
-                return Err(SeedError::BadSetting { key, problem: "must be between 1 and 36500 days".to_owned() });
-            }
-        }
-        if settings.session_timeout_secs == 0 || settings.session_timeout_secs > 366 * 86_400 {
-            return Err(SeedError::BadSetting {
-                key: "session_timeout_secs",
-                problem: "must be between 1 second and 366 days".to_owned(),
-            });
-        }
-        if settings.version.trim().is_empty() {
-            return Err(SeedError::BadSetting { key: "version", problem: "must not be empty".to_owned() });
-        }
-        if let Some(id) = &settings.installation_id {
-            // It becomes part of cookie names, so keep it to cookie-name-safe characters.
-            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return Err(SeedError::BadSetting {
-                    key: "installation_id",
-                    problem: "must be a GUID (letters, digits and dashes)".to_owned(),
-                });
-            }
-        }
-
+        self.server.validate()?;
         let mut names = HashSet::with_capacity(self.users.len());
         for (index, user) in self.users.iter().enumerate() {
             if user.username.trim().is_empty() {

@@ -165,15 +165,33 @@ mod tests {
         }
     }
 
-    /// One table for every decision: who (bot, alice, bob, the auditor, the admin) may do what.
+    /// The five callers of the tables: the bot, alice, bob, the auditor, the admin.
+    fn callers() -> [Principal; 5] {
+        [
+            Principal::for_tests("chatops:bot", &["chatops"], false, false),
+            Principal::for_tests("alice", &["payments"], false, false),
+            Principal::for_tests("bob", &["web"], false, false),
+            Principal::for_tests("sam", &["security"], false, true),
+            Principal::for_tests("robin", &["platform"], true, false),
+        ]
+    }
+
+    fn deny(text: &str) -> Decision {
+        Decision::Deny(text.to_owned())
+    }
+
+    fn assert_table(table: Vec<(Check<'_>, [Decision; 5])>) {
+        let callers = callers();
+        for (what, expected) in table {
+            for (who, want) in callers.iter().zip(expected) {
+                assert_eq!(check(who, what), want, "{} {what:?}", who.subject);
+            }
+        }
+    }
+
+    /// Who may request a scope, read, list and revoke keys, and use the roles' routes.
     #[test]
-    fn every_decision_by_caller() {
-        let bot = Principal::for_tests("chatops:bot", &["chatops"], false, false);
-        let alice = Principal::for_tests("alice", &["payments"], false, false);
-        let bob = Principal::for_tests("bob", &["web"], false, false);
-        let auditor = Principal::for_tests("sam", &["security"], false, true);
-        let admin = Principal::for_tests("robin", &["platform"], true, false);
-        let callers = [&bot, &alice, &bob, &auditor, &admin];
+    fn key_and_role_decisions_by_caller() {
         let scope = Scope {
             name: super::super::ScopeName::parse("payments-deploy").unwrap(),
             description: String::new(),
@@ -183,117 +201,54 @@ mod tests {
             max_ttl: chrono::Duration::days(1),
             max_active_keys_per_requester: 3,
         };
-        let (key, t) = (alices_key(), ticket());
-        let delegates = BTreeSet::from(["chatops".to_owned()]);
-        use Decision::{Allow, Deny, Hide};
-        use TicketAccess::{Cancel, Claim, View};
-        let d = |text: &str| Deny(text.to_owned());
-        // (check, what bot, alice, bob, the auditor and the admin get)
-        let table: Vec<(Check<'_>, [Decision; 5])> = vec![
-            (
-                Check::RequestScope(&scope),
-                [
-                    d("your teams share none of payments-deploy's teams"),
-                    Allow,
-                    d("your teams share none of payments-deploy's teams"),
-                    d("your teams share none of payments-deploy's teams"),
-                    Allow,
-                ],
-            ),
+        let key = alices_key();
+        use Decision::{Allow, Hide};
+        let teams = deny("your teams share none of payments-deploy's teams");
+        let others = deny("only auditors and admins may list other requesters' keys");
+        let audit = deny("the audit trail is for auditors and admins");
+        let identify = deny("identifying keys needs the auditor or admin role");
+        let admin = deny("this needs the admin role");
+        // (check, what the bot, alice, bob, the auditor and the admin get)
+        assert_table(vec![
+            (Check::RequestScope(&scope), [teams.clone(), Allow, teams.clone(), teams, Allow]),
             (Check::ReadKey(&key), [Hide, Allow, Hide, Allow, Allow]),
+            (Check::ListKeys { requester: Some("alice") }, [others.clone(), Allow, others.clone(), Allow, Allow]),
+            (Check::ListKeys { requester: None }, [others.clone(), others.clone(), others, Allow, Allow]),
             (
-                Check::ListKeys { requester: Some("alice") },
-                [
-                    d("only auditors and admins may list other requesters' keys"),
-                    Allow,
-                    d("only auditors and admins may list other requesters' keys"),
-                    Allow,
-                    Allow,
-                ],
+                Check::RevokeKey(&key),
+                [Hide, Allow, Hide, deny("only the key's owner or an admin may revoke it"), Allow],
             ),
-            (
-                Check::ListKeys { requester: None },
-                [
-                    d("only auditors and admins may list other requesters' keys"),
-                    d("only auditors and admins may list other requesters' keys"),
-                    d("only auditors and admins may list other requesters' keys"),
-                    Allow,
-                    Allow,
-                ],
-            ),
-            (Check::RevokeKey(&key), [Hide, Allow, Hide, d("only the key's owner or an admin may revoke it"), Allow]),
-            (
-                Check::ReadAudit,
-                [
-                    d("the audit trail is for auditors and admins"),
-                    d("the audit trail is for auditors and admins"),
-                    d("the audit trail is for auditors and admins"),
-                    Allow,
-                    Allow,
-                ],
-            ),
-            (
-                Check::IdentifyKey,
-                [
-                    d("identifying keys needs the auditor or admin role"),
-                    d("identifying keys needs the auditor or admin role"),
-                    d("identifying keys needs the auditor or admin role"),
-                    Allow,
-                    Allow,
-                ],
-            ),
-            (
-                Check::Administer,
-                [
-                    d("this needs the admin role"),
-                    d("this needs the admin role"),
-                    d("this needs the admin role"),
-                    d("this needs the admin role"),
-                    Allow,
-                ],
-            ),
+            (Check::ReadAudit, [audit.clone(), audit.clone(), audit, Allow, Allow]),
+            (Check::IdentifyKey, [identify.clone(), identify.clone(), identify, Allow, Allow]),
+            (Check::Administer, [admin.clone(), admin.clone(), admin.clone(), admin, Allow]),
+        ]);
+    }
+
+    /// Who may create, view, cancel and claim pickup tickets.
+    #[test]
+    fn ticket_decisions_by_caller() {
+        let t = ticket();
+        let delegates = BTreeSet::from(["chatops".to_owned()]);
+        use Decision::Allow;
+        use TicketAccess::{Cancel, Claim, View};
+        let delegate = deny("only members of auth.delegate_teams may ask for keys on someone else's behalf");
+        let cancel = deny("only the bot that asked, the person it is for or an admin may cancel it");
+        let claim = deny("this ticket is for `alice`; only they may claim it");
+        assert_table(vec![
+            // Not even an admin delegates: delegation is a bot's narrow identity, not a role.
             (
                 Check::Delegate { delegate_teams: &delegates },
-                [
-                    Allow,
-                    d("only members of auth.delegate_teams may ask for keys on someone else's behalf"),
-                    d("only members of auth.delegate_teams may ask for keys on someone else's behalf"),
-                    d("only members of auth.delegate_teams may ask for keys on someone else's behalf"),
-                    // Not even an admin: delegation is a bot's narrow identity, not a role.
-                    d("only members of auth.delegate_teams may ask for keys on someone else's behalf"),
-                ],
+                [Allow, delegate.clone(), delegate.clone(), delegate.clone(), delegate],
             ),
             (
                 Check::Ticket(&t, View),
-                [Allow, Allow, d("this ticket is for someone else, not for `bob`"), Allow, Allow],
+                [Allow, Allow, deny("this ticket is for someone else, not for `bob`"), Allow, Allow],
             ),
-            (
-                Check::Ticket(&t, Cancel),
-                [
-                    Allow,
-                    Allow,
-                    d("only the bot that asked, the person it is for or an admin may cancel it"),
-                    d("only the bot that asked, the person it is for or an admin may cancel it"),
-                    Allow,
-                ],
-            ),
-            (
-                Check::Ticket(&t, Claim),
-                [
-                    d("this ticket is for `alice`; only they may claim it"),
-                    Allow,
-                    d("this ticket is for `alice`; only they may claim it"),
-                    d("this ticket is for `alice`; only they may claim it"),
-                    d("this ticket is for `alice`; only they may claim it"),
-                ],
-            ),
-        ];
-        for (what, expected) in table {
-            for (who, want) in callers.iter().zip(expected) {
-                assert_eq!(check(who, what), want, "{} {what:?}", who.subject);
-            }
-        }
+            (Check::Ticket(&t, Cancel), [Allow, Allow, cancel.clone(), cancel, Allow]),
+            (Check::Ticket(&t, Claim), [claim.clone(), Allow, claim.clone(), claim.clone(), claim]),
+        ]);
         // Nobody is a delegate without delegate teams.
-        assert!(!check(&bot, Check::Delegate { delegate_teams: &BTreeSet::new() }).is_allowed());
+        let bot = &callers()[0];
+        assert!(!check(bot, Check::Delegate { delegate_teams: &BTreeSet::new() }).is_allowed());
     }
 }
