@@ -129,9 +129,9 @@ impl KeyView {
         Self {
             state: record.effective_state(now),
             id: record.id,
-            scope: record.scope,
+            scope: record.scope.to_string(),
             requester: record.requester,
-            purpose: record.purpose,
+            purpose: record.purpose.to_string(),
             octopus_user_id: record.octopus_user_id,
             octopus_key_id: record.octopus_key_id,
             key_hint: record.key_hint,

@@ -207,8 +207,8 @@ impl NewAuditEvent {
         }
     }
 
-    pub fn scope(mut self, scope: &str) -> Self {
-        self.scope = Some(scope.to_owned());
+    pub fn scope(mut self, scope: impl AsRef<str>) -> Self {
+        self.scope = Some(scope.as_ref().to_owned());
         self
     }
 

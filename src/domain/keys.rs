@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::domain::policy::{Purpose, ScopeName};
+
 /// The life of a key record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -103,9 +105,9 @@ pub enum Step {
 pub struct KeyRecord {
     pub seq: i64,
     pub id: Uuid,
-    pub scope: String,
+    pub scope: ScopeName,
     pub requester: String,
-    pub purpose: String,
+    pub purpose: Purpose,
     pub state: KeyState,
     pub octopus_user_id: String,
     pub octopus_key_id: Option<String>,
@@ -129,9 +131,9 @@ impl KeyRecord {
 #[derive(Debug, Clone)]
 pub struct NewKey {
     pub id: Uuid,
-    pub scope: String,
+    pub scope: ScopeName,
     pub requester: String,
-    pub purpose: String,
+    pub purpose: Purpose,
     pub octopus_user_id: String,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,

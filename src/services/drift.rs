@@ -96,7 +96,7 @@ async fn scope_accounts(keys: &KeyService) -> HashMap<String, String> {
     accounts
 }
 
-fn drift_event(now: DateTime<Utc>, action: Action, outcome: Outcome, scope: &str) -> NewAuditEvent {
+fn drift_event(now: DateTime<Utc>, action: Action, outcome: Outcome, scope: impl AsRef<str>) -> NewAuditEvent {
     NewAuditEvent::new(now, "keybroker", action, outcome, &RequestContext::default()).scope(scope)
 }
 

@@ -390,7 +390,7 @@ impl KeyService {
     async fn superseded_by(&self, new: &KeyRecord) -> Vec<Uuid> {
         let filter = KeyFilter {
             requester: Some(new.requester.clone()),
-            scope: Some(new.scope.clone()),
+            scope: Some(new.scope.to_string()),
             state: Some(KeyState::Active),
             now: Some(self.now()),
             team: None,
@@ -531,9 +531,9 @@ impl KeyService {
     ) -> Result<Option<Result<IssueOutcome, ServiceError>>, ServiceError> {
         let new_key = NewKey {
             id: f.id,
-            scope: f.scope.name.to_string(),
+            scope: f.scope.name.clone(),
             requester: f.principal.subject.clone(),
-            purpose: request.purpose.as_str().to_owned(),
+            purpose: request.purpose.clone(),
             octopus_user_id: f.account.id.clone(),
             // Taken after the look-up, as the record is written: its age is the record's own,
             // not the request's (the reconciler goes by the deadline anyway).
@@ -681,7 +681,7 @@ impl KeyService {
             .detail(json!({ "expires_at": expires_at, "key_hint": activation.key_hint }));
         match self.activate_or_read_back(&activation, &issued_event).await {
             Ok(record)
-                if self.policy().get(&record.scope).is_none()
+                if self.policy().get(record.scope.as_str()).is_none()
                     && self.scope_removal() == crate::domain::policy::ScopeRemoval::Revoke =>
             {
                 // A reload removed the scope while the key was being made, and says to revoke
@@ -691,7 +691,7 @@ impl KeyService {
                 if let Err(e) = self.revoke_with(&Self::system_principal(), record.id, f.ctx, Some(why)).await {
                     tracing::warn!(error = %e, "could not revoke a key of a removed scope; the reconciler retries");
                 }
-                Err(ServiceError::Policy(PolicyError::UnknownScope(record.scope.clone())))
+                Err(ServiceError::Policy(PolicyError::UnknownScope(record.scope.to_string())))
             }
             Ok(record) => {
                 tracing::info!(octopus_key_id = %created.id, "issued key");

@@ -618,9 +618,9 @@ mod tests {
         let now = Utc::now();
         NewKey {
             id: uuid::Uuid::new_v4(),
-            scope: "s".to_owned(),
+            scope: crate::domain::policy::ScopeName::parse("s").unwrap(),
             requester: requester.to_owned(),
-            purpose: "p".to_owned(),
+            purpose: crate::domain::policy::Purpose::parse("p").unwrap(),
             octopus_user_id: "Users-1".to_owned(),
             created_at: now,
             expires_at: now + chrono::Duration::days(1),
@@ -661,7 +661,7 @@ mod tests {
         let now = Utc::now();
         let (a1, a2, b1, a_other) = (key("alice", 5, None), key("alice", 5, None), key("bob", 3, None), {
             let mut k = key("alice", 5, None);
-            k.scope = "t".to_owned();
+            k.scope = crate::domain::policy::ScopeName::parse("t").unwrap();
             k
         });
         let below = exact_below(&[(&a1, now), (&b1, now), (&a2, now), (&a_other, now)]);

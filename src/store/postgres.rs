@@ -384,9 +384,9 @@ impl BatchTx for PgBatch<'_, '_> {
              ORDER BY k.ord",
         )
         .bind(keys.iter().map(|k| k.id).collect::<Vec<_>>())
-        .bind(text(|k| Some(&k.scope)))
+        .bind(keys.iter().map(|k| k.scope.as_str()).collect::<Vec<_>>())
         .bind(text(|k| Some(&k.requester)))
-        .bind(text(|k| Some(&k.purpose)))
+        .bind(keys.iter().map(|k| k.purpose.as_str()).collect::<Vec<_>>())
         .bind(text(|k| Some(&k.octopus_user_id)))
         .bind(keys.iter().map(|k| store_precision(k.created_at)).collect::<Vec<_>>())
         .bind(keys.iter().map(|k| store_precision(k.expires_at)).collect::<Vec<_>>())

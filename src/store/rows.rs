@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::{Delivery, StoreError};
 use crate::domain::audit::AuditRecord;
 use crate::domain::keys::{KeyRecord, KeyState};
+use crate::domain::policy::{Purpose, ScopeName};
 use crate::domain::tickets::{Ticket, TicketId, TicketState};
 
 /// A point in time as a column.
@@ -147,6 +148,14 @@ pub(super) struct KeyRow {
     requested_by: Option<String>,
 }
 
+pub(super) fn scope_name(text: &str) -> Result<ScopeName, StoreError> {
+    ScopeName::parse(text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(super) fn purpose(text: &str) -> Result<Purpose, StoreError> {
+    Purpose::parse(text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
 pub(super) fn key_state(text: &str) -> Result<KeyState, StoreError> {
     KeyState::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown state {text}")))
 }
@@ -158,9 +167,9 @@ impl TryFrom<KeyRow> for KeyRecord {
         Ok(KeyRecord {
             seq: row.seq,
             id: row.id.0,
-            scope: row.scope,
+            scope: scope_name(&row.scope)?,
             requester: row.requester,
-            purpose: row.purpose,
+            purpose: purpose(&row.purpose)?,
             state: key_state(&row.state)?,
             octopus_user_id: row.octopus_user_id,
             octopus_key_id: row.octopus_key_id,

@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
 use super::rows::{
-    KEY_COLUMNS, delivery_from_row, key_from_row, key_state, parse_sqlite_time as parse_time, sqlite_time as fmt_time,
+    KEY_COLUMNS, delivery_from_row, key_from_row, key_state, parse_sqlite_time as parse_time, purpose as parse_purpose,
+    scope_name, sqlite_time as fmt_time,
 };
 use super::shared::{self, Backend, Connection};
 use super::{
@@ -262,9 +263,9 @@ fn keys_from_json(text: &str) -> Result<Vec<KeyRecord>, StoreError> {
             Ok(KeyRecord {
                 seq,
                 id: Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                scope,
+                scope: scope_name(&scope)?,
                 requester,
-                purpose,
+                purpose: parse_purpose(&purpose)?,
                 state: key_state(&state)?,
                 octopus_user_id,
                 octopus_key_id,

@@ -130,9 +130,9 @@ pub async fn stage_pending(app: &TestApp, created_at: chrono::DateTime<chrono::U
     let id = uuid::Uuid::new_v4();
     let key = keybroker::domain::keys::NewKey {
         id,
-        scope: "payments-deploy".to_owned(),
+        scope: keybroker::domain::policy::ScopeName::parse("payments-deploy").unwrap(),
         requester: "alice@example.com".to_owned(),
-        purpose: "in flight".to_owned(),
+        purpose: keybroker::domain::policy::Purpose::parse("in flight").unwrap(),
         octopus_user_id: app.sim.user_id("svc-payments-deploy").unwrap(),
         created_at,
         expires_at: created_at + chrono::Duration::days(1),

@@ -15,9 +15,9 @@ use crate::helpers::{backends, second_store};
 fn new_key(requester: &str, scope: &str, now: DateTime<Utc>, max_active: u32) -> NewKey {
     NewKey {
         id: Uuid::new_v4(),
-        scope: scope.to_owned(),
+        scope: keybroker::domain::policy::ScopeName::parse(scope).unwrap(),
         requester: requester.to_owned(),
-        purpose: "contract".to_owned(),
+        purpose: keybroker::domain::policy::Purpose::parse("contract").unwrap(),
         octopus_user_id: "Users-2".to_owned(),
         created_at: now,
         expires_at: now + Duration::days(1),

@@ -332,9 +332,9 @@ async fn a_claim_holds_its_ticket_and_only_its_own_token_ends_or_releases_it_on_
         store.insert_ticket(&lost, &event(Action::TicketCreated)).await.unwrap();
         let key = keybroker::domain::keys::NewKey {
             id: uuid::Uuid::new_v4(),
-            scope: lost.scope.clone(),
+            scope: keybroker::domain::policy::ScopeName::parse(&lost.scope).unwrap(),
             requester: "alice".to_owned(),
-            purpose: "p".to_owned(),
+            purpose: keybroker::domain::policy::Purpose::parse("p").unwrap(),
             octopus_user_id: "Users-2".to_owned(),
             created_at: now,
             expires_at: now + Duration::days(1),

@@ -151,9 +151,9 @@ mod tests {
         KeyRecord {
             seq: 1,
             id: uuid::Uuid::new_v4(),
-            scope: "payments-deploy".to_owned(),
+            scope: super::super::ScopeName::parse("payments-deploy").unwrap(),
             requester: "alice".to_owned(),
-            purpose: "p".to_owned(),
+            purpose: super::super::Purpose::parse("p").unwrap(),
             state: KeyState::Active,
             octopus_user_id: "Users-1".to_owned(),
             octopus_key_id: None,
