@@ -16,6 +16,8 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::domain::policy::{Purpose, ScopeName};
+
 /// How long a started claim holds its ticket before another may take over, beyond the claim's
 /// own deadline (`server.request_timeout`; see [`TicketService::new`]).
 pub const CLAIM_HOLD_MARGIN: chrono::Duration = chrono::Duration::minutes(1);
@@ -69,8 +71,8 @@ pub struct Ticket {
     pub id: TicketId,
     /// The principal who may claim it.
     pub for_subject: String,
-    pub scope: String,
-    pub purpose: String,
+    pub scope: ScopeName,
+    pub purpose: Purpose,
     /// The lifetime the bot asked for (`"2d"`), or the scope's default.
     pub ttl: Option<String>,
     /// The bot's principal and display name.
@@ -187,8 +189,8 @@ mod tests {
         let mut ticket = Ticket {
             id: TicketId::generate(),
             for_subject: "alice".to_owned(),
-            scope: "s".to_owned(),
-            purpose: "p".to_owned(),
+            scope: ScopeName::parse("s").unwrap(),
+            purpose: Purpose::parse("p").unwrap(),
             ttl: None,
             requested_by: "bot".to_owned(),
             requested_by_name: "Bot".to_owned(),

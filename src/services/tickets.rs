@@ -130,8 +130,8 @@ impl TicketService {
         let ticket = Ticket {
             id: TicketId::generate(),
             for_subject,
-            scope: scope.name.to_string(),
-            purpose: request.purpose.as_str().to_owned(),
+            scope: scope.name.clone(),
+            purpose: request.purpose.clone(),
             ttl,
             requested_by: bot.subject.clone(),
             requested_by_name: bot.display_name.chars().take(200).collect(),
@@ -293,7 +293,7 @@ impl TicketService {
         caller_gone: Option<Arc<std::sync::atomic::AtomicBool>>,
         ctx: &RequestContext,
     ) -> Result<IssueOutcome, TicketError> {
-        let purpose = Purpose::parse(&ticket.purpose).map_err(|e| TicketError::BadRequest(e.to_string()))?;
+        let purpose = ticket.purpose.clone();
         let expiry = match ticket.ttl.as_deref() {
             Some(text) => ExpiryRequest::Ttl(parse_ttl(text).map_err(|e| TicketError::BadRequest(e.to_string()))?),
             None => ExpiryRequest::Default,
@@ -301,7 +301,7 @@ impl TicketService {
         let idempotency =
             idempotency_key.map(|key| Idempotency::for_request(key, &json!({ "ticket": ticket.id.as_str() })));
         let request = IssueRequest {
-            scope: ticket.scope.clone(),
+            scope: ticket.scope.to_string(),
             purpose,
             expiry,
             idempotency,

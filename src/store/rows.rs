@@ -212,8 +212,8 @@ impl TryFrom<TicketRow> for Ticket {
             id: TicketId::parse(&row.id)
                 .ok_or_else(|| StoreError::Corrupt(format!("malformed ticket id {}", row.id)))?,
             for_subject: row.for_subject,
-            scope: row.scope,
-            purpose: row.purpose,
+            scope: scope_name(&row.scope)?,
+            purpose: purpose(&row.purpose)?,
             ttl: row.ttl,
             requested_by: row.requested_by,
             requested_by_name: row.requested_by_name,

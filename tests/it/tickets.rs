@@ -275,8 +275,8 @@ async fn a_claim_holds_its_ticket_and_only_its_own_token_ends_or_releases_it_on_
         let ticket = Ticket {
             id: TicketId::generate(),
             for_subject: "alice".to_owned(),
-            scope: "payments-deploy".to_owned(),
-            purpose: "p".to_owned(),
+            scope: keybroker::domain::policy::ScopeName::parse("payments-deploy").unwrap(),
+            purpose: keybroker::domain::policy::Purpose::parse("p").unwrap(),
             ttl: Some("1d".to_owned()),
             requested_by: BOT.to_owned(),
             requested_by_name: "Bot".to_owned(),
@@ -332,7 +332,7 @@ async fn a_claim_holds_its_ticket_and_only_its_own_token_ends_or_releases_it_on_
         store.insert_ticket(&lost, &event(Action::TicketCreated)).await.unwrap();
         let key = keybroker::domain::keys::NewKey {
             id: uuid::Uuid::new_v4(),
-            scope: keybroker::domain::policy::ScopeName::parse(&lost.scope).unwrap(),
+            scope: lost.scope.clone(),
             requester: "alice".to_owned(),
             purpose: keybroker::domain::policy::Purpose::parse("p").unwrap(),
             octopus_user_id: "Users-2".to_owned(),

@@ -132,8 +132,8 @@ mod tests {
         Ticket {
             id: TicketId::generate(),
             for_subject: "alice".to_owned(),
-            scope: "s".to_owned(),
-            purpose: "p".to_owned(),
+            scope: super::super::ScopeName::parse("s").unwrap(),
+            purpose: super::super::Purpose::parse("p").unwrap(),
             ttl: None,
             requested_by: "chatops:bot".to_owned(),
             requested_by_name: "Bot".to_owned(),
