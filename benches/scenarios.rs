@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use keybroker::config::ConfigFile;
+use keybroker::config::{ConfigFile, RawJobs};
 use keybroker::store::Store;
 use keybroker_testkit::{TestApp, TestOptions};
 use octopus_sim::{DEMO_BROKER_API_KEY, Seed, Simulator};
@@ -198,7 +198,8 @@ async fn expect(res: reqwest::Response, status: u16) -> anyhow::Result<Value> {
 }
 
 pub fn token(subject: &str, groups: &[&str]) -> anyhow::Result<String> {
-    Ok(keybroker_testkit::token(subject, groups))
+    // Two hours: longer than the longest run.
+    Ok(keybroker_testkit::token_for(subject, groups, chrono::Duration::hours(2)))
 }
 
 pub fn http_client() -> anyhow::Result<reqwest::Client> {
@@ -212,7 +213,8 @@ pub fn unlimited(file: &mut ConfigFile) {
     }
     // The load generator is a handful of principals sending thousands of requests a second.
     file.server.rate_limit_per_minute = 0;
-    file.jobs.reconcile_interval = Duration::from_secs(3600).into();
+    // The jobs at their defaults (the test kit quiets them), but for the reconciler.
+    file.jobs = RawJobs { reconcile_interval: Duration::from_secs(3600).into(), ..RawJobs::default() };
 }
 
 /// Writes the demo configuration, [`unlimited`], plus its secret files, into `dir`; returns the

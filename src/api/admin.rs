@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{AdminCaller, ApiJson, Ctx, filter_value};
+use crate::services::PassError;
 use crate::services::drift::UnmanagedKey;
 use crate::services::offboarding::Outcome;
 use crate::services::reload::ReloadError;
@@ -163,7 +164,12 @@ pub async fn revoke_unmanaged(
     let revoked =
         tokio::spawn(async move { crate::services::drift::revoke_unmanaged(&keys, &principal.subject, &ctx).await })
             .await
-            .map_err(|e| ApiError::Internal(format!("drift task failed: {e}")))??;
+            .map_err(|e| ApiError::Internal(format!("drift task failed: {e}")))?
+            .map_err(|e| match e {
+                // The database down is 503; whatever Octopus answered stays the 502 it always was.
+                PassError::Store(e) => ApiError::from(e),
+                other => ApiError::BadGateway(other.to_string()),
+            })?;
     Ok(axum::Json(UnmanagedReport { revoked }))
 }
 

@@ -105,8 +105,8 @@ impl ConfigFile {
     }
 
     /// The file as TOML text. Inline secrets are never written (the file may not hold them).
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot write this configuration: {e}"))
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError(format!("cannot write this configuration as TOML: {e}")))
     }
 }
 
@@ -541,9 +541,20 @@ impl Config {
     }
 
     /// Validates a typed file: reads the secret files (relative to `base_dir`) and checks every
-    /// rule `load` checks, except that secrets were not written inline (a typed file has none
-    /// in its text).
+    /// rule `load` checks, inline secrets refused included.
     pub fn from_file(file: ConfigFile, base_dir: &Path) -> Result<Self, ConfigError> {
+        let inline = [
+            ("octopus.api_key", file.octopus.as_ref().is_some_and(|o| o.api_key.is_some())),
+            ("octopus.password", file.octopus.as_ref().is_some_and(|o| o.password.is_some())),
+            ("auth.hs256_secret", file.auth.as_ref().is_some_and(|a| a.hs256_secret.is_some())),
+            ("audit.hmac_secret", file.audit.hmac_secret.is_some()),
+        ];
+        if let Some((key, _)) = inline.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::at(
+                *key,
+                format!("secrets may not be written in the config file; use {key}_file"),
+            ));
+        }
         Self::validate(file, base_dir)
     }
 
@@ -1018,15 +1029,14 @@ max_ttl = "30d"
         let demo = crate::dev::demo_config_toml("http://127.0.0.1:9", "127.0.0.1:0", Path::new("k.db"));
         for text in [include_str!("../../keybroker.example.toml"), demo.as_str()] {
             let file = ConfigFile::from_toml(text).unwrap();
-            let written = file.to_toml();
-            assert!(!written.starts_with('#'), "{written}");
+            let written = file.to_toml().unwrap();
             let again = ConfigFile::from_toml(&written).unwrap();
             assert_eq!(format!("{again:?}"), format!("{file:?}"), "{written}");
         }
         // A duration keeps its value, whichever way humantime writes it.
         let mut file = ConfigFile::from_toml(&demo).unwrap();
         file.jobs.webhook_interval = Duration::from_millis(1500).into();
-        let again = ConfigFile::from_toml(&file.to_toml()).unwrap();
+        let again = ConfigFile::from_toml(&file.to_toml().unwrap()).unwrap();
         assert_eq!(again.jobs.webhook_interval, HumanDuration(Duration::from_millis(1500)));
     }
 

@@ -229,10 +229,18 @@ mod tests {
             (Failed, Revoke, Step::Refused { expected: Active }),
             (Failed, Activate, Step::Refused { expected: Pending }),
             (Failed, Expire, Step::Stay),
+            (Expired, Fail, Step::Refused { expected: Pending }),
+            (Revoked, Activate, Step::Refused { expected: Pending }),
+            (Failed, Fail, Step::Refused { expected: Pending }),
         ];
         for (from, change, step) in table {
             assert_eq!(from.on(change), step, "{from} on {change:?}");
         }
+        // Every pair is in the table exactly once.
+        assert_eq!(table.len(), 5 * 4);
+        let pairs: std::collections::HashSet<_> =
+            table.iter().map(|(s, c, _)| (s.as_str(), format!("{c:?}"))).collect();
+        assert_eq!(pairs.len(), table.len());
     }
 
     #[test]

@@ -66,10 +66,12 @@ fn marked_record(purpose: &str) -> Option<Uuid> {
 pub async fn scan(keys: &KeyService, state: &DriftState) -> Result<DriftReport, PassError> {
     let mut report = DriftReport::default();
     let now = keys.now();
-    // Read the active records once; each account's are picked out below.
+    let accounts = scope_accounts(keys).await;
+    // Read the active records once, after the look-ups and just before the listings; each
+    // account's are picked out below.
     let filter = KeyFilter { state: Some(KeyState::Active), now: Some(now), ..Default::default() };
     let active = keys.store().list_all_keys(&filter).await?;
-    for (user_id, scope_name) in scope_accounts(keys).await {
+    for (user_id, scope_name) in accounts {
         let in_octopus = keys.octopus().list_api_keys(&user_id, Some("keybroker:")).await?;
         let mine: Vec<&KeyRecord> = active.iter().filter(|r| r.octopus_user_id == user_id).collect();
         revoke_deleted_behind_back(keys, &user_id, &mine, &in_octopus, now, &mut report).await?;

@@ -258,6 +258,10 @@ pub(super) async fn apply_change(
     at: DateTime<Utc>,
     event: &NewAuditEvent,
 ) -> Result<(KeyRecord, bool), StoreError> {
+    if change == KeyChange::Activate {
+        // An activation writes what Octopus returned; only `activate` (`activate_keys`) does it.
+        return Err(StoreError::Unavailable("an activation goes through Store::activate".to_owned()));
+    }
     let current = tx.key(id).await?;
     match current.state.on(change) {
         Step::Stay => Ok((current, false)),

@@ -112,19 +112,7 @@ async fn append_in(
     // A statement of its own: the INSERT's snapshot must be taken after the lock is granted.
     sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(CHAIN_LOCK).execute(&mut **tx).await?;
     let cached = head.lock().map(|mut h| h.take()).unwrap_or_default();
-    if let Some(prev) = cached {
-        if let Some(last) = insert_events(tx, events, &prev, key).await? {
-            remember(head, last);
-            return Ok(());
-        }
-    }
-    let prev: Option<String> =
-        sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetch_optional(&mut **tx).await?;
-    let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
-    let Some(last) = insert_events(tx, events, &prev, key).await? else {
-        // Impossible while this transaction holds the chain lock.
-        return Err(StoreError::Unavailable("the audit chain's head moved during an append".to_owned()));
-    };
+    let last = shared::append(Connection::Postgres(tx), cached, events, key).await?;
     remember(head, last);
     Ok(())
 }
@@ -143,26 +131,14 @@ fn forget(head: &Mutex<Option<String>>) {
 
 /// Inserts `events` chained after `prev`, in one statement, if `prev` is the chain's last hash:
 /// the new last hash, or `None` (nothing written) if `prev` is not the last hash.
-async fn insert_events(
-    tx: &mut Transaction<'_, Postgres>,
+pub(super) async fn insert_events(
+    connection: &mut sqlx::PgConnection,
     events: &[&NewAuditEvent],
+    links: &[shared::Link],
     prev: &str,
-    key: Option<&ChainKey>,
-) -> Result<Option<String>, StoreError> {
-    let mut prevs = Vec::with_capacity(events.len());
-    let mut hashes = Vec::with_capacity(events.len());
-    if key.is_none() && prev.starts_with(crate::domain::audit::KEYED_PREFIX) {
-        // A plain hash after a keyed one would break the chain for good.
-        return Err(StoreError::Unavailable(
-            "the audit chain is keyed and this process has no audit.chain_key_file: nothing can be appended".to_owned(),
-        ));
-    }
-    let mut last = prev.to_owned();
-    for event in events {
-        let hash = event.chain_hash(&last, key);
-        prevs.push(std::mem::replace(&mut last, hash.clone()));
-        hashes.push(hash);
-    }
+) -> Result<u64, StoreError> {
+    let prevs: Vec<&str> = links.iter().map(|l| l.prev.as_str()).collect();
+    let hashes: Vec<&str> = links.iter().map(|l| l.hash.as_str()).collect();
     let column = |f: fn(&NewAuditEvent) -> Option<&str>| events.iter().map(|e| f(e)).collect::<Vec<_>>();
     // One row per array element, inserted in array order (`ord`), so `seq` follows the chain.
     let inserted = sqlx::query(
@@ -193,16 +169,10 @@ async fn insert_events(
     .bind(hashes)
     .bind(GENESIS_HASH)
     .bind(prev)
-    .execute(&mut **tx)
+    .execute(connection)
     .await?
     .rows_affected();
-    if inserted == 0 {
-        return Ok(None);
-    }
-    if inserted != events.len() as u64 {
-        return Err(StoreError::Unavailable(format!("{inserted} of {} audit events were written", events.len())));
-    }
-    Ok(Some(last))
+    Ok(inserted)
 }
 
 async fn key_in(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<KeyRecord, StoreError> {

@@ -148,14 +148,6 @@ pub(super) struct KeyRow {
     requested_by: Option<String>,
 }
 
-pub(super) fn scope_name(text: &str) -> Result<ScopeName, StoreError> {
-    ScopeName::parse(text).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-pub(super) fn purpose(text: &str) -> Result<Purpose, StoreError> {
-    Purpose::parse(text).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 pub(super) fn key_state(text: &str) -> Result<KeyState, StoreError> {
     KeyState::parse(text).ok_or_else(|| StoreError::Corrupt(format!("unknown state {text}")))
 }
@@ -167,9 +159,9 @@ impl TryFrom<KeyRow> for KeyRecord {
         Ok(KeyRecord {
             seq: row.seq,
             id: row.id.0,
-            scope: scope_name(&row.scope)?,
+            scope: ScopeName::stored(row.scope),
             requester: row.requester,
-            purpose: purpose(&row.purpose)?,
+            purpose: Purpose::stored(row.purpose),
             state: key_state(&row.state)?,
             octopus_user_id: row.octopus_user_id,
             octopus_key_id: row.octopus_key_id,
@@ -212,8 +204,8 @@ impl TryFrom<TicketRow> for Ticket {
             id: TicketId::parse(&row.id)
                 .ok_or_else(|| StoreError::Corrupt(format!("malformed ticket id {}", row.id)))?,
             for_subject: row.for_subject,
-            scope: scope_name(&row.scope)?,
-            purpose: purpose(&row.purpose)?,
+            scope: ScopeName::stored(row.scope),
+            purpose: Purpose::stored(row.purpose),
             ttl: row.ttl,
             requested_by: row.requested_by,
             requested_by_name: row.requested_by_name,
@@ -300,12 +292,21 @@ impl From<DeliveryRow> for Delivery {
     }
 }
 
+/// A column that would not decode is a value keybroker cannot read ([`StoreError::Corrupt`]);
+/// any other error is the database's.
+fn decoded(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::ColumnDecode { .. } => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Database(other),
+    }
+}
+
 /// Decodes a `key_records` row of either backend.
 pub(super) fn key_from_row<'r, R: sqlx::Row>(row: &'r R) -> Result<KeyRecord, StoreError>
 where
     KeyRow: sqlx::FromRow<'r, R>,
 {
-    KeyRow::from_row(row)?.try_into()
+    KeyRow::from_row(row).map_err(decoded)?.try_into()
 }
 
 /// Decodes a `tickets` row of either backend.
@@ -313,7 +314,7 @@ pub(super) fn ticket_from_row<'r, R: sqlx::Row>(row: &'r R) -> Result<Ticket, St
 where
     TicketRow: sqlx::FromRow<'r, R>,
 {
-    TicketRow::from_row(row)?.try_into()
+    TicketRow::from_row(row).map_err(decoded)?.try_into()
 }
 
 /// Decodes an `audit_events` row of either backend.
@@ -321,7 +322,7 @@ pub(super) fn audit_from_row<'r, R: sqlx::Row>(row: &'r R) -> Result<AuditRecord
 where
     AuditRow: sqlx::FromRow<'r, R>,
 {
-    Ok(AuditRow::from_row(row)?.into())
+    Ok(AuditRow::from_row(row).map_err(decoded)?.into())
 }
 
 /// Decodes a claimed `webhook_deliveries` row of either backend.
@@ -329,5 +330,5 @@ pub(super) fn delivery_from_row<'r, R: sqlx::Row>(row: &'r R) -> Result<Delivery
 where
     DeliveryRow: sqlx::FromRow<'r, R>,
 {
-    Ok(DeliveryRow::from_row(row)?.into())
+    Ok(DeliveryRow::from_row(row).map_err(decoded)?.into())
 }

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::rows::{Id, KEY_COLUMNS, TICKET_COLUMNS, Time, key_from_row, ticket_from_row};
 use super::{PgStore, SqliteStore, StoreError};
+use crate::domain::audit::{ChainKey, GENESIS_HASH, KEYED_PREFIX, NewAuditEvent};
 use crate::domain::keys::{KeyRecord, KeyState};
 use crate::domain::tickets::{Ticket, TicketId};
 
@@ -355,4 +356,78 @@ pub(super) async fn name_webhook_deliveries(
         let removed = "UPDATE webhook_deliveries SET webhook = 'removed-' || id WHERE webhook LIKE '%://%'";
         renamed + sqlx::query(removed).execute(&mut *ex).await?.rows_affected()
     }))
+}
+
+/// One event's place in the audit chain: the hash before it and its own.
+pub(super) struct Link {
+    pub prev: String,
+    pub hash: String,
+}
+
+/// The links of `events` appended after `prev`. A plain hash after a keyed one would break the
+/// chain for good, so a process without the key appends nothing to a keyed chain.
+fn links(events: &[&NewAuditEvent], prev: &str, key: Option<&ChainKey>) -> Result<Vec<Link>, StoreError> {
+    if key.is_none() && prev.starts_with(KEYED_PREFIX) {
+        return Err(StoreError::Unavailable(
+            "the audit chain is keyed and this process has no audit.chain_key_file: nothing can be appended".to_owned(),
+        ));
+    }
+    let mut last = prev.to_owned();
+    Ok(events
+        .iter()
+        .map(|event| {
+            let hash = event.chain_hash(&last, key);
+            Link { prev: std::mem::replace(&mut last, hash.clone()), hash }
+        })
+        .collect())
+}
+
+/// Appends `events`, in order, to the audit chain: the one implementation for both backends,
+/// under the chain's lock (SQLite's one writer; PostgreSQL's advisory lock), which the caller
+/// holds. The backend's INSERT itself checks that `cached` (this process's last head) is still
+/// the chain's last hash, so the usual append is one statement however many events there are;
+/// a stale hint costs one read of the head and a second try. Returns the new head.
+pub(super) async fn append(
+    mut connection: Connection<'_>,
+    cached: Option<String>,
+    events: &[&NewAuditEvent],
+    key: Option<&ChainKey>,
+) -> Result<String, StoreError> {
+    if let Some(prev) = cached {
+        if let Some(last) = insert_chained(&mut connection, events, &prev, key).await? {
+            return Ok(last);
+        }
+    }
+    let sql = "SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1";
+    let head: Option<String> = match &mut connection {
+        Connection::Sqlite(c) => sqlx::query_scalar(sql).fetch_optional(&mut **c).await?,
+        Connection::Postgres(c) => sqlx::query_scalar(sql).fetch_optional(&mut **c).await?,
+    };
+    let prev = head.unwrap_or_else(|| GENESIS_HASH.to_owned());
+    insert_chained(&mut connection, events, &prev, key).await?.ok_or_else(|| {
+        // Impossible while this transaction holds the chain's lock.
+        StoreError::Unavailable("the audit chain's head moved during an append".to_owned())
+    })
+}
+
+/// Inserts `events` chained after `prev` with the backend's one statement, if `prev` is still
+/// the chain's last hash: the new last hash, or `None` (nothing written).
+async fn insert_chained(
+    connection: &mut Connection<'_>,
+    events: &[&NewAuditEvent],
+    prev: &str,
+    key: Option<&ChainKey>,
+) -> Result<Option<String>, StoreError> {
+    let links = links(events, prev, key)?;
+    let inserted = match connection {
+        Connection::Sqlite(c) => super::sqlite::insert_events(c, events, &links, prev).await?,
+        Connection::Postgres(c) => super::postgres::insert_events(c, events, &links, prev).await?,
+    };
+    if inserted == 0 {
+        return Ok(None);
+    }
+    if inserted != events.len() as u64 {
+        return Err(StoreError::Unavailable(format!("{inserted} of {} audit events were written", events.len())));
+    }
+    Ok(links.last().map(|l| l.hash.clone()))
 }

@@ -14,8 +14,7 @@ use uuid::Uuid;
 
 use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
 use super::rows::{
-    KEY_COLUMNS, delivery_from_row, key_from_row, key_state, parse_sqlite_time as parse_time, purpose as parse_purpose,
-    scope_name, sqlite_time as fmt_time,
+    KEY_COLUMNS, delivery_from_row, key_from_row, key_state, parse_sqlite_time as parse_time, sqlite_time as fmt_time,
 };
 use super::shared::{self, Backend, Connection};
 use super::{
@@ -24,6 +23,7 @@ use super::{
 };
 use crate::domain::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
 use crate::domain::keys::KeyChange;
+use crate::domain::policy::{Purpose, ScopeName};
 use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 
 pub struct SqliteStore {
@@ -138,20 +138,7 @@ async fn append_in(
     if events.is_empty() {
         return Ok(());
     }
-    if let Some(prev) = head.take() {
-        if let Some(last) = insert_events(tx, events, &prev, key).await? {
-            *head = Some(last);
-            return Ok(());
-        }
-    }
-    let prev: Option<String> =
-        sqlx::query_scalar("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetch_optional(&mut **tx).await?;
-    let prev = prev.unwrap_or_else(|| GENESIS_HASH.to_owned());
-    let Some(last) = insert_events(tx, events, &prev, key).await? else {
-        // Impossible while this transaction holds the write lock.
-        return Err(StoreError::Unavailable("the audit chain's head moved during an append".to_owned()));
-    };
-    *head = Some(last);
+    *head = Some(shared::append(Connection::Sqlite(tx), head.take(), events, key).await?);
     Ok(())
 }
 
@@ -170,45 +157,40 @@ type EventRow<'a> = (
     Option<&'a str>,
     Option<&'a str>,
     String,
-    String,
-    String,
+    &'a str,
+    &'a str,
 );
 
 /// Inserts `events` chained after `prev`, in one statement, if `prev` is the chain's last hash:
 /// the new last hash, or `None` (nothing written) if `prev` is not the last hash.
-async fn insert_events(
-    tx: &mut Transaction<'static, Sqlite>,
+pub(super) async fn insert_events(
+    connection: &mut sqlx::SqliteConnection,
     events: &[&NewAuditEvent],
+    links: &[shared::Link],
     prev: &str,
-    key: Option<&ChainKey>,
-) -> Result<Option<String>, StoreError> {
-    let mut rows: Vec<EventRow<'_>> = Vec::with_capacity(events.len());
-    if key.is_none() && prev.starts_with(crate::domain::audit::KEYED_PREFIX) {
-        // A plain hash after a keyed one would break the chain for good.
-        return Err(StoreError::Unavailable(
-            "the audit chain is keyed and this process has no audit.chain_key_file: nothing can be appended".to_owned(),
-        ));
-    }
-    let mut last = prev.to_owned();
-    for event in events {
-        let hash = event.chain_hash(&last, key);
-        rows.push((
-            event.id.to_string(),
-            fmt_time(store_precision(event.occurred_at)),
-            &event.actor,
-            event.action.as_str(),
-            event.outcome.as_str(),
-            event.scope.as_deref(),
-            event.key_id.map(|k| k.to_string()),
-            event.octopus_key_id.as_deref(),
-            event.context.request_id.as_deref(),
-            event.context.client_addr.as_deref(),
-            event.context.user_agent.as_deref(),
-            event.detail.to_string(),
-            std::mem::replace(&mut last, hash.clone()),
-            hash,
-        ));
-    }
+) -> Result<u64, StoreError> {
+    let rows: Vec<EventRow<'_>> = events
+        .iter()
+        .zip(links)
+        .map(|(event, link)| {
+            (
+                event.id.to_string(),
+                fmt_time(store_precision(event.occurred_at)),
+                event.actor.as_str(),
+                event.action.as_str(),
+                event.outcome.as_str(),
+                event.scope.as_deref(),
+                event.key_id.map(|k| k.to_string()),
+                event.octopus_key_id.as_deref(),
+                event.context.request_id.as_deref(),
+                event.context.client_addr.as_deref(),
+                event.context.user_agent.as_deref(),
+                event.detail.to_string(),
+                link.prev.as_str(),
+                link.hash.as_str(),
+            )
+        })
+        .collect();
     let rows = serde_json::to_string(&rows).map_err(|e| StoreError::Unavailable(e.to_string()))?;
     // Rows are inserted in array order, so `seq` follows the chain.
     let inserted = sqlx::query(
@@ -225,16 +207,10 @@ async fn insert_events(
     .bind(rows)
     .bind(GENESIS_HASH)
     .bind(prev)
-    .execute(&mut **tx)
+    .execute(connection)
     .await?
     .rows_affected();
-    if inserted == 0 {
-        return Ok(None);
-    }
-    if inserted != events.len() as u64 {
-        return Err(StoreError::Unavailable(format!("{inserted} of {} audit events were written", events.len())));
-    }
-    Ok(Some(last))
+    Ok(inserted)
 }
 
 /// A page of rows as one JSON array built by SQLite (`json_group_array(json_array(...))`):
@@ -263,9 +239,9 @@ fn keys_from_json(text: &str) -> Result<Vec<KeyRecord>, StoreError> {
             Ok(KeyRecord {
                 seq,
                 id: Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                scope: scope_name(&scope)?,
+                scope: ScopeName::stored(scope),
                 requester,
-                purpose: parse_purpose(&purpose)?,
+                purpose: Purpose::stored(purpose),
                 state: key_state(&state)?,
                 octopus_user_id,
                 octopus_key_id,

@@ -389,7 +389,7 @@ async fn an_invalid_reload_is_refused_and_a_valid_one_applies_the_removal_rule()
          default_ttl = \"1h\"\nmax_ttl = \"1d\"\n",
     ));
     file.lifecycle.on_scope_removed = keybroker::domain::policy::ScopeRemoval::Revoke;
-    std::fs::write(&path, file.to_toml()).unwrap();
+    std::fs::write(&path, file.to_toml().unwrap()).unwrap();
     let res = reload().await.unwrap();
     assert_eq!(res.status(), 200);
     let report: Value = res.json().await.unwrap();
@@ -415,7 +415,7 @@ async fn removed_scopes_keep_their_keys_by_default() {
     let mut file = ConfigFile::from_toml(&original).unwrap();
     file.scopes.retain(|s| s.name != "web-deploy");
     assert_eq!(file.scopes.len(), 2);
-    std::fs::write(&path, file.to_toml()).unwrap();
+    std::fs::write(&path, file.to_toml().unwrap()).unwrap();
     let res = app.http.post(format!("{}/v1/admin/reload", app.url)).bearer_auth(app.admin()).send().await.unwrap();
     assert_eq!(res.status(), 200);
     let report: Value = res.json().await.unwrap();

@@ -26,7 +26,7 @@ fn without_web_deploy(text: &str) -> String {
     let before = file.scopes.len();
     file.scopes.retain(|s| s.name != "web-deploy");
     assert_eq!(file.scopes.len(), before - 1, "the file has no web-deploy scope");
-    file.to_toml()
+    file.to_toml().unwrap()
 }
 
 async fn policy_check(app: &TestApp) -> Value {

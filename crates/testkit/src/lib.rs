@@ -209,7 +209,12 @@ impl Drop for TestApp {
 
 /// A token of the demo configuration's `[auth]` (HS256, an hour) for `subject` in `groups`.
 pub fn token(subject: &str, groups: &[&str]) -> String {
-    mint_token(JWT_SECRET, DEV_ISSUER, DEV_AUDIENCE, subject, subject, groups, chrono::Duration::hours(1)).unwrap()
+    token_for(subject, groups, chrono::Duration::hours(1))
+}
+
+/// [`token`] with another lifetime.
+pub fn token_for(subject: &str, groups: &[&str], ttl: chrono::Duration) -> String {
+    mint_token(JWT_SECRET, DEV_ISSUER, DEV_AUDIENCE, subject, subject, groups, ttl).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,7 +229,7 @@ pub fn demo_file(octopus_url: &str, listen: &str, db: &Path) -> ConfigFile {
 /// Writes `file` as `keybroker.toml` in `dir`; returns its path.
 pub fn write_file(dir: &Path, file: &ConfigFile) -> PathBuf {
     let path = dir.join("keybroker.toml");
-    std::fs::write(&path, file.to_toml()).unwrap();
+    std::fs::write(&path, file.to_toml().unwrap()).unwrap();
     path
 }
 

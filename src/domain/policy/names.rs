@@ -19,6 +19,12 @@ impl ScopeName {
         Ok(Self(text.to_owned()))
     }
 
+    /// A name read back from keybroker's own database: it was validated when it was written,
+    /// and a record written under older rules must still be readable.
+    pub fn stored(text: String) -> Self {
+        Self(text)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -90,6 +96,12 @@ impl Purpose {
             return Err(InvalidPurpose::NonPrintable(u32::from(bad)));
         }
         Ok(Self(trimmed.to_owned()))
+    }
+
+    /// A purpose read back from keybroker's own database: it was validated when it was
+    /// written, and a record written under older rules must still be readable.
+    pub fn stored(text: String) -> Self {
+        Self(text)
     }
 
     pub fn as_str(&self) -> &str {
