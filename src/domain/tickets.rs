@@ -16,7 +16,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::policy::{Purpose, ScopeName};
+use crate::domain::names::{Purpose, ScopeName};
 
 /// How long a started claim holds its ticket before another may take over, beyond the claim's
 /// own deadline (`server.request_timeout`; see [`TicketService::new`]).

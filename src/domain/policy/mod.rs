@@ -4,13 +4,12 @@
 pub mod authz;
 pub mod document;
 mod expiry;
-mod names;
 
 use std::collections::{BTreeSet, HashMap};
 
+pub use crate::domain::names::{InvalidPurpose, InvalidScopeName, InvalidTtl, Purpose, ScopeName, parse_ttl};
 pub use document::ScopeRemoval;
 pub use expiry::{ExpiryClamp, ExpiryDecision, ExpiryRequest, UpstreamLimits, resolve_expiry};
-pub use names::{InvalidPurpose, InvalidScopeName, InvalidTtl, Purpose, ScopeName, parse_ttl};
 
 use crate::domain::principal::Principal;
 
