@@ -135,10 +135,14 @@ pub trait Store: Send + Sync + 'static {
         key: &NewKey,
         event: &NewAuditEvent,
         now: DateTime<Utc>,
-    ) -> Result<Pending, StoreError>;
+    ) -> Result<Pending, StoreError> {
+        shared::insert_pending(self.backend(), key, event, now).await
+    }
 
     /// In one transaction: a pending record becomes active, and `event` is appended.
-    async fn activate(&self, activation: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError>;
+    async fn activate(&self, activation: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
+        shared::activate(self.backend(), activation, event).await
+    }
 
     /// In one transaction: applies `change` to record `id` at `at` as the key's state machine
     /// ([`KeyState::on`]) allows, and appends `event` if the record moved. Returns the record
@@ -281,7 +285,9 @@ pub trait Store: Send + Sync + 'static {
         shared::find_by_secret_hmac(self.backend(), hmac).await
     }
 
-    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError>;
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
+        shared::append_audit(self.backend(), event).await
+    }
 
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError>;
 

@@ -27,7 +27,7 @@ use super::rows::{KEY_COLUMNS, audit_from_row, delivery_from_row, key_from_row};
 use super::shared::{self, Backend, Connection};
 use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
-    NewKey, PageRequest, Pending, Store, StoreError,
+    NewKey, PageRequest, Store, StoreError,
 };
 use crate::domain::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
 use crate::domain::keys::KeyChange;
@@ -53,6 +53,11 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// The queue of the issuance path's writes (group commit, `batch.rs`).
+    pub(super) fn write_queue(&self) -> &WriteQueue {
+        &self.writes
+    }
+
     /// The migrations of this dialect.
     pub(super) fn migrator(&self) -> &'static sqlx::migrate::Migrator {
         static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -432,21 +437,6 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn insert_pending(
-        &self,
-        key: &NewKey,
-        event: &NewAuditEvent,
-        now: DateTime<Utc>,
-    ) -> Result<Pending, StoreError> {
-        self.writes.insert_pending(key, event, now).await
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        self.writes.activate(a, event).await
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Postgres>::new(format!("SELECT {KEY_COLUMNS} FROM key_records WHERE TRUE"));
         if let Some(r) = &filter.requester {
@@ -559,11 +549,6 @@ impl Store for PgStore {
             _ => query,
         };
         Ok(query.execute(&self.pool).await?.rows_affected() == 1)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
-        self.writes.append(event).await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

@@ -8,8 +8,9 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::batch::WriteQueue;
 use super::rows::{Id, KEY_COLUMNS, TICKET_COLUMNS, Time, key_from_row, ticket_from_row};
-use super::{PgStore, SqliteStore, StoreError};
+use super::{Activation, NewKey, Pending, PgStore, SqliteStore, StoreError};
 use crate::domain::audit::{ChainKey, GENESIS_HASH, KEYED_PREFIX, NewAuditEvent};
 use crate::domain::keys::{KeyRecord, KeyState};
 use crate::domain::tickets::{Ticket, TicketId};
@@ -89,6 +90,35 @@ macro_rules! on_backend {
             }
         }
     };
+}
+
+/// The backend's group-commit queue (`batch.rs`), which every issuance-path write goes through.
+fn queue(backend: Backend<'_>) -> &WriteQueue {
+    match backend {
+        Backend::Sqlite(store) => store.write_queue(),
+        Backend::Postgres(store) => store.write_queue(),
+    }
+}
+
+pub(super) async fn insert_pending(
+    backend: Backend<'_>,
+    key: &NewKey,
+    event: &NewAuditEvent,
+    now: DateTime<Utc>,
+) -> Result<Pending, StoreError> {
+    queue(backend).insert_pending(key, event, now).await
+}
+
+pub(super) async fn activate(
+    backend: Backend<'_>,
+    activation: &Activation,
+    event: &NewAuditEvent,
+) -> Result<KeyRecord, StoreError> {
+    queue(backend).activate(activation, event).await
+}
+
+pub(super) async fn append_audit(backend: Backend<'_>, event: &NewAuditEvent) -> Result<(), StoreError> {
+    queue(backend).append(event).await
 }
 
 pub(super) async fn ping(backend: Backend<'_>) -> Result<(), StoreError> {

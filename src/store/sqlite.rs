@@ -19,7 +19,7 @@ use super::rows::{
 use super::shared::{self, Backend, Connection};
 use super::{
     Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
-    NewKey, PageRequest, Pending, Store, StoreError,
+    NewKey, PageRequest, Store, StoreError,
 };
 use crate::domain::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
 use crate::domain::keys::KeyChange;
@@ -56,6 +56,11 @@ impl Drop for SqliteStore {
 type ChainHead = Option<String>;
 
 impl SqliteStore {
+    /// The queue of the issuance path's writes (group commit, `batch.rs`).
+    pub(super) fn write_queue(&self) -> &WriteQueue {
+        &self.writes
+    }
+
     /// The migrations of this dialect.
     pub(super) fn migrator(&self) -> &'static sqlx::migrate::Migrator {
         static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -563,21 +568,6 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn insert_pending(
-        &self,
-        key: &NewKey,
-        event: &NewAuditEvent,
-        now: DateTime<Utc>,
-    ) -> Result<Pending, StoreError> {
-        self.writes.insert_pending(key, event, now).await
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn activate(&self, a: &Activation, event: &NewAuditEvent) -> Result<KeyRecord, StoreError> {
-        self.writes.activate(a, event).await
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn change_state(
         &self,
         id: Uuid,
@@ -664,11 +654,6 @@ impl Store for SqliteStore {
             == 1;
         tx.commit().await?;
         Ok(done)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn append_audit(&self, event: &NewAuditEvent) -> Result<(), StoreError> {
-        self.writes.append(event).await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
