@@ -48,25 +48,22 @@ macro_rules! on_backend {
     (transaction $backend:expr, |$ex:ident| $body:expr) => {
         match $backend {
             Backend::Sqlite(store) => {
-                let (_lock, mut tx) = store.write_tx().await?;
-                let done = {
-                    let $ex = &mut *tx;
-                    $body
-                };
-                tx.commit().await?;
-                done
+                let (_lock, tx) = store.write_tx().await?;
+                on_backend!(@commit tx, |$ex| $body)
             }
-            Backend::Postgres(store) => {
-                let mut tx = store.reader().begin().await?;
-                let done = {
-                    let $ex = &mut *tx;
-                    $body
-                };
-                tx.commit().await?;
-                done
-            }
+            Backend::Postgres(store) => on_backend!(@commit store.reader().begin().await?, |$ex| $body),
         }
     };
+    // Runs `$body` in transaction `$tx` and commits it (a `?` in the body rolls it back).
+    (@commit $tx:expr, |$ex:ident| $body:expr) => {{
+        let mut tx = $tx;
+        let done = {
+            let $ex = &mut *tx;
+            $body
+        };
+        tx.commit().await?;
+        done
+    }};
     (connection $conn:expr, |$ex:ident| $body:expr) => {
         match $conn {
             Connection::Sqlite($ex) => $body,
@@ -76,13 +73,8 @@ macro_rules! on_backend {
     (write $backend:expr, |$ex:ident| $body:expr) => {
         match $backend {
             Backend::Sqlite(store) => {
-                let (_lock, mut tx) = store.write_tx().await?;
-                let done = {
-                    let $ex = &mut *tx;
-                    $body
-                };
-                tx.commit().await?;
-                done
+                let (_lock, tx) = store.write_tx().await?;
+                on_backend!(@commit tx, |$ex| $body)
             }
             Backend::Postgres(store) => {
                 let $ex = store.reader();
