@@ -208,6 +208,21 @@ pub(super) struct Found {
     pub request_hash: Option<String>,
 }
 
+/// A [`Found`] from a row of `KEY_COLUMNS` followed by `request_hash` and `idempotency_key`.
+pub(super) fn found_from_row<'r, R: sqlx::Row>(row: &'r R) -> Result<Found, StoreError>
+where
+    super::rows::KeyRow: sqlx::FromRow<'r, R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'static str: sqlx::ColumnIndex<R>,
+{
+    Ok(Found {
+        record: super::rows::key_from_row(row)?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        request_hash: row.try_get("request_hash")?,
+    })
+}
+
 /// A backend's statements inside a batch transaction. The set-based ones take every write of a
 /// kind at once, so a batch costs a handful of statements however many writes it holds; the rare
 /// cases they leave go one at a time ([`insert_one`], [`activate_one`]), built on these.

@@ -2,6 +2,7 @@
 //! database URL. HTTP code never sees `sqlx::Error`.
 
 mod batch;
+mod chain;
 mod postgres;
 mod rows;
 mod shared;
@@ -101,7 +102,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Keys every event appended from now on with `key` (`audit.chain_key_file`; set once, at
     /// start, before the first append).
-    fn set_chain_key(&self, key: crate::domain::audit::ChainKey);
+    fn set_chain_key(&self, key: crate::domain::audit::ChainKey) {
+        shared::set_chain_key(self.backend(), key);
+    }
 
     /// Applies the migrations.
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -153,7 +156,9 @@ pub trait Store: Send + Sync + 'static {
         change: KeyChange,
         at: DateTime<Utc>,
         event: &NewAuditEvent,
-    ) -> Result<(KeyRecord, bool), StoreError>;
+    ) -> Result<(KeyRecord, bool), StoreError> {
+        shared::change_state(self.backend(), id, change, at, event).await
+    }
 
     /// A pending record becomes failed (see [`Store::change_state`]).
     async fn mark_failed(&self, id: Uuid, event: &NewAuditEvent) -> Result<(), StoreError> {
@@ -245,7 +250,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds a notice to the outbox unless the same (webhook, event, key, threshold) is there
     /// already. Returns whether it was added.
-    async fn enqueue_delivery(&self, delivery: &NewDelivery) -> Result<bool, StoreError>;
+    async fn enqueue_delivery(&self, delivery: &NewDelivery) -> Result<bool, StoreError> {
+        shared::enqueue_delivery(self.backend(), delivery).await
+    }
 
     /// Outbox rows written before webhooks had names hold the webhook's URL: each `(url, name)`
     /// pair gives them their webhook's name, and rows of URLs no longer configured get
@@ -257,11 +264,15 @@ pub trait Store: Send + Sync + 'static {
     /// Claims the pending deliveries due at `now`: they are not due again for
     /// [`DELIVERY_CLAIM`], so a second worker cannot send them too. A worker that dies before
     /// finishing them lets them fall due again after the claim.
-    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError>;
+    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        shared::due_deliveries(self.backend(), now, limit).await
+    }
 
     /// Records what became of a delivery, if `delivery`'s claim still holds it (its claim did not
     /// lapse and go to another worker, which then owns the outcome). Returns whether it did.
-    async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError>;
+    async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError> {
+        shared::finish_delivery(self.backend(), delivery, result).await
+    }
 
     /// Takes or renews the lease of a job for `holder` until `now + ttl`. False when another
     /// holder's lease is still running.
@@ -295,7 +306,9 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// In one transaction: writes a `waiting` ticket and appends `event`.
-    async fn insert_ticket(&self, ticket: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError>;
+    async fn insert_ticket(&self, ticket: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
+        shared::insert_ticket(self.backend(), ticket, event).await
+    }
 
     async fn get_ticket(&self, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
         shared::get_ticket(self.backend(), id).await
@@ -328,7 +341,9 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
         hold: Hold<'_>,
         event: &NewAuditEvent,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<bool, StoreError> {
+        shared::end_ticket(self.backend(), id, end, at, hold, event).await
+    }
 
     /// Publishes a policy document for every replica, unless the newest published one already has
     /// this `version`. Returns the newest one's position afterwards.
@@ -338,7 +353,9 @@ pub trait Store: Send + Sync + 'static {
         document: &str,
         at: DateTime<Utc>,
         by: &str,
-    ) -> Result<i64, StoreError>;
+    ) -> Result<i64, StoreError> {
+        shared::publish_policy(self.backend(), version, document, at, by).await
+    }
 
     /// The newest published policy: (position, version, document, when it was published).
     async fn latest_policy(&self) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {

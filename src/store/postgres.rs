@@ -19,19 +19,15 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Acquire, Postgres, Row, Transaction};
+use sqlx::{Acquire, PgConnection, Postgres};
 use uuid::Uuid;
 
-use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
-use super::rows::{KEY_COLUMNS, audit_from_row, delivery_from_row, key_from_row};
-use super::shared::{self, Backend, Connection};
-use super::{
-    Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
-    NewKey, PageRequest, Store, StoreError,
-};
+use super::batch::{self, Committer, Found, Outcome, Write, WriteQueue};
+use super::chain::ChainTx;
+use super::rows::{AUDIT_COLUMNS, KEY_COLUMNS, audit_from_row, key_from_row};
+use super::shared::{self, Backend};
+use super::{Activation, AuditFilter, KeyFilter, KeyRecord, NewKey, PageRequest, Store, StoreError};
 use crate::domain::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
-use crate::domain::keys::KeyChange;
-use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 
 /// Advisory lock namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
 const LIMIT_LOCK: i32 = 0x6b62_0001;
@@ -97,40 +93,14 @@ impl PgStore {
         Ok(Self { pool, head, chain_key, writes, committing })
     }
 
-    async fn write_tx(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
-        self.pool.begin().await.map_err(StoreError::from)
+    /// The audit chain's cached head (see the field).
+    pub(super) fn head(&self) -> &Mutex<Option<String>> {
+        &self.head
     }
-}
 
-/// Appends `events`, in order, to the chain under the chain lock. The INSERT itself checks that
-/// the cached head is still the chain's last hash, so the usual append is two statements (lock,
-/// insert) however many events there are; a stale hint costs one read and a second try.
-async fn append_in(
-    tx: &mut Transaction<'_, Postgres>,
-    head: &Mutex<Option<String>>,
-    key: Option<&ChainKey>,
-    events: &[&NewAuditEvent],
-) -> Result<(), StoreError> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    // A statement of its own: the INSERT's snapshot must be taken after the lock is granted.
-    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(CHAIN_LOCK).execute(&mut **tx).await?;
-    let cached = head.lock().map(|mut h| h.take()).unwrap_or_default();
-    let last = shared::append(Connection::Postgres(tx), cached, events, key).await?;
-    remember(head, last);
-    Ok(())
-}
-
-fn remember(head: &Mutex<Option<String>>, hash: String) {
-    if let Ok(mut h) = head.lock() {
-        *h = Some(hash);
-    }
-}
-
-fn forget(head: &Mutex<Option<String>>) {
-    if let Ok(mut h) = head.lock() {
-        *h = None;
+    /// `audit.chain_key_file`'s key, once set.
+    pub(super) fn chain_key(&self) -> &std::sync::OnceLock<ChainKey> {
+        &self.chain_key
     }
 }
 
@@ -180,15 +150,6 @@ pub(super) async fn insert_events(
     Ok(inserted)
 }
 
-async fn key_in(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<KeyRecord, StoreError> {
-    let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or(StoreError::NotFound(id))?;
-    key_from_row(&row)
-}
-
 /// The issuance path's writes, committed in batches (see [`batch`](super::batch)).
 struct PgCommitter {
     pool: PgPool,
@@ -213,14 +174,14 @@ impl PgCommitter {
         writes: &[&Write],
     ) -> Result<Vec<Outcome>, (bool, StoreError)> {
         let mut tx = conn.begin().await.map_err(|e| (false, StoreError::from(e)))?;
-        match batch::apply(&mut PgBatch { tx: &mut tx, head: &self.head, key: self.chain_key.get() }, writes).await {
+        let mut chain = ChainTx::Postgres { conn: &mut tx, head: &self.head, key: self.chain_key.get() };
+        match batch::apply(&mut chain, writes).await {
             Ok(outcomes) => {
                 tx.commit().await.map_err(|e| (true, StoreError::from(e)))?;
                 Ok(outcomes)
             }
             Err(e) => {
-                // The head may name an event that is being rolled back.
-                forget(&self.head);
+                chain.forget_head();
                 tx.rollback().await.map_err(|e| (true, StoreError::from(e)))?;
                 Err((true, e))
             }
@@ -263,171 +224,141 @@ impl Committer for PgCommitter {
     }
 }
 
-/// A batch transaction on PostgreSQL. Its lock order is the rows it activates, requester locks
-/// (all at once, in one order, so two batches cannot deadlock on them), the `key_holdings` rows
-/// its inserts update, then the chain lock; other writers take key rows, holdings, chain.
-struct PgBatch<'a, 'c> {
-    tx: &'a mut Transaction<'c, Postgres>,
-    head: &'a Mutex<Option<String>>,
-    key: Option<&'a ChainKey>,
+// The group commit's statements and the locks in PostgreSQL's dialect: each statement takes
+// its rows as arrays (`UNNEST`), so a batch of any size is one statement. `chain::ChainTx`
+// calls them. A batch's lock order is the rows it activates, requester locks (all at once, in
+// one order, so two batches cannot deadlock on them), the `key_holdings` rows its inserts
+// update, then the chain lock; other writers take key rows, holdings, chain.
+
+/// Takes the requesters' locks: one per requester covers both the limit and the idempotency
+/// key; the statements after it take their snapshots once it is granted.
+pub(super) async fn lock_requesters(conn: &mut PgConnection, requesters: &[&str]) -> Result<(), StoreError> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock($1, l.h) \
+         FROM (SELECT DISTINCT hashtext(r) AS h FROM UNNEST($2::text[]) AS r ORDER BY 1) AS l",
+    )
+    .bind(LIMIT_LOCK)
+    .bind(requesters)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
-#[async_trait]
-impl BatchTx for PgBatch<'_, '_> {
-    async fn set_state(
-        &mut self,
-        id: Uuid,
-        from: KeyState,
-        to: KeyState,
-        at: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        shared::set_state(Connection::Postgres(self.tx), id, from, to, at).await
-    }
+/// Takes the audit chain's lock, in a statement of its own: the INSERT's snapshot must be taken
+/// after the lock is granted.
+pub(super) async fn lock_chain(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(CHAIN_LOCK).execute(conn).await?;
+    Ok(())
+}
 
-    async fn lock_requesters(&mut self, requesters: &[&str]) -> Result<(), StoreError> {
-        // One lock per requester covers both the limit and the idempotency key; the statements
-        // after it take their snapshots once it is granted.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock($1, l.h) \
-             FROM (SELECT DISTINCT hashtext(r) AS h FROM UNNEST($2::text[]) AS r ORDER BY 1) AS l",
-        )
-        .bind(LIMIT_LOCK)
-        .bind(requesters)
-        .execute(&mut **self.tx)
-        .await?;
-        Ok(())
-    }
+/// One policy publisher at a time.
+pub(super) async fn lock_policy(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(POLICY_LOCK).execute(conn).await?;
+    Ok(())
+}
 
-    async fn find_idempotent(&mut self, keys: &[&NewKey]) -> Result<Vec<Found>, StoreError> {
-        let (requesters, idems): (Vec<&str>, Vec<&str>) =
-            keys.iter().filter_map(|k| k.idempotency.as_ref().map(|i| (k.requester.as_str(), i.key.as_str()))).unzip();
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS}, request_hash, idempotency_key FROM key_records \
-             WHERE (requester, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"
-        ))
-        .bind(requesters)
-        .bind(idems)
-        .fetch_all(&mut **self.tx)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Found {
-                    record: key_from_row(row)?,
-                    idempotency_key: row.try_get("idempotency_key")?,
-                    request_hash: row.try_get("request_hash")?,
-                })
-            })
-            .collect()
-    }
+pub(super) async fn find_idempotent(conn: &mut PgConnection, keys: &[&NewKey]) -> Result<Vec<Found>, StoreError> {
+    let (requesters, idems): (Vec<&str>, Vec<&str>) =
+        keys.iter().filter_map(|k| k.idempotency.as_ref().map(|i| (k.requester.as_str(), i.key.as_str()))).unzip();
+    let rows = sqlx::query(&format!(
+        "SELECT {KEY_COLUMNS}, request_hash, idempotency_key FROM key_records \
+         WHERE (requester, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"
+    ))
+    .bind(requesters)
+    .bind(idems)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(batch::found_from_row).collect()
+}
 
-    async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
-        let counts: Vec<i64> = sqlx::query_scalar(
-            "SELECT CASE WHEN COALESCE(h.held, 0) BETWEEN 0 AND c.below - 1 THEN COALESCE(h.held, 0) \
-                    ELSE (SELECT COUNT(*) FROM key_records k WHERE k.requester = c.r AND k.scope = c.s \
-                          AND k.state IN ('pending', 'active') AND k.expires_at > c.n) END \
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) \
-                  WITH ORDINALITY AS c(r, s, n, below, ord) \
-             LEFT JOIN key_holdings h ON h.requester = c.r AND h.scope = c.s \
-             ORDER BY c.ord",
-        )
-        .bind(inserts.iter().map(|(k, _)| k.requester.as_str()).collect::<Vec<_>>())
-        .bind(inserts.iter().map(|(k, _)| k.scope.as_str()).collect::<Vec<_>>())
-        .bind(inserts.iter().map(|(_, now)| *now).collect::<Vec<_>>())
-        .bind(batch::exact_below(inserts))
-        .fetch_all(&mut **self.tx)
-        .await?;
-        Ok(counts.into_iter().map(|n| u64::try_from(n).unwrap_or_default()).collect())
-    }
+pub(super) async fn limit_counts(
+    conn: &mut PgConnection,
+    inserts: &[(&NewKey, DateTime<Utc>)],
+) -> Result<Vec<i64>, StoreError> {
+    let counts = sqlx::query_scalar(
+        "SELECT CASE WHEN COALESCE(h.held, 0) BETWEEN 0 AND c.below - 1 THEN COALESCE(h.held, 0) \
+                ELSE (SELECT COUNT(*) FROM key_records k WHERE k.requester = c.r AND k.scope = c.s \
+                      AND k.state IN ('pending', 'active') AND k.expires_at > c.n) END \
+         FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) \
+              WITH ORDINALITY AS c(r, s, n, below, ord) \
+         LEFT JOIN key_holdings h ON h.requester = c.r AND h.scope = c.s \
+         ORDER BY c.ord",
+    )
+    .bind(inserts.iter().map(|(k, _)| k.requester.as_str()).collect::<Vec<_>>())
+    .bind(inserts.iter().map(|(k, _)| k.scope.as_str()).collect::<Vec<_>>())
+    .bind(inserts.iter().map(|(_, now)| *now).collect::<Vec<_>>())
+    .bind(batch::exact_below(inserts))
+    .fetch_all(conn)
+    .await?;
+    Ok(counts)
+}
 
-    async fn insert_keys(&mut self, keys: &[&NewKey]) -> Result<(), StoreError> {
-        let text = |f: fn(&NewKey) -> Option<&str>| keys.iter().map(|k| f(k)).collect::<Vec<_>>();
-        let teams = keys
-            .iter()
-            .map(|k| serde_json::to_string(&k.requester_teams).map_err(|e| StoreError::Unavailable(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
-        let inserted = sqlx::query(
-            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
-             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id, \
-             deadline) \
-             SELECT k.id, k.scope, k.requester, k.purpose, 'pending', k.uid, k.created, k.expires, k.created, \
-                    k.idem, k.rhash, k.teams::jsonb, k.by, k.ticket, k.deadline \
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
-                         $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], \
-                         $13::timestamptz[]) \
-                  WITH ORDINALITY AS k(id, scope, requester, purpose, uid, created, expires, idem, rhash, teams, by, \
-                                       ticket, deadline, ord) \
-             ORDER BY k.ord",
-        )
-        .bind(keys.iter().map(|k| k.id).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.scope.as_str()).collect::<Vec<_>>())
-        .bind(text(|k| Some(&k.requester)))
-        .bind(keys.iter().map(|k| k.purpose.as_str()).collect::<Vec<_>>())
-        .bind(text(|k| Some(&k.octopus_user_id)))
-        .bind(keys.iter().map(|k| store_precision(k.created_at)).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| store_precision(k.expires_at)).collect::<Vec<_>>())
-        .bind(text(|k| k.idempotency.as_ref().map(|i| i.key.as_str())))
-        .bind(text(|k| k.idempotency.as_ref().map(|i| i.request_hash.as_str())))
-        .bind(teams)
-        .bind(text(|k| k.requested_by.as_deref()))
-        .bind(text(|k| k.ticket.as_deref()))
-        .bind(keys.iter().map(|k| k.deadline.map(store_precision)).collect::<Vec<_>>())
-        .execute(&mut **self.tx)
-        .await?
-        .rows_affected();
-        if inserted != keys.len() as u64 {
-            return Err(StoreError::Unavailable(format!("{inserted} of {} key records were written", keys.len())));
-        }
-        Ok(())
-    }
+/// Writes the records `pending`, in order; how many rows were written.
+pub(super) async fn insert_keys(conn: &mut PgConnection, keys: &[&NewKey]) -> Result<u64, StoreError> {
+    let text = |f: fn(&NewKey) -> Option<&str>| keys.iter().map(|k| f(k)).collect::<Vec<_>>();
+    let teams = keys
+        .iter()
+        .map(|k| serde_json::to_string(&k.requester_teams).map_err(|e| StoreError::Unavailable(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let inserted = sqlx::query(
+        "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
+         expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id, \
+         deadline) \
+         SELECT k.id, k.scope, k.requester, k.purpose, 'pending', k.uid, k.created, k.expires, k.created, \
+                k.idem, k.rhash, k.teams::jsonb, k.by, k.ticket, k.deadline \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], \
+                     $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], \
+                     $13::timestamptz[]) \
+              WITH ORDINALITY AS k(id, scope, requester, purpose, uid, created, expires, idem, rhash, teams, by, \
+                                   ticket, deadline, ord) \
+         ORDER BY k.ord",
+    )
+    .bind(keys.iter().map(|k| k.id).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.scope.as_str()).collect::<Vec<_>>())
+    .bind(text(|k| Some(&k.requester)))
+    .bind(keys.iter().map(|k| k.purpose.as_str()).collect::<Vec<_>>())
+    .bind(text(|k| Some(&k.octopus_user_id)))
+    .bind(keys.iter().map(|k| store_precision(k.created_at)).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| store_precision(k.expires_at)).collect::<Vec<_>>())
+    .bind(text(|k| k.idempotency.as_ref().map(|i| i.key.as_str())))
+    .bind(text(|k| k.idempotency.as_ref().map(|i| i.request_hash.as_str())))
+    .bind(teams)
+    .bind(text(|k| k.requested_by.as_deref()))
+    .bind(text(|k| k.ticket.as_deref()))
+    .bind(keys.iter().map(|k| k.deadline.map(store_precision)).collect::<Vec<_>>())
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(inserted)
+}
 
-    async fn activate_keys(
-        &mut self,
-        activations: &[(&Activation, DateTime<Utc>)],
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        let text = |f: fn(&Activation) -> &str| activations.iter().map(|(a, _)| f(a)).collect::<Vec<_>>();
-        let rows = sqlx::query(&format!(
-            "UPDATE key_records SET state = 'active', octopus_key_id = a.okid, key_hint = a.hint, \
-             secret_hmac = a.hmac, expires_at = a.exp, updated_at = a.at \
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) \
-                  AS a(kid, okid, hint, hmac, exp, at) \
-             WHERE key_records.id = a.kid AND key_records.state = 'pending' RETURNING {KEY_COLUMNS}"
-        ))
-        .bind(activations.iter().map(|(a, _)| a.id).collect::<Vec<_>>())
-        .bind(text(|a| &a.octopus_key_id))
-        .bind(text(|a| &a.key_hint))
-        .bind(text(|a| &a.secret_hmac))
-        .bind(activations.iter().map(|(a, _)| store_precision(a.expires_at)).collect::<Vec<_>>())
-        .bind(activations.iter().map(|(_, at)| store_precision(*at)).collect::<Vec<_>>())
-        .fetch_all(&mut **self.tx)
-        .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn free_idempotency_key(&mut self, id: Uuid) -> Result<(), StoreError> {
-        sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = $1")
-            .bind(id)
-            .execute(&mut **self.tx)
-            .await?;
-        Ok(())
-    }
-
-    async fn key(&mut self, id: Uuid) -> Result<KeyRecord, StoreError> {
-        key_in(self.tx, id).await
-    }
-
-    async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError> {
-        append_in(self.tx, self.head, self.key, events).await
-    }
+pub(super) async fn activate_keys(
+    conn: &mut PgConnection,
+    activations: &[(&Activation, DateTime<Utc>)],
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let text = |f: fn(&Activation) -> &str| activations.iter().map(|(a, _)| f(a)).collect::<Vec<_>>();
+    let rows = sqlx::query(&format!(
+        "UPDATE key_records SET state = 'active', octopus_key_id = a.okid, key_hint = a.hint, \
+         secret_hmac = a.hmac, expires_at = a.exp, updated_at = a.at \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) \
+              AS a(kid, okid, hint, hmac, exp, at) \
+         WHERE key_records.id = a.kid AND key_records.state = 'pending' RETURNING {KEY_COLUMNS}"
+    ))
+    .bind(activations.iter().map(|(a, _)| a.id).collect::<Vec<_>>())
+    .bind(text(|a| &a.octopus_key_id))
+    .bind(text(|a| &a.key_hint))
+    .bind(text(|a| &a.secret_hmac))
+    .bind(activations.iter().map(|(a, _)| store_precision(a.expires_at)).collect::<Vec<_>>())
+    .bind(activations.iter().map(|(_, at)| store_precision(*at)).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(key_from_row).collect()
 }
 
 #[async_trait]
 impl Store for PgStore {
     fn backend(&self) -> Backend<'_> {
         Backend::Postgres(self)
-    }
-
-    fn set_chain_key(&self, key: ChainKey) {
-        let _ = self.chain_key.set(key);
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -438,240 +369,28 @@ impl Store for PgStore {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
-        let mut qb = sqlx::QueryBuilder::<Postgres>::new(format!("SELECT {KEY_COLUMNS} FROM key_records WHERE TRUE"));
-        if let Some(r) = &filter.requester {
-            qb.push(" AND requester = ").push_bind(r.clone());
-        }
-        if let Some(s) = &filter.scope {
-            qb.push(" AND scope = ").push_bind(s.clone());
-        }
-        if let Some(team) = &filter.team {
-            qb.push(" AND requester_teams @> ").push_bind(sqlx::types::Json(vec![team.clone()]));
-        }
-        match (filter.state, filter.now) {
-            (Some(KeyState::Active), Some(now)) => {
-                qb.push(" AND state = 'active' AND expires_at > ").push_bind(now);
-            }
-            (Some(KeyState::Expired), Some(now)) => {
-                qb.push(" AND (state = 'expired' OR (state = 'active' AND expires_at <= ").push_bind(now).push("))");
-            }
-            (Some(s), _) => {
-                qb.push(" AND state = ").push_bind(s.as_str());
-            }
-            (None, _) => {}
-        }
-        if let Some(before) = page.before_seq {
-            qb.push(" AND seq < ").push_bind(before);
-        }
-        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
+        let mut qb = sqlx::QueryBuilder::<Postgres>::new("");
+        shared::push_key_page(&mut qb, filter, page);
         let rows = qb.build().fetch_all(&self.pool).await?;
         rows.iter().map(key_from_row).collect()
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn change_state(
-        &self,
-        id: Uuid,
-        change: KeyChange,
-        at: DateTime<Utc>,
-        event: &NewAuditEvent,
-    ) -> Result<(KeyRecord, bool), StoreError> {
-        let mut tx = self.write_tx().await?;
-        let mut batch = PgBatch { tx: &mut tx, head: &self.head, key: self.chain_key.get() };
-        let result = batch::apply_change(&mut batch, id, change, at, event).await;
-        match &result {
-            Ok((_, true)) => tx.commit().await?,
-            _ => tx.rollback().await?,
-        }
-        result
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
-        let added = sqlx::query(
-            "INSERT INTO webhook_deliveries (webhook, event, key_id, threshold, payload, status, created_at, \
-             next_attempt_at) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6) \
-             ON CONFLICT (webhook, event, key_id, threshold) DO NOTHING",
-        )
-        .bind(&d.webhook)
-        .bind(&d.event)
-        .bind(d.key_id)
-        .bind(&d.threshold)
-        .bind(sqlx::types::Json(&d.payload))
-        .bind(store_precision(d.created_at))
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1;
-        Ok(added)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-        let rows = sqlx::query(
-            "UPDATE webhook_deliveries SET next_attempt_at = $1 WHERE id IN (SELECT id FROM webhook_deliveries \
-             WHERE status = 'pending' AND next_attempt_at <= $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at, next_attempt_at",
-        )
-        .bind(store_precision(now + DELIVERY_CLAIM))
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = rows.iter().map(delivery_from_row).collect::<Result<Vec<_>, StoreError>>()?;
-        out.sort_by_key(|d| d.id);
-        Ok(out)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError> {
-        // Only while this worker's claim holds the row (`next_attempt_at` is the claim's token).
-        let query = match result {
-            DeliveryResult::Delivered { at } => sqlx::query(
-                "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = $1, \
-                 last_error = NULL WHERE id = $2 AND status = 'pending' AND next_attempt_at = $3",
-            )
-            .bind(store_precision(*at)),
-            DeliveryResult::Retry { next_attempt_at, .. } => sqlx::query(
-                "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = $1, last_error = $4 \
-                 WHERE id = $2 AND status = 'pending' AND next_attempt_at = $3",
-            )
-            .bind(store_precision(*next_attempt_at)),
-            DeliveryResult::GaveUp { error } => sqlx::query(
-                "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, last_error = $1 \
-                 WHERE id = $2 AND status = 'pending' AND next_attempt_at = $3",
-            )
-            .bind(error.clone()),
-        };
-        let query = query.bind(delivery.id).bind(store_precision(delivery.claimed_until));
-        let query = match result {
-            DeliveryResult::Retry { error, .. } => query.bind(error.clone()),
-            _ => query,
-        };
-        Ok(query.execute(&self.pool).await?.rows_affected() == 1)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut qb = sqlx::QueryBuilder::<Postgres>::new("SELECT * FROM audit_events WHERE TRUE");
-        if let Some(a) = &filter.actor {
-            qb.push(" AND actor = ").push_bind(a.clone());
-        }
-        if let Some(a) = &filter.action {
-            qb.push(" AND action = ").push_bind(a.clone());
-        }
-        if let Some(s) = &filter.scope {
-            qb.push(" AND scope = ").push_bind(s.clone());
-        }
-        if let Some(k) = filter.key_id {
-            qb.push(" AND key_id = ").push_bind(k);
-        }
-        if let Some(from) = filter.from {
-            qb.push(" AND occurred_at >= ").push_bind(from);
-        }
-        if let Some(to) = filter.to {
-            qb.push(" AND occurred_at < ").push_bind(to);
-        }
-        if let Some(before) = page.before_seq {
-            qb.push(" AND seq < ").push_bind(before);
-        }
-        qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
+        let mut qb = sqlx::QueryBuilder::<Postgres>::new("");
+        shared::push_audit_page(&mut qb, filter, page);
         let rows = qb.build().fetch_all(&self.pool).await?;
         rows.iter().map(audit_from_row).collect()
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn audit_chain(&self, after_seq: i64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM audit_events WHERE seq > $1 ORDER BY seq ASC LIMIT $2")
-            .bind(after_seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query(&format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq ASC LIMIT $2"))
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(audit_from_row).collect()
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn insert_ticket(&self, t: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO tickets (id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, \
-             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'waiting', $8, $9)",
-        )
-        .bind(t.id.as_str())
-        .bind(&t.for_subject)
-        .bind(t.scope.as_str())
-        .bind(t.purpose.as_str())
-        .bind(t.ttl.as_deref())
-        .bind(&t.requested_by)
-        .bind(&t.requested_by_name)
-        .bind(store_precision(t.created_at))
-        .bind(store_precision(t.expires_at))
-        .execute(&mut *tx)
-        .await?;
-        append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await.map_err(StoreError::from)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn end_ticket(
-        &self,
-        id: &TicketId,
-        end: TicketEnd,
-        at: DateTime<Utc>,
-        hold: Hold<'_>,
-        event: &NewAuditEvent,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let holder = match hold {
-            Hold::Claim(_) => "claim_token = $5",
-            Hold::Nobody { .. } => "(claim_started_at IS NULL OR claim_started_at < $5)",
-        };
-        let text = format!(
-            "UPDATE tickets SET state = $1, key_id = $2, ended_at = $3, claim_started_at = NULL, claim_token = NULL \
-             WHERE id = $4 AND state = 'waiting' AND {holder}"
-        );
-        let query = sqlx::query(&text)
-            .bind(end.state().as_str())
-            .bind(end.key_id())
-            .bind(store_precision(at))
-            .bind(id.as_str());
-        let query = match hold {
-            Hold::Claim(token) => query.bind(token.to_owned()),
-            Hold::Nobody { stale_before } => query.bind(store_precision(stale_before)),
-        };
-        let done = query.execute(&mut *tx).await?.rows_affected() == 1;
-        if !done {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        append_in(&mut tx, &self.head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn publish_policy(
-        &self,
-        version: &str,
-        document: &str,
-        at: DateTime<Utc>,
-        by: &str,
-    ) -> Result<i64, StoreError> {
-        let mut tx = self.write_tx().await?;
-        // One publisher at a time, so the "unless it is the newest already" check holds.
-        sqlx::query("SELECT pg_advisory_xact_lock($1, 0)").bind(POLICY_LOCK).execute(&mut *tx).await?;
-        sqlx::query(
-            "INSERT INTO policy_versions (version, document, published_at, published_by) SELECT $1, $2, $3, $4 \
-             WHERE COALESCE((SELECT version FROM policy_versions ORDER BY seq DESC LIMIT 1), '') <> $1",
-        )
-        .bind(version)
-        .bind(document)
-        .bind(store_precision(at))
-        .bind(by)
-        .execute(&mut *tx)
-        .await?;
-        let seq: i64 = sqlx::query_scalar("SELECT MAX(seq) FROM policy_versions").fetch_one(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(seq)
     }
 }

@@ -130,6 +130,10 @@ impl<'r> Decode<'r, Postgres> for Id {
 pub(super) const KEY_COLUMNS: &str = "seq, id, scope, requester, purpose, state, octopus_user_id, octopus_key_id, \
                                       key_hint, created_at, expires_at, revoked_at, requested_by";
 
+/// The columns of an `audit_events` row, in [`AuditRow`]'s order.
+pub(super) const AUDIT_COLUMNS: &str = "seq, id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
+                                        request_id, client_addr, user_agent, detail, prev_hash, hash";
+
 /// A row of `key_records` ([`KEY_COLUMNS`]).
 #[derive(sqlx::FromRow)]
 pub(super) struct KeyRow {

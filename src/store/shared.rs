@@ -1,19 +1,26 @@
 //! The SQL both backends run alike, written once. Each function here is a provided method of
 //! [`Store`](super::Store) behind [`Store::backend`](super::Store::backend); its statement uses
 //! `$N` placeholders (which SQLite reads too), binds times and ids through the column wrappers
-//! of `rows.rs`, and is type-checked once per backend by [`on_backend!`]. What the dialects do
-//! differently (the group commit's statements, the chain append, JSON-aggregated pages on
-//! SQLite, advisory locks on PostgreSQL) stays in `sqlite.rs` and `postgres.rs`.
+//! of `rows.rs`, and is type-checked once per backend by [`on_backend!`]. Writes that append to
+//! the audit chain run in a [`ChainTx`] (`chain.rs`). What the dialects do differently (the
+//! group commit's array statements, the chain's one INSERT, JSON-aggregated pages on SQLite,
+//! advisory locks on PostgreSQL) stays in `sqlite.rs` and `postgres.rs`.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::batch::WriteQueue;
-use super::rows::{Id, KEY_COLUMNS, TICKET_COLUMNS, Time, key_from_row, ticket_from_row};
-use super::{Activation, NewKey, Pending, PgStore, SqliteStore, StoreError};
+use super::batch::{self, BatchTx, WriteQueue};
+use super::chain::{ChainTx, settle};
+use super::rows::{
+    AUDIT_COLUMNS, Id, KEY_COLUMNS, TICKET_COLUMNS, Time, delivery_from_row, key_from_row, ticket_from_row,
+};
+use super::{
+    Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, NewDelivery, NewKey, PageRequest,
+    Pending, PgStore, SqliteStore, StoreError,
+};
 use crate::domain::audit::{ChainKey, GENESIS_HASH, KEYED_PREFIX, NewAuditEvent};
-use crate::domain::keys::{KeyRecord, KeyState};
-use crate::domain::tickets::{Ticket, TicketId};
+use crate::domain::keys::{KeyChange, KeyRecord, KeyState};
+use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 
 /// The backend a store runs on, for the shared SQL.
 #[derive(Clone, Copy)]
@@ -70,6 +77,34 @@ macro_rules! on_backend {
             Connection::Postgres($ex) => $body,
         }
     };
+    // Runs `$body` with `$tx` a [`ChainTx`] of the backend's: a write transaction that may
+    // append to the audit chain. `$body` returns `(value, changed)`; the transaction commits
+    // when it succeeded and changed something, and rolls back otherwise (see `chain::settle`).
+    (chained $backend:expr, |$tx:ident| $body:expr) => {
+        match $backend {
+            Backend::Sqlite(store) => {
+                let (mut head, mut tx) = store.write_tx().await?;
+                let key = store.chain_key().get();
+                on_backend!(@settle tx, ChainTx::Sqlite { conn: &mut *tx, head: &mut *head, key }, |$tx| $body)
+            }
+            Backend::Postgres(store) => {
+                let mut tx = store.reader().begin().await?;
+                let key = store.chain_key().get();
+                on_backend!(@settle tx, ChainTx::Postgres { conn: &mut *tx, head: store.head(), key }, |$tx| $body)
+            }
+        }
+    };
+    (@settle $txn:ident, $chain:expr, |$tx:ident| $body:expr) => {{
+        let result = {
+            let mut $tx = $chain;
+            let result = $body;
+            if result.is_err() {
+                $tx.forget_head();
+            }
+            result
+        };
+        settle($txn, result).await
+    }};
     (write $backend:expr, |$ex:ident| $body:expr) => {
         match $backend {
             Backend::Sqlite(store) => {
@@ -82,6 +117,17 @@ macro_rules! on_backend {
             }
         }
     };
+}
+
+pub(super) use on_backend;
+
+/// Keys every event appended from now on with `key` (set once; a second key is ignored).
+pub(super) fn set_chain_key(backend: Backend<'_>, key: ChainKey) {
+    let cell = match backend {
+        Backend::Sqlite(store) => store.chain_key(),
+        Backend::Postgres(store) => store.chain_key(),
+    };
+    let _ = cell.set(key);
 }
 
 /// The backend's group-commit queue (`batch.rs`), which every issuance-path write goes through.
@@ -452,4 +498,286 @@ async fn insert_chained(
         return Err(StoreError::Unavailable(format!("{inserted} of {} audit events were written", events.len())));
     }
     Ok(links.last().map(|l| l.hash.clone()))
+}
+
+/// Applies a key's state change in a chain transaction (see `batch::apply_change`).
+pub(super) async fn change_state(
+    backend: Backend<'_>,
+    id: Uuid,
+    change: KeyChange,
+    at: DateTime<Utc>,
+    event: &NewAuditEvent,
+) -> Result<(KeyRecord, bool), StoreError> {
+    on_backend!(chained backend, |tx| batch::apply_change(&mut tx, id, change, at, event).await)
+}
+
+pub(super) async fn insert_ticket(
+    backend: Backend<'_>,
+    ticket: &Ticket,
+    event: &NewAuditEvent,
+) -> Result<(), StoreError> {
+    on_backend!(chained backend, |tx| write_ticket(&mut tx, ticket, event).await).map(|_| ())
+}
+
+async fn write_ticket(tx: &mut ChainTx<'_>, t: &Ticket, event: &NewAuditEvent) -> Result<((), bool), StoreError> {
+    let sql = "INSERT INTO tickets (id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, \
+               created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'waiting', $8, $9)";
+    on_backend!(connection tx.connection(), |ex| {
+        let query = sqlx::query(sql).bind(t.id.as_str()).bind(&t.for_subject).bind(t.scope.as_str());
+        let query = query.bind(t.purpose.as_str()).bind(t.ttl.as_deref()).bind(&t.requested_by);
+        let query = query.bind(&t.requested_by_name).bind(Time(t.created_at)).bind(Time(t.expires_at));
+        query.execute(ex).await?.rows_affected()
+    });
+    tx.append(&[event]).await?;
+    Ok(((), true))
+}
+
+pub(super) async fn end_ticket(
+    backend: Backend<'_>,
+    id: &TicketId,
+    end: TicketEnd,
+    at: DateTime<Utc>,
+    hold: Hold<'_>,
+    event: &NewAuditEvent,
+) -> Result<bool, StoreError> {
+    let (ended, _) = on_backend!(chained backend, |tx| close_ticket(&mut tx, id, end, at, hold, event).await)?;
+    Ok(ended)
+}
+
+/// Ends the ticket if `hold` holds, and appends `event` then: whether it did.
+async fn close_ticket(
+    tx: &mut ChainTx<'_>,
+    id: &TicketId,
+    end: TicketEnd,
+    at: DateTime<Utc>,
+    hold: Hold<'_>,
+    event: &NewAuditEvent,
+) -> Result<(bool, bool), StoreError> {
+    let holder = match hold {
+        Hold::Claim(_) => "claim_token = $5",
+        Hold::Nobody { .. } => "(claim_started_at IS NULL OR claim_started_at < $5)",
+    };
+    let sql = format!(
+        "UPDATE tickets SET state = $1, key_id = $2, ended_at = $3, claim_started_at = NULL, claim_token = NULL \
+         WHERE id = $4 AND state = 'waiting' AND {holder}"
+    );
+    let ended = on_backend!(connection tx.connection(), |ex| {
+        let query = sqlx::query(&sql).bind(end.state().as_str()).bind(end.key_id().map(Id)).bind(Time(at));
+        let query = query.bind(id.as_str());
+        let query = match hold {
+            Hold::Claim(token) => query.bind(token.to_owned()),
+            Hold::Nobody { stale_before } => query.bind(Time(stale_before)),
+        };
+        query.execute(ex).await?.rows_affected()
+    }) == 1;
+    if ended {
+        tx.append(&[event]).await?;
+    }
+    Ok((ended, ended))
+}
+
+/// Publishes a policy version unless it is the newest already; the newest's sequence number.
+pub(super) async fn publish_policy(
+    backend: Backend<'_>,
+    version: &str,
+    document: &str,
+    at: DateTime<Utc>,
+    by: &str,
+) -> Result<i64, StoreError> {
+    let (seq, _) = on_backend!(chained backend, |tx| write_policy(&mut tx, version, document, at, by).await)?;
+    Ok(seq)
+}
+
+async fn write_policy(
+    tx: &mut ChainTx<'_>,
+    version: &str,
+    document: &str,
+    at: DateTime<Utc>,
+    by: &str,
+) -> Result<(i64, bool), StoreError> {
+    tx.lock_policy().await?;
+    let insert = "INSERT INTO policy_versions (version, document, published_at, published_by) SELECT $1, $2, $3, $4 \
+                  WHERE COALESCE((SELECT version FROM policy_versions ORDER BY seq DESC LIMIT 1), '') <> $1";
+    let newest = "SELECT MAX(seq) FROM policy_versions";
+    let seq: i64 = on_backend!(connection tx.connection(), |ex| {
+        sqlx::query(insert).bind(version).bind(document).bind(Time(at)).bind(by).execute(&mut *ex).await?;
+        sqlx::query_scalar(newest).fetch_one(ex).await?
+    });
+    Ok((seq, true))
+}
+
+pub(super) async fn enqueue_delivery(backend: Backend<'_>, d: &NewDelivery) -> Result<bool, StoreError> {
+    let sql = "INSERT INTO webhook_deliveries (webhook, event, key_id, threshold, payload, status, created_at, \
+               next_attempt_at) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6) \
+               ON CONFLICT (webhook, event, key_id, threshold) DO NOTHING";
+    let added = on_backend!(write backend, |ex| {
+        let query = sqlx::query(sql).bind(&d.webhook).bind(&d.event).bind(Id(d.key_id)).bind(&d.threshold);
+        let query = query.bind(sqlx::types::Json(&d.payload)).bind(Time(d.created_at));
+        query.execute(ex).await?.rows_affected()
+    });
+    Ok(added == 1)
+}
+
+/// Claims the pending deliveries due at `now` (see `Store::due_deliveries`); on PostgreSQL a
+/// row another replica is claiming is skipped rather than waited for.
+pub(super) async fn due_deliveries(
+    backend: Backend<'_>,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<Delivery>, StoreError> {
+    let skip_locked = if matches!(backend, Backend::Postgres(_)) { " FOR UPDATE SKIP LOCKED" } else { "" };
+    let sql = format!(
+        "UPDATE webhook_deliveries SET next_attempt_at = $1 WHERE id IN (SELECT id FROM webhook_deliveries \
+         WHERE status = 'pending' AND next_attempt_at <= $2 ORDER BY id LIMIT $3{skip_locked}) \
+         RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at, next_attempt_at"
+    );
+    let claim = Time(now + DELIVERY_CLAIM);
+    let mut due = on_backend!(write backend, |ex| {
+        let rows = sqlx::query(&sql).bind(claim).bind(Time(now)).bind(i64::from(limit)).fetch_all(ex).await?;
+        rows.iter().map(delivery_from_row).collect::<Result<Vec<_>, StoreError>>()?
+    });
+    due.sort_by_key(|d| d.id);
+    Ok(due)
+}
+
+/// Records what became of a delivery while this worker's claim holds it (`next_attempt_at` is
+/// the claim's token).
+pub(super) async fn finish_delivery(
+    backend: Backend<'_>,
+    delivery: &Delivery,
+    result: &DeliveryResult,
+) -> Result<bool, StoreError> {
+    let set = match result {
+        DeliveryResult::Delivered { .. } => "status = 'delivered', delivered_at = $3, last_error = NULL",
+        DeliveryResult::Retry { .. } => "next_attempt_at = $3, last_error = $4",
+        DeliveryResult::GaveUp { .. } => "status = 'failed', last_error = $3",
+    };
+    let sql = format!(
+        "UPDATE webhook_deliveries SET attempts = attempts + 1, {set} \
+         WHERE id = $1 AND status = 'pending' AND next_attempt_at = $2"
+    );
+    let claim = Time(delivery.claimed_until);
+    let done = on_backend!(write backend, |ex| {
+        let query = sqlx::query(&sql).bind(delivery.id).bind(claim);
+        let query = match result {
+            DeliveryResult::Delivered { at } => query.bind(Time(*at)),
+            DeliveryResult::Retry { next_attempt_at, error } => query.bind(Time(*next_attempt_at)).bind(error.clone()),
+            DeliveryResult::GaveUp { error } => query.bind(error.clone()),
+        };
+        query.execute(ex).await?.rows_affected()
+    });
+    Ok(done == 1)
+}
+
+/// What tells the two dialects apart in the list pages' SQL.
+pub(super) trait Dialect: sqlx::Database {
+    /// SQLite's planner, without statistics (keybroker never runs `ANALYZE`), would serve a
+    /// state filter from the state or expiry index and read every requester's records in that
+    /// state; a unary `+` on a term keeps an index from serving it, so that the most selective
+    /// one does. PostgreSQL plans from statistics and has no unary `+` for text.
+    const INDEX_HINTS: bool;
+    /// The SQL that is true when a record's `requester_teams` holds the bound team.
+    const HAS_TEAM: (&'static str, &'static str);
+}
+
+impl Dialect for sqlx::Sqlite {
+    const INDEX_HINTS: bool = true;
+    const HAS_TEAM: (&'static str, &'static str) =
+        (" AND EXISTS (SELECT 1 FROM json_each(requester_teams) WHERE value = ", ")");
+}
+
+impl Dialect for sqlx::Postgres {
+    const INDEX_HINTS: bool = false;
+    // `?` is jsonb's "has this string element", served by the GIN index.
+    const HAS_TEAM: (&'static str, &'static str) = (" AND requester_teams ? ", "");
+}
+
+/// A page of key records, newest first. When the page is one requester's or one scope's, the
+/// state and expiry terms carry SQLite's `+` (see [`Dialect::INDEX_HINTS`]), so that the
+/// `(requester, seq)` or `(scope, seq)` index serves the filter and the order, and a page reads
+/// about as many rows as it returns.
+pub(super) fn push_key_page<'q, DB>(qb: &mut sqlx::QueryBuilder<'q, DB>, filter: &KeyFilter, page: PageRequest)
+where
+    DB: Dialect,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Time: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let hinted = DB::INDEX_HINTS && (filter.requester.is_some() || filter.scope.is_some());
+    let plus = if hinted { "+" } else { "" };
+    qb.push(format!("SELECT {KEY_COLUMNS} FROM key_records WHERE 1 = 1"));
+    if let Some(r) = &filter.requester {
+        qb.push(" AND requester = ").push_bind(r.clone());
+    }
+    if let Some(s) = &filter.scope {
+        qb.push(" AND scope = ").push_bind(s.clone());
+    }
+    if let Some(team) = &filter.team {
+        let (before, after) = DB::HAS_TEAM;
+        qb.push(before).push_bind(team.clone()).push(after);
+    }
+    match (filter.state, filter.now) {
+        (Some(KeyState::Active), Some(now)) => {
+            qb.push(format!(" AND {plus}state = 'active' AND {plus}expires_at > ")).push_bind(Time(now));
+        }
+        (Some(KeyState::Expired), Some(now)) => {
+            qb.push(format!(" AND ({plus}state = 'expired' OR ({plus}state = 'active' AND {plus}expires_at <= "))
+                .push_bind(Time(now))
+                .push("))");
+        }
+        (Some(s), _) => {
+            qb.push(format!(" AND {plus}state = ")).push_bind(s.as_str().to_owned());
+        }
+        (None, _) => {}
+    }
+    push_page(qb, page);
+}
+
+/// A page of audit events, newest first. On SQLite the most selective filter given (a key, else
+/// an actor) gets the index and the other terms carry `+` (see [`Dialect::INDEX_HINTS`]): else
+/// `actor = ? AND action = ?` could be served from the action index, reading every event of
+/// that action.
+pub(super) fn push_audit_page<'q, DB>(qb: &mut sqlx::QueryBuilder<'q, DB>, filter: &AuditFilter, page: PageRequest)
+where
+    DB: Dialect,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Time: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Id: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let (plus_actor, plus) = match (DB::INDEX_HINTS, &filter.key_id, &filter.actor) {
+        (false, _, _) | (true, None, None) => ("", ""),
+        (true, Some(_), _) => ("+", "+"),
+        (true, None, Some(_)) => ("", "+"),
+    };
+    qb.push(format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE 1 = 1"));
+    if let Some(a) = &filter.actor {
+        qb.push(format!(" AND {plus_actor}actor = ")).push_bind(a.clone());
+    }
+    if let Some(a) = &filter.action {
+        qb.push(format!(" AND {plus}action = ")).push_bind(a.clone());
+    }
+    if let Some(s) = &filter.scope {
+        qb.push(format!(" AND {plus}scope = ")).push_bind(s.clone());
+    }
+    if let Some(k) = filter.key_id {
+        qb.push(" AND key_id = ").push_bind(Id(k));
+    }
+    if let Some(from) = filter.from {
+        qb.push(format!(" AND {plus}occurred_at >= ")).push_bind(Time(from));
+    }
+    if let Some(to) = filter.to {
+        qb.push(format!(" AND {plus}occurred_at < ")).push_bind(Time(to));
+    }
+    push_page(qb, page);
+}
+
+fn push_page<'q, DB: sqlx::Database>(qb: &mut sqlx::QueryBuilder<'q, DB>, page: PageRequest)
+where
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    if let Some(before) = page.before_seq {
+        qb.push(" AND seq < ").push_bind(before);
+    }
+    qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
 }

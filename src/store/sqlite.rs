@@ -8,23 +8,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Sqlite, SqliteConnection, Transaction};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
-use super::batch::{self, BatchTx, Committer, Found, Outcome, Write, WriteQueue};
+use super::batch::{self, Committer, Found, Outcome, Write, WriteQueue};
+use super::chain::ChainTx;
 use super::rows::{
-    KEY_COLUMNS, delivery_from_row, key_from_row, key_state, parse_sqlite_time as parse_time, sqlite_time as fmt_time,
+    AUDIT_COLUMNS, KEY_COLUMNS, key_from_row, key_state, parse_sqlite_time as parse_time, sqlite_time as fmt_time,
 };
-use super::shared::{self, Backend, Connection};
-use super::{
-    Activation, AuditFilter, DELIVERY_CLAIM, Delivery, DeliveryResult, KeyFilter, KeyRecord, KeyState, NewDelivery,
-    NewKey, PageRequest, Store, StoreError,
-};
+use super::shared::{self, Backend};
+use super::{Activation, AuditFilter, KeyFilter, KeyRecord, NewKey, PageRequest, Store, StoreError};
 use crate::domain::audit::{AuditRecord, ChainKey, GENESIS_HASH, NewAuditEvent, store_precision};
-use crate::domain::keys::KeyChange;
 use crate::domain::policy::{Purpose, ScopeName};
-use crate::domain::tickets::{Hold, Ticket, TicketEnd, TicketId};
 
 pub struct SqliteStore {
     /// Readers.
@@ -104,6 +100,11 @@ impl SqliteStore {
         Ok(Self { pool, writer, write_lock, writes, checkpointer, chain_key })
     }
 
+    /// `audit.chain_key_file`'s key, once set.
+    pub(super) fn chain_key(&self) -> &std::sync::OnceLock<ChainKey> {
+        &self.chain_key
+    }
+
     /// A write transaction that holds the write lock from its start; the guard must live until
     /// the commit.
     pub(super) async fn write_tx(
@@ -129,22 +130,6 @@ async fn checkpoint_in_background(pool: SqlitePool) {
             tracing::warn!(error = %e, "SQLite checkpoint failed; retrying");
         }
     }
-}
-
-/// Appends `events`, in order, to the chain. The INSERT itself checks that `head` is still the
-/// chain's last hash, so the usual append is one statement however many events there are; a
-/// stale hint costs one read and a second try.
-async fn append_in(
-    tx: &mut Transaction<'static, Sqlite>,
-    head: &mut ChainHead,
-    key: Option<&ChainKey>,
-    events: &[&NewAuditEvent],
-) -> Result<(), StoreError> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    *head = Some(shared::append(Connection::Sqlite(tx), head.take(), events, key).await?);
-    Ok(())
 }
 
 /// One event as a row of [`insert_events`]'s JSON array; `detail` is its JSON text, stored as
@@ -260,9 +245,6 @@ fn keys_from_json(text: &str) -> Result<Vec<KeyRecord>, StoreError> {
         .collect()
 }
 
-const AUDIT_COLUMNS: &str = "seq, id, occurred_at, actor, action, outcome, scope, key_id, octopus_key_id, \
-                             request_id, client_addr, user_agent, detail, prev_hash, hash";
-
 type AuditJsonRow = (
     i64,
     String,
@@ -308,24 +290,6 @@ fn audit_from_json(text: &str) -> Result<Vec<AuditRecord>, StoreError> {
         .collect()
 }
 
-async fn key_in(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> Result<KeyRecord, StoreError> {
-    let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = ?"))
-        .bind(id.to_string())
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or(StoreError::NotFound(id))?;
-    key_from_row(&row)
-}
-
-/// Commits a write transaction whose work changed something, and rolls back any other.
-async fn finish<T>(tx: Transaction<'static, Sqlite>, result: &Result<(T, bool), StoreError>) -> Result<(), StoreError> {
-    match result {
-        Ok((_, true)) => tx.commit().await?,
-        _ => tx.rollback().await?,
-    }
-    Ok(())
-}
-
 /// The issuance path's writes, committed in batches (see [`batch`](super::batch)) on the writer
 /// connection, under the write lock.
 struct SqliteCommitter {
@@ -347,7 +311,8 @@ impl Committer for SqliteCommitter {
     async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
         let mut head = self.write_lock.lock().await;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        match batch::apply(&mut SqliteBatch { tx: &mut tx, head: &mut head, key: self.chain_key.get() }, writes).await {
+        let mut chain = ChainTx::Sqlite { conn: &mut tx, head: &mut head, key: self.chain_key.get() };
+        match batch::apply(&mut chain, writes).await {
             Ok(outcomes) => {
                 tx.commit().await?;
                 Ok(outcomes)
@@ -362,174 +327,117 @@ impl Committer for SqliteCommitter {
     }
 }
 
-/// A batch transaction on SQLite; the write lock stands in for requester locks.
-struct SqliteBatch<'a> {
-    tx: &'a mut Transaction<'static, Sqlite>,
-    head: &'a mut ChainHead,
-    key: Option<&'a ChainKey>,
-}
-
 fn to_json<T: serde::Serialize>(rows: &T) -> Result<String, StoreError> {
     serde_json::to_string(rows).map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
-#[async_trait]
-impl BatchTx for SqliteBatch<'_> {
-    async fn set_state(
-        &mut self,
-        id: Uuid,
-        from: KeyState,
-        to: KeyState,
-        at: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        shared::set_state(Connection::Sqlite(self.tx), id, from, to, at).await
-    }
+// The group commit's statements in SQLite's dialect: each takes its rows as one JSON array
+// (`json_each`), so a batch of any size is one statement. `chain::ChainTx` calls them.
 
-    async fn lock_requesters(&mut self, _requesters: &[&str]) -> Result<(), StoreError> {
-        Ok(())
-    }
+pub(super) async fn find_idempotent(conn: &mut SqliteConnection, keys: &[&NewKey]) -> Result<Vec<Found>, StoreError> {
+    let pairs: Vec<(&str, &str)> =
+        keys.iter().filter_map(|k| k.idempotency.as_ref().map(|i| (k.requester.as_str(), i.key.as_str()))).collect();
+    let rows = sqlx::query(&format!(
+        "SELECT {KEY_COLUMNS}, request_hash, idempotency_key FROM key_records \
+         WHERE (requester, idempotency_key) IN (SELECT value ->> '$[0]', value ->> '$[1]' FROM json_each(?))"
+    ))
+    .bind(to_json(&pairs)?)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(batch::found_from_row).collect()
+}
 
-    async fn find_idempotent(&mut self, keys: &[&NewKey]) -> Result<Vec<Found>, StoreError> {
-        let pairs: Vec<(&str, &str)> = keys
-            .iter()
-            .filter_map(|k| k.idempotency.as_ref().map(|i| (k.requester.as_str(), i.key.as_str())))
-            .collect();
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS}, request_hash, idempotency_key FROM key_records \
-             WHERE (requester, idempotency_key) IN (SELECT value ->> '$[0]', value ->> '$[1]' FROM json_each(?))"
-        ))
-        .bind(to_json(&pairs)?)
-        .fetch_all(&mut **self.tx)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Found {
-                    record: key_from_row(row)?,
-                    idempotency_key: row.try_get("idempotency_key")?,
-                    request_hash: row.try_get("request_hash")?,
-                })
-            })
-            .collect()
-    }
+pub(super) async fn limit_counts(
+    conn: &mut SqliteConnection,
+    inserts: &[(&NewKey, DateTime<Utc>)],
+) -> Result<Vec<i64>, StoreError> {
+    let rows: Vec<(&str, &str, String, i64)> = inserts
+        .iter()
+        .zip(batch::exact_below(inserts))
+        .map(|((k, now), below)| (k.requester.as_str(), k.scope.as_str(), fmt_time(*now), below))
+        .collect();
+    let counts = sqlx::query_scalar(
+        "SELECT CASE WHEN c.held >= 0 AND c.held < c.below THEN c.held \
+                ELSE (SELECT COUNT(*) FROM key_records WHERE requester = c.r AND scope = c.s \
+                      AND state IN ('pending', 'active') AND expires_at > c.n) END \
+         FROM (SELECT j.key AS ord, j.value ->> '$[0]' AS r, j.value ->> '$[1]' AS s, \
+                      j.value ->> '$[2]' AS n, j.value ->> '$[3]' AS below, \
+                      COALESCE((SELECT held FROM key_holdings \
+                                WHERE requester = j.value ->> '$[0]' AND scope = j.value ->> '$[1]'), 0) AS held \
+               FROM json_each(?) AS j) AS c \
+         ORDER BY c.ord",
+    )
+    .bind(to_json(&rows)?)
+    .fetch_all(conn)
+    .await?;
+    Ok(counts)
+}
 
-    async fn limit_counts(&mut self, inserts: &[(&NewKey, DateTime<Utc>)]) -> Result<Vec<u64>, StoreError> {
-        let rows: Vec<(&str, &str, String, i64)> = inserts
-            .iter()
-            .zip(batch::exact_below(inserts))
-            .map(|((k, now), below)| (k.requester.as_str(), k.scope.as_str(), fmt_time(*now), below))
-            .collect();
-        let counts: Vec<i64> = sqlx::query_scalar(
-            "SELECT CASE WHEN c.held >= 0 AND c.held < c.below THEN c.held \
-                    ELSE (SELECT COUNT(*) FROM key_records WHERE requester = c.r AND scope = c.s \
-                          AND state IN ('pending', 'active') AND expires_at > c.n) END \
-             FROM (SELECT j.key AS ord, j.value ->> '$[0]' AS r, j.value ->> '$[1]' AS s, \
-                          j.value ->> '$[2]' AS n, j.value ->> '$[3]' AS below, \
-                          COALESCE((SELECT held FROM key_holdings \
-                                    WHERE requester = j.value ->> '$[0]' AND scope = j.value ->> '$[1]'), 0) AS held \
-                   FROM json_each(?) AS j) AS c \
-             ORDER BY c.ord",
-        )
-        .bind(to_json(&rows)?)
-        .fetch_all(&mut **self.tx)
-        .await?;
-        Ok(counts.into_iter().map(|n| u64::try_from(n).unwrap_or_default()).collect())
+/// Writes the records `pending`, in order; how many rows were written.
+pub(super) async fn insert_keys(conn: &mut SqliteConnection, keys: &[&NewKey]) -> Result<u64, StoreError> {
+    let mut rows = Vec::with_capacity(keys.len());
+    for k in keys {
+        rows.push((
+            k.id.to_string(),
+            &k.scope,
+            &k.requester,
+            &k.purpose,
+            &k.octopus_user_id,
+            fmt_time(k.created_at),
+            fmt_time(k.expires_at),
+            k.idempotency.as_ref().map(|i| &i.key),
+            k.idempotency.as_ref().map(|i| &i.request_hash),
+            to_json(&k.requester_teams)?,
+            k.requested_by.as_deref(),
+            k.ticket.as_deref(),
+            k.deadline.map(fmt_time),
+        ));
     }
+    let inserted = sqlx::query(
+        "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
+         expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id, \
+         deadline) \
+         SELECT k.value ->> '$[0]', k.value ->> '$[1]', k.value ->> '$[2]', k.value ->> '$[3]', 'pending', \
+                k.value ->> '$[4]', k.value ->> '$[5]', k.value ->> '$[6]', k.value ->> '$[5]', \
+                k.value ->> '$[7]', k.value ->> '$[8]', k.value ->> '$[9]', k.value ->> '$[10]', \
+                k.value ->> '$[11]', k.value ->> '$[12]' \
+         FROM json_each(?) AS k ORDER BY k.key",
+    )
+    .bind(to_json(&rows)?)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(inserted)
+}
 
-    async fn insert_keys(&mut self, keys: &[&NewKey]) -> Result<(), StoreError> {
-        let mut rows = Vec::with_capacity(keys.len());
-        for k in keys {
-            rows.push((
-                k.id.to_string(),
-                &k.scope,
-                &k.requester,
-                &k.purpose,
-                &k.octopus_user_id,
-                fmt_time(k.created_at),
-                fmt_time(k.expires_at),
-                k.idempotency.as_ref().map(|i| &i.key),
-                k.idempotency.as_ref().map(|i| &i.request_hash),
-                to_json(&k.requester_teams)?,
-                k.requested_by.as_deref(),
-                k.ticket.as_deref(),
-                k.deadline.map(fmt_time),
-            ));
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO key_records (id, scope, requester, purpose, state, octopus_user_id, created_at, \
-             expires_at, updated_at, idempotency_key, request_hash, requester_teams, requested_by, ticket_id, \
-             deadline) \
-             SELECT k.value ->> '$[0]', k.value ->> '$[1]', k.value ->> '$[2]', k.value ->> '$[3]', 'pending', \
-                    k.value ->> '$[4]', k.value ->> '$[5]', k.value ->> '$[6]', k.value ->> '$[5]', \
-                    k.value ->> '$[7]', k.value ->> '$[8]', k.value ->> '$[9]', k.value ->> '$[10]', \
-                    k.value ->> '$[11]', k.value ->> '$[12]' \
-             FROM json_each(?) AS k ORDER BY k.key",
-        )
-        .bind(to_json(&rows)?)
-        .execute(&mut **self.tx)
-        .await?
-        .rows_affected();
-        if inserted != keys.len() as u64 {
-            return Err(StoreError::Unavailable(format!("{inserted} of {} key records were written", keys.len())));
-        }
-        Ok(())
-    }
-
-    async fn activate_keys(
-        &mut self,
-        activations: &[(&Activation, DateTime<Utc>)],
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows: Vec<_> = activations
-            .iter()
-            .map(|(a, at)| {
-                (
-                    a.id.to_string(),
-                    &a.octopus_key_id,
-                    &a.key_hint,
-                    &a.secret_hmac,
-                    fmt_time(a.expires_at),
-                    fmt_time(*at),
-                )
-            })
-            .collect();
-        let rows = sqlx::query(&format!(
-            "UPDATE key_records SET state = 'active', octopus_key_id = a.okid, key_hint = a.hint, \
-             secret_hmac = a.hmac, expires_at = a.exp, updated_at = a.at \
-             FROM (SELECT value ->> '$[0]' AS kid, value ->> '$[1]' AS okid, value ->> '$[2]' AS hint, \
-                          value ->> '$[3]' AS hmac, value ->> '$[4]' AS exp, value ->> '$[5]' AS at \
-                   FROM json_each(?)) AS a \
-             WHERE key_records.id = a.kid AND key_records.state = 'pending' RETURNING {KEY_COLUMNS}"
-        ))
-        .bind(to_json(&rows)?)
-        .fetch_all(&mut **self.tx)
-        .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn free_idempotency_key(&mut self, id: Uuid) -> Result<(), StoreError> {
-        sqlx::query("UPDATE key_records SET idempotency_key = NULL WHERE id = ?")
-            .bind(id.to_string())
-            .execute(&mut **self.tx)
-            .await?;
-        Ok(())
-    }
-
-    async fn key(&mut self, id: Uuid) -> Result<KeyRecord, StoreError> {
-        key_in(self.tx, id).await
-    }
-
-    async fn append(&mut self, events: &[&NewAuditEvent]) -> Result<(), StoreError> {
-        append_in(self.tx, self.head, self.key, events).await
-    }
+pub(super) async fn activate_keys(
+    conn: &mut SqliteConnection,
+    activations: &[(&Activation, DateTime<Utc>)],
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let rows: Vec<_> = activations
+        .iter()
+        .map(|(a, at)| {
+            (a.id.to_string(), &a.octopus_key_id, &a.key_hint, &a.secret_hmac, fmt_time(a.expires_at), fmt_time(*at))
+        })
+        .collect();
+    let rows = sqlx::query(&format!(
+        "UPDATE key_records SET state = 'active', octopus_key_id = a.okid, key_hint = a.hint, \
+         secret_hmac = a.hmac, expires_at = a.exp, updated_at = a.at \
+         FROM (SELECT value ->> '$[0]' AS kid, value ->> '$[1]' AS okid, value ->> '$[2]' AS hint, \
+                      value ->> '$[3]' AS hmac, value ->> '$[4]' AS exp, value ->> '$[5]' AS at \
+               FROM json_each(?)) AS a \
+         WHERE key_records.id = a.kid AND key_records.state = 'pending' RETURNING {KEY_COLUMNS}"
+    ))
+    .bind(to_json(&rows)?)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(key_from_row).collect()
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> Backend<'_> {
         Backend::Sqlite(self)
-    }
-
-    fn set_chain_key(&self, key: ChainKey) {
-        let _ = self.chain_key.set(key);
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -566,264 +474,28 @@ impl Store for SqliteStore {
         .await?;
         audit_from_json(&page)
     }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn change_state(
-        &self,
-        id: Uuid,
-        change: KeyChange,
-        at: DateTime<Utc>,
-        event: &NewAuditEvent,
-    ) -> Result<(KeyRecord, bool), StoreError> {
-        let (mut head, mut tx) = self.write_tx().await?;
-        let mut batch = SqliteBatch { tx: &mut tx, head: &mut head, key: self.chain_key.get() };
-        let result = batch::apply_change(&mut batch, id, change, at, event).await;
-        finish(tx, &result).await?;
-        result
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<bool, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        let added = sqlx::query(
-            "INSERT INTO webhook_deliveries (webhook, event, key_id, threshold, payload, status, created_at, \
-             next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?) \
-             ON CONFLICT (webhook, event, key_id, threshold) DO NOTHING",
-        )
-        .bind(&d.webhook)
-        .bind(&d.event)
-        .bind(d.key_id.to_string())
-        .bind(&d.threshold)
-        .bind(d.payload.to_string())
-        .bind(fmt_time(d.created_at))
-        .bind(fmt_time(d.created_at))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        tx.commit().await?;
-        Ok(added)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn due_deliveries(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        let rows = sqlx::query(
-            "UPDATE webhook_deliveries SET next_attempt_at = ?1 WHERE id IN (SELECT id FROM webhook_deliveries \
-             WHERE status = 'pending' AND next_attempt_at <= ?2 ORDER BY id LIMIT ?3) \
-             RETURNING id, webhook, event, key_id, threshold, payload, attempts, created_at, next_attempt_at",
-        )
-        .bind(fmt_time(store_precision(now + DELIVERY_CLAIM)))
-        .bind(fmt_time(now))
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let mut out = rows.iter().map(delivery_from_row).collect::<Result<Vec<_>, StoreError>>()?;
-        out.sort_by_key(|d| d.id);
-        Ok(out)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn finish_delivery(&self, delivery: &Delivery, result: &DeliveryResult) -> Result<bool, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        let query = match result {
-            DeliveryResult::Delivered { at } => sqlx::query(
-                "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1, delivered_at = ?, \
-                 last_error = NULL WHERE id = ? AND status = 'pending' AND next_attempt_at = ?",
-            )
-            .bind(fmt_time(*at)),
-            DeliveryResult::Retry { next_attempt_at, error } => sqlx::query(
-                "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? \
-                 WHERE id = ? AND status = 'pending' AND next_attempt_at = ?",
-            )
-            .bind(fmt_time(*next_attempt_at))
-            .bind(error.clone()),
-            DeliveryResult::GaveUp { error } => sqlx::query(
-                "UPDATE webhook_deliveries SET status = 'failed', attempts = attempts + 1, last_error = ? \
-                 WHERE id = ? AND status = 'pending' AND next_attempt_at = ?",
-            )
-            .bind(error.clone()),
-        };
-        let done = query
-            .bind(delivery.id)
-            .bind(fmt_time(store_precision(delivery.claimed_until)))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        tx.commit().await?;
-        Ok(done)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn insert_ticket(&self, t: &Ticket, event: &NewAuditEvent) -> Result<(), StoreError> {
-        let (mut head, mut tx) = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO tickets (id, for_subject, scope, purpose, ttl, requested_by, requested_by_name, state, \
-             created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'waiting', ?, ?)",
-        )
-        .bind(t.id.as_str())
-        .bind(&t.for_subject)
-        .bind(t.scope.as_str())
-        .bind(t.purpose.as_str())
-        .bind(t.ttl.as_deref())
-        .bind(&t.requested_by)
-        .bind(&t.requested_by_name)
-        .bind(fmt_time(t.created_at))
-        .bind(fmt_time(t.expires_at))
-        .execute(&mut *tx)
-        .await?;
-        append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await.map_err(StoreError::from)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn end_ticket(
-        &self,
-        id: &TicketId,
-        end: TicketEnd,
-        at: DateTime<Utc>,
-        hold: Hold<'_>,
-        event: &NewAuditEvent,
-    ) -> Result<bool, StoreError> {
-        let (mut head, mut tx) = self.write_tx().await?;
-        let (holder, bound) = match hold {
-            Hold::Claim(token) => ("claim_token = ?5", token.to_owned()),
-            Hold::Nobody { stale_before } => {
-                ("(claim_started_at IS NULL OR claim_started_at < ?5)", fmt_time(stale_before))
-            }
-        };
-        let done = sqlx::query(&format!(
-            "UPDATE tickets SET state = ?1, key_id = ?2, ended_at = ?3, claim_started_at = NULL, claim_token = NULL \
-             WHERE id = ?4 AND state = 'waiting' AND {holder}"
-        ))
-        .bind(end.state().as_str())
-        .bind(end.key_id().map(|k| k.to_string()))
-        .bind(fmt_time(at))
-        .bind(id.as_str())
-        .bind(bound)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !done {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        append_in(&mut tx, &mut head, self.chain_key.get(), &[event]).await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    #[tracing::instrument(level = "debug", skip_all)]
-    async fn publish_policy(
-        &self,
-        version: &str,
-        document: &str,
-        at: DateTime<Utc>,
-        by: &str,
-    ) -> Result<i64, StoreError> {
-        let (_write, mut tx) = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO policy_versions (version, document, published_at, published_by) SELECT ?1, ?2, ?3, ?4 \
-             WHERE COALESCE((SELECT version FROM policy_versions ORDER BY seq DESC LIMIT 1), '') <> ?1",
-        )
-        .bind(version)
-        .bind(document)
-        .bind(fmt_time(at))
-        .bind(by)
-        .execute(&mut *tx)
-        .await?;
-        let seq: i64 = sqlx::query_scalar("SELECT MAX(seq) FROM policy_versions").fetch_one(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(seq)
-    }
 }
 
-/// A page of key records as one JSON array. Without statistics (keybroker never runs `ANALYZE`)
-/// SQLite would serve a state filter from the state or expiry index, reading every requester's
-/// records in that state; when the page is one requester's or one scope's, the state and expiry
-/// terms are marked with unary `+` so that the `(requester, seq)` or `(scope, seq)` index serves
-/// the filter and the order, and a page reads about as many rows as it returns.
+/// A page of key records as one JSON array (see [`shared::push_key_page`] for its filter).
 fn push_list_keys(qb: &mut sqlx::QueryBuilder<'static, Sqlite>, filter: &KeyFilter, page: PageRequest) {
-    let plus = if filter.requester.is_some() || filter.scope.is_some() { "+" } else { "" };
-    qb.push(format!(
-        "SELECT json_group_array(json_array({KEY_COLUMNS}) ORDER BY seq DESC) \
-         FROM (SELECT {KEY_COLUMNS} FROM key_records WHERE 1 = 1"
-    ));
-    if let Some(r) = &filter.requester {
-        qb.push(" AND requester = ").push_bind(r.clone());
-    }
-    if let Some(s) = &filter.scope {
-        qb.push(" AND scope = ").push_bind(s.clone());
-    }
-    if let Some(team) = &filter.team {
-        qb.push(" AND EXISTS (SELECT 1 FROM json_each(requester_teams) WHERE value = ")
-            .push_bind(team.clone())
-            .push(")");
-    }
-    match (filter.state, filter.now) {
-        (Some(KeyState::Active), Some(now)) => {
-            qb.push(format!(" AND {plus}state = 'active' AND {plus}expires_at > ")).push_bind(fmt_time(now));
-        }
-        (Some(KeyState::Expired), Some(now)) => {
-            qb.push(format!(" AND ({plus}state = 'expired' OR ({plus}state = 'active' AND {plus}expires_at <= "))
-                .push_bind(fmt_time(now))
-                .push("))");
-        }
-        (Some(s), _) => {
-            qb.push(format!(" AND {plus}state = ")).push_bind(s.as_str());
-        }
-        (None, _) => {}
-    }
-    if let Some(before) = page.before_seq {
-        qb.push(" AND seq < ").push_bind(before);
-    }
-    qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit)).push(")");
+    qb.push(format!("SELECT json_group_array(json_array({KEY_COLUMNS}) ORDER BY seq DESC) FROM ("));
+    shared::push_key_page(qb, filter, page);
+    qb.push(")");
 }
 
-/// A page of audit events as one JSON array. As for keys (`push_list_keys`), without statistics
-/// SQLite could serve `actor = ? AND action = ?` from the action index and read every event of
-/// that action; the most selective filter given (a key, else an actor) gets the index, and the
-/// other terms carry unary `+`.
+/// A page of audit events as one JSON array (see [`shared::push_audit_page`]).
 fn push_list_audit(qb: &mut sqlx::QueryBuilder<'static, Sqlite>, filter: &AuditFilter, page: PageRequest) {
-    let (plus_actor, plus) = match (&filter.key_id, &filter.actor) {
-        (Some(_), _) => ("+", "+"),
-        (None, Some(_)) => ("", "+"),
-        (None, None) => ("", ""),
-    };
-    qb.push(format!(
-        "SELECT json_group_array(json_array({AUDIT_COLUMNS}) ORDER BY seq DESC) \
-         FROM (SELECT {AUDIT_COLUMNS} FROM audit_events WHERE 1 = 1"
-    ));
-    if let Some(a) = &filter.actor {
-        qb.push(format!(" AND {plus_actor}actor = ")).push_bind(a.clone());
-    }
-    if let Some(a) = &filter.action {
-        qb.push(format!(" AND {plus}action = ")).push_bind(a.clone());
-    }
-    if let Some(s) = &filter.scope {
-        qb.push(format!(" AND {plus}scope = ")).push_bind(s.clone());
-    }
-    if let Some(k) = filter.key_id {
-        qb.push(" AND key_id = ").push_bind(k.to_string());
-    }
-    if let Some(from) = filter.from {
-        qb.push(format!(" AND {plus}occurred_at >= ")).push_bind(fmt_time(from));
-    }
-    if let Some(to) = filter.to {
-        qb.push(format!(" AND {plus}occurred_at < ")).push_bind(fmt_time(to));
-    }
-    if let Some(before) = page.before_seq {
-        qb.push(" AND seq < ").push_bind(before);
-    }
-    qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit)).push(")");
+    qb.push(format!("SELECT json_group_array(json_array({AUDIT_COLUMNS}) ORDER BY seq DESC) FROM ("));
+    shared::push_audit_page(qb, filter, page);
+    qb.push(")");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlx::Row;
+
+    use crate::domain::keys::KeyState;
 
     const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
 
