@@ -15,6 +15,7 @@ use crate::domain::clock::{Clock, SystemClock};
 use crate::metrics::Metrics;
 use crate::octopus::OctopusClient;
 use crate::services::issuance::KeyService;
+use crate::services::reload::ReloadError;
 use crate::store::{self, Store};
 
 /// Everything a running keybroker holds.
@@ -194,7 +195,12 @@ fn spawn_sighup_reload(
             let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading the policy");
-                let _ = reloader.reload(&keys, "keybroker (SIGHUP)", &RequestContext::default()).await;
+                // A reload logs its own outcome and a refused file; what it cannot audit is logged here.
+                if let Err(e @ ReloadError::Audit(_)) =
+                    reloader.reload(&keys, "keybroker (SIGHUP)", &RequestContext::default()).await
+                {
+                    tracing::error!(error = %e, "SIGHUP: the policy was not reloaded");
+                }
             }
         }
         #[cfg(not(unix))]

@@ -77,6 +77,9 @@ pub enum ApiError {
     /// Shown to callers as is: these messages are written for operators and hold no secret.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 for a failed database: callers see only that; the cause is logged once, here.
+    #[error("the database is unavailable; nothing was changed")]
+    StoreUnavailable(#[source] StoreError),
     #[error("Octopus failed: {0}")]
     BadGateway(String),
     #[error("Octopus did not answer in time")]
@@ -109,7 +112,9 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type")
             }
             TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
-            Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
+            Unavailable(_) | StoreUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable")
+            }
             BadGateway(_) => (StatusCode::BAD_GATEWAY, "octopus-failed", "Octopus failed"),
             GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "octopus-timeout", "Octopus timed out"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
@@ -170,6 +175,14 @@ impl IntoResponse for ApiError {
                 tracing::warn!(%detail, "unavailable");
                 detail.clone()
             }
+            ApiError::StoreUnavailable(e) => {
+                tracing::error!(error = %e, "the database failed");
+                self.to_string()
+            }
+            ApiError::GatewayTimeout => {
+                tracing::warn!("Octopus did not answer in time");
+                self.to_string()
+            }
             other => clip(other.to_string()),
         };
         let reasons = match &self {
@@ -203,8 +216,7 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "store failure");
-        ApiError::Unavailable("the database is unavailable; nothing was changed".to_owned())
+        ApiError::StoreUnavailable(e)
     }
 }
 
@@ -213,19 +225,15 @@ impl From<OctopusError> for ApiError {
         match e {
             OctopusError::Rejected { message, .. } => ApiError::UpstreamRejected(message),
             OctopusError::NotFound { message } => ApiError::UpstreamRejected(message),
-            OctopusError::Credential { status, message } => {
-                tracing::error!(status, %message, "Octopus refused keybroker's credential");
-                ApiError::Unavailable(format!(
-                    "Octopus refused keybroker's own credential ({status}); an operator must check it: {message}"
-                ))
-            }
+            OctopusError::Credential { status, message } => ApiError::Unavailable(format!(
+                "Octopus refused keybroker's own credential ({status}); an operator must check it: {message}"
+            )),
             OctopusError::RateLimited { retry_after } => ApiError::Unavailable(format!(
                 "Octopus is rate limiting keybroker; retry in {} s",
                 retry_after.map(|d| d.as_secs()).unwrap_or(1)
             )),
             OctopusError::Timeout => ApiError::GatewayTimeout,
             e @ OctopusError::Redirected { .. } => {
-                tracing::error!(error = %e, "Octopus redirected keybroker");
                 ApiError::Unavailable(format!("an operator must fix octopus.url: {e}"))
             }
             OctopusError::Unavailable { detail } => ApiError::BadGateway(detail),

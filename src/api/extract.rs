@@ -217,6 +217,27 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// Whether the request carries an admin's bearer token, for answers that show admins more
+/// (`/readyz`'s details). The token is optional: a missing or bad one is no error (and is not
+/// audited), it only sees what anyone sees. Tokens are checked within the per-address budget of
+/// failed authentications, so this is no unmetered oracle for guessing them.
+pub struct MaybeAdmin(pub bool);
+
+impl FromRequestParts<AppState> for MaybeAdmin {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let authorization = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let admin = match (authorization, peer_addr(parts).map(address_bucket)) {
+            (Some(value), Some(addr)) if state.rate_limits.check_address(addr).is_ok() => {
+                state.auth.authenticate(Some(value)).await.is_ok_and(|p| check(&p, Check::Administer).is_allowed())
+            }
+            _ => false,
+        };
+        Ok(Self(admin))
+    }
+}
+
 /// A caller with the admin role; anyone else gets 403, audited as `authz.denied`.
 pub struct AdminCaller(pub Principal);
 

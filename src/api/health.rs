@@ -3,13 +3,14 @@
 //! readiness job keeps (see [`crate::services::readiness`]).
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::StatusCode;
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use super::extract::MaybeAdmin;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz))
@@ -59,34 +60,15 @@ pub struct Readiness {
 )]
 pub async fn readyz(
     State(state): State<AppState>,
-    client: Option<axum::Extension<super::extract::ClientAddr>>,
-    headers: HeaderMap,
+    MaybeAdmin(details): MaybeAdmin,
 ) -> (StatusCode, axum::Json<Readiness>) {
-    let client = client.map(|axum::Extension(c)| c);
-    let verdict = state.readiness.served(state.keys.now());
-    // A token is optional here: a bad one is not an error (and not audited), it only sees what
-    // anyone sees. Tokens are checked within the per-address budget of failed authentications,
-    // so this is no unmetered oracle for guessing them.
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let details = match (authorization, client.map(|c| super::denials::address_bucket(c.0))) {
-        (Some(value), Some(addr)) if state.rate_limits.check_address(addr).is_ok() => {
-            state.auth.authenticate(Some(value)).await.is_ok_and(|p| {
-                crate::domain::policy::authz::check(&p, crate::domain::policy::authz::Check::Administer).is_allowed()
-            })
-        }
-        _ => false,
-    };
-    let mut checks: Vec<Check> = verdict
-        .checks
-        .iter()
-        .map(|c| Check { name: c.name.clone(), ok: c.ok, detail: if details { c.detail.clone() } else { None } })
-        .collect();
-    // Not critical: a replica that has not taken a reload yet still serves (it converges within
-    // jobs.policy_sync_interval).
-    let recent = chrono::Duration::from_std(state.policy_sync_interval * 3).unwrap_or(chrono::Duration::seconds(30));
-    let (agree, detail) = state.policy_sync.check(state.keys.now(), recent);
-    checks.push(Check { name: "policy".to_owned(), ok: agree, detail: details.then_some(detail) });
+    let verdict = state.readiness.served_with_policy(state.keys.now(), &state.policy_sync, state.policy_sync_interval);
     let ready = verdict.ready();
+    let checks = verdict
+        .checks
+        .into_iter()
+        .map(|c| Check { name: c.name, ok: c.ok, detail: if details { c.detail } else { None } })
+        .collect();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(Readiness { status: if ready { "ready" } else { "not_ready" }.to_owned(), checks }))
 }

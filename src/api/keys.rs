@@ -16,7 +16,6 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiQuery, AuditorCaller, Caller, Ctx, filter_value};
-use crate::domain::audit::{Action, NewAuditEvent, Outcome};
 use crate::domain::keys::{Idempotency, KeyRecord, KeyState};
 use crate::domain::policy::{ExpiryClamp, ExpiryRequest, Purpose, Reason, parse_ttl};
 use crate::services::issuance::{IssueOutcome, IssueRequest};
@@ -184,13 +183,11 @@ pub async fn issue_key(
     headers: HeaderMap,
     ApiJson(body): ApiJson<IssueKeyBody>,
 ) -> Result<Response, ApiError> {
-    let scope_label = state.keys.scope_label(&body.scope);
     if body.dry_run {
         return dry_run(&state, &principal, &ctx, body).await;
     }
-    let mut request = parse_issue_request(&headers, body).inspect_err(|_| {
-        state.keys.metrics().issuance(&scope_label, "invalid");
-    })?;
+    let scope = body.scope.clone();
+    let mut request = parse_issue_request(&headers, body).inspect_err(|_| state.keys.refuse_unreadable(&scope))?;
     // Dropped with this handler (the caller hung up, or the request timed out) before the
     // issuance answered: the issuance then deletes a key Octopus makes instead of activating it.
     let presence = CallerPresence::default();
@@ -199,18 +196,7 @@ pub async fn issue_key(
     // The protocol runs in its own task: a caller that hangs up or times out must not cut it
     // off between the Octopus call and the record that owns its result.
     let keys = state.keys.clone();
-    let task = tokio::spawn(async move {
-        let outcome = keys.issue(&principal, request, &ctx).await;
-        if let Ok(IssueOutcome::Issued(issued)) = &outcome {
-            if !issued.replaced.is_empty() {
-                // In the background: the secret's answer must not wait for Octopus's deletes.
-                let (ids, new_id) = (issued.replaced.clone(), issued.record.id);
-                let keys = keys.clone();
-                tokio::spawn(async move { keys.revoke_superseded(&principal, &ids, new_id, &ctx).await });
-            }
-        }
-        outcome
-    });
+    let task = tokio::spawn(async move { keys.issue(&principal, request, &ctx).await });
     let outcome = within_deadline(&state, task, presence).await??;
 
     Ok(match outcome {
@@ -575,19 +561,7 @@ pub async fn identify_key(
     if secret.is_empty() || secret.len() > 256 {
         return Err(ApiError::BadRequest("api_key must hold the secret to identify".to_owned()));
     }
-    let found = state.keys.identify(secret).await?;
-    // Who looked for a leaked key, and what they found, is itself worth an audit event.
-    let mut event = NewAuditEvent::new(
-        state.keys.now(),
-        &principal.subject,
-        Action::KeyIdentified,
-        if found.is_some() { Outcome::Success } else { Outcome::Failure },
-        &ctx,
-    );
-    if let Some(record) = &found {
-        event = event.scope(&record.scope).key(record.id).octopus_key(record.octopus_key_id.as_deref());
-    }
-    state.keys.audit(event).await?;
+    let found = state.keys.identify(&principal, secret, &ctx).await?;
     match found {
         Some(record) => Ok(axum::Json(KeyView::of(record, state.keys.now()))),
         None => Err(ApiError::NotFound("no key issued by keybroker has this secret".to_owned())),

@@ -72,13 +72,7 @@ pub async fn dormant(
 ) -> Result<axum::Json<DormantReport>, ApiError> {
     let unused_for = crate::domain::policy::parse_ttl(&query.unused_for)
         .map_err(|e| ApiError::BadRequest(format!("unused_for: {e}")))?;
-    let keys = state.keys.clone();
-    let found = tokio::spawn(
-        crate::octopus::BACKGROUND
-            .scope((), async move { crate::services::dormant::find(&keys, &KeyFilter::default(), unused_for).await }),
-    )
-    .await
-    .map_err(|e| ApiError::Internal(format!("report task failed: {e}")))??;
+    let found = crate::services::dormant::find(&state.keys, &KeyFilter::default(), unused_for).await?;
     let now = state.keys.now();
     let items = found
         .dormant

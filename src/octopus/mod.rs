@@ -570,7 +570,6 @@ impl OctopusClient {
             }
             if status.is_redirection() {
                 let err = redirected(&response);
-                tracing::error!(op, error = %err, "Octopus redirected keybroker; not followed");
                 self.metrics.observe_octopus(op, outcome_label(&err), started.elapsed());
                 return Err(err);
             }
@@ -667,7 +666,6 @@ impl OctopusClient {
         let response = self.http.post(url).json(&body).send().await.map_err(transport_error)?;
         if response.status().is_redirection() {
             let err = redirected(&response);
-            tracing::error!(error = %err, "Octopus redirected keybroker's login; not followed");
             return Err(err);
         }
         if !response.status().is_success() {

@@ -44,7 +44,16 @@ pub struct Found {
 /// Every active key (of `filter`'s requester, scope and team, when given) unused for
 /// `unused_for`, oldest use first. Keys Octopus no longer lists are left to the drift scan;
 /// keys whose use Octopus did not track are counted apart and never taken for dormant.
+/// Its Octopus reads are paced as background work, behind issuances.
 pub async fn find(keys: &KeyService, filter: &KeyFilter, unused_for: chrono::Duration) -> Result<Found, ServiceError> {
+    crate::octopus::BACKGROUND.scope((), find_paced(keys, filter, unused_for)).await
+}
+
+async fn find_paced(
+    keys: &KeyService,
+    filter: &KeyFilter,
+    unused_for: chrono::Duration,
+) -> Result<Found, ServiceError> {
     let now = keys.now();
     let filter = KeyFilter { state: Some(KeyState::Active), now: Some(now), ..filter.clone() };
     let records = keys.store().list_all_keys(&filter).await.map_err(ServiceError::Store)?;

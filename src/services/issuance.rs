@@ -84,8 +84,8 @@ pub struct Issued {
     pub record: KeyRecord,
     pub secret: SecretString,
     pub clamped: Option<ExpiryClamp>,
-    /// With `replace_previous`: the records this key supersedes; the caller revokes them with
-    /// [`KeyService::revoke_superseded`] once the answer is on its way.
+    /// With `replace_previous`: the records this key supersedes, which [`KeyService::issue`]
+    /// revokes in the background ([`KeyService::revoke_superseded`]) while the answer goes out.
     pub replaced: Vec<Uuid>,
 }
 
@@ -286,7 +286,6 @@ impl KeyService {
         if let Err(e) = self.store.append_audit(&event).await {
             self.audit_failed(&e);
             // Fail closed: nothing was done anyway, but say the trail is down.
-            tracing::error!(error = %e, "could not audit a policy denial");
             return ServiceError::Store(e);
         }
         ServiceError::Policy(err)
@@ -438,13 +437,21 @@ impl KeyService {
 
     /// Issues a key (see the module documentation for the protocol).
     pub async fn issue(
-        &self,
+        self: &Arc<Self>,
         principal: &Principal,
         request: IssueRequest,
         ctx: &RequestContext,
     ) -> Result<IssueOutcome, ServiceError> {
         let scope_label = self.scope_label(&request.scope);
         let result = self.issue_inner(principal, request, ctx).await;
+        if let Ok(IssueOutcome::Issued(issued)) = &result {
+            if !issued.replaced.is_empty() {
+                // In the background: the secret's answer must not wait for Octopus's deletes.
+                let (keys, principal, ctx) = (self.clone(), principal.clone(), ctx.clone());
+                let (ids, new_id) = (issued.replaced.clone(), issued.record.id);
+                tokio::spawn(async move { keys.revoke_superseded(&principal, &ids, new_id, &ctx).await });
+            }
+        }
         let outcome = match &result {
             Ok(IssueOutcome::Issued(_)) => "issued",
             Ok(IssueOutcome::Replayed(_)) => "replayed",
@@ -454,6 +461,12 @@ impl KeyService {
         };
         self.metrics.issuance(&scope_label, outcome);
         result
+    }
+
+    /// Counts an issuance request that could not be read (its body or headers), which never
+    /// reaches [`KeyService::issue`].
+    pub fn refuse_unreadable(&self, scope: &str) {
+        self.metrics.issuance(&self.scope_label(scope), "invalid");
     }
 
     /// A metrics label for a requested scope: its name if it exists, else `unknown` (callers
@@ -576,7 +589,6 @@ impl KeyService {
             }
             Err(e) => {
                 self.audit_failed(&e);
-                tracing::error!(error = %e, "could not write the pending record; Octopus not called");
                 Err(ServiceError::Store(e))
             }
         }
@@ -752,7 +764,8 @@ impl KeyService {
     /// is still down, it stays pending and the reconciler finishes the job).
     async fn undo_unrecorded_key(&self, f: &InFlight<'_>, created: &CreatedKey, e: StoreError) -> ServiceError {
         self.audit_failed(&e);
-        tracing::error!(error = %e, octopus_key_id = %created.id, "could not record the issued key; revoking it");
+        // The error itself is the caller's (logged once, where it is answered).
+        tracing::warn!(octopus_key_id = %created.id, "the issued key could not be recorded; revoking it");
         match self.octopus.delete_api_key(&f.account.id, &created.id).await {
             Ok(_) => {
                 let failed = self
@@ -1010,9 +1023,22 @@ impl KeyService {
         chrono::Duration::from_std(self.octopus_timeout * 4).unwrap_or(chrono::Duration::minutes(1))
     }
 
-    /// The record a leaked secret belongs to, via its keyed hash.
-    pub async fn identify(&self, secret: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.store.find_by_secret_hmac(&self.secret_hmac(secret)).await
+    /// The record a leaked secret belongs to, via its keyed hash. Who looked for a leaked key,
+    /// and what they found, is itself audited; the look-up fails if that cannot be.
+    pub async fn identify(
+        &self,
+        principal: &Principal,
+        secret: &str,
+        ctx: &RequestContext,
+    ) -> Result<Option<KeyRecord>, ServiceError> {
+        let found = self.store.find_by_secret_hmac(&self.secret_hmac(secret)).await.map_err(ServiceError::Store)?;
+        let outcome = if found.is_some() { Outcome::Success } else { Outcome::Failure };
+        let mut event = NewAuditEvent::new(self.now(), &principal.subject, Action::KeyIdentified, outcome, ctx);
+        if let Some(record) = &found {
+            event = event.scope(&record.scope).key(record.id).octopus_key(record.octopus_key_id.as_deref());
+        }
+        self.audit(event).await.map_err(ServiceError::Store)?;
+        Ok(found)
     }
 
     fn event(

@@ -38,16 +38,12 @@ pub struct ReconcileReport {
 const BATCH: u32 = 100;
 
 /// One pass over pending records older than `grace`, and over revocations still to do.
-pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileReport {
+/// A record that cannot be finished now is logged and left for the next pass; a store that
+/// cannot be read fails the pass (the job loop logs it).
+pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> Result<ReconcileReport, PassError> {
     let mut report = ReconcileReport::default();
     let cutoff = keys.now() - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::minutes(2));
-    let pending = match keys.store().pending_before(cutoff, keys.now(), BATCH).await {
-        Ok(pending) => pending,
-        Err(e) => {
-            tracing::warn!(error = %e, "reconciler cannot read pending records");
-            return report;
-        }
-    };
+    let pending = keys.store().pending_before(cutoff, keys.now(), BATCH).await?;
     for record in pending {
         if !super::lease::lease_held() {
             break;
@@ -87,22 +83,17 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> ReconcileRepo
             }
         }
     }
-    match keys.store().revocations_to_retry(BATCH).await {
-        Ok(records) => {
-            let system = KeyService::system_principal();
-            for record in records {
-                if !super::lease::lease_held() {
-                    break;
-                }
-                match keys.revoke(&system, record.id, &RequestContext::default()).await {
-                    Ok(_) => report.revocations_retried += 1,
-                    Err(e) => tracing::warn!(key_id = %record.id, error = %e, "revocation still failing; will retry"),
-                }
-            }
+    let system = KeyService::system_principal();
+    for record in keys.store().revocations_to_retry(BATCH).await? {
+        if !super::lease::lease_held() {
+            break;
         }
-        Err(e) => tracing::warn!(error = %e, "reconciler cannot read revocations to retry"),
+        match keys.revoke(&system, record.id, &RequestContext::default()).await {
+            Ok(_) => report.revocations_retried += 1,
+            Err(e) => tracing::warn!(key_id = %record.id, error = %e, "revocation still failing; will retry"),
+        }
     }
-    report
+    Ok(report)
 }
 
 /// Marks active records past their expiry as expired, one audit event each. Returns how many.
@@ -263,7 +254,7 @@ pub fn spawn_all(
     Ok(vec![
         spawn_job(keys.clone(), "reconcile", jobs.reconcile_interval, true, holder.clone(), move |keys| {
             Box::pin(async move {
-                let r = reconcile_once(&keys, grace).await;
+                let r = reconcile_once(&keys, grace).await?;
                 Ok(if r == ReconcileReport::default() { String::new() } else { format!("{r:?}") })
             })
         }),
@@ -277,7 +268,7 @@ pub fn spawn_all(
             let (configs, webhooks) = (configs.clone(), webhooks.clone());
             Box::pin(async move {
                 let queued = crate::services::webhooks::enqueue_notices(&keys, &configs).await?;
-                let report = crate::services::webhooks::deliver_due(&keys, &webhooks).await;
+                let report = crate::services::webhooks::deliver_due(&keys, &webhooks).await?;
                 Ok(if queued == 0 && report == Default::default() {
                     String::new()
                 } else {

@@ -97,6 +97,22 @@ impl Readiness {
         }
     }
 
+    /// [`Readiness::served`] with the `policy` check appended: whether every replica heard from
+    /// within three `jobs.policy_sync_interval`s runs the same policy. Not critical: a replica
+    /// that has not taken a reload yet still serves, and converges within one interval.
+    pub fn served_with_policy(
+        &self,
+        now: DateTime<Utc>,
+        policy: &crate::services::policy_sync::PolicySync,
+        sync_interval: Duration,
+    ) -> Verdict {
+        let mut verdict = (*self.served(now)).clone();
+        let recent = chrono::Duration::from_std(sync_interval * 3).unwrap_or(chrono::Duration::seconds(30));
+        let (agree, detail) = policy.check(now, recent);
+        verdict.checks.push(Check { name: "policy".to_owned(), ok: agree, detail: Some(detail), critical: false });
+        verdict
+    }
+
     pub fn current(&self) -> Arc<Verdict> {
         match self.current.read() {
             Ok(v) => Arc::clone(&v),

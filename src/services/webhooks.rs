@@ -241,7 +241,8 @@ pub struct DeliveryReport {
 }
 
 /// Delivers the due notices once each.
-pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryReport {
+/// A delivery that fails is retried later; an outbox that cannot be read fails the pass.
+pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> Result<DeliveryReport, PassError> {
     let mut report = DeliveryReport::default();
     // One claim per delivery, just before it is sent: a claim (DELIVERY_CLAIM) always outlives
     // its one send (5 s at most), so another worker never sends it too, however slow the
@@ -250,16 +251,7 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryRep
         if !super::lease::lease_held() {
             break;
         }
-        let delivery = match keys.store().due_deliveries(keys.now(), 1).await {
-            Ok(mut due) => match due.pop() {
-                Some(delivery) => delivery,
-                None => break,
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the webhook outbox");
-                break;
-            }
-        };
+        let Some(delivery) = keys.store().due_deliveries(keys.now(), 1).await?.pop() else { break };
         let hook = webhooks.iter().find(|h| h.config.name == delivery.webhook);
         let attempt = match hook {
             None => Err(DeliveryFailure::Unconfigured),
@@ -283,7 +275,7 @@ pub async fn deliver_due(keys: &KeyService, webhooks: &[Webhook]) -> DeliveryRep
             }
         }
     }
-    report
+    Ok(report)
 }
 
 /// Sends one delivery, signed with its webhook's secret; `Err` says why it did not arrive.

@@ -78,7 +78,7 @@ async fn the_reconciler_leaves_a_pending_record_alone_until_its_issuance_deadlin
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A reconciler with no grace at all: the record is pending and older than the cutoff, but
     // its issuance is within its deadline.
-    let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::ZERO).await;
+    let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::ZERO).await.unwrap();
     assert_eq!(report.failed, 0, "{report:?}");
     assert_eq!(issuing.await.unwrap(), 201, "the live issuance got its key");
     let events: Vec<Value> = app.audit_events().await.iter().map(|e| json!(e.action)).collect();

@@ -89,7 +89,7 @@ async fn app_with_webhook(sink: &Sink, clock: Arc<ManualClock>) -> TestApp {
 async fn notices(app: &TestApp) {
     let webhooks = webhooks_of(app);
     enqueue_notices(&app.state.keys, &webhooks).await.unwrap();
-    deliver_due(&app.state.keys, &Webhook::all(&webhooks).unwrap()).await;
+    deliver_due(&app.state.keys, &Webhook::all(&webhooks).unwrap()).await.unwrap();
 }
 
 fn webhooks_of(app: &TestApp) -> Vec<keybroker::config::WebhookConfig> {
@@ -298,7 +298,7 @@ async fn an_admin_offboards_a_team_in_one_call_and_failures_are_retried() {
     assert_eq!(app.keybroker_keys_in_octopus().len(), 2, "bob's key and the failed one remain");
 
     // The reconciler finishes the job.
-    let retried = reconcile_once(&app.state.keys, std::time::Duration::from_secs(3600)).await;
+    let retried = reconcile_once(&app.state.keys, std::time::Duration::from_secs(3600)).await.unwrap();
     assert_eq!(retried.revocations_retried, 1);
     let left = app.keybroker_keys_in_octopus();
     assert_eq!(left.len(), 1);
@@ -482,7 +482,7 @@ async fn two_replicas_on_one_database_never_send_a_notice_twice() {
             async move {
                 if keys.store().try_lease("webhooks", holder, keys.now(), ttl).await.unwrap() {
                     enqueue_notices(&keys, &webhooks).await.unwrap();
-                    deliver_due(&keys, &Webhook::all(&webhooks).unwrap()).await;
+                    deliver_due(&keys, &Webhook::all(&webhooks).unwrap()).await.unwrap();
                 }
             }
         };
@@ -547,7 +547,7 @@ async fn offboarding_schedules_keys_still_being_issued() {
     )
     .key(id);
     app.state.keys.store().activate(&activation, &issued).await.unwrap();
-    let retried = reconcile_once(&app.state.keys, std::time::Duration::from_secs(3600)).await;
+    let retried = reconcile_once(&app.state.keys, std::time::Duration::from_secs(3600)).await.unwrap();
     assert_eq!(retried.revocations_retried, 1);
     assert!(app.keybroker_keys_in_octopus().is_empty());
 }

@@ -19,9 +19,9 @@ use uuid::Uuid;
 use crate::helpers::{TestApp, TestOptions, create_marked_key, stage_pending};
 
 /// A store that fails on demand, around a real SQLite store.
-struct FlakyStore {
+pub(crate) struct FlakyStore {
     inner: Arc<dyn Store>,
-    fail_pending: AtomicBool,
+    pub(crate) fail_pending: AtomicBool,
     fail_activate: AtomicBool,
     /// Commits the activation, then answers as if the connection died during COMMIT.
     lose_activate_answer: AtomicBool,
@@ -111,7 +111,7 @@ impl Store for FlakyStore {
     }
 }
 
-async fn flaky_app() -> (TestApp, Arc<FlakyStore>, tempfile::TempDir) {
+pub(crate) async fn flaky_app() -> (TestApp, Arc<FlakyStore>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("flaky.db").display());
     let inner: Arc<dyn Store> = Arc::new(SqliteStore::connect(&url).await.unwrap());
@@ -174,7 +174,7 @@ async fn the_reconciler_revokes_orphans_of_a_crash_and_fails_their_records() {
     let keeper = app.issue_ok(&app.alice(), json!({"scope": "payments-deploy", "purpose": "keep me"})).await;
     assert_eq!(app.keybroker_keys_in_octopus().len(), 2);
 
-    let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await;
+    let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await.unwrap();
     assert_eq!(report.failed, 1);
     assert_eq!(report.revoked_keys, 1);
     let left = app.keybroker_keys_in_octopus();
@@ -187,7 +187,7 @@ async fn the_reconciler_revokes_orphans_of_a_crash_and_fails_their_records() {
     assert_eq!(event.detail["revoked_octopus_keys"], json!([octopus_key]));
 
     // A second pass finds nothing to do.
-    let again = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await;
+    let again = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(60)).await.unwrap();
     assert_eq!(again, keybroker::services::jobs::ReconcileReport::default());
 }
 
@@ -195,7 +195,7 @@ async fn the_reconciler_revokes_orphans_of_a_crash_and_fails_their_records() {
 async fn the_reconciler_leaves_young_pending_records_alone() {
     let app = TestApp::spawn().await;
     let (id, _) = leave_an_orphan(&app).await;
-    let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(3600)).await;
+    let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(3600)).await.unwrap();
     assert_eq!(report.failed, 0);
     assert_eq!(app.keybroker_keys_in_octopus().len(), 1);
     let record = app.state.keys.store().get_key(id).await.unwrap().unwrap();

@@ -369,3 +369,28 @@ async fn every_request_gets_one_access_log_line_with_its_request_id_and_route() 
     assert!(line.contains("404"), "the status is logged: {line}");
     assert!(!line.contains(&app.alice()[..40]), "no token in the access log");
 }
+
+#[tokio::test]
+async fn a_database_failure_is_logged_once_where_it_is_answered() {
+    let logs = capture_logs();
+    let (app, flaky, _dir) = crate::reconcile::flaky_app().await;
+    flaky.fail_pending.store(true, std::sync::atomic::Ordering::SeqCst);
+    let request_id = format!("trace-{}", uuid::Uuid::new_v4());
+    let res = app
+        .http
+        .post(format!("{}/v1/keys", app.url))
+        .bearer_auth(app.alice())
+        .header("x-request-id", &request_id)
+        .json(&serde_json::json!({"scope": "payments-deploy", "purpose": "logged once"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert!(!body.to_string().contains("injected failure"), "the cause is for the logs only: {body}");
+    let text = logs_text(&logs);
+    let failures: Vec<&str> = text.lines().filter(|l| l.contains("injected failure")).collect();
+    assert_eq!(failures.len(), 1, "one log line for one failure: {failures:#?}");
+    assert!(failures[0].contains(&request_id), "with the request's id: {}", failures[0]);
+    assert!(failures[0].contains("ERROR"), "at error level: {}", failures[0]);
+}

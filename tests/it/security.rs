@@ -172,7 +172,8 @@ async fn a_404_that_is_not_octopus_speaking_never_marks_a_key_revoked() {
 
         // The reconciler retries the revocation it was asked for, and it goes through.
         app.sim.clear_faults();
-        let report = keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(120)).await;
+        let report =
+            keybroker::services::jobs::reconcile_once(&app.state.keys, Duration::from_secs(120)).await.unwrap();
         assert_eq!(report.revocations_retried, 1, "{report:?}");
         let record: Value = app.get(&path, &app.alice()).await.json().await.unwrap();
         assert_eq!(record["state"], "revoked");

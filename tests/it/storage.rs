@@ -180,7 +180,7 @@ async fn the_limit_follows_every_state_change_and_time_past_expiry() {
 }
 
 #[tokio::test]
-async fn listing_filters_by_requester_scope_and_effective_state_and_pages_by_cursor() {
+async fn listing_filters_by_requester_scope_team_and_effective_state_and_pages_by_cursor() {
     for (name, store, _guard) in backends().await {
         let now = Utc::now();
         let mut ids = Vec::new();
@@ -190,6 +190,9 @@ async fn listing_filters_by_requester_scope_and_effective_state_and_pages_by_cur
             let mut key = new_key(requester, scope, now, 10);
             if i == 3 {
                 key.expires_at = now + Duration::seconds(5);
+            }
+            if requester == "bob" {
+                key.requester_teams = vec!["team-c".to_owned()];
             }
             store.insert_pending(&key, &event(requester, Action::KeyRequested, Some(key.id)), now).await.unwrap();
             let mut act = activation(key.id, i as u32);
@@ -209,6 +212,13 @@ async fn listing_filters_by_requester_scope_and_effective_state_and_pages_by_cur
         let alice_s =
             KeyFilter { requester: Some("alice".to_owned()), scope: Some("s".to_owned()), ..Default::default() };
         assert_eq!(store.list_keys(&alice_s, page).await.unwrap().len(), 2, "{name}");
+
+        // A team matches a whole element of the teams the requester had, never a part of one.
+        let team = |t: &str| KeyFilter { team: Some(t.to_owned()), ..Default::default() };
+        let of = |keys: Vec<keybroker::domain::keys::KeyRecord>| keys.iter().map(|k| k.id).collect::<Vec<_>>();
+        assert_eq!(of(store.list_keys(&team("team-c"), page).await.unwrap()), vec![ids[2]], "{name}");
+        assert_eq!(store.list_keys(&team("team-a"), page).await.unwrap().len(), 3, "{name}");
+        assert_eq!(store.list_keys(&team("team"), page).await.unwrap().len(), 0, "{name}");
 
         // Ten seconds later the short-lived key counts as expired, though no sweep ran.
         let later = Some(now + Duration::seconds(10));

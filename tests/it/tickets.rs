@@ -173,7 +173,7 @@ async fn the_ticket_flow(store: Arc<dyn keybroker::store::Store>) {
 
     // The bot hears of the claim by webhook, without the secret.
     let webhooks = Config::load(&app.dir.path().join("keybroker.toml")).unwrap().webhooks;
-    deliver_due(&app.state.keys, &Webhook::all(&webhooks).unwrap()).await;
+    deliver_due(&app.state.keys, &Webhook::all(&webhooks).unwrap()).await.unwrap();
     let received = sink.0.lock().unwrap().clone();
     assert_eq!(received.len(), 1, "{received:?}");
     assert_eq!(received[0]["event"], "ticket.claimed");

@@ -164,7 +164,7 @@ async fn app_with_webhook(url: String, ca_file: Option<std::path::PathBuf>) -> T
 async fn notices(app: &TestApp) {
     let webhooks = Config::load(&app.dir.path().join("keybroker.toml")).unwrap().webhooks;
     enqueue_notices(&app.state.keys, &webhooks).await.unwrap();
-    deliver_due(&app.state.keys, &Webhook::all(&webhooks).unwrap()).await;
+    deliver_due(&app.state.keys, &Webhook::all(&webhooks).unwrap()).await.unwrap();
 }
 
 #[tokio::test]
