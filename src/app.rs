@@ -67,6 +67,7 @@ impl App {
         let policy_sync = Arc::new(crate::services::policy_sync::PolicySync::new());
         policy_sync.start(&keys, config.modified_at).await.context("cannot read or publish the policy in force")?;
         let rate_limits = Arc::new(crate::api::ratelimit::RateLimits::new(config.server.rate_limit_per_minute));
+        let denials = Arc::new(crate::services::denials::DenialAudit::new(keys.clone()));
         let tickets = Arc::new(crate::services::tickets::TicketService::new(
             keys.clone(),
             crate::services::tickets::TicketSettings {
@@ -76,13 +77,14 @@ impl App {
                 public_url: config.server.public_url.clone(),
                 webhooks: config.webhooks.clone(),
             },
+            denials.clone(),
         ));
         let state = AppState {
             keys,
             auth: Arc::new(auth),
             reloader: None,
             rate_limits,
-            denials: Arc::default(),
+            denials,
             readiness,
             tickets,
             ui: page(&config)?,
@@ -160,11 +162,11 @@ impl App {
         }));
         let state = self.state.clone();
         jobs.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(crate::api::denials::WINDOW);
+            let mut tick = tokio::time::interval(crate::services::denials::WINDOW);
             loop {
                 tick.tick().await;
                 state.rate_limits.forget_idle();
-                state.flush_denials().await;
+                state.denials.flush().await;
             }
         }));
         let limits = crate::server::Limits {

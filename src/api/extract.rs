@@ -10,12 +10,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
-use super::denials::{Denial, address_bucket};
 use super::error::ApiError;
 use crate::auth::AuthError;
 use crate::domain::audit::{Action, RequestContext};
 use crate::domain::policy::authz::{Check, Decision, check};
 use crate::domain::principal::Principal;
+use crate::services::denials::{Denial, address_bucket};
 
 /// `Json<T>` whose rejections are problem responses. Only a JSON object is accepted as a body:
 /// serde would otherwise read a struct from an array of its fields in order, so
@@ -165,6 +165,7 @@ fn context_of(parts: &Parts) -> RequestContext {
         client_addr: peer_addr(parts).map(|ip| ip.to_string()),
         user_agent: header("user-agent", 256),
         on_behalf: None,
+        route: parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned()),
     }
 }
 
@@ -206,11 +207,9 @@ impl FromRequestParts<AppState> for Caller {
                     actor: "anonymous".to_owned(),
                     who: addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
                     reason: e.to_string(),
-                    // The route template, not the raw path: a path could carry anything.
-                    route: parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned()),
                     context: context_of(parts),
                 };
-                state.audit_denial(denial).await;
+                state.denials.record(denial).await;
                 Err(ApiError::Unauthenticated(e))
             }
         }
@@ -283,8 +282,7 @@ async fn require(
 
 /// Audits a role refusal (aggregated per caller, reason and route) and returns its 403.
 pub async fn refuse_role(parts: &Parts, state: &AppState, principal: &Principal, message: &str) -> ApiError {
-    let route = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned());
-    state.audit_denial(Denial::role(principal, message, route, context_of(parts))).await;
+    state.denials.record(Denial::role(principal, message, context_of(parts))).await;
     ApiError::Forbidden(message.to_owned())
 }
 

@@ -4,7 +4,6 @@
 
 pub mod admin;
 pub mod audit;
-pub mod denials;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -50,7 +49,7 @@ pub struct AppState {
     pub reloader: Option<Arc<crate::services::reload::Reloader>>,
     pub rate_limits: Arc<ratelimit::RateLimits>,
     /// Aggregates repeated denials before they reach the audit trail.
-    pub denials: Arc<denials::Denials>,
+    pub denials: Arc<crate::services::denials::DenialAudit>,
     /// The readiness job's last verdict, which `/readyz` serves.
     pub readiness: Arc<crate::services::readiness::Readiness>,
     pub tickets: Arc<crate::services::tickets::TicketService>,
@@ -62,30 +61,6 @@ pub struct AppState {
     pub policy_sync: Arc<crate::services::policy_sync::PolicySync>,
     /// `jobs.policy_sync_interval`: replicas not heard from in three are left out of the view.
     pub policy_sync_interval: std::time::Duration,
-}
-
-impl AppState {
-    /// Audits a denial at the edge, unless one of its kind was written within the minute.
-    pub async fn audit_denial(&self, denial: denials::Denial) {
-        let events = self.denials.record(denial, std::time::Instant::now(), self.keys.now());
-        if events.is_empty() {
-            self.keys.metrics().denials_aggregated.inc();
-        }
-        for event in events {
-            if let Err(e) = self.keys.audit(event).await {
-                tracing::error!(error = %e, "could not audit a denial");
-            }
-        }
-    }
-
-    /// Writes the summaries of denial minutes that are over (run every minute).
-    pub async fn flush_denials(&self) {
-        for event in self.denials.flush(std::time::Instant::now(), self.keys.now()) {
-            if let Err(e) = self.keys.audit(event).await {
-                tracing::error!(error = %e, "could not audit repeated denials");
-            }
-        }
-    }
 }
 
 #[derive(OpenApi)]

@@ -106,22 +106,6 @@ impl From<TicketError> for ApiError {
     }
 }
 
-/// A refused ticket operation (someone else's ticket, or no delegate team) is audited as
-/// `authz.denied`, aggregated like every role refusal.
-async fn audited(
-    state: &AppState,
-    principal: &crate::domain::principal::Principal,
-    route: &str,
-    ctx: &crate::domain::audit::RequestContext,
-    e: TicketError,
-) -> ApiError {
-    if let TicketError::Forbidden(reason) = &e {
-        let denial = super::denials::Denial::role(principal, reason, Some(route.to_owned()), ctx.clone());
-        state.audit_denial(denial).await;
-    }
-    e.into()
-}
-
 fn parse_ticket_id(text: &str) -> Result<TicketId, ApiError> {
     TicketId::parse(text)
         .ok_or_else(|| ApiError::BadRequest("a ticket id is `tkt_` and 26 characters of a-z and 2-7".to_owned()))
@@ -158,10 +142,7 @@ pub async fn create_ticket(
 ) -> Result<Response, ApiError> {
     let purpose = Purpose::parse(&body.purpose).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let request = NewTicket { for_subject: body.for_subject, scope: body.scope, purpose, ttl: body.ttl };
-    let ticket = match state.tickets.create(&bot, request, &ctx).await {
-        Ok(ticket) => ticket,
-        Err(e) => return Err(audited(&state, &bot, "/v1/tickets", &ctx, e).await),
-    };
+    let ticket = state.tickets.create(&bot, request, &ctx).await?;
     let view = view(&state, ticket);
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/tickets/{}", view.id)) {
@@ -195,10 +176,7 @@ pub async fn get_ticket(
     Path(id): Path<String>,
 ) -> Result<axum::Json<TicketView>, ApiError> {
     let id = parse_ticket_id(&id)?;
-    let ticket = match state.tickets.get(&principal, &id).await {
-        Ok(ticket) => ticket,
-        Err(e) => return Err(audited(&state, &principal, "/v1/tickets/{id}", &ctx, e).await),
-    };
+    let ticket = state.tickets.get(&principal, &id, &ctx).await?;
     Ok(axum::Json(view(&state, ticket)))
 }
 
@@ -228,10 +206,7 @@ pub async fn cancel_ticket(
     Path(id): Path<String>,
 ) -> Result<axum::Json<TicketView>, ApiError> {
     let id = parse_ticket_id(&id)?;
-    let ticket = match state.tickets.cancel(&principal, &id, &ctx).await {
-        Ok(ticket) => ticket,
-        Err(e) => return Err(audited(&state, &principal, "/v1/tickets/{id}", &ctx, e).await),
-    };
+    let ticket = state.tickets.cancel(&principal, &id, &ctx).await?;
     Ok(axum::Json(view(&state, ticket)))
 }
 
@@ -278,12 +253,8 @@ pub async fn claim_ticket(
     // As for POST /v1/keys: the issuance runs in its own task, so a caller who hangs up cannot
     // cut it off between Octopus's answer and the record that owns it.
     let tickets = state.tickets.clone();
-    let (claimer, claim_ctx) = (person.clone(), ctx.clone());
-    let task = tokio::spawn(async move { tickets.claim(&claimer, &id, idempotency, gone, &claim_ctx).await });
-    let (_, outcome) = match within_deadline(&state, task, presence).await? {
-        Ok(claimed) => claimed,
-        Err(e) => return Err(audited(&state, &person, "/v1/tickets/{id}/claim", &ctx, e).await),
-    };
+    let task = tokio::spawn(async move { tickets.claim(&person, &id, idempotency, gone, &ctx).await });
+    let (_, outcome) = within_deadline(&state, task, presence).await??;
     Ok(match outcome {
         IssueOutcome::Issued(issued) => issued_response(issued, state.keys.now()),
         IssueOutcome::Replayed(record) => replayed_response(record, state.keys.now()),

@@ -155,6 +155,9 @@ pub struct RequestContext {
     pub user_agent: Option<String>,
     /// Set when the caller is claiming a pickup ticket: every event then names the bot too.
     pub on_behalf: Option<OnBehalf>,
+    /// The route template the request came through, never the raw path (a path could carry
+    /// anything); it names the route of an aggregated denial.
+    pub route: Option<String>,
 }
 
 /// The pickup ticket a request claims, and the bot that created it.

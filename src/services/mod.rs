@@ -10,6 +10,7 @@
 //! - [`drift`], [`webhooks`], [`audit_watch`], [`readiness`]: the passes those jobs run.
 
 pub mod audit_watch;
+pub mod denials;
 pub mod dormant;
 pub mod drift;
 pub mod issuance;

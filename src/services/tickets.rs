@@ -62,6 +62,8 @@ pub struct TicketSettings {
 
 pub struct TicketService {
     keys: Arc<KeyService>,
+    /// Refusals are audited as `authz.denied`, aggregated like every role refusal.
+    denials: Arc<crate::services::denials::DenialAudit>,
     settings: TicketSettings,
     lifetime: chrono::Duration,
     /// How long a started claim holds its ticket: its deadline and a margin.
@@ -69,11 +71,15 @@ pub struct TicketService {
 }
 
 impl TicketService {
-    pub fn new(keys: Arc<KeyService>, settings: TicketSettings) -> Self {
+    pub fn new(
+        keys: Arc<KeyService>,
+        settings: TicketSettings,
+        denials: Arc<crate::services::denials::DenialAudit>,
+    ) -> Self {
         let lifetime = chrono::Duration::from_std(settings.lifetime).unwrap_or(chrono::Duration::minutes(15));
         let hold = chrono::Duration::from_std(settings.request_timeout).unwrap_or(chrono::Duration::minutes(5))
             + CLAIM_HOLD_MARGIN;
-        Self { keys, settings, lifetime, hold }
+        Self { keys, denials, settings, lifetime, hold }
     }
 
     /// How long a started claim holds its ticket.
@@ -95,7 +101,7 @@ impl TicketService {
         request: NewTicket,
         ctx: &RequestContext,
     ) -> Result<Ticket, TicketError> {
-        allowed(bot, Check::Delegate { delegate_teams: &self.settings.delegate_teams })?;
+        self.allowed(bot, Check::Delegate { delegate_teams: &self.settings.delegate_teams }, ctx).await?;
         let for_subject = request.for_subject.trim().to_owned();
         if for_subject.is_empty() || for_subject.len() > 256 || for_subject.chars().any(char::is_control) {
             return Err(TicketError::BadRequest("`for` must be 1-256 printable characters: a subject".to_owned()));
@@ -156,9 +162,9 @@ impl TicketService {
     }
 
     /// A ticket as `principal` may see it.
-    pub async fn get(&self, principal: &Principal, id: &TicketId) -> Result<Ticket, TicketError> {
+    pub async fn get(&self, principal: &Principal, id: &TicketId, ctx: &RequestContext) -> Result<Ticket, TicketError> {
         let ticket = self.keys.store().get_ticket(id).await?.ok_or(TicketError::NotFound)?;
-        allowed(principal, Check::Ticket(&ticket, TicketAccess::View))?;
+        self.allowed(principal, Check::Ticket(&ticket, TicketAccess::View), ctx).await?;
         Ok(ticket)
     }
 
@@ -169,7 +175,7 @@ impl TicketService {
         ctx: &RequestContext,
     ) -> Result<Ticket, TicketError> {
         let ticket = self.keys.store().get_ticket(id).await?.ok_or(TicketError::NotFound)?;
-        allowed(principal, Check::Ticket(&ticket, TicketAccess::Cancel))?;
+        self.allowed(principal, Check::Ticket(&ticket, TicketAccess::Cancel), ctx).await?;
         let now = self.keys.now();
         self.refuse_unless_waiting(&ticket, now).await?;
         let event = NewAuditEvent::new(now, &principal.subject, Action::TicketCancelled, Outcome::Success, ctx)
@@ -194,7 +200,7 @@ impl TicketService {
     ) -> Result<(Ticket, IssueOutcome), TicketError> {
         let store = self.keys.store();
         let ticket = store.get_ticket(id).await?.ok_or(TicketError::NotFound)?;
-        allowed(person, Check::Ticket(&ticket, TicketAccess::Claim))?;
+        self.allowed(person, Check::Ticket(&ticket, TicketAccess::Claim), ctx).await?;
         let now = self.keys.now();
         self.refuse_unless_waiting(&ticket, now).await?;
         // The token makes this claim the only one that may end or release the ticket, even if
@@ -315,6 +321,20 @@ impl TicketService {
         Ok(self.keys.issue(person, request, &ctx).await?)
     }
 
+    /// The ticket service's answer to an authorization [`check`]; a refusal (someone else's
+    /// ticket, no delegate team) is audited.
+    async fn allowed(&self, principal: &Principal, what: Check<'_>, ctx: &RequestContext) -> Result<(), TicketError> {
+        match check(principal, what) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(message) => {
+                let denial = crate::services::denials::Denial::role(principal, &message, ctx.clone());
+                self.denials.record(denial).await;
+                Err(TicketError::Forbidden(message))
+            }
+            Decision::Hide => Err(TicketError::NotFound),
+        }
+    }
+
     /// Queues `ticket.claimed` for every webhook that wants it (the bot tells the channel).
     async fn announce_claim(&self, ticket: &Ticket, record: &KeyRecord, at: DateTime<Utc>) {
         let wanted = self
@@ -375,13 +395,4 @@ fn claimed_conflict(key_id: Option<Uuid>) -> TicketError {
         "the ticket was already claimed{}; its secret was shown once",
         key_id.map(|k| format!(" (key {k})")).unwrap_or_default()
     ))
-}
-
-/// The ticket service's answer to an authorization [`check`].
-fn allowed(principal: &Principal, what: Check<'_>) -> Result<(), TicketError> {
-    match check(principal, what) {
-        Decision::Allow => Ok(()),
-        Decision::Deny(message) => Err(TicketError::Forbidden(message)),
-        Decision::Hide => Err(TicketError::NotFound),
-    }
 }

@@ -40,7 +40,7 @@ fn event(actor: &str, action: Action, id: Option<Uuid>) -> NewAuditEvent {
             request_id: Some("req-1".to_owned()),
             client_addr: Some("127.0.0.1".to_owned()),
             user_agent: Some("contract-test".to_owned()),
-            on_behalf: None,
+            ..Default::default()
         },
     )
     .scope("payments-deploy")

@@ -1,4 +1,4 @@
-//! Denials at the HTTP edge, written to the audit trail without letting anyone on the network
+//! Denials (failed authentications, role refusals, refused ticket operations), written to the audit trail without letting anyone on the network
 //! fill it: a request with no credential at all is only counted (a metric), and repeated failed
 //! authentications from one address for one reason, or repeated role refusals of one caller,
 //! become one event per minute with a count (whatever routes they hit: the event names the first,
@@ -41,9 +41,8 @@ struct Kind {
 struct Window {
     started: Instant,
     suppressed: u64,
-    /// The latest denial's request and route (a summary names the last one).
+    /// The latest denial's request, its route included (a summary names the last one).
     context: RequestContext,
-    route: Option<String>,
 }
 
 /// A denial to audit.
@@ -55,26 +54,19 @@ pub struct Denial {
     /// The address bucket or the subject: what makes two denials "the same".
     pub who: String,
     pub reason: String,
-    /// The route template, never the raw path.
-    pub route: Option<String>,
+    /// Its request; `context.route` names its route.
     pub context: RequestContext,
 }
 
 impl Denial {
     /// An authenticated caller refused for its role or for someone else's resource
     /// (`authz.denied`), aggregated per caller, reason and route.
-    pub fn role(
-        principal: &crate::domain::principal::Principal,
-        reason: &str,
-        route: Option<String>,
-        context: RequestContext,
-    ) -> Self {
+    pub fn role(principal: &crate::domain::principal::Principal, reason: &str, context: RequestContext) -> Self {
         Self {
             action: Action::AuthzDenied,
             actor: principal.subject.clone(),
             who: principal.subject.clone(),
             reason: reason.to_owned(),
-            route,
             context,
         }
     }
@@ -119,35 +111,23 @@ impl Denials {
             Some(window) if now.duration_since(window.started) < WINDOW => {
                 window.suppressed += 1;
                 window.context = denial.context;
-                window.route = denial.route;
                 return out;
             }
             Some(window) => {
                 if window.suppressed > 0 {
                     out.push(summary(&kind, window, at));
                 }
-                *window = Window {
-                    started: now,
-                    suppressed: 0,
-                    context: denial.context.clone(),
-                    route: denial.route.clone(),
-                };
+                *window = Window { started: now, suppressed: 0, context: denial.context.clone() };
             }
             None => {
-                windows.kinds.insert(
-                    kind.clone(),
-                    Window {
-                        started: now,
-                        suppressed: 0,
-                        context: denial.context.clone(),
-                        route: denial.route.clone(),
-                    },
-                );
+                windows
+                    .kinds
+                    .insert(kind.clone(), Window { started: now, suppressed: 0, context: denial.context.clone() });
             }
         }
         windows.written += 1;
         let actor = if kind.who == "*" { actor_of(&kind).to_owned() } else { denial.actor };
-        out.push(event(&actor, &kind, &denial.context, denial.route.as_deref(), 1, false, at));
+        out.push(event(&actor, &kind, &denial.context, 1, false, at));
         out
     }
 
@@ -169,19 +149,18 @@ impl Denials {
 }
 
 fn summary(kind: &Kind, window: &Window, at: chrono::DateTime<chrono::Utc>) -> NewAuditEvent {
-    event(actor_of(kind), kind, &window.context, window.route.as_deref(), window.suppressed, true, at)
+    event(actor_of(kind), kind, &window.context, window.suppressed, true, at)
 }
 
 fn event(
     actor: &str,
     kind: &Kind,
     context: &RequestContext,
-    route: Option<&str>,
     count: u64,
     repeated: bool,
     at: chrono::DateTime<chrono::Utc>,
 ) -> NewAuditEvent {
-    let mut detail = json!({ "reason": kind.reason, "route": route, "count": count });
+    let mut detail = json!({ "reason": kind.reason, "route": context.route, "count": count });
     if repeated {
         detail["repeated"] = json!(true);
         detail["window_seconds"] = json!(WINDOW.as_secs());
@@ -204,6 +183,42 @@ pub fn address_bucket(addr: IpAddr) -> IpAddr {
     }
 }
 
+/// The denials of one process, audited through the key service: the aggregator and its writes.
+pub struct DenialAudit {
+    denials: Denials,
+    keys: std::sync::Arc<crate::services::issuance::KeyService>,
+}
+
+impl DenialAudit {
+    pub fn new(keys: std::sync::Arc<crate::services::issuance::KeyService>) -> Self {
+        Self { denials: Denials::default(), keys }
+    }
+
+    /// Audits a denial, unless one of its kind was written within the minute. A denial that
+    /// cannot be audited is logged here: the refusal itself stands.
+    pub async fn record(&self, denial: Denial) {
+        let events = self.denials.record(denial, Instant::now(), self.keys.now());
+        if events.is_empty() {
+            self.keys.metrics().denials_aggregated.inc();
+        }
+        self.write(events, "could not audit a denial").await;
+    }
+
+    /// Writes the summaries of denial minutes that are over (run every [`WINDOW`]).
+    pub async fn flush(&self) {
+        let events = self.denials.flush(Instant::now(), self.keys.now());
+        self.write(events, "could not audit repeated denials").await;
+    }
+
+    async fn write(&self, events: Vec<NewAuditEvent>, failure: &str) {
+        for event in events {
+            if let Err(e) = self.keys.audit(event).await {
+                tracing::error!(error = %e, "{failure}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,8 +229,7 @@ mod tests {
             actor: "anonymous".to_owned(),
             who: who.to_owned(),
             reason: reason.to_owned(),
-            route: Some("/v1/keys".to_owned()),
-            context: RequestContext::default(),
+            context: RequestContext { route: Some("/v1/keys".to_owned()), ..Default::default() },
         }
     }
 
