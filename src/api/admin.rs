@@ -301,24 +301,24 @@ pub async fn explain(
     _admin: AdminCaller,
     ApiJson(body): ApiJson<ExplainBody>,
 ) -> Result<axum::Json<Explanation>, ApiError> {
-    let Some(explained) = state.auth.explain(&body.issuer, &body.claims) else {
-        let known: Vec<&str> = state.auth.issuer_names().collect();
-        return Err(ApiError::Unprocessable(format!(
-            "no issuer is named {:?}; known: {}",
-            body.issuer.chars().take(64).collect::<String>(),
-            known.join(", ")
-        )));
-    };
-    let policy = state.keys.policy();
-    let scope = match (&body.scope, &explained.principal) {
-        (Some(name), Some(principal)) => Some(match policy.authorize(principal, name) {
-            Ok(scope) => ScopeVerdict { scope: scope.name.to_string(), allowed: true, reasons: Vec::new() },
-            Err(e) => {
-                ScopeVerdict { scope: name.chars().take(64).collect(), allowed: false, reasons: vec![e.reason()] }
-            }
-        }),
-        _ => None,
-    };
+    let explained =
+        crate::services::queries::explain(&state.auth, &state.keys, &body.issuer, &body.claims, body.scope.as_deref())
+            .map_err(|crate::services::queries::UnknownIssuer(known)| {
+                ApiError::Unprocessable(format!(
+                    "no issuer is named {:?}; known: {}",
+                    body.issuer.chars().take(64).collect::<String>(),
+                    known.join(", ")
+                ))
+            })?;
+    let scope = explained.scope.map(|verdict| match verdict {
+        Ok(scope) => ScopeVerdict { scope, allowed: true, reasons: Vec::new() },
+        Err(e) => ScopeVerdict {
+            scope: body.scope.as_deref().unwrap_or_default().chars().take(64).collect(),
+            allowed: false,
+            reasons: vec![e.reason()],
+        },
+    });
+    let explained = explained.token;
     Ok(axum::Json(Explanation {
         issuer: body.issuer,
         principal: explained.principal.map(|p| ExplainedPrincipal {

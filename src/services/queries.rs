@@ -54,3 +54,30 @@ pub async fn verify_trail(
 ) -> Result<crate::services::audit_watch::Verification, ServiceError> {
     watch.verify(keys.store().as_ref(), bound).await.map_err(ServiceError::Store)
 }
+
+/// How a token with `claims` from `issuer` would be read, and, given a scope, whether the
+/// principal it makes may use it (`POST /v1/admin/explain`).
+pub struct Explained {
+    pub token: crate::auth::Explanation,
+    /// The scope's verdict: its name when allowed, the rule it broke otherwise.
+    pub scope: Option<Result<String, crate::domain::policy::PolicyError>>,
+}
+
+/// No configured issuer has the name asked for; the names there are.
+pub struct UnknownIssuer(pub Vec<String>);
+
+pub fn explain(
+    auth: &crate::auth::Authenticator,
+    keys: &KeyService,
+    issuer: &str,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    scope: Option<&str>,
+) -> Result<Explained, UnknownIssuer> {
+    let token =
+        auth.explain(issuer, claims).ok_or_else(|| UnknownIssuer(auth.issuer_names().map(str::to_owned).collect()))?;
+    let scope = match (scope, &token.principal) {
+        (Some(name), Some(principal)) => Some(keys.policy().authorize(principal, name).map(|s| s.name.to_string())),
+        _ => None,
+    };
+    Ok(Explained { token, scope })
+}
