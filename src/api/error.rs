@@ -77,6 +77,10 @@ pub enum ApiError {
     /// Shown to callers as is: these messages are written for operators and hold no secret.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 that an operator must fix (keybroker's Octopus credential, `octopus.url`, a scope's
+    /// account): logged at error level.
+    #[error("{0}")]
+    Misconfigured(String),
     /// 503 for a failed database: callers see only that; the cause is logged once, here.
     #[error("the database is unavailable; nothing was changed")]
     StoreUnavailable(#[source] StoreError),
@@ -112,7 +116,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type")
             }
             TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
-            Unavailable(_) | StoreUnavailable(_) => {
+            Unavailable(_) | StoreUnavailable(_) | Misconfigured(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable")
             }
             BadGateway(_) => (StatusCode::BAD_GATEWAY, "octopus-failed", "Octopus failed"),
@@ -175,6 +179,10 @@ impl IntoResponse for ApiError {
                 tracing::warn!(%detail, "unavailable");
                 detail.clone()
             }
+            ApiError::Misconfigured(detail) => {
+                tracing::error!(%detail, "an operator must fix keybroker's configuration");
+                detail.clone()
+            }
             ApiError::StoreUnavailable(e) => {
                 tracing::error!(error = %e, "the database failed");
                 self.to_string()
@@ -225,7 +233,7 @@ impl From<OctopusError> for ApiError {
         match e {
             OctopusError::Rejected { message, .. } => ApiError::UpstreamRejected(message),
             OctopusError::NotFound { message } => ApiError::UpstreamRejected(message),
-            OctopusError::Credential { status, message } => ApiError::Unavailable(format!(
+            OctopusError::Credential { status, message } => ApiError::Misconfigured(format!(
                 "Octopus refused keybroker's own credential ({status}); an operator must check it: {message}"
             )),
             OctopusError::RateLimited { retry_after } => ApiError::Unavailable(format!(
@@ -234,7 +242,7 @@ impl From<OctopusError> for ApiError {
             )),
             OctopusError::Timeout => ApiError::GatewayTimeout,
             e @ OctopusError::Redirected { .. } => {
-                ApiError::Unavailable(format!("an operator must fix octopus.url: {e}"))
+                ApiError::Misconfigured(format!("an operator must fix octopus.url: {e}"))
             }
             OctopusError::Unavailable { detail } => ApiError::BadGateway(detail),
         }
@@ -278,7 +286,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Conflict(m) => ApiError::Conflict(m),
             e @ ServiceError::IdempotencyMismatch => ApiError::Unprocessable(e.to_string()),
             ServiceError::ScopeMisconfigured(m) => {
-                ApiError::Unavailable(format!("the scope is misconfigured; an operator must fix it: {m}"))
+                ApiError::Misconfigured(format!("the scope is misconfigured; an operator must fix it: {m}"))
             }
             ServiceError::Store(e) => e.into(),
             ServiceError::Octopus(e) => e.into(),

@@ -196,7 +196,8 @@ pub async fn issue_key(
     // The protocol runs in its own task: a caller that hangs up or times out must not cut it
     // off between the Octopus call and the record that owns its result.
     let keys = state.keys.clone();
-    let task = tokio::spawn(async move { keys.issue(&principal, request, &ctx).await });
+    let gone = presence.gone.clone();
+    let task = tokio::spawn(async move { unanswered(&gone, keys.issue(&principal, request, &ctx).await) });
     let outcome = within_deadline(&state, task, presence).await??;
 
     Ok(match outcome {
@@ -257,6 +258,20 @@ pub(super) async fn within_deadline<T, E>(
     let outcome = joined.map_err(|e| ApiError::Internal(format!("issuance task failed: {e}")))?;
     presence.answered();
     Ok(outcome)
+}
+
+/// An issuance's error that no caller will see (it hung up, or the deadline answered first) is
+/// logged here, the one place it surfaces; an answered one is logged with its answer.
+pub(super) fn unanswered<T, E: std::fmt::Display>(
+    gone: &std::sync::atomic::AtomicBool,
+    outcome: Result<T, E>,
+) -> Result<T, E> {
+    if let Err(e) = &outcome {
+        if gone.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::error!(error = %e, "an issuance failed after its caller was answered or gone");
+        }
+    }
+    outcome
 }
 
 /// Marks the caller gone when dropped before [`CallerPresence::answered`].

@@ -253,7 +253,10 @@ pub async fn claim_ticket(
     // As for POST /v1/keys: the issuance runs in its own task, so a caller who hangs up cannot
     // cut it off between Octopus's answer and the record that owns it.
     let tickets = state.tickets.clone();
-    let task = tokio::spawn(async move { tickets.claim(&person, &id, idempotency, gone, &ctx).await });
+    let flag = presence.gone.clone();
+    let task = tokio::spawn(async move {
+        super::keys::unanswered(&flag, tickets.claim(&person, &id, idempotency, gone, &ctx).await)
+    });
     let (_, outcome) = within_deadline(&state, task, presence).await??;
     Ok(match outcome {
         IssueOutcome::Issued(issued) => issued_response(issued, state.keys.now()),

@@ -1,12 +1,12 @@
-//! Denials (failed authentications, role refusals, refused ticket operations), written to the audit trail without letting anyone on the network
-//! fill it: a request with no credential at all is only counted (a metric), and repeated failed
+//! Denials (failed authentications, role refusals, refused ticket operations), written to the
+//! audit trail without letting anyone on the network fill it: a request with no credential at all is only counted (a metric), and repeated failed
 //! authentications from one address for one reason, or repeated role refusals of one caller,
 //! become one event per minute with a count (whatever routes they hit: the event names the first,
 //! a summary the last).
 //!
 //! The first denial of a kind is audited at once, with `count: 1`. Those that follow within the
 //! minute are counted; when the minute is over (at the next denial of that kind, or at the
-//! periodic [`Denials::flush`]), one event records how many there were, with `repeated: true`.
+//! periodic [`DenialAudit::flush`]), one event records how many there were, with `repeated: true`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -60,7 +60,7 @@ pub struct Denial {
 
 impl Denial {
     /// An authenticated caller refused for its role or for someone else's resource
-    /// (`authz.denied`), aggregated per caller, reason and route.
+    /// (`authz.denied`), aggregated per caller and reason (the event names the route).
     pub fn role(principal: &crate::domain::principal::Principal, reason: &str, context: RequestContext) -> Self {
         Self {
             action: Action::AuthzDenied,

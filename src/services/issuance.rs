@@ -105,7 +105,9 @@ pub enum ServiceError {
     /// The scope's Octopus account is missing, inactive or not a service account.
     #[error("{0}")]
     ScopeMisconfigured(String),
-    #[error("the audit trail could not be written, so nothing was done")]
+    /// The database failed (a read, a write or the audit trail's append), so nothing was done.
+    /// Callers see only that; the text, with its cause, is for the logs.
+    #[error("the database failed, so nothing was done: {0}")]
     Store(#[source] StoreError),
     #[error(transparent)]
     Octopus(#[from] OctopusError),

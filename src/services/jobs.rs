@@ -43,7 +43,12 @@ const BATCH: u32 = 100;
 pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> Result<ReconcileReport, PassError> {
     let mut report = ReconcileReport::default();
     let cutoff = keys.now() - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::minutes(2));
-    let pending = keys.store().pending_before(cutoff, keys.now(), BATCH).await?;
+    // A failed read of the pending records still lets the revocations be retried; the pass
+    // fails afterwards.
+    let (pending, unread) = match keys.store().pending_before(cutoff, keys.now(), BATCH).await {
+        Ok(pending) => (pending, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
     for record in pending {
         if !super::lease::lease_held() {
             break;
@@ -93,7 +98,10 @@ pub async fn reconcile_once(keys: &KeyService, grace: Duration) -> Result<Reconc
             Err(e) => tracing::warn!(key_id = %record.id, error = %e, "revocation still failing; will retry"),
         }
     }
-    Ok(report)
+    match unread {
+        Some(e) => Err(e.into()),
+        None => Ok(report),
+    }
 }
 
 /// Marks active records past their expiry as expired, one audit event each. Returns how many.

@@ -7,7 +7,8 @@
 //! - [`queries`]: listing keys, reading and verifying the audit trail;
 //! - [`reload`] and [`policy_sync`]: a new policy, on this replica and on every other;
 //! - [`jobs`] (with [`lease`]): reconcile, expiry, webhooks, drift, readiness, on their timers;
-//! - [`drift`], [`webhooks`], [`audit_watch`], [`readiness`]: the passes those jobs run.
+//! - [`drift`], [`webhooks`], [`audit_watch`], [`readiness`]: the passes those jobs run;
+//! - [`denials`]: refusals, audited without letting the network fill the trail.
 
 pub mod audit_watch;
 pub mod denials;

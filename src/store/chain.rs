@@ -160,7 +160,12 @@ pub(super) async fn settle<DB: sqlx::Database, T>(
 ) -> Result<(T, bool), StoreError> {
     match &result {
         Ok((_, true)) => tx.commit().await?,
-        _ => tx.rollback().await?,
+        Ok(_) => tx.rollback().await?,
+        // The work's error is the one to report; a failed rollback (a broken connection,
+        // typically) ends the transaction all the same.
+        Err(_) => {
+            let _ = tx.rollback().await;
+        }
     }
     result
 }

@@ -121,6 +121,9 @@ macro_rules! on_backend {
 
 pub(super) use on_backend;
 
+/// The newest published policy: (position, version, document, when it was published).
+type LatestPolicy = (i64, String, String, DateTime<Utc>);
+
 /// Keys every event appended from now on with `key` (set once; a second key is ignored).
 pub(super) fn set_chain_key(backend: Backend<'_>, key: ChainKey) {
     let cell = match backend {
@@ -138,6 +141,7 @@ fn queue(backend: Backend<'_>) -> &WriteQueue {
     }
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn insert_pending(
     backend: Backend<'_>,
     key: &NewKey,
@@ -147,6 +151,7 @@ pub(super) async fn insert_pending(
     queue(backend).insert_pending(key, event, now).await
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn activate(
     backend: Backend<'_>,
     activation: &Activation,
@@ -155,15 +160,18 @@ pub(super) async fn activate(
     queue(backend).activate(activation, event).await
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn append_audit(backend: Backend<'_>, event: &NewAuditEvent) -> Result<(), StoreError> {
     queue(backend).append(event).await
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn ping(backend: Backend<'_>) -> Result<(), StoreError> {
     on_backend!(read backend, |ex| sqlx::query("SELECT 1").execute(ex).await?.rows_affected());
     Ok(())
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn get_key(backend: Backend<'_>, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
     let sql = format!("SELECT {KEY_COLUMNS} FROM key_records WHERE id = $1");
     on_backend!(read backend, |ex| {
@@ -171,6 +179,7 @@ pub(super) async fn get_key(backend: Backend<'_>, id: Uuid) -> Result<Option<Key
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn find_by_secret_hmac(backend: Backend<'_>, hmac: &str) -> Result<Option<KeyRecord>, StoreError> {
     let sql = format!("SELECT {KEY_COLUMNS} FROM key_records WHERE secret_hmac = $1");
     on_backend!(read backend, |ex| {
@@ -178,6 +187,7 @@ pub(super) async fn find_by_secret_hmac(backend: Backend<'_>, hmac: &str) -> Res
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn pending_before(
     backend: Backend<'_>,
     cutoff: DateTime<Utc>,
@@ -195,6 +205,7 @@ pub(super) async fn pending_before(
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn due_for_expiry(
     backend: Backend<'_>,
     now: DateTime<Utc>,
@@ -209,6 +220,7 @@ pub(super) async fn due_for_expiry(
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn revocations_to_retry(backend: Backend<'_>, limit: u32) -> Result<Vec<KeyRecord>, StoreError> {
     let sql = format!(
         "SELECT {KEY_COLUMNS} FROM key_records WHERE state IN ('active', 'expired') \
@@ -220,6 +232,7 @@ pub(super) async fn revocations_to_retry(backend: Backend<'_>, limit: u32) -> Re
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn keys_for_notices(
     backend: Backend<'_>,
     now: DateTime<Utc>,
@@ -236,6 +249,7 @@ pub(super) async fn keys_for_notices(
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn active_counts(backend: Backend<'_>, now: DateTime<Utc>) -> Result<Vec<(String, u64)>, StoreError> {
     let sql = "SELECT scope, COUNT(*) FROM key_records WHERE state = 'active' AND expires_at > $1 \
                GROUP BY scope ORDER BY scope";
@@ -244,6 +258,7 @@ pub(super) async fn active_counts(backend: Backend<'_>, now: DateTime<Utc>) -> R
     Ok(rows.into_iter().map(|(scope, n)| (scope, u64::try_from(n).unwrap_or_default())).collect())
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn revocation_in_progress(
     backend: Backend<'_>,
     id: Uuid,
@@ -255,18 +270,21 @@ pub(super) async fn revocation_in_progress(
     }))
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn begin_revocation(backend: Backend<'_>, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
     let sql = "UPDATE key_records SET revoking_since = $1 WHERE id = $2";
     on_backend!(write backend, |ex| sqlx::query(sql).bind(Time(at)).bind(Id(id)).execute(ex).await?.rows_affected());
     Ok(())
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn request_revocation(backend: Backend<'_>, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
     let sql = "UPDATE key_records SET revoke_requested_at = COALESCE(revoke_requested_at, $1) WHERE id = $2";
     on_backend!(write backend, |ex| sqlx::query(sql).bind(Time(at)).bind(Id(id)).execute(ex).await?.rows_affected());
     Ok(())
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn get_ticket(backend: Backend<'_>, id: &TicketId) -> Result<Option<Ticket>, StoreError> {
     let sql = format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1");
     on_backend!(read backend, |ex| {
@@ -274,6 +292,7 @@ pub(super) async fn get_ticket(backend: Backend<'_>, id: &TicketId) -> Result<Op
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn release_ticket_claim(backend: Backend<'_>, id: &TicketId, token: &str) -> Result<(), StoreError> {
     let sql = "UPDATE tickets SET claim_started_at = NULL, claim_token = NULL \
                WHERE id = $1 AND state = 'waiting' AND claim_token = $2";
@@ -281,6 +300,7 @@ pub(super) async fn release_ticket_claim(backend: Backend<'_>, id: &TicketId, to
     Ok(())
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn ticket_key(backend: Backend<'_>, id: &TicketId) -> Result<Option<KeyRecord>, StoreError> {
     let sql = format!(
         "SELECT {KEY_COLUMNS} FROM key_records WHERE ticket_id = $1 AND state <> 'failed' ORDER BY seq LIMIT 1"
@@ -290,6 +310,7 @@ pub(super) async fn ticket_key(backend: Backend<'_>, id: &TicketId) -> Result<Op
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn tickets_due_for_expiry(
     backend: Backend<'_>,
     now: DateTime<Utc>,
@@ -307,15 +328,15 @@ pub(super) async fn tickets_due_for_expiry(
     })
 }
 
-pub(super) async fn latest_policy(
-    backend: Backend<'_>,
-) -> Result<Option<(i64, String, String, DateTime<Utc>)>, StoreError> {
+#[tracing::instrument(level = "debug", skip_all)]
+pub(super) async fn latest_policy(backend: Backend<'_>) -> Result<Option<LatestPolicy>, StoreError> {
     let sql = "SELECT seq, version, document, published_at FROM policy_versions ORDER BY seq DESC LIMIT 1";
     let row: Option<(i64, String, String, Time)> =
         on_backend!(read backend, |ex| sqlx::query_as(sql).fetch_optional(ex).await?);
     Ok(row.map(|(seq, version, document, at)| (seq, version, document, at.0)))
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn report_replica_policy(
     backend: Backend<'_>,
     replica: &str,
@@ -328,12 +349,14 @@ pub(super) async fn report_replica_policy(
     Ok(())
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn replica_policies(backend: Backend<'_>) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
     let sql = "SELECT replica, version, seen_at FROM replica_policies ORDER BY seen_at DESC LIMIT 100";
     let rows: Vec<(String, String, Time)> = on_backend!(read backend, |ex| sqlx::query_as(sql).fetch_all(ex).await?);
     Ok(rows.into_iter().map(|(replica, version, at)| (replica, version, at.0)).collect())
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn migrate(backend: Backend<'_>) -> Result<(), StoreError> {
     let run = match backend {
         Backend::Sqlite(store) => store.migrator().run(store.reader()).await,
@@ -343,6 +366,7 @@ pub(super) async fn migrate(backend: Backend<'_>) -> Result<(), StoreError> {
 }
 
 /// Checks, without changing anything, that every migration has been applied.
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn check_migrated(backend: Backend<'_>) -> Result<(), StoreError> {
     let sql = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
     let (applied, migrator) = match backend {
@@ -356,6 +380,7 @@ pub(super) async fn check_migrated(backend: Backend<'_>) -> Result<(), StoreErro
 
 /// Moves a record from `from` to `to` at `at`, stamping `revoked_at` when `to` is revoked; false
 /// when it was not in `from` (see `batch::apply_change`).
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn set_state(
     connection: Connection<'_>,
     id: Uuid,
@@ -373,6 +398,7 @@ pub(super) async fn set_state(
     Ok(changed == 1)
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn begin_ticket_claim(
     backend: Backend<'_>,
     id: &TicketId,
@@ -391,6 +417,7 @@ pub(super) async fn begin_ticket_claim(
     Ok(changed == 1)
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn try_lease(
     backend: Backend<'_>,
     job: &str,
@@ -411,6 +438,7 @@ pub(super) async fn try_lease(
 /// Outbox rows written before webhooks had names hold the webhook's URL: each `(url, name)`
 /// pair names them, and rows of URLs no longer configured become `removed-<id>`. One
 /// transaction.
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn name_webhook_deliveries(
     backend: Backend<'_>,
     names: &[(String, String)],
@@ -455,6 +483,7 @@ fn links(events: &[&NewAuditEvent], prev: &str, key: Option<&ChainKey>) -> Resul
 /// holds. The backend's INSERT itself checks that `cached` (this process's last head) is still
 /// the chain's last hash, so the usual append is one statement however many events there are;
 /// a stale hint costs one read of the head and a second try. Returns the new head.
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn append(
     mut connection: Connection<'_>,
     cached: Option<String>,
@@ -501,6 +530,7 @@ async fn insert_chained(
 }
 
 /// Applies a key's state change in a chain transaction (see `batch::apply_change`).
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn change_state(
     backend: Backend<'_>,
     id: Uuid,
@@ -511,6 +541,7 @@ pub(super) async fn change_state(
     on_backend!(chained backend, |tx| batch::apply_change(&mut tx, id, change, at, event).await)
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn insert_ticket(
     backend: Backend<'_>,
     ticket: &Ticket,
@@ -532,6 +563,7 @@ async fn write_ticket(tx: &mut ChainTx<'_>, t: &Ticket, event: &NewAuditEvent) -
     Ok(((), true))
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn end_ticket(
     backend: Backend<'_>,
     id: &TicketId,
@@ -577,6 +609,7 @@ async fn close_ticket(
 }
 
 /// Publishes a policy version unless it is the newest already; the newest's sequence number.
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn publish_policy(
     backend: Backend<'_>,
     version: &str,
@@ -606,6 +639,7 @@ async fn write_policy(
     Ok((seq, true))
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn enqueue_delivery(backend: Backend<'_>, d: &NewDelivery) -> Result<bool, StoreError> {
     let sql = "INSERT INTO webhook_deliveries (webhook, event, key_id, threshold, payload, status, created_at, \
                next_attempt_at) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6) \
@@ -620,6 +654,7 @@ pub(super) async fn enqueue_delivery(backend: Backend<'_>, d: &NewDelivery) -> R
 
 /// Claims the pending deliveries due at `now` (see `Store::due_deliveries`); on PostgreSQL a
 /// row another replica is claiming is skipped rather than waited for.
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn due_deliveries(
     backend: Backend<'_>,
     now: DateTime<Utc>,
@@ -642,6 +677,7 @@ pub(super) async fn due_deliveries(
 
 /// Records what became of a delivery while this worker's claim holds it (`next_attempt_at` is
 /// the claim's token).
+#[tracing::instrument(level = "debug", skip_all)]
 pub(super) async fn finish_delivery(
     backend: Backend<'_>,
     delivery: &Delivery,
