@@ -1,11 +1,13 @@
 //! `cargo bench --bench broker`: keybroker against a direct Octopus call, on SQLite and
-//! PostgreSQL, with the targets of issue 8. See BENCHMARKS.md.
+//! PostgreSQL, with the targets of issue 8 (in-process) and of issue 20 (`process`: keybroker's
+//! own CPU per request, open-loop latency, as processes). See BENCHMARKS.md.
 //!
 //! PostgreSQL: `KEYBROKER_BENCH_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`);
 //! set it to `off` to skip. `KEYBROKER_BENCH_TINY=1` runs every scenario with tiny counts.
-//! `KEYBROKER_BENCH_ONLY=issue,reads,audit,first,memory` runs only the named scenarios.
+//! `KEYBROKER_BENCH_ONLY=issue,reads,audit,first,memory,process` runs only the named scenarios.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod process;
 mod scenarios;
 
 use scenarios::{Backend, Counts};
@@ -33,9 +35,16 @@ async fn run() -> anyhow::Result<()> {
         counts
     );
     let mut reports = Vec::new();
+    let mut processes = Vec::new();
+    let tiny = std::env::var_os("KEYBROKER_BENCH_TINY").is_some();
+    let open_for = std::time::Duration::from_secs_f64(if tiny { 0.2 } else { 8.0 });
     for backend in &backends {
         println!("running {} ...", backend.name());
         reports.push(scenarios::run_backend(backend, &counts).await?);
+        if scenarios::wanted("process") {
+            println!("running {} with keybroker serve as its own process ...", backend.name());
+            processes.push(process::run(env!("CARGO_BIN_EXE_keybroker"), backend, &counts, open_for).await?);
+        }
     }
     let memory = if scenarios::wanted("memory") {
         println!("running keybroker serve as its own process ...");
@@ -43,8 +52,11 @@ async fn run() -> anyhow::Result<()> {
     } else {
         None
     };
-    let (table, checks) = scenarios::render(&reports, memory.as_ref());
+    let (table, mut checks) = scenarios::render(&reports, memory.as_ref());
     println!("{table}");
+    let (table, process_checks) = process::render(&processes);
+    println!("{table}");
+    checks.extend(process_checks);
     let missed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
     if missed.is_empty() {
         println!("every target met");

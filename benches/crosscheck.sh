@@ -1,28 +1,58 @@
 #!/usr/bin/env bash
 # Cross-checks BENCHMARKS.md with a client that is not ours: wrk (C, event loop) drives the
-# release binary as separate processes, `keybroker octopus-sim` and `keybroker serve` (SQLite),
-# first with direct key creations against the simulator, then with issuances through keybroker,
-# then GET /v1/me. Each run is time-bounded (wrk -d), 32 connections on 2 threads.
+# release binary as separate processes, `keybroker octopus-sim` and `keybroker serve` (SQLite, or
+# PostgreSQL with CROSSCHECK_DATABASE), and keybroker's own CPU is read from /proc/<pid>/stat.
 #
-#   apt-get install wrk          # Debian's package
-#   benches/crosscheck.sh [SECONDS]          # KEYBROKER_BIN=path/to/keybroker for another build
+# The yardstick is wrk's own CPU per request while it drives direct key creations against the
+# simulator in the same run: a small fixed request and answer, nobody's code here, which moves
+# with the machine's speed as keybroker does. Every CPU figure is also given in yardsticks.
+#
+#   apt-get install wrk                      # Debian's package
+#   benches/crosscheck.sh [SECONDS]          # closed-loop runs of SECONDS each (default 10)
+#
+# Environment: KEYBROKER_BIN=path/to/keybroker compares another build (A/B);
+# CROSSCHECK_DATABASE=postgres://postgres@127.0.0.1:5432/postgres runs keybroker on a fresh
+# PostgreSQL database made there (and dropped after); CROSSCHECK_REQUESTERS (default 32);
+# CROSSCHECK_OPEN_SECONDS (default 8), how long each open-loop rate is offered;
+# CROSSCHECK_RATES (default "100 500 1000").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
+open_secs=${CROSSCHECK_OPEN_SECONDS:-8}
+rates=${CROSSCHECK_RATES:-100 500 1000}
 command -v wrk >/dev/null || { echo "wrk is not installed (Debian: apt-get install wrk)" >&2; exit 2; }
+# The open-loop generator (wrk has no fixed-rate mode): the test kit's kb-load.
+cargo build --release --quiet -p keybroker-testkit --bin kb-load
+load=$PWD/target/release/kb-load
 # KEYBROKER_BIN compares another build (A/B); by default this checkout's release build.
 if [ -z "${KEYBROKER_BIN:-}" ]; then
-    cargo build --release --quiet
+    cargo build --release --quiet --bin keybroker
 fi
 bin=${KEYBROKER_BIN:-$PWD/target/release/keybroker}
 
 dir=$(mktemp -d)
 pids=()
+pg_admin=""
+pg_db=""
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ -n "$pg_db" ]; then psql -q "$pg_admin" -c "DROP DATABASE IF EXISTS $pg_db" >/dev/null 2>&1 || true; fi
     rm -rf "$dir"
 }
 trap cleanup EXIT
+
+database=${CROSSCHECK_DATABASE:-sqlite}
+if [ "$database" = sqlite ]; then
+    db_url="sqlite://$dir/keybroker.db"
+    backend=SQLite
+else
+    pg_admin=$database
+    pg_db="kb_crosscheck_$$"
+    psql -q "$pg_admin" -c "CREATE DATABASE $pg_db" >/dev/null
+    db_url="${pg_admin%/*}/$pg_db"
+    backend=PostgreSQL
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 sim_port=$(free_port)
@@ -31,6 +61,7 @@ broker_key=API-KEYBROKERDEVBROKERKEY00001 # the simulator's demo seed
 
 "$bin" octopus-sim --port "$sim_port" >/dev/null 2>&1 &
 pids+=($!)
+sim_pid=$!
 
 printf '%s' "$broker_key" >"$dir/octopus-api-key"
 printf '%s' "crosscheck-jwt-secret-0123456789abcdef0123456789" >"$dir/jwt-hs256"
@@ -42,11 +73,13 @@ listen = "127.0.0.1:$kb_port"
 rate_limit_per_minute = 0
 
 [database]
-url = "sqlite://$dir/keybroker.db"
+url = "$db_url"
 
 [octopus]
 url = "http://127.0.0.1:$sim_port"
 api_key_file = "octopus-api-key"
+# keybroker's own pace towards Octopus (150 a minute by default) would measure the pace.
+max_requests_per_minute = 0
 
 [jobs]
 reconcile_interval = "1h"
@@ -57,6 +90,7 @@ audience = "keybroker"
 algorithms = ["HS256"]
 hs256_secret_file = "jwt-hs256"
 teams_claim = "groups"
+auditor_teams = ["security"]
 
 [audit]
 hmac_secret_file = "audit-hmac"
@@ -76,32 +110,38 @@ pids+=($!)
 kb_pid=$!
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$kb_port/healthz" >/dev/null && break; sleep 0.1; done
 
-token=$("$bin" mint-token --config "$dir/keybroker.toml" --sub crosscheck@example.com --team payments --ttl 2h)
+mint() { "$bin" mint-token --config "$dir/keybroker.toml" --ttl 2h "$@"; }
+reader=$(mint --sub crosscheck-0@example.com --team payments)
+auditor=$(mint --sub auditor@example.com --team security)
 user_id=$(curl -fs -H "X-Octopus-ApiKey: $broker_key" \
     "http://127.0.0.1:$sim_port/api/users?filter=svc-payments-deploy" |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["Items"][0]["Id"])')
 expires=$(date -u -d '+1 day' +%Y-%m-%dT%H:%M:%SZ)
+direct_url="http://127.0.0.1:$sim_port/api/users/$user_id/apikeys"
+direct_body="{\"Purpose\": \"crosscheck direct\", \"Expires\": \"$expires\"}"
+issue_body='{"scope": "payments-deploy", "purpose": "crosscheck", "ttl": "1d"}'
 
 cat >"$dir/direct.lua" <<EOF
 wrk.method = "POST"
 wrk.headers["X-Octopus-ApiKey"] = "$broker_key"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"Purpose": "crosscheck direct", "Expires": "$expires"}'
+wrk.body = '$direct_body'
 EOF
 # 32 requesters by default, as in `cargo bench --bench broker`; CROSSCHECK_REQUESTERS=1 sends
 # every issuance as one requester, who then holds every key issued.
 requesters=${CROSSCHECK_REQUESTERS:-32}
+for i in $(seq 0 $((requesters - 1))); do
+    mint --sub "crosscheck-$i@example.com" --team payments
+done >"$dir/tokens"
 {
     echo 'tokens = {'
-    for i in $(seq 0 $((requesters - 1))); do
-        echo "\"$("$bin" mint-token --config "$dir/keybroker.toml" --sub "crosscheck-$i@example.com" --team payments --ttl 2h)\","
-    done
+    sed 's/.*/"&",/' "$dir/tokens"
     echo '}'
-    cat <<'EOF'
+    cat <<EOF
 n = 0
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"scope": "payments-deploy", "purpose": "crosscheck", "ttl": "1d"}'
+wrk.body = '$issue_body'
 request = function()
   n = n + 1
   wrk.headers["Authorization"] = "Bearer " .. tokens[(n % #tokens) + 1]
@@ -110,34 +150,116 @@ end
 EOF
 } >"$dir/issue.lua"
 
-# A warm-up, so that connections, the user cache and the database's first pages are in place.
+# A warm-up, so that connections, the user cache and the database's first pages are in place,
+# and the reader (crosscheck-0) holds more than a page of keys.
 wrk -t2 -c32 -d1s -s "$dir/issue.lua" "http://127.0.0.1:$kb_port/v1/keys" >/dev/null
 
-summary() { # name, wrk output
-    local rps p50 p99 non2xx
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$2")
-    p50=$(awk '$1 == "50%" {print $2}' <<<"$2")
-    p99=$(awk '$1 == "99%" {print $2}' <<<"$2")
-    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$2")
-    printf '| %s | %s/s | %s | %s | %s |\n' "$1" "${rps%.*}" "$p50" "$p99" "${non2xx:-0}"
+# Runs wrk (closed loop) and prints one line of figures for the report: its output, its own CPU
+# (from getrusage of the child) and keybroker's and the simulator's CPU over the run.
+measure() { # name, wrk arguments...
+    local name=$1
+    shift
+    local kb0 sim0
+    kb0=$(awk '{print $14 + $15}' "/proc/$kb_pid/stat")
+    sim0=$(awk '{print $14 + $15}' "/proc/$sim_pid/stat")
+    python3 - "$name" "$@" <<'EOF' >>"$dir/closed.txt"
+import json, resource, subprocess, sys
+name, argv = sys.argv[1], sys.argv[2:]
+out = subprocess.run(["wrk", *argv], capture_output=True, text=True, check=True).stdout
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+def ms(text):
+    for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit) and (unit != "s" or not text.endswith(("us", "ms"))):
+            return float(text[: -len(unit)]) * f
+    return float(text)
+fig = {"name": name, "wrk_cpu_s": usage.ru_utime + usage.ru_stime}
+for line in out.splitlines():
+    p = line.split()
+    if line.strip().startswith("50%"): fig["p50_ms"] = ms(p[1])
+    if line.strip().startswith("99%"): fig["p99_ms"] = ms(p[1])
+    if "requests in" in line: fig["requests"] = int(p[0])
+    if line.startswith("Requests/sec"): fig["rps"] = float(p[1])
+    if "Non-2xx" in line: fig["non2xx"] = int(p[-1])
+print(json.dumps(fig))
+EOF
+    local kb1 sim1
+    kb1=$(awk '{print $14 + $15}' "/proc/$kb_pid/stat")
+    sim1=$(awk '{print $14 + $15}' "/proc/$sim_pid/stat")
+    echo "{\"name\": \"$name\", \"kb_ticks\": $((kb1 - kb0)), \"sim_ticks\": $((sim1 - sim0))}" >>"$dir/cpu.txt"
 }
 
-direct=$(wrk -t2 -c32 -d"${secs}s" --latency -s "$dir/direct.lua" "http://127.0.0.1:$sim_port/api/users/$user_id/apikeys")
-issue=$(wrk -t2 -c32 -d"${secs}s" --latency -s "$dir/issue.lua" "http://127.0.0.1:$kb_port/v1/keys")
-me=$(wrk -t2 -c32 -d"${secs}s" --latency -H "Authorization: Bearer $token" "http://127.0.0.1:$kb_port/v1/me")
-peak=$(awk '/VmHWM/ {print $2}' "/proc/$kb_pid/status")
+kb="http://127.0.0.1:$kb_port"
+measure "direct create (octopus-sim)" -t2 -c32 -d"${secs}s" --latency -s "$dir/direct.lua" "$direct_url"
+measure "issuance" -t2 -c32 -d"${secs}s" --latency -s "$dir/issue.lua" "$kb/v1/keys"
+measure "GET /v1/me" -t2 -c32 -d"${secs}s" --latency -H "Authorization: Bearer $reader" "$kb/v1/me"
+measure "GET /v1/keys?limit=50" -t2 -c32 -d"${secs}s" --latency -H "Authorization: Bearer $reader" "$kb/v1/keys?limit=50"
+measure "GET /v1/audit?actor=..&limit=50" -t2 -c32 -d"${secs}s" --latency -H "Authorization: Bearer $auditor" \
+    "$kb/v1/audit?actor=crosscheck-0@example.com&limit=50"
+measure "direct create, 1 connection" -t1 -c1 -d"${secs}s" --latency -s "$dir/direct.lua" "$direct_url"
+measure "issuance, 1 connection" -t1 -c1 -d"${secs}s" --latency -s "$dir/issue.lua" "$kb/v1/keys"
 
-echo "wrk, 32 connections, ${secs} s each, $requesters requester(s); keybroker serve (SQLite) and keybroker octopus-sim as processes"
-echo
-echo "| run | throughput | p50 | p99 | non-2xx |"
-echo "|---|---:|---:|---:|---:|"
-summary "direct create (octopus-sim)" "$direct"
-summary "issuance via keybroker" "$issue"
-summary "GET /v1/me" "$me"
-rps() { awk '/Requests\/sec/ {print $2}' <<<"$1"; }
-python3 - "$(rps "$direct")" "$(rps "$issue")" <<'EOF'
-import sys
-direct, issue = map(float, sys.argv[1:])
-print(f"\nRatio (keybroker / direct) of throughput: {issue / direct:.3f}")
+for rate in $rates; do
+    "$load" --url "$direct_url" --method POST --rate "$rate" --seconds "$open_secs" \
+        --header "X-Octopus-ApiKey: $broker_key" --body "$direct_body" |
+        sed "s/^{/{\"target\": \"direct\", /" >>"$dir/open.txt"
+    "$load" --url "$kb/v1/keys" --method POST --rate "$rate" --seconds "$open_secs" \
+        --tokens "$dir/tokens" --body "$issue_body" |
+        sed "s/^{/{\"target\": \"keybroker\", /" >>"$dir/open.txt"
+done
+peak=$(awk '/VmHWM/ {print $2}' "/proc/$kb_pid/status")
+page_bytes=$(curl -fs -H "Authorization: Bearer $reader" "$kb/v1/keys?limit=50" | wc -c)
+
+python3 - "$dir" "$backend" "$secs" "$open_secs" "$requesters" "$peak" "$page_bytes" <<'EOF'
+import json, sys
+d, backend, secs, open_secs, requesters, peak_kb, page_bytes = sys.argv[1:]
+closed = [json.loads(l) for l in open(f"{d}/closed.txt")]
+cpu = {c["name"]: c for c in map(json.loads, open(f"{d}/cpu.txt"))}
+opened = [json.loads(l) for l in open(f"{d}/open.txt")]
+sqlite = backend == "SQLite"
+direct = closed[0]
+yardstick_us = direct["wrk_cpu_s"] * 1e6 / direct["requests"]
+sim_direct_us = cpu[direct["name"]]["sim_ticks"] * 1e4 / direct["requests"]
+print(f"wrk, closed loop {secs} s each ({requesters} requesters for issuances); keybroker serve ({backend}) "
+      f"and keybroker octopus-sim as processes; CPU from /proc/<pid>/stat")
+print(f"\nYardstick: wrk's CPU per direct create = {yardstick_us:.2f} µs "
+      f"(the simulator's own CPU per direct create: {sim_direct_us:.1f} µs = {sim_direct_us / yardstick_us:.2f} yardsticks)\n")
+print("| run | connections | requests | throughput | p50 | p99 | non-2xx | keybroker CPU/request | yardsticks |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+per = {}
+for f in closed:
+    c = cpu[f["name"]]
+    conns = 1 if "1 connection" in f["name"] else 32
+    if f["name"].startswith("direct"):
+        kb_cpu = "-"
+        ys = "-"
+    else:
+        us = c["kb_ticks"] * 1e4 / f["requests"]
+        per[f["name"]] = us / yardstick_us
+        kb_cpu, ys = f"{us:.0f} µs", f"{us / yardstick_us:.1f}"
+    print(f"| {f['name']} | {conns} | {f['requests']} | {f['rps']:.0f}/s | {f['p50_ms']:.2f} ms | {f['p99_ms']:.2f} ms "
+          f"| {f.get('non2xx', 0)} | {kb_cpu} | {ys} |")
+print(f"\n50-record page: {page_bytes} bytes. keybroker peak RSS (VmHWM): {int(peak_kb) / 1024:.1f} MB")
+print(f"\nOpen loop (kb-load: requests started at a fixed rate, latency from each one's due time), {open_secs} s a rate\n")
+print("| offered | direct p50 | p99 | p99.9 | keybroker p50 | p99 | p99.9 | failed | p99 overhead |")
+print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+overhead = {}
+for dr, kr in zip(opened[0::2], opened[1::2]):
+    o = kr["p99_ms"] - dr["p99_ms"]
+    overhead[int(kr["rate"])] = o
+    print(f"| {kr['rate']:.0f}/s | {dr['p50_ms']:.2f} ms | {dr['p99_ms']:.2f} ms | {dr['p999_ms']:.2f} ms | {kr['p50_ms']:.2f} ms "
+          f"| {kr['p99_ms']:.2f} ms | {kr['p999_ms']:.2f} ms | {dr['failed'] + kr['failed']} | {o:.2f} ms |")
+one = {f["name"]: f for f in closed}
+serial = one["issuance, 1 connection"]["p50_ms"] - one["direct create, 1 connection"]["p50_ms"]
+targets = [
+    (f"issuance ≤ {15 if sqlite else 20} yardsticks", per["issuance"], 15 if sqlite else 20, "{:.1f}"),
+    ("GET /v1/me ≤ 2.5 yardsticks", per["GET /v1/me"], 2.5, "{:.1f}"),
+    ("50-record GET /v1/keys page ≤ 8 yardsticks", per["GET /v1/keys?limit=50"], 8, "{:.1f}"),
+    ("audit page ≤ 10 yardsticks", per["GET /v1/audit?actor=..&limit=50"], 10, "{:.1f}"),
+    (f"issuance p99 overhead at 500/s ≤ {5 if sqlite else 10} ms", overhead.get(500, float("inf")), 5 if sqlite else 10, "{:.2f} ms"),
+    (f"1-caller issuance p50 overhead ≤ {0.5 if sqlite else 1.5} ms", serial, 0.5 if sqlite else 1.5, "{:.2f} ms"),
+    ("peak RSS ≤ 48 MB", int(peak_kb) / 1024, 48, "{:.1f} MB"),
+]
+print()
+for name, value, limit, fmt in targets:
+    print(f"{'PASS' if value <= limit else 'MISS'}: {name} (measured {fmt.format(value)})")
 EOF
-echo "keybroker peak RSS (VmHWM): $((peak / 1024)) MB"

@@ -213,6 +213,9 @@ pub fn unlimited(file: &mut ConfigFile) {
     }
     // The load generator is a handful of principals sending thousands of requests a second.
     file.server.rate_limit_per_minute = 0;
+    // keybroker's own pace towards Octopus (150 a minute by default, under Octopus's rate limit)
+    // would measure the pace; the benchmark measures keybroker (BENCHMARKS.md, sizing).
+    keybroker_testkit::octopus(file).max_requests_per_minute = 0;
     // The jobs at their defaults (the test kit quiets them), but for the reconciler.
     file.jobs = RawJobs { reconcile_interval: Duration::from_secs(3600).into(), ..RawJobs::default() };
 }
@@ -364,6 +367,17 @@ pub async fn issue_direct(
     total: usize,
 ) -> anyhow::Result<Stats> {
     let user_id = sim.user_id(SCOPE_ACCOUNT).context("the scope's service account is missing")?;
+    issue_direct_to(http, sim_url, &user_id, callers, total).await
+}
+
+/// [`issue_direct`] to a simulator that runs elsewhere: `user_id` is the scope's account there.
+pub async fn issue_direct_to(
+    http: &reqwest::Client,
+    sim_url: &str,
+    user_id: &str,
+    callers: usize,
+    total: usize,
+) -> anyhow::Result<Stats> {
     let endpoint = format!("{sim_url}/api/users/{user_id}/apikeys");
     let http = http.clone();
     load(callers, total, move |_| {

@@ -4,6 +4,8 @@
 //! keybroker in front of it on ephemeral ports.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod load;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
