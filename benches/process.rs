@@ -22,7 +22,7 @@ use super::scenarios::{self, Backend, Check, Counts, Stats, http_client, token};
 
 /// The simulator's CPU per direct create over wrk's (the yardstick), as `benches/crosscheck.sh`
 /// measured them side by side (BENCHMARKS.md, "Yardsticks").
-pub const SIM_PER_YARDSTICK: f64 = 2.4;
+pub const SIM_PER_YARDSTICK: f64 = 2.35;
 
 /// The open-loop rates (requests a second).
 pub const RATES: [f64; 3] = [100.0, 500.0, 1000.0];

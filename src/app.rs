@@ -79,7 +79,7 @@ impl App {
             },
             denials.clone(),
         ));
-        let state = AppState {
+        let state = AppState::new(crate::api::Shared {
             keys,
             auth: Arc::new(auth),
             reloader: None,
@@ -91,14 +91,14 @@ impl App {
             audit,
             policy_sync,
             policy_sync_interval: config.jobs.policy_sync_interval,
-        };
+        });
         Ok(Self { state, config })
     }
 
     /// Remembers where the configuration came from, so it can be reloaded (SIGHUP,
     /// `POST /v1/admin/reload`).
     pub fn with_config_path(mut self, path: &std::path::Path) -> Self {
-        self.state.reloader =
+        self.state.shared_mut().reloader =
             Some(Arc::new(crate::services::reload::Reloader::new(path, self.state.policy_sync.clone())));
         self
     }

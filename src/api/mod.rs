@@ -40,9 +40,33 @@ use crate::services::issuance::KeyService;
 use error::{REQUEST_ID, problem_response};
 use utoipa_swagger_ui::SwaggerUi;
 
-/// What every handler can reach.
+/// What every handler can reach, behind one `Arc`: axum clones the state into every request's
+/// handler, and one reference count costs less than one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+
+    /// The fields, to change before the app serves (a clone's own copy if it is shared).
+    pub fn shared_mut(&mut self) -> &mut Shared {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The services and settings in [`AppState`].
+#[derive(Clone)]
+pub struct Shared {
     pub keys: Arc<KeyService>,
     pub auth: Arc<Authenticator>,
     /// Set when the app was started from a configuration file (reloads read it again).

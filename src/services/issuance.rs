@@ -506,7 +506,8 @@ impl KeyService {
             })??,
             None => self.scope_account(scope, false).await?,
         };
-        let id = Uuid::new_v4();
+        // Time-ordered (v7): consecutive records land on the same pages of the id index.
+        let id = Uuid::now_v7();
         tracing::Span::current().record("key_id", tracing::field::display(id));
         // A second short of the caller's timeout (counted from the request's arrival, a little
         // before `started`): the answer, a 5xx that says what happened, must reach the caller
