@@ -190,6 +190,8 @@ EOF
 
 kb="http://127.0.0.1:$kb_port"
 measure "direct create (octopus-sim)" -t2 -c32 -d"${secs}s" --latency -s "$dir/direct.lua" "$direct_url"
+# The benchmark's reference workload, beside the yardstick (the ratio `cargo bench` uses).
+reference=$("$load" --reference)
 measure "issuance" -t2 -c32 -d"${secs}s" --latency -s "$dir/issue.lua" "$kb/v1/keys"
 measure "GET /v1/me" -t2 -c32 -d"${secs}s" --latency -H "Authorization: Bearer $reader" "$kb/v1/me"
 measure "GET /v1/keys?limit=50" -t2 -c32 -d"${secs}s" --latency -H "Authorization: Bearer $reader" "$kb/v1/keys?limit=50"
@@ -209,9 +211,9 @@ done
 peak=$(awk '/VmHWM/ {print $2}' "/proc/$kb_pid/status")
 page_bytes=$(curl -fs -H "Authorization: Bearer $reader" "$kb/v1/keys?limit=50" | wc -c)
 
-python3 - "$dir" "$backend" "$secs" "$open_secs" "$requesters" "$peak" "$page_bytes" <<'EOF'
+python3 - "$dir" "$backend" "$secs" "$open_secs" "$requesters" "$peak" "$page_bytes" "$reference" <<'EOF'
 import json, sys
-d, backend, secs, open_secs, requesters, peak_kb, page_bytes = sys.argv[1:]
+d, backend, secs, open_secs, requesters, peak_kb, page_bytes, reference = sys.argv[1:]
 closed = [json.loads(l) for l in open(f"{d}/closed.txt")]
 cpu = {c["name"]: c for c in map(json.loads, open(f"{d}/cpu.txt"))}
 opened = [json.loads(l) for l in open(f"{d}/open.txt")]
@@ -222,7 +224,8 @@ sim_direct_us = cpu[direct["name"]]["sim_ticks"] * 1e4 / direct["requests"]
 print(f"wrk, closed loop {secs} s each ({requesters} requesters for issuances); keybroker serve ({backend}) "
       f"and keybroker octopus-sim as processes; CPU from /proc/<pid>/stat")
 print(f"\nYardstick: wrk's CPU per direct create = {yardstick_us:.2f} µs "
-      f"(the simulator's own CPU per direct create: {sim_direct_us:.1f} µs = {sim_direct_us / yardstick_us:.2f} yardsticks)\n")
+      f"(the simulator's own CPU per direct create: {sim_direct_us:.1f} µs = {sim_direct_us / yardstick_us:.2f} yardsticks; "
+      f"the benchmark's reference workload: {float(reference):.0f} µs = {float(reference) / yardstick_us:.0f} yardsticks)\n")
 print("| run | connections | requests | throughput | p50 | p99 | non-2xx | keybroker CPU/request | yardsticks |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 per = {}

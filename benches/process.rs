@@ -5,10 +5,10 @@
 //!   direct creations offered at the same rates;
 //! - the one-caller overhead, and the peak RSS.
 //!
-//! The yardstick of issue 20 is wrk's CPU per direct create. Here, without wrk, the fixed
-//! reference workload is the simulator's own CPU per direct create in the same run (a small
-//! fixed request and answer, and code that is not changed for these figures);
-//! [`SIM_PER_YARDSTICK`] is its ratio to wrk's, measured by `benches/crosscheck.sh`.
+//! The yardstick of issue 20 is wrk's CPU per direct create. Here, without wrk, a fixed
+//! reference workload (`keybroker_testkit::load::reference_unit`, CPU-bound, nobody's code) is
+//! timed in the same run; [`REFERENCE_PER_YARDSTICK`] is its ratio to wrk's yardstick, which
+//! `benches/crosscheck.sh` measures side by side.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -20,9 +20,9 @@ use serde_json::json;
 
 use super::scenarios::{self, Backend, Check, Counts, Stats, http_client, token};
 
-/// The simulator's CPU per direct create over wrk's (the yardstick), as `benches/crosscheck.sh`
-/// measured them side by side (BENCHMARKS.md, "Yardsticks").
-pub const SIM_PER_YARDSTICK: f64 = 2.35;
+/// The reference workload's time over wrk's CPU per direct create (the yardstick), as
+/// `benches/crosscheck.sh` measured them side by side (BENCHMARKS.md, "Yardsticks").
+pub const REFERENCE_PER_YARDSTICK: f64 = 430.0;
 
 /// The open-loop rates (requests a second).
 pub const RATES: [f64; 3] = [100.0, 500.0, 1000.0];
@@ -33,6 +33,8 @@ pub struct ProcessReport {
     pub backend: &'static str,
     /// The simulator's CPU per direct create, in microseconds.
     pub sim_direct_us: f64,
+    /// The reference workload, in microseconds, timed before the run.
+    pub reference_us: f64,
     /// `(scenario, its closed-loop run, keybroker's CPU per request in microseconds)`.
     pub cpu: Vec<(&'static str, Stats, f64)>,
     /// `(rate, direct, keybroker)`.
@@ -45,7 +47,7 @@ pub struct ProcessReport {
 impl ProcessReport {
     /// The yardstick, in microseconds, as estimated from this run's reference workload.
     pub fn yardstick_us(&self) -> f64 {
-        self.sim_direct_us / SIM_PER_YARDSTICK
+        self.reference_us / REFERENCE_PER_YARDSTICK
     }
 
     pub fn cpu_of(&self, scenario: &str) -> f64 {
@@ -176,7 +178,11 @@ async fn measure(
     let (n, callers) = (counts.issue_parallel, counts.callers);
     // Warm-up: connections, the user cache, the first pages; and bench-0 holds a page of keys.
     scenarios::issue_through_broker(http, url, callers, (callers * 4).max(100)).await?;
-    let mut out = ProcessReport { backend: backend.name(), ..Default::default() };
+    let mut out = ProcessReport {
+        backend: backend.name(),
+        reference_us: keybroker_testkit::load::reference_unit(),
+        ..Default::default()
+    };
     let (direct, _, sim_us) =
         with_cpu(kb, sim, scenarios::issue_direct_to(http, sim_url, &user_id, callers, n)).await?;
     out.sim_direct_us = sim_us;
@@ -257,11 +263,11 @@ pub fn render(reports: &[ProcessReport]) -> (String, Vec<Check>) {
         let sqlite = r.backend == "SQLite";
         let y = r.yardstick_us();
         out.push_str(&format!(
-            "\n### {} (keybroker serve and keybroker octopus-sim as processes)\n\nReference workload: the simulator's \
-             CPU per direct create, {:.1} µs; yardstick (÷ {SIM_PER_YARDSTICK}) {y:.2} µs.\n\n\
+            "\n### {} (keybroker serve and keybroker octopus-sim as processes)\n\nReference workload {:.0} µs, so a \
+             yardstick (÷ {REFERENCE_PER_YARDSTICK}) is {y:.2} µs; the simulator's CPU per direct create {:.1} µs.\n\n\
              | scenario (32 callers) | requests | throughput | p50 | p99 | keybroker CPU/request | yardsticks |\n\
              |---|---:|---:|---:|---:|---:|---:|\n",
-            r.backend, r.sim_direct_us
+            r.backend, r.reference_us, r.sim_direct_us
         ));
         for (name, s, us) in &r.cpu {
             let (cpu, ys) = if us.is_nan() {

@@ -6,6 +6,7 @@
 //!           [--header 'Name: value']... [--tokens FILE]
 //!
 //! `--tokens FILE`: one bearer token a line, used in turn (one requester each).
+//! `kb-load --reference` prints the benchmark's reference workload in microseconds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -63,6 +64,11 @@ fn parse() -> anyhow::Result<Args> {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("--reference") {
+        // The benchmark's reference workload (see `keybroker_testkit::load::reference_unit`).
+        println!("{:.1}", keybroker_testkit::load::reference_unit());
+        return Ok(());
+    }
     let args = parse()?;
     // Two workers, as the benchmark's own generator: enough for 1,000 requests a second.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
