@@ -5,6 +5,8 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# Build settings: the allocator's defaults (see .cargo/config.toml).
+COPY .cargo ./.cargo
 COPY src ./src
 COPY crates ./crates
 COPY ui ./ui

@@ -243,6 +243,8 @@ fn the_image_is_multi_stage_and_runs_as_non_root() {
 fn the_build_stage_copies_everything_the_build_reads() {
     let text = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile")).unwrap();
     let build_stage = text.split("\nFROM ").nth(1).unwrap();
+    // Cargo reads .cargo/config.toml too (the allocator's build defines).
+    assert!(build_stage.contains("COPY .cargo ./.cargo"), "the build stage must copy .cargo/config.toml");
     let context = tempfile::tempdir().unwrap();
     for line in build_stage.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
         let parts: Vec<&str> = line.split_whitespace().collect();
