@@ -118,11 +118,7 @@ impl Stats {
 
     /// The `q` quantile (0..=1) in milliseconds.
     pub fn quantile_ms(&self, q: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return 0.0;
-        }
-        let rank = ((self.latencies_us.len() as f64 * q).ceil() as usize).clamp(1, self.latencies_us.len());
-        self.latencies_us[rank - 1] as f64 / 1000.0
+        keybroker_testkit::load::quantile_ms(&self.latencies_us, q)
     }
 
     pub fn p50(&self) -> f64 {

@@ -26,17 +26,22 @@ impl Latencies {
     /// The `q` quantile (0..=1), in milliseconds: the smallest latency at or above which lies
     /// the fraction `1 - q` of the requests.
     pub fn quantile_ms(&self, q: f64) -> f64 {
-        if self.micros.is_empty() {
-            return 0.0;
-        }
-        let rank = ((self.micros.len() as f64 * q).ceil() as usize).clamp(1, self.micros.len());
-        self.micros[rank - 1] as f64 / 1000.0
+        quantile_ms(&self.micros, q)
     }
 
     /// The rate the answers came back at.
     pub fn answered_per_sec(&self) -> f64 {
         self.micros.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+}
+
+/// The `q` quantile (0..=1) of `sorted` microseconds, in milliseconds (0 when there are none).
+pub fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64 / 1000.0
 }
 
 /// Offers `rate` requests a second for `duration`: request `i` is due at `start + i / rate`,
