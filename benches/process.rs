@@ -21,7 +21,7 @@ use serde_json::json;
 use super::scenarios::{self, Backend, Check, Counts, Stats, http_client, token};
 
 /// The reference workload's time over wrk's CPU per direct create (the yardstick), as
-/// `benches/crosscheck.sh` measured them side by side (BENCHMARKS.md, "Yardsticks").
+/// `benches/crosscheck.sh` measured them side by side (BENCHMARKS.md, issue 20, "How it is measured").
 pub const REFERENCE_PER_YARDSTICK: f64 = 445.0;
 
 /// The open-loop rates (requests a second).
