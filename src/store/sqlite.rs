@@ -74,11 +74,16 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true)
+            // After a restart of the WAL, a WAL file larger than this is cut back to it.
+            .pragma("journal_size_limit", (64 * 1024 * 1024).to_string());
+        // Neither pool pings a connection before lending it (sqlx's default): an embedded
+        // connection cannot go stale, and each ping was a round trip to its thread.
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(15))
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         // The writer never checkpoints: a checkpoint copies the WAL into the database file and
@@ -87,10 +92,11 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(15))
+            .test_before_acquire(false)
             .connect_with(options.pragma("wal_autocheckpoint", "0"))
             .await?;
-        let checkpointer = tokio::spawn(checkpoint_in_background(pool.clone())).abort_handle();
         let write_lock = Arc::new(tokio::sync::Mutex::new(None));
+        let checkpointer = tokio::spawn(checkpoint_in_background(pool.clone(), write_lock.clone())).abort_handle();
         let chain_key = Arc::<std::sync::OnceLock<ChainKey>>::default();
         let writes = WriteQueue::start(SqliteCommitter {
             writer: writer.clone(),
@@ -116,20 +122,60 @@ impl SqliteStore {
     }
 }
 
-/// Copies the WAL into the database file every 200 ms, without waiting for writers or readers
-/// (`PASSIVE`), until the pool is closed or the store dropped.
-async fn checkpoint_in_background(pool: SqlitePool) {
+/// Copies the WAL into the database file every 200 ms, until the pool is closed or the store
+/// dropped.
+///
+/// The copy runs on a reader and waits for nobody (`PASSIVE`). But a writer starts the WAL
+/// again from its beginning only when every frame in it has been copied and no reader is
+/// reading from it, which under a steady load never happened: the WAL grew without end (400 MB
+/// after a minute of the benchmark), every commit appending to a new part of the file. So once
+/// the WAL holds more than [`RESTART_FRAMES`], the next checkpoint runs under the write lock as
+/// `RESTART`: it copies what committed since the last copy and waits briefly for the readers to
+/// leave the WAL, and the next write transaction starts it again from its beginning.
+async fn checkpoint_in_background(pool: SqlitePool, write_lock: Arc<tokio::sync::Mutex<ChainHead>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !pool.is_closed() {
         tick.tick().await;
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+        let done = match checkpoint(&pool, "PASSIVE").await {
+            Ok(in_wal) if in_wal > RESTART_FRAMES => {
+                let _no_writer = write_lock.lock().await;
+                checkpoint(&pool, "RESTART").await
+            }
+            done => done,
+        };
+        if let Err(e) = done {
             if pool.is_closed() {
                 break;
             }
             tracing::warn!(error = %e, "SQLite checkpoint failed; retrying");
         }
     }
+}
+
+/// How long a connection waits for SQLite's locks.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The WAL's size, in 4 kB frames, above which a checkpoint restarts it (16 MB).
+const RESTART_FRAMES: i64 = 4096;
+
+/// One checkpoint in `mode` (`PASSIVE` or `RESTART`): the frames in the WAL. A `RESTART` waits
+/// at most 50 ms for readers (the connection's busy timeout), so that the writers it holds up
+/// are never held long; if a reader stays longer, a later one succeeds.
+async fn checkpoint(pool: &SqlitePool, mode: &str) -> Result<i64, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let restart = mode == "RESTART";
+    if restart {
+        sqlx::query("PRAGMA busy_timeout = 50").execute(&mut *conn).await?;
+    }
+    let done =
+        sqlx::query_as::<_, (i64, i64, i64)>(&format!("PRAGMA wal_checkpoint({mode})")).fetch_one(&mut *conn).await;
+    let restore = format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis());
+    if restart && sqlx::query(&restore).execute(&mut *conn).await.is_err() {
+        // Not lent again with the short timeout.
+        conn.close_on_drop();
+    }
+    Ok(done?.1)
 }
 
 /// One event as a row of [`insert_events`]'s JSON array; `detail` is its JSON text, stored as

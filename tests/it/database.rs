@@ -160,3 +160,66 @@ async fn migrate_runs_against_a_postgres_url() {
     assert_eq!(tables, 2, "migrate must create the tables in PostgreSQL");
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await.unwrap();
 }
+
+/// Frames in a SQLite database's WAL now, read on a connection of its own.
+async fn frames_in_wal(path: &std::path::Path) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+    let (_, in_wal, _): (i64, i64, i64) =
+        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut conn).await.unwrap();
+    in_wal
+}
+
+/// Under issuances that never pause, SQLite's WAL still starts again from its beginning. With
+/// background `PASSIVE` checkpoints alone it never did, and grew without end (400 MB after a
+/// minute of the benchmark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_wal_starts_again_from_its_beginning_under_issuances_that_never_pause() {
+    // Nothing paces the callers: neither keybroker's limits nor its pace towards Octopus.
+    let app = TestApp::spawn_with(TestOptions {
+        configure: Box::new(|file| {
+            file.server.rate_limit_per_minute = 0;
+            keybroker_testkit::octopus(file).max_requests_per_minute = 0;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..2)
+        .map(|c| {
+            let (http, url, stop) = (app.http.clone(), format!("{}/v1/keys", app.url), stop.clone());
+            let tokens: Vec<String> =
+                (0..50).map(|i| app.token(&format!("wal-{c}-{i}@example.com"), &["payments"])).collect();
+            tokio::spawn(async move {
+                for token in tokens.iter().cycle() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let body =
+                        serde_json::json!({"scope": "payments-deploy", "purpose": "wal", "replace_previous": true});
+                    let res = http.post(&url).bearer_auth(token).json(&body).send().await.unwrap();
+                    assert_eq!(res.status().as_u16(), 201, "{}", res.text().await.unwrap());
+                }
+            })
+        })
+        .collect();
+    // The restart comes once the WAL holds 4,096 frames (16 MB).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (mut most, mut restarted) = (0, false);
+    while !restarted && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = frames_in_wal(&app.db_path()).await;
+        if now < 0 {
+            continue; // that checkpoint was busy, and counted nothing
+        }
+        restarted = now < most;
+        most = most.max(now);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    assert!(restarted, "the WAL grew to {most} frames and never started again");
+    assert!(most < 3 * 4096, "the WAL grew to {most} frames before it started again");
+    app.stop().await;
+}
