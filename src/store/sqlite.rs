@@ -183,9 +183,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const RESTART_FRAMES: i64 = 16 * 1024;
 
 /// One checkpoint in `mode` (`PASSIVE` or `RESTART`): the frames in the WAL, and how many of
-/// them are now in the database file. A `RESTART` waits
-/// at most 50 ms for readers (the connection's busy timeout), so that the writers it holds up
-/// are never held long; if a reader stays longer, a later one succeeds.
+/// them are now in the database file. A `RESTART` waits at most 50 ms for readers (the
+/// connection's busy timeout), so that the writers it holds up are never held long; if a reader
+/// stays longer, a later one succeeds.
 async fn checkpoint(pool: &SqlitePool, mode: &str) -> Result<(i64, i64), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let restart = mode == "RESTART";
