@@ -79,7 +79,8 @@ impl SqliteStore {
             // After a restart of the WAL, a WAL file larger than this is cut back to it.
             .pragma("journal_size_limit", (RESTART_FRAMES * 4096).to_string());
         // Neither pool pings a connection before lending it (sqlx's default): an embedded
-        // connection cannot go stale, and each ping was a round trip to its thread.
+        // connection cannot go stale, and each ping was a round trip to its thread. (sqlx still
+        // pings one when it comes back.)
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(15))
@@ -137,7 +138,11 @@ async fn checkpoint_in_background(pool: SqlitePool, write_lock: Arc<tokio::sync:
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !pool.is_closed() {
         tick.tick().await;
-        let done = match checkpoint(&pool, "PASSIVE").await {
+        let passive = match pool.acquire().await {
+            Ok(mut conn) => checkpoint(&mut conn, "PASSIVE").await,
+            Err(e) => Err(e),
+        };
+        let done = match passive {
             Ok((in_wal, _)) if in_wal > RESTART_FRAMES => restart_wal(&pool, &write_lock, in_wal).await,
             done => done,
         };
@@ -151,24 +156,35 @@ async fn checkpoint_in_background(pool: SqlitePool, write_lock: Arc<tokio::sync:
 }
 
 /// Restarts the WAL: a `RESTART` checkpoint under the write lock, which holds the writers while
-/// it copies what committed since the last checkpoint, syncs, and waits (at most 50 ms) for
-/// SQLite's read locks. Measured on this project's 2-core machine in a slow hour: 4-10 ms at 100
-/// issuances a second, 30-78 ms at 32 callers flat out, most of it the `fsync` of what committed
-/// since the last checkpoint (a 10 ms wait for readers, or two more copies beforehand without
-/// the lock, changed little). So it comes only every 64 MB.
+/// it copies what committed since the last checkpoint, syncs, and waits (at most 50 ms, a busy
+/// timeout set for it alone) for SQLite's read locks. Measured on this project's 2-core machine
+/// in a slow hour: 4-30 ms at 100 issuances a second, 30-78 ms at 32 callers flat out, most of it
+/// the `fsync` of what committed since the last checkpoint (a 10 ms wait for readers, or two more
+/// copies beforehand without the lock, changed little). So it comes only every 64 MB.
 async fn restart_wal(
     pool: &SqlitePool,
     write_lock: &tokio::sync::Mutex<ChainHead>,
     in_wal: i64,
 ) -> Result<(i64, i64), sqlx::Error> {
+    // The connection and its timeout first: the writers are not held while it waits for a busy
+    // reader pool.
+    let mut conn = pool.acquire().await?;
+    sqlx::query("PRAGMA busy_timeout = 50").execute(&mut *conn).await?;
     let queued = std::time::Instant::now();
-    let _no_writer = write_lock.lock().await;
+    let no_writer = write_lock.lock().await;
     let locked = std::time::Instant::now();
-    let done = checkpoint(pool, "RESTART").await;
+    let done = checkpoint(&mut conn, "RESTART").await;
+    let held = locked.elapsed();
+    drop(no_writer);
+    let restore = format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis());
+    if sqlx::query(&restore).execute(&mut *conn).await.is_err() {
+        // Not lent again with the short timeout.
+        conn.close_on_drop();
+    }
     tracing::debug!(
         in_wal,
         waited_us = (locked - queued).as_micros() as u64,
-        held_us = locked.elapsed().as_micros() as u64,
+        held_us = held.as_micros() as u64,
         "SQLite checkpoint that restarts the WAL"
     );
     done
@@ -177,29 +193,16 @@ async fn restart_wal(
 /// How long a connection waits for SQLite's locks.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The WAL's size, in 4 kB frames, above which a checkpoint restarts it (64 MB, also the
-/// `journal_size_limit`): every few seconds under a heavy load, since a restart holds the writers
-/// (see [`restart_wal`]).
+/// The WAL's size in frames (a 4 kB page each, plus its 24-byte header) above which a checkpoint
+/// restarts it (about 64 MB, also the `journal_size_limit`): every few seconds under a heavy
+/// load, since a restart holds the writers (see [`restart_wal`]).
 const RESTART_FRAMES: i64 = 16 * 1024;
 
-/// One checkpoint in `mode` (`PASSIVE` or `RESTART`): the frames in the WAL, and how many of
-/// them are now in the database file. A `RESTART` waits at most 50 ms for readers (the
-/// connection's busy timeout), so that the writers it holds up are never held long; if a reader
-/// stays longer, a later one succeeds.
-async fn checkpoint(pool: &SqlitePool, mode: &str) -> Result<(i64, i64), sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let restart = mode == "RESTART";
-    if restart {
-        sqlx::query("PRAGMA busy_timeout = 50").execute(&mut *conn).await?;
-    }
-    let done =
-        sqlx::query_as::<_, (i64, i64, i64)>(&format!("PRAGMA wal_checkpoint({mode})")).fetch_one(&mut *conn).await;
-    let restore = format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis());
-    if restart && sqlx::query(&restore).execute(&mut *conn).await.is_err() {
-        // Not lent again with the short timeout.
-        conn.close_on_drop();
-    }
-    let (_busy, in_wal, copied) = done?;
+/// One checkpoint in `mode` (`PASSIVE` or `RESTART`) on `conn`: the frames in the WAL, and how
+/// many of them are now in the database file.
+async fn checkpoint(conn: &mut SqliteConnection, mode: &str) -> Result<(i64, i64), sqlx::Error> {
+    let (_busy, in_wal, copied): (i64, i64, i64) =
+        sqlx::query_as(&format!("PRAGMA wal_checkpoint({mode})")).fetch_one(conn).await?;
     Ok((in_wal, copied))
 }
 
