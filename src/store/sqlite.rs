@@ -143,7 +143,7 @@ async fn checkpoint_in_background(pool: SqlitePool, write_lock: Arc<tokio::sync:
             Err(e) => Err(e),
         };
         let done = match passive {
-            Ok((in_wal, _)) if in_wal > RESTART_FRAMES => restart_wal(&pool, &write_lock, in_wal).await,
+            Ok(in_wal) if in_wal > RESTART_FRAMES => restart_wal(&pool, &write_lock, in_wal).await,
             done => done,
         };
         if let Err(e) = done {
@@ -165,7 +165,7 @@ async fn restart_wal(
     pool: &SqlitePool,
     write_lock: &tokio::sync::Mutex<ChainHead>,
     in_wal: i64,
-) -> Result<(i64, i64), sqlx::Error> {
+) -> Result<i64, sqlx::Error> {
     // The connection and its timeout first: the writers are not held while it waits for a busy
     // reader pool.
     let mut conn = pool.acquire().await?;
@@ -198,12 +198,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// load, since a restart holds the writers (see [`restart_wal`]).
 const RESTART_FRAMES: i64 = 16 * 1024;
 
-/// One checkpoint in `mode` (`PASSIVE` or `RESTART`) on `conn`: the frames in the WAL, and how
-/// many of them are now in the database file.
-async fn checkpoint(conn: &mut SqliteConnection, mode: &str) -> Result<(i64, i64), sqlx::Error> {
-    let (_busy, in_wal, copied): (i64, i64, i64) =
+/// One checkpoint in `mode` (`PASSIVE` or `RESTART`) on `conn`: the frames in the WAL.
+async fn checkpoint(conn: &mut SqliteConnection, mode: &str) -> Result<i64, sqlx::Error> {
+    let (_busy, in_wal, _copied): (i64, i64, i64) =
         sqlx::query_as(&format!("PRAGMA wal_checkpoint({mode})")).fetch_one(conn).await?;
-    Ok((in_wal, copied))
+    Ok(in_wal)
 }
 
 /// One event as a row of [`insert_events`]'s JSON array; `detail` is its JSON text, stored as
