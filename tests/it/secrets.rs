@@ -40,19 +40,25 @@ impl Write for Buffer {
 fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
     LOGS.get_or_init(|| {
         let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = Buffer(buffer.clone());
-        tracing_subscriber::fmt()
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || writer.clone())
-            .finish()
+        json_logs_into(&buffer)
             .try_init()
             .expect("no other global tracing subscriber may be installed in the test binary");
         buffer
     })
     .clone()
+}
+
+/// A subscriber that writes every event, at every level, as a JSON line into `buffer`, with its
+/// spans.
+fn json_logs_into(buffer: &Arc<Mutex<Vec<u8>>>) -> impl tracing::Subscriber + Send + Sync + 'static {
+    let writer = Buffer(buffer.clone());
+    tracing_subscriber::fmt()
+        .json()
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish()
 }
 
 fn logs_text(logs: &Mutex<Vec<u8>>) -> String {
@@ -376,15 +382,7 @@ async fn a_database_failure_is_logged_once_where_it_is_answered() {
     // server and its tasks here, while other tests (some with the same injected failure) run on
     // other threads of the test binary.
     let logs = Arc::new(Mutex::new(Vec::new()));
-    let writer = Buffer(logs.clone());
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_current_span(true)
-        .with_span_list(true)
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _only_here = tracing::subscriber::set_default(subscriber);
+    let _only_here = tracing::subscriber::set_default(json_logs_into(&logs));
     tracing::callsite::rebuild_interest_cache();
     let (app, flaky, _dir) = crate::reconcile::flaky_app().await;
     flaky.fail_pending.store(true, std::sync::atomic::Ordering::SeqCst);
