@@ -402,5 +402,6 @@ async fn a_database_failure_is_logged_once_where_it_is_answered() {
     let text = logs_text(&logs);
     let failures: Vec<&str> = text.lines().filter(|l| l.contains("injected failure")).collect();
     assert_eq!(failures.len(), 1, "one log line for one failure: {failures:#?}");
+    assert!(failures[0].contains(&request_id), "with the request's id: {}", failures[0]);
     assert!(failures[0].contains("ERROR"), "at error level: {}", failures[0]);
 }
