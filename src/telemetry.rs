@@ -24,7 +24,9 @@ pub fn init(format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn,hyper=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        // Each span's fields once, in `spans` (outermost first): the current span again in `span`
+        // would cost every line a second parse and copy of them.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(true).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
 }

@@ -1,9 +1,10 @@
 //! The HTTP API: one module per resource, each with its own router and OpenAPI annotations,
-//! assembled here with the cross-cutting layers (request ids, access log, problem bodies, CORS,
-//! body limit, timeout).
+//! assembled here with the cross-cutting layers (`edge`: request ids, client address, access log,
+//! metrics, problem bodies; then CORS, panics, timeout, body limit).
 
 pub mod admin;
 pub mod audit;
+mod edge;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -17,27 +18,20 @@ pub mod tickets;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::State;
-use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::Authenticator;
 use crate::config::ServerConfig;
-use crate::metrics::Metrics;
 use crate::services::issuance::KeyService;
-use error::{REQUEST_ID, problem_response};
+use error::problem_response;
 use utoipa_swagger_ui::SwaggerUi;
 
 /// What every handler can reach, behind one `Arc`: axum clones the state into every request's
@@ -175,7 +169,6 @@ pub fn openapi_json() -> String {
 /// The complete application router.
 pub fn router(state: AppState, server: &ServerConfig) -> Router {
     let (routes, _) = api_routes().split_for_parts();
-    let x_request_id = HeaderName::from_static("x-request-id");
     let metrics = state.keys.metrics().clone();
 
     // Swagger UI's files are compiled into the binary (utoipa-swagger-ui's `vendored`), and it
@@ -200,8 +193,8 @@ pub fn router(state: AppState, server: &ServerConfig) -> Router {
         .with_state(state);
 
     // Router::layer wraps every route (and the fallback) separately, so the route template is
-    // known to the access log. Later calls wrap earlier ones: the request id is set first.
-    let trusted_proxies = Arc::new(server.trusted_proxies.clone());
+    // known to the edge (access log, metrics). Later calls wrap earlier ones.
+    let edge = Arc::new(edge::Edge { metrics, trusted_proxies: server.trusted_proxies.clone() });
     routes
         .layer(axum::extract::DefaultBodyLimit::max(server.request_body_limit_bytes))
         .layer(RequestBodyLimitLayer::new(server.request_body_limit_bytes))
@@ -218,53 +211,7 @@ pub fn router(state: AppState, server: &ServerConfig) -> Router {
             )
         }))
         .layer(cors(server))
-        .layer(middleware::from_fn(problem_bodies))
-        .layer(middleware::from_fn_with_state(metrics, http_metrics))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request<Body>| {
-                    let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-                    let route = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("");
-                    tracing::info_span!("request", method = %req.method(), route, request_id)
-                })
-                .on_request(())
-                .on_response(|res: &Response, latency: std::time::Duration, _span: &tracing::Span| {
-                    tracing::info!(status = res.status().as_u16(), latency_ms = latency.as_millis() as u64, "handled");
-                }),
-        )
-        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
-        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
-        .layer(middleware::from_fn(drop_bad_request_id))
-        .layer(middleware::from_fn_with_state(trusted_proxies, client_addr))
-}
-
-/// A client's `x-request-id` is kept only when it is 1-128 characters of `[A-Za-z0-9._:-]`;
-/// otherwise it is dropped and a fresh one is made. It reaches logs, problem bodies and the
-/// audit trail, so it must not carry markup, spaces or a megabyte.
-async fn drop_bad_request_id(mut req: Request, next: Next) -> Response {
-    let keep = req.headers().get("x-request-id").is_none_or(|v| valid_request_id(v.as_bytes()));
-    if !keep {
-        req.headers_mut().remove("x-request-id");
-    }
-    next.run(req).await
-}
-
-pub fn valid_request_id(id: &[u8]) -> bool {
-    (1..=128).contains(&id.len()) && id.iter().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b))
-}
-
-/// Works out the client's address once per request (see [`extract::client_addr`]).
-async fn client_addr(State(trusted): State<Arc<Vec<ipnet::IpNet>>>, mut req: Request, next: Next) -> Response {
-    let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|ci| ci.0.ip());
-    if let Some(peer) = peer {
-        // A proxy chain may send several header lines; they read as one comma-separated list.
-        let forwarded: Vec<&str> =
-            req.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
-        let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
-        let addr = extract::client_addr(peer, forwarded.as_deref(), &trusted);
-        req.extensions_mut().insert(extract::ClientAddr(addr));
-    }
-    next.run(req).await
+        .layer(middleware::from_fn_with_state(edge, edge::edge))
 }
 
 fn cors(server: &ServerConfig) -> CorsLayer {
@@ -281,67 +228,4 @@ fn cors(server: &ServerConfig) -> CorsLayer {
         ])
         .expose_headers([header::LOCATION, HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
         .max_age(std::time::Duration::from_secs(600))
-}
-
-/// Counts the request and its latency by method, route template and status.
-async fn http_metrics(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let started = std::time::Instant::now();
-    // Unknown methods are caller text: fold them so they cannot multiply the series.
-    let method = match *req.method() {
-        Method::GET | Method::POST | Method::DELETE | Method::PUT | Method::PATCH | Method::HEAD | Method::OPTIONS => {
-            req.method().as_str().to_owned()
-        }
-        _ => "other".to_owned(),
-    };
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
-    let response = next.run(req).await;
-    metrics.observe_http(&method, &route, response.status().as_u16(), started.elapsed());
-    response
-}
-
-/// Runs the request with its id in scope (so problem bodies carry it) and turns any error that
-/// is not yet a problem document (413 from the body limit, 408 from the timeout, extractor
-/// rejections) into one, keeping headers such as `Allow` and `WWW-Authenticate`.
-async fn problem_bodies(req: Request, next: Next) -> Response {
-    let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    REQUEST_ID
-        .scope(request_id, async move {
-            let response = next.run(req).await;
-            let status = response.status();
-            // JSON bodies (problems, the readiness report) are already meant for the caller.
-            let is_json = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
-                v.as_bytes().starts_with(b"application/problem+json") || v.as_bytes().starts_with(b"application/json")
-            });
-            if !(status.is_client_error() || status.is_server_error()) || is_json {
-                return response;
-            }
-            let (parts, _) = response.into_parts();
-            let (kind, title, detail) = match status {
-                StatusCode::PAYLOAD_TOO_LARGE => {
-                    ("payload-too-large", "Request body too large", "the request body exceeds the configured limit")
-                }
-                StatusCode::REQUEST_TIMEOUT => {
-                    ("timeout", "Request timed out", "keybroker did not finish the request in time")
-                }
-                StatusCode::METHOD_NOT_ALLOWED => {
-                    ("method-not-allowed", "Method not allowed", "this route does not support that method")
-                }
-                StatusCode::NOT_FOUND => ("not-found", "Not found", "no such resource"),
-                s if s.is_client_error() => {
-                    ("invalid-request", "Invalid request", "the request could not be understood")
-                }
-                _ => ("internal", "Internal error", "keybroker failed to handle the request"),
-            };
-            let mut problem = problem_response(status, kind, title, detail.to_owned());
-            for name in [header::ALLOW, header::WWW_AUTHENTICATE, header::RETRY_AFTER] {
-                if let Some(v) = parts.headers.get(&name) {
-                    problem.headers_mut().insert(name, v.clone());
-                }
-            }
-            for (name, value) in parts.headers.iter().filter(|(n, _)| n.as_str().starts_with("access-control-")) {
-                problem.headers_mut().insert(name.clone(), value.clone());
-            }
-            problem.into_response()
-        })
-        .await
 }
