@@ -6,8 +6,10 @@
 //! binding of that issuer whose subject and claim globs match, so CI and Kubernetes tokens,
 //! which carry no `groups`, get teams too. Issuer entries may pin the subjects and teams their
 //! tokens may claim (bots), and tokens verified with an HS256 secret carry admin or auditor
-//! teams only when their issuer is `privileged`.
+//! teams only when their issuer is `privileged`. A token that passed is taken on trust again
+//! for at most a minute, and never past its `exp` (`cache`).
 
+mod cache;
 mod claims;
 pub mod glob;
 mod jwks;
@@ -88,6 +90,7 @@ pub struct Authenticator {
     admin_teams: BTreeSet<String>,
     auditor_teams: BTreeSet<String>,
     leeway_secs: u64,
+    verified: cache::VerifiedTokens,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -133,6 +136,7 @@ impl Authenticator {
             admin_teams: config.admin_teams.clone(),
             auditor_teams: config.auditor_teams.clone(),
             leeway_secs: config.leeway.as_secs(),
+            verified: cache::VerifiedTokens::default(),
         })
     }
 
@@ -140,6 +144,10 @@ impl Authenticator {
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
         let header = authorization.ok_or(AuthError::Missing)?;
         let token = bearer_token(header)?;
+        let now = cache::unix_now();
+        if let Some(principal) = self.verified.get(token, now) {
+            return Ok(principal);
+        }
         let jwt_header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         // The unverified `iss` only chooses which keys to verify with; the verification below
         // checks it again.
@@ -165,7 +173,12 @@ impl Authenticator {
             _ => verifier.decode_asymmetric(token, alg, jwt_header.kid.as_deref(), &validation).await?,
         };
         time_claims_are_numbers(&claims)?;
-        self.principal(verifier, alg == JwtAlgorithm::Hs256, &claims)
+        let principal = self.principal(verifier, alg == JwtAlgorithm::Hs256, &claims)?;
+        // `exp` is required and was checked; usable while verification would still pass.
+        if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
+            self.verified.insert(token, &principal, now, exp.saturating_add(self.leeway_secs));
+        }
+        Ok(principal)
     }
 
     /// How a token of issuer `issuer` (a name) with `claims` would be read, without verifying
@@ -559,6 +572,30 @@ mod tests {
         assert_eq!(unverified_issuer("nodots"), Err(AuthError::Malformed));
         let no_iss = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"sub":"x"}"#);
         assert_eq!(unverified_issuer(&format!("h.{no_iss}.s")), Err(AuthError::MissingClaim("iss".to_owned())));
+    }
+
+    fn hs256_token(claims: &Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_token_taken_on_trust_again_still_expires_on_time_and_a_forged_one_is_verified() {
+        let auth = Authenticator::new(&auth_config(Duration::ZERO)).unwrap();
+        let exp = cache::unix_now() + 2;
+        let claims = json!({"iss": "https://default.example/", "aud": "keybroker", "sub": "ci-bot", "groups": ["payments"], "exp": exp});
+        let header = format!("Bearer {}", hs256_token(&claims));
+        let first = auth.authenticate(Some(&header)).await.unwrap();
+        assert_eq!(auth.authenticate(Some(&header)).await.unwrap(), first, "the same principal from the cache");
+        // One character of the signature changed: not the token that was verified.
+        let at = header.rfind('.').unwrap() + 5;
+        let swapped = if &header[at..=at] == "A" { "B" } else { "A" };
+        let forged = format!("{}{swapped}{}", &header[..at], &header[at + 1..]);
+        assert_eq!(auth.authenticate(Some(&forged)).await, Err(AuthError::BadSignature));
+        while cache::unix_now() <= exp {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(auth.authenticate(Some(&header)).await, Err(AuthError::Expired));
     }
 
     #[test]

@@ -1,0 +1,120 @@
+//! Tokens verified in the last minute, so that a caller sending the same token again is not
+//! verified again (Envoy's `jwt_authn` keeps such a cache too). A token's signature, claims and
+//! principal do not change, so the answer cannot either, within two bounds: the token's own
+//! `exp` (with the leeway verification allows), and [`MAX_AGE`], well within the hour for which
+//! a JWKS is cached (`jwks::MAX_AGE`), so that a key taken out of an issuer's set stops working
+//! as soon as it would without this cache.
+//!
+//! Entries are found by the SHA-256 of the token, never by the token: nothing compares a
+//! caller's text with a stored token, and the cache holds no credential. Only tokens that
+//! passed every check are kept; refusals are verified each time, within the per-address budget.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::domain::principal::Principal;
+
+/// How long a verified token is taken on trust at most.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
+/// How many tokens are kept; when full, the expired ones go, and if none has, all of them.
+const CAPACITY: usize = 2048;
+
+type TokenDigest = [u8; 32];
+
+#[derive(Default)]
+pub struct VerifiedTokens {
+    entries: RwLock<HashMap<TokenDigest, (Principal, u64)>>,
+}
+
+impl VerifiedTokens {
+    /// The principal of `token` if it was verified and may still be used at `now` (Unix
+    /// seconds).
+    pub fn get(&self, token: &str, now: u64) -> Option<Principal> {
+        let digest = digest(token);
+        let entries = self.entries.read().ok()?;
+        entries.get(&digest).filter(|(_, until)| now < *until).map(|(principal, _)| principal.clone())
+    }
+
+    /// Keeps `principal` for `token`, verified at `now`, until `usable_until` (the token's `exp`
+    /// with the leeway) or [`MAX_AGE`], whichever comes first.
+    pub fn insert(&self, token: &str, principal: &Principal, now: u64, usable_until: u64) {
+        let until = usable_until.min(now.saturating_add(MAX_AGE.as_secs()));
+        if until <= now {
+            return;
+        }
+        let Ok(mut entries) = self.entries.write() else { return };
+        if entries.len() >= CAPACITY {
+            entries.retain(|_, (_, u)| now < *u);
+            if entries.len() >= CAPACITY {
+                entries.clear();
+            }
+        }
+        entries.insert(digest(token), (principal.clone(), until));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.read().map(|e| e.len()).unwrap_or_default()
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn digest(token: &str) -> TokenDigest {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::domain::principal::Role;
+
+    fn principal(subject: &str) -> Principal {
+        Principal {
+            subject: subject.to_owned(),
+            issuer: "default".to_owned(),
+            display_name: subject.to_owned(),
+            teams: BTreeSet::from(["payments".to_owned()]),
+            roles: BTreeSet::from([Role::Requester]),
+        }
+    }
+
+    #[test]
+    fn a_token_is_trusted_until_its_expiry_or_a_minute_whichever_is_first() {
+        let cache = VerifiedTokens::default();
+        cache.insert("token-a", &principal("a"), 1_000, 1_010);
+        assert_eq!(cache.get("token-a", 1_009).map(|p| p.subject), Some("a".to_owned()));
+        assert_eq!(cache.get("token-a", 1_010), None, "expired");
+        cache.insert("token-b", &principal("b"), 1_000, 1_000_000);
+        assert!(cache.get("token-b", 1_059).is_some());
+        assert_eq!(cache.get("token-b", 1_060), None, "older than MAX_AGE");
+        // Another text, even one character off, is not the token that was verified.
+        assert_eq!(cache.get("token-c", 1_001), None);
+        assert_eq!(cache.get("token-a ", 1_001), None);
+        // A token already expired is not kept.
+        cache.insert("token-d", &principal("d"), 1_000, 1_000);
+        assert_eq!(cache.get("token-d", 999), None);
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_capacity() {
+        let cache = VerifiedTokens::default();
+        for i in 0..CAPACITY {
+            cache.insert(&format!("old-{i}"), &principal("o"), 1_000, 1_010);
+        }
+        // Full: the expired entries make room.
+        cache.insert("new", &principal("n"), 1_020, 1_080);
+        assert_eq!(cache.len(), 1);
+        for i in 0..CAPACITY + 10 {
+            cache.insert(&format!("live-{i}"), &principal("l"), 1_020, 1_080);
+        }
+        assert!(cache.len() <= CAPACITY);
+    }
+}
