@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
@@ -26,33 +26,56 @@ type TokenDigest = [u8; 32];
 
 #[derive(Default)]
 pub struct VerifiedTokens {
-    entries: RwLock<HashMap<TokenDigest, (Principal, u64)>>,
+    entries: RwLock<HashMap<TokenDigest, Entry>>,
+}
+
+struct Entry {
+    principal: Principal,
+    /// The token's `exp` with the leeway, in Unix seconds, as the verification read it.
+    until: u64,
+    /// When it was verified, on the monotonic clock, so that a wall clock set back cannot
+    /// stretch [`MAX_AGE`].
+    verified: Instant,
+}
+
+impl Entry {
+    fn usable_at(&self, now: u64, at: Instant) -> bool {
+        now < self.until && at.saturating_duration_since(self.verified) < MAX_AGE
+    }
 }
 
 impl VerifiedTokens {
     /// The principal of `token` if it was verified and may still be used at `now` (Unix
     /// seconds).
     pub fn get(&self, token: &str, now: u64) -> Option<Principal> {
-        let digest = digest(token);
-        let entries = self.entries.read().ok()?;
-        entries.get(&digest).filter(|(_, until)| now < *until).map(|(principal, _)| principal.clone())
+        self.get_at(token, now, Instant::now())
     }
 
-    /// Keeps `principal` for `token`, verified at `now`, until `usable_until` (the token's `exp`
-    /// with the leeway) or [`MAX_AGE`], whichever comes first.
+    fn get_at(&self, token: &str, now: u64, at: Instant) -> Option<Principal> {
+        let digest = digest(token);
+        let entries = self.entries.read().ok()?;
+        let entry = entries.get(&digest).filter(|e| e.usable_at(now, at))?;
+        Some(entry.principal.clone())
+    }
+
+    /// Keeps `principal` for `token`, verified at `now` (Unix seconds), until `usable_until` (the
+    /// token's `exp` with the leeway) or for [`MAX_AGE`], whichever comes first.
     pub fn insert(&self, token: &str, principal: &Principal, now: u64, usable_until: u64) {
-        let until = usable_until.min(now.saturating_add(MAX_AGE.as_secs()));
-        if until <= now {
+        self.insert_at(token, principal, now, usable_until, Instant::now());
+    }
+
+    fn insert_at(&self, token: &str, principal: &Principal, now: u64, usable_until: u64, at: Instant) {
+        if usable_until <= now {
             return;
         }
         let Ok(mut entries) = self.entries.write() else { return };
         if entries.len() >= CAPACITY {
-            entries.retain(|_, (_, u)| now < *u);
+            entries.retain(|_, e| e.usable_at(now, at));
             if entries.len() >= CAPACITY {
                 entries.clear();
             }
         }
-        entries.insert(digest(token), (principal.clone(), until));
+        entries.insert(digest(token), Entry { principal: principal.clone(), until: usable_until, verified: at });
     }
 
     #[cfg(test)]
@@ -89,31 +112,35 @@ mod tests {
     #[test]
     fn a_token_is_trusted_until_its_expiry_or_a_minute_whichever_is_first() {
         let cache = VerifiedTokens::default();
-        cache.insert("token-a", &principal("a"), 1_000, 1_010);
-        assert_eq!(cache.get("token-a", 1_009).map(|p| p.subject), Some("a".to_owned()));
-        assert_eq!(cache.get("token-a", 1_010), None, "expired");
-        cache.insert("token-b", &principal("b"), 1_000, 1_000_000);
-        assert!(cache.get("token-b", 1_059).is_some());
-        assert_eq!(cache.get("token-b", 1_060), None, "older than MAX_AGE");
+        let t0 = Instant::now();
+        cache.insert_at("token-a", &principal("a"), 1_000, 1_010, t0);
+        assert_eq!(cache.get_at("token-a", 1_009, t0).map(|p| p.subject), Some("a".to_owned()));
+        assert_eq!(cache.get_at("token-a", 1_010, t0), None, "expired");
+        cache.insert_at("token-b", &principal("b"), 1_000, 1_000_000, t0);
+        assert!(cache.get_at("token-b", 1_059, t0 + Duration::from_secs(59)).is_some());
+        assert_eq!(cache.get_at("token-b", 1_060, t0 + MAX_AGE), None, "older than MAX_AGE");
+        // A wall clock set back does not stretch the minute.
+        assert_eq!(cache.get_at("token-b", 900, t0 + MAX_AGE), None);
         // Another text, even one character off, is not the token that was verified.
-        assert_eq!(cache.get("token-c", 1_001), None);
-        assert_eq!(cache.get("token-a ", 1_001), None);
+        assert_eq!(cache.get_at("token-c", 1_001, t0), None);
+        assert_eq!(cache.get_at("token-a ", 1_001, t0), None);
         // A token already expired is not kept.
-        cache.insert("token-d", &principal("d"), 1_000, 1_000);
-        assert_eq!(cache.get("token-d", 999), None);
+        cache.insert_at("token-d", &principal("d"), 1_000, 1_000, t0);
+        assert_eq!(cache.get_at("token-d", 999, t0), None);
     }
 
     #[test]
     fn the_cache_stays_within_its_capacity() {
         let cache = VerifiedTokens::default();
+        let t0 = Instant::now();
         for i in 0..CAPACITY {
-            cache.insert(&format!("old-{i}"), &principal("o"), 1_000, 1_010);
+            cache.insert_at(&format!("old-{i}"), &principal("o"), 1_000, 1_010, t0);
         }
         // Full: the expired entries make room.
-        cache.insert("new", &principal("n"), 1_020, 1_080);
+        cache.insert_at("new", &principal("n"), 1_020, 1_080, t0);
         assert_eq!(cache.len(), 1);
         for i in 0..CAPACITY + 10 {
-            cache.insert(&format!("live-{i}"), &principal("l"), 1_020, 1_080);
+            cache.insert_at(&format!("live-{i}"), &principal("l"), 1_020, 1_080, t0);
         }
         assert!(cache.len() <= CAPACITY);
     }
