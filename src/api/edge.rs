@@ -19,6 +19,7 @@ use super::extract::{self, ClientAddr};
 use crate::metrics::Metrics;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const LOG_TARGET: &str = "keybroker::api";
 
 /// What the edge needs besides the request.
 pub(super) struct Edge {
@@ -35,13 +36,22 @@ pub(super) async fn edge(State(edge): State<Arc<Edge>>, mut req: Request, next: 
     let method = metric_method(req.method());
     let matched = req.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("", MatchedPath::as_str);
-    let span = tracing::info_span!("request", method = %req.method(), route, request_id = %request_id.as_str());
+    // The target the access log has always had, whatever module writes it.
+    let span = tracing::info_span!(target: LOG_TARGET, "request", method = %req.method(), route, request_id = %request_id.as_str());
 
     let answer = REQUEST_ID.scope(request_id.as_str().to_owned(), problem_body(next.run(req)));
     let mut response = answer.instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    span.in_scope(|| tracing::info!(status, latency_ms = elapsed.as_millis() as u64, "handled"));
+    let latency_ms = elapsed.as_millis() as u64;
+    span.in_scope(|| {
+        tracing::info!(target: LOG_TARGET, status, latency_ms, "handled");
+        // At ERROR whatever the cause's own line says (a 502-504 is WARN there, the readiness
+        // 503 has none): alerts on error lines see every failed answer.
+        if response.status().is_server_error() {
+            tracing::error!(target: LOG_TARGET, status, latency_ms, "response failed");
+        }
+    });
     edge.metrics.observe_http(method, matched.as_ref().map_or("unmatched", MatchedPath::as_str), status, elapsed);
     response.headers_mut().entry(X_REQUEST_ID).or_insert(request_id.0);
     response

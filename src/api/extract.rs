@@ -107,7 +107,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
 }
 
 /// The client's address: the peer's, or with a trusted proxy in front, the one it forwarded
-/// (set by the `client_addr` middleware in [`super::router`]).
+/// (set by the edge middleware, `super::edge`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub IpAddr);
 

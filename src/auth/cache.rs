@@ -1,9 +1,9 @@
 //! Tokens verified in the last minute, so that a caller sending the same token again is not
 //! verified again (Envoy's `jwt_authn` keeps such a cache too). A token's signature, claims and
 //! principal do not change, so the answer cannot either, within two bounds: the token's own
-//! `exp` (with the leeway verification allows), and [`MAX_AGE`], well within the hour for which
-//! a JWKS is cached (`jwks::MAX_AGE`), so that a key taken out of an issuer's set stops working
-//! as soon as it would without this cache.
+//! `exp` (with the leeway verification allows), and [`MAX_AGE`]. A key taken out of an issuer's
+//! set (which keybroker notices at its next JWKS fetch, within `jwks::MAX_AGE`, an hour) still
+//! admits the tokens it verified in the minute before, for the rest of that minute at most.
 //!
 //! Entries are found by the SHA-256 of the token, never by the token: nothing compares a
 //! caller's text with a stored token, and the cache holds no credential. Only tokens that

@@ -7,7 +7,7 @@
 //! which carry no `groups`, get teams too. Issuer entries may pin the subjects and teams their
 //! tokens may claim (bots), and tokens verified with an HS256 secret carry admin or auditor
 //! teams only when their issuer is `privileged`. A token that passed is taken on trust again
-//! for at most a minute, and never past its `exp` (`cache`).
+//! for at most a minute, and never past its `exp` and the leeway (`cache`).
 
 mod cache;
 mod claims;
