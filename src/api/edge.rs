@@ -141,16 +141,17 @@ async fn problem_body(answer: impl Future<Output = Response>) -> Response {
         s if s.is_client_error() => ("invalid-request", "Invalid request", "the request could not be understood"),
         _ => ("internal", "Internal error", "keybroker failed to handle the request"),
     };
-    let mut problem = problem_response(status, kind, title, detail.to_owned());
-    for name in [header::ALLOW, header::WWW_AUTHENTICATE, header::RETRY_AFTER] {
-        if let Some(v) = parts.headers.get(&name) {
-            problem.headers_mut().insert(name, v.clone());
-        }
+    let mut problem = problem_response(status, kind, title, detail.to_owned()).into_response();
+    // Every value of each (a header may come in several lines); CORS's `Vary` too, so that a
+    // cache does not hand this answer to another origin.
+    let kept = |name: &HeaderName| {
+        [header::ALLOW, header::WWW_AUTHENTICATE, header::RETRY_AFTER, header::VARY].contains(name)
+            || name.as_str().starts_with("access-control-")
+    };
+    for (name, value) in parts.headers.iter().filter(|(name, _)| kept(name)) {
+        problem.headers_mut().append(name.clone(), value.clone());
     }
-    for (name, value) in parts.headers.iter().filter(|(n, _)| n.as_str().starts_with("access-control-")) {
-        problem.headers_mut().insert(name.clone(), value.clone());
-    }
-    problem.into_response()
+    problem
 }
 
 #[cfg(test)]

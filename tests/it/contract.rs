@@ -297,6 +297,24 @@ async fn portals_on_the_allow_list_may_call_the_api_from_a_browser() {
     assert_eq!(res.headers()["access-control-allow-origin"], "http://localhost:3000");
     let exposed = res.headers()["access-control-expose-headers"].to_str().unwrap().to_lowercase();
     assert!(exposed.contains("location") && exposed.contains("x-request-id"), "{exposed}");
+
+    // An error the edge turns into a problem keeps CORS's headers, `Vary` included, so that the
+    // portal can read it and no cache hands it to another origin.
+    let res = app
+        .http
+        .post(format!("{}/v1/keys", app.url))
+        .bearer_auth(app.alice())
+        .header("Origin", "http://localhost:3000")
+        .header("Content-Type", "application/json")
+        .body(vec![b' '; 1 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 413);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    assert_eq!(res.headers()["access-control-allow-origin"], "http://localhost:3000");
+    let vary: Vec<String> = res.headers().get_all("vary").iter().map(|v| v.to_str().unwrap().to_lowercase()).collect();
+    assert!(vary.iter().any(|v| v.contains("origin")), "{vary:?}");
 }
 
 #[tokio::test]
