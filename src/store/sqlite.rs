@@ -76,6 +76,11 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
+            // Statement journals (and sorts) in memory: a batch's statement journal outgrew
+            // SQLite's 64 KiB spill threshold, and each one was then a temporary file, created,
+            // written and closed inside the write transaction. They are for rolling back one
+            // statement, never for durability.
+            .pragma("temp_store", "memory")
             // After a restart of the WAL, a WAL file larger than this is cut back to it.
             .pragma("journal_size_limit", (RESTART_FRAMES * 4096).to_string());
         // Neither pool pings a connection before lending it (sqlx's default): an embedded
