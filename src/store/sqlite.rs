@@ -3,6 +3,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,6 +33,9 @@ pub struct SqliteStore {
     /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
     /// guards the audit chain's head as this process last wrote it; see [`append_in`].
     write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
+    /// Write transactions begun (under `write_lock`), so the checkpoint task can tell when
+    /// nothing has been written since its last copy.
+    writes_begun: Arc<AtomicU64>,
     /// `audit.chain_key_file`'s key, once set: appended events are keyed with it.
     chain_key: Arc<std::sync::OnceLock<ChainKey>>,
     /// The issuance path's writes, committed in batches on `writer` under `write_lock`.
@@ -102,14 +106,18 @@ impl SqliteStore {
             .connect_with(options.pragma("wal_autocheckpoint", "0"))
             .await?;
         let write_lock = Arc::new(tokio::sync::Mutex::new(None));
-        let checkpointer = tokio::spawn(checkpoint_in_background(pool.clone(), write_lock.clone())).abort_handle();
+        let writes_begun = Arc::new(AtomicU64::new(0));
+        let checkpointer =
+            tokio::spawn(checkpoint_in_background(pool.clone(), write_lock.clone(), writes_begun.clone()))
+                .abort_handle();
         let chain_key = Arc::<std::sync::OnceLock<ChainKey>>::default();
         let writes = WriteQueue::start(SqliteCommitter {
             writer: writer.clone(),
             write_lock: write_lock.clone(),
+            writes_begun: writes_begun.clone(),
             chain_key: chain_key.clone(),
         });
-        Ok(Self { pool, writer, write_lock, writes, checkpointer, chain_key })
+        Ok(Self { pool, writer, write_lock, writes_begun, writes, checkpointer, chain_key })
     }
 
     /// `audit.chain_key_file`'s key, once set.
@@ -123,15 +131,17 @@ impl SqliteStore {
         &self,
     ) -> Result<(OwnedMutexGuard<ChainHead>, Transaction<'static, Sqlite>), StoreError> {
         let guard = self.write_lock.clone().lock_owned().await;
+        self.writes_begun.fetch_add(1, Ordering::Relaxed);
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         Ok((guard, tx))
     }
 }
 
-/// Copies the WAL into the database file every [`CHECKPOINT_EVERY`] while anything commits,
-/// less often (at most every [`IDLE_CHECKPOINT_EVERY`]) while nothing does, until the pool is
-/// closed or the store dropped. With `synchronous = NORMAL` a commit is on disk once a copy has
-/// synced it, so a power failure loses at most that interval of commits.
+/// Copies the WAL into the database file every [`CHECKPOINT_EVERY`] while write transactions
+/// come in, less often (at most every [`IDLE_CHECKPOINT_EVERY`]) while none does, until the pool
+/// is closed or the store dropped. With `synchronous = NORMAL` a commit is safe from a power
+/// failure once a copy has synced the WAL after it, so that interval is, as a rule, what a power
+/// failure can lose (a copy held back by a reader on an old snapshot syncs nothing).
 ///
 /// The copy runs on a reader and waits for nobody (`PASSIVE`). But a writer starts the WAL
 /// again from its beginning only when every frame in it has been copied and no reader is
@@ -140,25 +150,28 @@ impl SqliteStore {
 /// the WAL holds more than [`RESTART_FRAMES`], the next checkpoint runs under the write lock as
 /// `RESTART`: it copies what committed since the last copy and waits briefly for the readers to
 /// leave the WAL, and the next write transaction starts it again from its beginning.
-async fn checkpoint_in_background(pool: SqlitePool, write_lock: Arc<tokio::sync::Mutex<ChainHead>>) {
+async fn checkpoint_in_background(
+    pool: SqlitePool,
+    write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
+    writes_begun: Arc<AtomicU64>,
+) {
     let mut pause = CHECKPOINT_EVERY;
-    let mut last_in_wal = None;
+    let mut last_begun = None;
     while !pool.is_closed() {
         tokio::time::sleep(pause).await;
+        let begun = writes_begun.load(Ordering::Relaxed);
         let passive = match pool.acquire().await {
             Ok(mut conn) => checkpoint(&mut conn, "PASSIVE").await,
             Err(e) => Err(e),
         };
-        if let Ok(in_wal) = passive {
-            // The same frames as last time: nothing committed since.
-            let idle = last_in_wal == Some(in_wal);
-            pause = if idle { (pause * 2).min(IDLE_CHECKPOINT_EVERY) } else { CHECKPOINT_EVERY };
-            last_in_wal = Some(in_wal);
-        }
         let done = match passive {
             Ok(in_wal) if in_wal > RESTART_FRAMES => restart_wal(&pool, &write_lock, in_wal).await,
             done => done,
         };
+        // Slower while nothing is written, and while the copies fail (one warning each).
+        let idle = last_begun == Some(begun) || done.is_err();
+        pause = if idle { (pause * 2).min(IDLE_CHECKPOINT_EVERY) } else { CHECKPOINT_EVERY };
+        last_begun = Some(begun);
         if let Err(e) = done {
             if pool.is_closed() {
                 break;
@@ -398,6 +411,7 @@ fn audit_from_json(text: &str) -> Result<Vec<AuditRecord>, StoreError> {
 struct SqliteCommitter {
     writer: SqlitePool,
     write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
+    writes_begun: Arc<AtomicU64>,
     chain_key: Arc<std::sync::OnceLock<ChainKey>>,
 }
 
@@ -413,6 +427,7 @@ impl Committer for SqliteCommitter {
 
     async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
         let mut head = self.write_lock.lock().await;
+        self.writes_begun.fetch_add(1, Ordering::Relaxed);
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut chain = ChainTx::Sqlite { conn: &mut tx, head: &mut head, key: self.chain_key.get() };
         match batch::apply(&mut chain, writes).await {
