@@ -42,13 +42,14 @@ pub(super) async fn edge(State(edge): State<Arc<Edge>>, mut req: Request, next: 
     let answer = REQUEST_ID.scope(request_id.as_str().to_owned(), problem_body(next.run(req)));
     let mut response = answer.instrument(span.clone()).await;
     let elapsed = started.elapsed();
+    let failed = response.status().is_server_error();
     let status = response.status().as_u16();
     let latency_ms = elapsed.as_millis() as u64;
     span.in_scope(|| {
         tracing::info!(target: LOG_TARGET, status, latency_ms, "handled");
         // At ERROR whatever the cause's own line says (a 502-504 is WARN there, the readiness
         // 503 has none): alerts on error lines see every failed answer.
-        if response.status().is_server_error() {
+        if failed {
             tracing::error!(target: LOG_TARGET, status, latency_ms, "response failed");
         }
     });

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -82,10 +82,6 @@ impl VerifiedTokens {
     fn len(&self) -> usize {
         self.entries.read().map(|e| e.len()).unwrap_or_default()
     }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn digest(token: &str) -> TokenDigest {

@@ -144,7 +144,8 @@ impl Authenticator {
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
         let header = authorization.ok_or(AuthError::Missing)?;
         let token = bearer_token(header)?;
-        let now = cache::unix_now();
+        // The clock jsonwebtoken's own checks of `exp` and `nbf` read.
+        let now = jsonwebtoken::get_current_timestamp();
         if let Some(principal) = self.verified.get(token, now) {
             return Ok(principal);
         }
@@ -582,7 +583,7 @@ mod tests {
     #[tokio::test]
     async fn a_token_taken_on_trust_again_still_expires_on_time_and_a_forged_one_is_verified() {
         let auth = Authenticator::new(&auth_config(Duration::ZERO)).unwrap();
-        let exp = cache::unix_now() + 2;
+        let exp = jsonwebtoken::get_current_timestamp() + 2;
         let claims = json!({"iss": "https://default.example/", "aud": "keybroker", "sub": "ci-bot", "groups": ["payments"], "exp": exp});
         let header = format!("Bearer {}", hs256_token(&claims));
         let first = auth.authenticate(Some(&header)).await.unwrap();
@@ -592,7 +593,7 @@ mod tests {
         let swapped = if &header[at..=at] == "A" { "B" } else { "A" };
         let forged = format!("{}{swapped}{}", &header[..at], &header[at + 1..]);
         assert_eq!(auth.authenticate(Some(&forged)).await, Err(AuthError::BadSignature));
-        while cache::unix_now() <= exp {
+        while jsonwebtoken::get_current_timestamp() <= exp {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(auth.authenticate(Some(&header)).await, Err(AuthError::Expired));
