@@ -5,7 +5,7 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
-# Build settings: the allocator's defaults (see .cargo/config.toml).
+# Build settings: the allocator's and the bundled SQLite's compile-time options (see .cargo/config.toml).
 COPY .cargo ./.cargo
 COPY src ./src
 COPY crates ./crates

@@ -689,6 +689,22 @@ mod tests {
         }
     }
 
+    /// `.cargo/config.toml` builds the bundled SQLite without its two process-wide mutexes
+    /// (memory statistics, and the page cache shared by every connection), on which the
+    /// connections' threads queued: this fails if a build loses those flags.
+    #[tokio::test]
+    async fn the_bundled_sqlite_takes_no_process_wide_lock_per_allocation_or_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::connect(&format!("sqlite://{}", dir.path().join("opts.db").display())).await.unwrap();
+        let options: Vec<String> = sqlx::query_scalar("SELECT compile_options FROM pragma_compile_options")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+        assert!(options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"), "{options:?}");
+        assert!(!options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"), "{options:?}");
+        assert!(options.iter().any(|o| o == "THREADSAFE=1"), "{options:?}");
+    }
+
     #[test]
     fn stored_times_are_fixed_width_utc_text_that_round_trips() {
         for text in ["2026-01-01T00:00:00.000000Z", "2026-11-23T21:05:09.123456Z", "1999-12-31T23:59:59.999999Z"] {
