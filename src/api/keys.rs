@@ -18,6 +18,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiQuery, AuditorCaller, Caller, Ctx, filter_value};
 use crate::domain::keys::{Idempotency, KeyRecord, KeyState};
 use crate::domain::policy::{ExpiryClamp, ExpiryRequest, Purpose, Reason, parse_ttl};
+use crate::domain::rfc3339;
 use crate::services::issuance::{IssueOutcome, IssueRequest};
 use crate::services::queries::{KeyFilter, PageRequest};
 
@@ -106,8 +107,11 @@ pub struct KeyView {
     pub octopus_key_id: Option<String>,
     /// The first 8 characters of the key, as Octopus shows them.
     pub key_hint: Option<String>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub expires_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339::serialize_option")]
     pub revoked_at: Option<DateTime<Utc>>,
     /// The bot whose pickup ticket the requester claimed (chat-ops), if any.
     #[serde(skip_serializing_if = "Option::is_none")]

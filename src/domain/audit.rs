@@ -242,6 +242,7 @@ impl NewAuditEvent {
 pub struct AuditRecord {
     pub seq: i64,
     pub id: Uuid,
+    #[serde(serialize_with = "super::rfc3339::serialize")]
     pub occurred_at: DateTime<Utc>,
     pub actor: String,
     pub action: String,

@@ -11,4 +11,5 @@ pub mod keys;
 pub mod names;
 pub mod policy;
 pub mod principal;
+pub mod rfc3339;
 pub mod tickets;
