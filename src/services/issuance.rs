@@ -115,14 +115,15 @@ pub enum ServiceError {
     /// created.
     #[error("keybroker ran out of time before asking Octopus for the key ({0}); nothing was created, so retry")]
     OutOfTime(String),
-    /// The issuance took so long that the reconciler had finished its record: the key Octopus
-    /// made was deleted (or, if `deleted` is false, is left to the reconciler), nothing issued.
+    /// The issuance was given up after Octopus made its key, for the reason `why` says: the
+    /// reconciler had finished its record (it took longer than `jobs.pending_grace`), or its
+    /// caller was gone. The key was deleted (or, if `deleted` is false, is left to the
+    /// reconciler), nothing issued.
     #[error(
-        "the issuance took longer than jobs.pending_grace and was abandoned: Octopus's key {octopus_key_id} was {}; \
-         nothing was issued, so retry",
+        "the issuance was abandoned ({why}): Octopus's key {octopus_key_id} was {}; nothing was issued, so retry",
         if *deleted { "deleted" } else { "not deleted yet (the reconciler will)" }
     )]
-    Abandoned { octopus_key_id: String, deleted: bool },
+    Abandoned { octopus_key_id: String, deleted: bool, why: &'static str },
     /// Octopus could not delete the key now; the revocation is recorded and retried, and the key
     /// keeps working until it succeeds.
     #[error("Octopus could not revoke the key now ({0}); keybroker recorded the revocation and retries it")]
@@ -670,7 +671,11 @@ impl KeyService {
                 let _ = self.store.append_audit(&event).await;
             }
         }
-        Err(ServiceError::Abandoned { octopus_key_id: created.id.clone(), deleted: deleted.is_ok() })
+        Err(ServiceError::Abandoned {
+            octopus_key_id: created.id.clone(),
+            deleted: deleted.is_ok(),
+            why: "its caller was gone when Octopus made the key",
+        })
     }
 
     /// Step 3 of an issuance: the record becomes active with the "issued" event. Otherwise the
@@ -760,7 +765,11 @@ impl KeyService {
         if let Err(e) = &deleted {
             tracing::error!(error = %e, octopus_key_id = %created.id, "could not delete the key of an abandoned issuance");
         }
-        ServiceError::Abandoned { octopus_key_id: created.id.clone(), deleted: deleted.is_ok() }
+        ServiceError::Abandoned {
+            octopus_key_id: created.id.clone(),
+            deleted: deleted.is_ok(),
+            why: "it took longer than jobs.pending_grace, and its record was finished without it",
+        }
     }
 
     /// The issued key could not be recorded: it is deleted, and the record fails (if the store
