@@ -73,6 +73,10 @@ start_direct_sim() {
     pids+=($!)
     direct_pid=$!
     for _ in $(seq 100); do curl -fs "http://127.0.0.1:$direct_port/api" >/dev/null && break; sleep 0.1; done
+    curl -fs "http://127.0.0.1:$direct_port/api" >/dev/null || {
+        echo "the direct creations' simulator did not start on port $direct_port" >&2
+        exit 1
+    }
     local user
     user=$(curl -fs -H "X-Octopus-ApiKey: $broker_key" \
         "http://127.0.0.1:$direct_port/api/users?filter=svc-payments-deploy" |
@@ -221,12 +225,17 @@ measure "issuance, 1 connection" -t1 -c1 -d"${secs}s" --latency -s "$dir/issue.l
 probe() { # port, seconds
     python3 - "$1" "$2" <<'PY'
 import http.client, sys, time
-conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
-end, slowest = time.monotonic() + float(sys.argv[2]), 0.0
+port, end, slowest = int(sys.argv[1]), time.monotonic() + float(sys.argv[2]), 0.0
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 while time.monotonic() < end:
     t = time.monotonic()
-    conn.request("GET", "/api")
-    conn.getresponse().read()
+    try:
+        conn.request("GET", "/api")
+        conn.getresponse().read()
+    except (OSError, http.client.HTTPException):
+        # An answer that never came (or a dropped connection) counts as slow as it was.
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     slowest = max(slowest, time.monotonic() - t)
     time.sleep(0.01)
 print(f"{slowest * 1e3:.1f}")
@@ -238,14 +247,16 @@ open_loop() { # target name, simulator port, kb-load arguments...
     probe "$port" "$open_secs" >"$dir/probe.txt" &
     probe_pid=$!
     "$load" "$@" | sed "s/^{/{\"target\": \"$target\", /" >"$dir/one.txt"
-    wait "$probe_pid"
+    wait "$probe_pid" || true
     slowest=$(cat "$dir/probe.txt")
+    slowest=${slowest:-0}
     sed "s/^{/{\"sim_slowest_ms\": $slowest, /" "$dir/one.txt" >>"$dir/open.txt"
 }
 # The direct baselines start again on a fresh simulator (the closed loops left it about 200,000
 # keys): the baselines, too, should carry no stall of the simulator's own growth.
 kill "$direct_pid"
 wait "$direct_pid" 2>/dev/null || true
+for i in "${!pids[@]}"; do [ "${pids[$i]}" = "$direct_pid" ] && unset "pids[$i]"; done
 start_direct_sim
 for rate in $rates; do
     open_loop direct "$direct_port" --url "$direct_url" --method POST --rate "$rate" --seconds "$open_secs" \
@@ -267,7 +278,8 @@ direct = closed[0]
 yardstick_us = direct["wrk_cpu_s"] * 1e6 / direct["requests"]
 sim_direct_us = cpu[direct["name"]]["sim_ticks"] * 1e4 / direct["requests"]
 print(f"wrk, closed loop {secs} s each ({requesters} requesters for issuances); keybroker serve ({backend}) "
-      f"and keybroker octopus-sim as processes; CPU from /proc/<pid>/stat")
+      f"with its keybroker octopus-sim, and a second keybroker octopus-sim for the direct creations, "
+      f"as processes; CPU from /proc/<pid>/stat")
 print(f"\nYardstick: wrk's CPU per direct create = {yardstick_us:.2f} µs "
       f"(the simulator's own CPU per direct create: {sim_direct_us:.1f} µs = {sim_direct_us / yardstick_us:.2f} yardsticks; "
       f"the benchmark's reference workload: {float(reference):.0f} µs = {float(reference) / yardstick_us:.0f} yardsticks)\n")

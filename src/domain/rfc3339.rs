@@ -116,7 +116,8 @@ mod tests {
             at(2016, 12, 31, 23, 59, 59, 1_500_000_000),
             Utc::now(),
         ];
-        // A spread of instants across the years and every fraction length.
+        // A spread of instants from 1938 to 2191, with every fraction length (the years at the
+        // edges are in the list above).
         let mut x: i64 = 0x2545_f491_4f6c_dd1d;
         for _ in 0..2_000 {
             x ^= x << 13;

@@ -117,11 +117,12 @@ pub enum ServiceError {
     OutOfTime(String),
     /// The issuance was given up after Octopus made its key, for the reason `why` says: the
     /// reconciler had finished its record (it took longer than `jobs.pending_grace`), or its
-    /// caller was gone. The key was deleted (or, if `deleted` is false, is left to the
-    /// reconciler), nothing issued.
+    /// caller was gone. The key was deleted (or, if `deleted` is false, is left to a background
+    /// pass: the reconciler while the record is pending, otherwise the drift check, which
+    /// revokes a marked key whose record failed), nothing issued.
     #[error(
         "the issuance was abandoned ({why}): Octopus's key {octopus_key_id} was {}; nothing was issued, so retry",
-        if *deleted { "deleted" } else { "not deleted yet (the reconciler will)" }
+        if *deleted { "deleted" } else { "not deleted yet (a background pass will)" }
     )]
     Abandoned { octopus_key_id: String, deleted: bool, why: &'static str },
     /// Octopus could not delete the key now; the revocation is recorded and retried, and the key

@@ -690,7 +690,7 @@ mod tests {
     }
 
     /// `.cargo/config.toml` builds the bundled SQLite without its two process-wide mutexes
-    /// (memory statistics, and the page cache shared by every connection), on which the
+    /// (memory statistics, and one group of page caches for every connection), on which the
     /// connections' threads queued: this fails if a build loses those flags.
     #[tokio::test]
     async fn the_bundled_sqlite_takes_no_process_wide_lock_per_allocation_or_page() {
