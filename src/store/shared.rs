@@ -55,7 +55,8 @@ macro_rules! on_backend {
     (transaction $backend:expr, |$ex:ident| $body:expr) => {
         match $backend {
             Backend::Sqlite(store) => {
-                let (_lock, tx) = store.write_tx().await?;
+                let mut writer = store.writer().await;
+                let (tx, _) = writer.begin().await?;
                 on_backend!(@commit tx, |$ex| $body)
             }
             Backend::Postgres(store) => on_backend!(@commit store.reader().begin().await?, |$ex| $body),
@@ -83,9 +84,10 @@ macro_rules! on_backend {
     (chained $backend:expr, |$tx:ident| $body:expr) => {
         match $backend {
             Backend::Sqlite(store) => {
-                let (mut head, mut tx) = store.write_tx().await?;
+                let mut writer = store.writer().await;
+                let (mut tx, head) = writer.begin().await?;
                 let key = store.chain_key().get();
-                on_backend!(@settle tx, ChainTx::Sqlite { conn: &mut *tx, head: &mut *head, key }, |$tx| $body)
+                on_backend!(@settle tx, ChainTx::Sqlite { conn: &mut *tx, head, key }, |$tx| $body)
             }
             Backend::Postgres(store) => {
                 let mut tx = store.reader().begin().await?;
@@ -108,7 +110,8 @@ macro_rules! on_backend {
     (write $backend:expr, |$ex:ident| $body:expr) => {
         match $backend {
             Backend::Sqlite(store) => {
-                let (_lock, tx) = store.write_tx().await?;
+                let mut writer = store.writer().await;
+                let (tx, _) = writer.begin().await?;
                 on_backend!(@commit tx, |$ex| $body)
             }
             Backend::Postgres(store) => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqliteConnection, Transaction};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
@@ -26,16 +26,11 @@ use crate::domain::policy::{Purpose, ScopeName};
 pub struct SqliteStore {
     /// Readers.
     pool: SqlitePool,
-    /// The one connection that writes, so its page cache stays valid between write transactions
-    /// (a pool of writers re-read every page another connection had changed).
-    writer: SqlitePool,
     /// SQLite has one writer at a time. Writers queue here, in the process, instead of sleeping
     /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
-    /// guards the audit chain's head as this process last wrote it; see [`append_in`].
-    write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
-    /// Write transactions begun (under `write_lock`), so the checkpoint task can tell when
-    /// nothing has been written since its last copy.
-    writes_begun: Arc<AtomicU64>,
+    /// guards the one writing connection and the audit chain's head as this process last wrote
+    /// it; see [`append_in`].
+    write_lock: Arc<tokio::sync::Mutex<Writer>>,
     /// `audit.chain_key_file`'s key, once set: appended events are keyed with it.
     chain_key: Arc<std::sync::OnceLock<ChainKey>>,
     /// The issuance path's writes, committed in batches on `writer` under `write_lock`.
@@ -54,6 +49,59 @@ impl Drop for SqliteStore {
 /// checks it against the table inside its INSERT, and reads the head afresh when it is stale
 /// (another process appended, or the transaction that appended it rolled back).
 type ChainHead = Option<String>;
+
+/// The one connection that writes, so that its page cache stays valid between write
+/// transactions (a pool of writers re-read every page another connection had changed), with
+/// the chain's head; behind [`SqliteStore::write_lock`]. It is held here, not in a pool of one:
+/// sqlx pings every connection that comes back to its pool, a round trip to the connection's
+/// thread after every write transaction (BENCHMARKS.md, issue 20, fourth pass).
+pub(super) struct Writer {
+    conn: Option<SqliteConnection>,
+    head: ChainHead,
+    options: SqliteConnectOptions,
+    /// Set when a transaction could not begin: the connection is opened again for the next.
+    broken: bool,
+    closed: bool,
+    /// Write transactions begun, so the checkpoint task can tell when nothing has been written
+    /// since its last copy.
+    begun: Arc<AtomicU64>,
+}
+
+impl Writer {
+    /// Begins a write transaction (`BEGIN IMMEDIATE`); the chain's cached head comes with it.
+    pub(super) async fn begin(&mut self) -> Result<(Transaction<'_, Sqlite>, &mut ChainHead), StoreError> {
+        if self.closed {
+            return Err(StoreError::Unavailable("the SQLite store is closed".to_owned()));
+        }
+        if self.broken || self.conn.is_none() {
+            if let Some(old) = self.conn.take() {
+                let _ = old.close_hard().await;
+            }
+            self.conn = Some(self.options.connect().await?);
+            self.broken = false;
+        }
+        self.begun.fetch_add(1, Ordering::Relaxed);
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(StoreError::Unavailable("the SQLite writer has no connection".to_owned()));
+        };
+        match conn.begin_with("BEGIN IMMEDIATE").await {
+            Ok(tx) => Ok((tx, &mut self.head)),
+            Err(e) => {
+                // A pool would have replaced a connection whose thread had gone; this one is
+                // replaced before the next transaction.
+                self.broken = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        self.closed = true;
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+}
 
 impl SqliteStore {
     /// The queue of the issuance path's writes (group commit, `batch.rs`).
@@ -99,25 +147,26 @@ impl SqliteStore {
         // The writer never checkpoints: a checkpoint copies the WAL into the database file and
         // syncs both, and on the writer it ran inside whichever write transaction crossed the
         // threshold, while every other writer queued behind it. A task does it in the background.
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(15))
-            .test_before_acquire(false)
-            .connect_with(options.pragma("wal_autocheckpoint", "0"))
-            .await?;
-        let write_lock = Arc::new(tokio::sync::Mutex::new(None));
+        let options = options.pragma("wal_autocheckpoint", "0");
         let writes_begun = Arc::new(AtomicU64::new(0));
+        let writer = Writer {
+            conn: Some(options.connect().await?),
+            head: None,
+            options,
+            broken: false,
+            closed: false,
+            begun: writes_begun.clone(),
+        };
+        let write_lock = Arc::new(tokio::sync::Mutex::new(writer));
         let checkpointer =
-            tokio::spawn(checkpoint_in_background(pool.clone(), write_lock.clone(), writes_begun.clone()))
-                .abort_handle();
+            tokio::spawn(checkpoint_in_background(pool.clone(), write_lock.clone(), writes_begun)).abort_handle();
         let chain_key = Arc::<std::sync::OnceLock<ChainKey>>::default();
         let writes = WriteQueue::start(SqliteCommitter {
-            writer: writer.clone(),
+            reader: pool.clone(),
             write_lock: write_lock.clone(),
-            writes_begun: writes_begun.clone(),
             chain_key: chain_key.clone(),
         });
-        Ok(Self { pool, writer, write_lock, writes_begun, writes, checkpointer, chain_key })
+        Ok(Self { pool, write_lock, writes, checkpointer, chain_key })
     }
 
     /// `audit.chain_key_file`'s key, once set.
@@ -125,15 +174,10 @@ impl SqliteStore {
         &self.chain_key
     }
 
-    /// A write transaction that holds the write lock from its start; the guard must live until
-    /// the commit.
-    pub(super) async fn write_tx(
-        &self,
-    ) -> Result<(OwnedMutexGuard<ChainHead>, Transaction<'static, Sqlite>), StoreError> {
-        let guard = self.write_lock.clone().lock_owned().await;
-        self.writes_begun.fetch_add(1, Ordering::Relaxed);
-        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        Ok((guard, tx))
+    /// The writer, once it is this caller's turn: a write transaction begins on it
+    /// ([`Writer::begin`]), and the guard must live until the commit.
+    pub(super) async fn writer(&self) -> OwnedMutexGuard<Writer> {
+        self.write_lock.clone().lock_owned().await
     }
 }
 
@@ -152,7 +196,7 @@ impl SqliteStore {
 /// leave the WAL, and the next write transaction starts it again from its beginning.
 async fn checkpoint_in_background(
     pool: SqlitePool,
-    write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
+    write_lock: Arc<tokio::sync::Mutex<Writer>>,
     writes_begun: Arc<AtomicU64>,
 ) {
     let mut pause = CHECKPOINT_EVERY;
@@ -199,7 +243,7 @@ const IDLE_CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// copies beforehand without the lock, changed little). So it comes only every 64 MB.
 async fn restart_wal(
     pool: &SqlitePool,
-    write_lock: &tokio::sync::Mutex<ChainHead>,
+    write_lock: &tokio::sync::Mutex<Writer>,
     in_wal: i64,
 ) -> Result<i64, sqlx::Error> {
     // The connection and its timeout first: the writers are not held while it waits for a busy
@@ -409,27 +453,27 @@ fn audit_from_json(text: &str) -> Result<Vec<AuditRecord>, StoreError> {
 /// The issuance path's writes, committed in batches (see [`batch`](super::batch)) on the writer
 /// connection, under the write lock.
 struct SqliteCommitter {
-    writer: SqlitePool,
-    write_lock: Arc<tokio::sync::Mutex<ChainHead>>,
-    writes_begun: Arc<AtomicU64>,
+    reader: SqlitePool,
+    write_lock: Arc<tokio::sync::Mutex<Writer>>,
     chain_key: Arc<std::sync::OnceLock<ChainKey>>,
 }
 
 #[async_trait]
 impl Committer for SqliteCommitter {
     async fn event_committed(&self, id: Uuid) -> Result<bool, StoreError> {
+        // A reader sees every committed transaction (each statement reads the newest snapshot),
+        // and the failed batch has been rolled back by now.
         let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM audit_events WHERE id = ?")
             .bind(id.to_string())
-            .fetch_optional(&self.writer)
+            .fetch_optional(&self.reader)
             .await?;
         Ok(found.is_some())
     }
 
     async fn commit_batch(&self, writes: &[&Write]) -> Result<Vec<Outcome>, StoreError> {
-        let mut head = self.write_lock.lock().await;
-        self.writes_begun.fetch_add(1, Ordering::Relaxed);
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let mut chain = ChainTx::Sqlite { conn: &mut tx, head: &mut head, key: self.chain_key.get() };
+        let mut writer = self.write_lock.lock().await;
+        let (mut tx, head) = writer.begin().await?;
+        let mut chain = ChainTx::Sqlite { conn: &mut tx, head, key: self.chain_key.get() };
         match batch::apply(&mut chain, writes).await {
             Ok(outcomes) => {
                 tx.commit().await?;
@@ -437,7 +481,7 @@ impl Committer for SqliteCommitter {
             }
             Err(e) => {
                 // The head may name an event that is being rolled back.
-                *head = None;
+                chain.forget_head();
                 tx.rollback().await?;
                 Err(e)
             }
@@ -560,7 +604,7 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) {
-        self.writer.close().await;
+        self.write_lock.lock().await.close().await;
         self.pool.close().await;
     }
 
@@ -687,6 +731,40 @@ mod tests {
             let plan = plan(&store, |qb| push_list_audit(qb, &filter, PAGE)).await;
             assert!(plan.contains(&format!("USING INDEX {index} ")), "{filter:?}: {plan}");
         }
+    }
+
+    /// The writer holds its connection outside any pool, so nothing replaces it for us: a
+    /// transaction that cannot begin marks it, the next one begins on a new connection, and
+    /// once the store is closed no transaction begins at all.
+    #[tokio::test]
+    async fn the_writer_reconnects_after_a_transaction_that_could_not_begin_and_stops_when_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("writer.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let mut writer = store.writer().await;
+        // A short busy timeout, on the connection opened at the next begin.
+        writer.options = writer.options.clone().busy_timeout(Duration::from_millis(50));
+        writer.broken = true;
+        let (tx, _) = writer.begin().await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(!writer.broken);
+
+        // Another connection holds SQLite's write lock: the begin fails, and says so.
+        let mut other = SqliteConnectOptions::from_str(&url).unwrap().connect().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await.unwrap();
+        assert!(writer.begin().await.is_err(), "the write lock is another connection's");
+        assert!(writer.broken);
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+        let (mut tx, _) = writer.begin().await.unwrap();
+        sqlx::query("UPDATE key_records SET state = state WHERE 0").execute(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(!writer.broken);
+        drop(writer);
+
+        store.close().await;
+        let mut writer = store.writer().await;
+        assert!(matches!(writer.begin().await, Err(StoreError::Unavailable(_))));
     }
 
     /// `.cargo/config.toml` builds the bundled SQLite without its two process-wide mutexes
