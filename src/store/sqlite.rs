@@ -73,17 +73,18 @@ impl Writer {
         if self.closed {
             return Err(StoreError::Unavailable("the SQLite store is closed".to_owned()));
         }
-        if self.broken || self.conn.is_none() {
-            if let Some(old) = self.conn.take() {
-                let _ = old.close_hard().await;
+        let conn = match self.conn.take() {
+            Some(conn) if !self.broken => conn,
+            old => {
+                if let Some(old) = old {
+                    let _ = old.close_hard().await;
+                }
+                self.broken = false;
+                self.options.connect().await?
             }
-            self.conn = Some(self.options.connect().await?);
-            self.broken = false;
-        }
-        self.begun.fetch_add(1, Ordering::Relaxed);
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(StoreError::Unavailable("the SQLite writer has no connection".to_owned()));
         };
+        let conn = self.conn.insert(conn);
+        self.begun.fetch_add(1, Ordering::Relaxed);
         match conn.begin_with("BEGIN IMMEDIATE").await {
             Ok(tx) => Ok((tx, &mut self.head)),
             Err(e) => {
