@@ -26,6 +26,8 @@ use crate::domain::policy::{Purpose, ScopeName};
 pub struct SqliteStore {
     /// Readers.
     pool: SqlitePool,
+    /// Readers of the list pages, lent without a ping (see [`PageReaders`]).
+    pages: PageReaders,
     /// SQLite has one writer at a time. Writers queue here, in the process, instead of sleeping
     /// in SQLite's busy handler (whose back-off dominated issuance latency under load). The lock
     /// guards the one writing connection and the audit chain's head as this process last wrote
@@ -49,6 +51,58 @@ impl Drop for SqliteStore {
 /// checks it against the table inside its INSERT, and reads the head afresh when it is stale
 /// (another process appended, or the transaction that appended it rolled back).
 type ChainHead = Option<String>;
+
+/// Connections for the list pages (`list_keys`, `list_audit`), outside sqlx's pool: that pool
+/// pings every connection that comes back to it, a round trip to the connection's thread after
+/// every page, about an eighth of a page's cost (BENCHMARKS.md, issue 20, fourth pass). A
+/// connection goes back to the idle list only after its query has finished; one whose query
+/// failed, or whose caller went away mid-query, is closed instead, so that nothing half-read is
+/// lent again.
+struct PageReaders {
+    idle: std::sync::Mutex<Vec<SqliteConnection>>,
+    /// At most this many open at once ([`PAGE_READERS`]).
+    permits: tokio::sync::Semaphore,
+    options: SqliteConnectOptions,
+}
+
+/// The page readers' connections: one per core of the 2-core machine the benchmark runs on,
+/// and two more for pages that wait on I/O.
+const PAGE_READERS: usize = 4;
+
+impl PageReaders {
+    fn new(options: SqliteConnectOptions) -> Self {
+        Self { idle: std::sync::Mutex::default(), permits: tokio::sync::Semaphore::new(PAGE_READERS), options }
+    }
+
+    /// One JSON-aggregated page (the query's one text value).
+    async fn page(&self, mut query: sqlx::QueryBuilder<'_, Sqlite>) -> Result<String, StoreError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("the SQLite store is closed".to_owned()))?;
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => self.options.connect().await?,
+        };
+        // Dropped with its connection, unless the query finishes.
+        let page: String = query.build_query_scalar().fetch_one(&mut conn).await?;
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(conn);
+        }
+        Ok(page)
+    }
+
+    /// Closes the idle connections; no page is read after this.
+    async fn close(&self) {
+        self.permits.close();
+        let idle = self.idle.lock().map(|mut idle| std::mem::take(&mut *idle)).unwrap_or_default();
+        for conn in idle {
+            let _ = conn.close().await;
+        }
+    }
+}
 
 /// The one connection that writes, so that its page cache stays valid between write
 /// transactions (a pool of writers re-read every page another connection had changed), with
@@ -145,6 +199,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
+        let options_for_pages = options.clone();
         // The writer never checkpoints: a checkpoint copies the WAL into the database file and
         // syncs both, and on the writer it ran inside whichever write transaction crossed the
         // threshold, while every other writer queued behind it. A task does it in the background.
@@ -167,7 +222,8 @@ impl SqliteStore {
             write_lock: write_lock.clone(),
             chain_key: chain_key.clone(),
         });
-        Ok(Self { pool, write_lock, writes, checkpointer, chain_key })
+        let pages = PageReaders::new(options_for_pages);
+        Ok(Self { pool, pages, write_lock, writes, checkpointer, chain_key })
     }
 
     /// `audit.chain_key_file`'s key, once set.
@@ -606,6 +662,7 @@ impl Store for SqliteStore {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn close(&self) {
         self.write_lock.lock().await.close().await;
+        self.pages.close().await;
         self.pool.close().await;
     }
 
@@ -613,7 +670,7 @@ impl Store for SqliteStore {
     async fn list_keys(&self, filter: &KeyFilter, page: PageRequest) -> Result<Vec<KeyRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Sqlite>::new("");
         push_list_keys(&mut qb, filter, page);
-        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await?;
+        let page = self.pages.page(qb).await?;
         let mut keys = keys_from_json(&page)?;
         newest_first(&mut keys, |k| k.seq);
         Ok(keys)
@@ -623,7 +680,7 @@ impl Store for SqliteStore {
     async fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> Result<Vec<AuditRecord>, StoreError> {
         let mut qb = sqlx::QueryBuilder::<Sqlite>::new("");
         push_list_audit(&mut qb, filter, page);
-        let page: String = qb.build_query_scalar().fetch_one(&self.pool).await?;
+        let page = self.pages.page(qb).await?;
         let mut events = audit_from_json(&page)?;
         newest_first(&mut events, |e| e.seq);
         Ok(events)
@@ -732,6 +789,43 @@ mod tests {
             let plan = plan(&store, |qb| push_list_audit(qb, &filter, PAGE)).await;
             assert!(plan.contains(&format!("USING INDEX {index} ")), "{filter:?}: {plan}");
         }
+    }
+
+    /// The page readers lend a connection again only after its query finished: one whose caller
+    /// went away mid-query is closed. They never open more than `PAGE_READERS`, and a closed
+    /// store reads no page.
+    #[tokio::test]
+    async fn a_page_reader_whose_caller_went_away_mid_query_is_not_lent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::connect(&format!("sqlite://{}", dir.path().join("pages.db").display())).await.unwrap();
+        store.migrate().await.unwrap();
+        let idle = || store.pages.idle.lock().unwrap().len();
+        let all = AuditFilter::default();
+        let page = || store.list_audit(&all, PAGE);
+        page().await.unwrap();
+        assert_eq!(idle(), 1, "a finished page gives its connection back");
+        page().await.unwrap();
+        assert_eq!(idle(), 1, "and the next page reuses it");
+
+        // Polled once (the query is sent to the connection's thread), then dropped.
+        {
+            let mut cancelled = std::pin::pin!(page());
+            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(cancelled.as_mut().poll(cx))).await;
+            assert!(first.is_pending(), "the page was read within one poll");
+        }
+        assert_eq!(idle(), 0, "a connection whose caller went away mid-query is not lent again");
+        page().await.unwrap();
+        assert_eq!(idle(), 1);
+
+        let pages: Vec<_> = (0..3 * PAGE_READERS).map(|_| page()).collect();
+        for result in futures_util::future::join_all(pages).await {
+            result.unwrap();
+        }
+        assert!((1..=PAGE_READERS).contains(&idle()), "{} connections", idle());
+
+        store.close().await;
+        assert_eq!(idle(), 0);
+        assert!(matches!(page().await, Err(StoreError::Unavailable(_))));
     }
 
     /// The writer holds its connection outside any pool, so nothing replaces it for us: a
