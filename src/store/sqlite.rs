@@ -65,8 +65,9 @@ struct PageReaders {
     options: SqliteConnectOptions,
 }
 
-/// The page readers' connections: one per core of the 2-core machine the benchmark runs on,
-/// and two more for pages that wait on I/O.
+/// The page readers' connections. A page is CPU work on its connection's thread, so more
+/// connections than cores only queue; four cover a small host and pages that wait on the disk.
+/// The other reads keep sqlx's pool of 8.
 const PAGE_READERS: usize = 4;
 
 impl PageReaders {
