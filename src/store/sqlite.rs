@@ -89,8 +89,11 @@ impl PageReaders {
         };
         // Dropped with its connection, unless the query finishes.
         let page: String = query.build_query_scalar().fetch_one(&mut conn).await?;
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(conn);
+        // A page that was still being read when the store closed drops its connection.
+        if !self.permits.is_closed() {
+            if let Ok(mut idle) = self.idle.lock() {
+                idle.push(conn);
+            }
         }
         Ok(page)
     }
