@@ -91,3 +91,16 @@ fn migrate_creates_the_database_and_openapi_prints_the_contract() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(doc["paths"]["/v1/keys"].is_object());
 }
+
+/// The README's first command is `cargo run -- dev`. The workspace's default members build two
+/// binaries (keybroker, and the test kit's kb-load for the benchmarks), and without the root
+/// package naming its own, `cargo run` stops with "could not determine which binary to run":
+/// it did, from the day kb-load was added until this test.
+#[test]
+fn cargo_run_at_the_workspace_root_runs_keybroker() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest: toml::Value = toml::from_str(&std::fs::read_to_string(root.join("Cargo.toml")).unwrap()).unwrap();
+    assert_eq!(manifest["package"]["default-run"].as_str(), Some("keybroker"), "Cargo.toml [package] default-run");
+    let bins = manifest["bin"].as_array().unwrap();
+    assert!(bins.iter().any(|b| b["name"].as_str() == Some("keybroker")), "{bins:?}");
+}
