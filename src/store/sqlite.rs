@@ -35,7 +35,7 @@ pub struct SqliteStore {
     write_lock: Arc<tokio::sync::Mutex<Writer>>,
     /// `audit.chain_key_file`'s key, once set: appended events are keyed with it.
     chain_key: Arc<std::sync::OnceLock<ChainKey>>,
-    /// The issuance path's writes, committed in batches on `writer` under `write_lock`.
+    /// The issuance path's writes, committed in batches on the [`Writer`] behind `write_lock`.
     writes: WriteQueue,
     /// The background checkpoint task; stopped when the store goes.
     checkpointer: tokio::task::AbortHandle,
